@@ -1,0 +1,61 @@
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sqlx::postgres::PgPoolOptions;
+use switchboard_api::config_file::{ConfigFile, apply_config};
+use switchboard_runtime::config_store::ConfigStore;
+use switchboard_runtime::topics::{Topics, ensure_topics};
+
+/// Switchboard API: gRPC queries over the read models, and the config loader.
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API.
+    Serve {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long, env = "API_LISTEN")]
+        listen: SocketAddr,
+    },
+    /// Publish a declarative config file (inboxes, channels, rules, agents) as config events.
+    ApplyConfig {
+        file: std::path::PathBuf,
+        #[arg(long, env = "KAFKA_BROKERS")]
+        kafka_brokers: String,
+        #[arg(long, env = "SWITCHBOARD_TOPIC_PREFIX", default_value = switchboard_runtime::topics::DEFAULT_TOPIC_PREFIX)]
+        topic_prefix: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _telemetry = switchboard_runtime::telemetry::init_telemetry("switchboard-api")?;
+    match Args::parse().command {
+        Command::Serve { database_url, listen } => {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect(&database_url)
+                .await
+                .context("failed to connect to postgres")?;
+            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("failed to bind {listen}"))?;
+            switchboard_api::serve(listener, pool, switchboard_runtime::shutdown_signal()).await
+        }
+        Command::ApplyConfig { file, kafka_brokers, topic_prefix } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read {}", file.display()))?;
+            let config_file = ConfigFile::parse(&text).with_context(|| format!("invalid config file {}", file.display()))?;
+            let topics = Topics::with_prefix(&topic_prefix);
+            ensure_topics(&kafka_brokers, &topics).await?;
+            let current = ConfigStore::start(&kafka_brokers, &topics.config, "config-loader").await?;
+            let published = apply_config(&kafka_brokers, &topics.config, &config_file, &current.snapshot()).await?;
+            println!("applied {}: {published} config event(s) published", file.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Website chat (spec C5): a visitor's message from the chat widget.
+//!
+//! The widget identifies the visitor by the id in its cookie (`visitor_id`, which is the thread
+//! key: one open conversation per visitor and channel, R10) and gives every message a
+//! client-side id (`message_id`) that it reuses when it retries, so a retry is recognised (B1).
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use switchboard_proto::events::v1::envelope::Payload;
+use switchboard_proto::events::v1::{ChannelType, Envelope, InboundMessageReceived, Sender};
+use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
+use switchboard_runtime::{envelope, ids};
+
+use crate::error::IngestError;
+
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+const MAX_ID_BYTES: usize = 256;
+
+/// `POST /v1/channels/{channel_id}/chat/messages`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessageRequest {
+    pub visitor_id: String,
+    pub message_id: String,
+    pub text: String,
+    #[serde(default)]
+    pub visitor_name: Option<String>,
+    #[serde(default)]
+    pub visitor_email: Option<String>,
+    /// When the visitor sent it (widget clock); defaults to the time of receipt.
+    #[serde(default)]
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+fn require_id(field: &'static str, value: &str) -> Result<(), IngestError> {
+    if value.trim().is_empty() {
+        return Err(IngestError::InvalidField { field, problem: "must not be empty".into() });
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(IngestError::InvalidField { field, problem: format!("longer than {MAX_ID_BYTES} bytes") });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(IngestError::InvalidField { field, problem: "contains control characters".into() });
+    }
+    Ok(())
+}
+
+/// Validates a chat message against the channel config and builds its inbound event.
+pub fn to_inbound_event(
+    config: &ConfigSnapshot,
+    channel_id: &str,
+    request: ChatMessageRequest,
+    received_at: DateTime<Utc>,
+) -> Result<Envelope, IngestError> {
+    let Some(Owned { account_id, entity: channel }) = config.channels.get(channel_id) else {
+        return Err(IngestError::UnknownChannel { channel_id: channel_id.to_owned() });
+    };
+    if channel.channel_type != ChannelType::Chat as i32 {
+        let actual = ChannelType::try_from(channel.channel_type).map_or("unknown".to_owned(), |kind| kind.as_str_name().to_owned());
+        return Err(IngestError::WrongChannelType { channel_id: channel_id.to_owned(), expected: "chat", actual });
+    }
+    require_id("visitor_id", &request.visitor_id)?;
+    require_id("message_id", &request.message_id)?;
+    if request.text.trim().is_empty() {
+        return Err(IngestError::InvalidField { field: "text", problem: "must not be empty".into() });
+    }
+    if request.text.len() > MAX_TEXT_BYTES {
+        return Err(IngestError::InvalidField { field: "text", problem: format!("longer than {MAX_TEXT_BYTES} bytes") });
+    }
+    let message_id = ids::message_id_for(channel_id, &request.message_id).to_string();
+    let inbound = InboundMessageReceived {
+        channel_id: channel_id.to_owned(),
+        inbox_id: channel.inbox_id.clone(),
+        channel_type: ChannelType::Chat as i32,
+        provider_message_id: request.message_id,
+        message_id,
+        thread_key: request.visitor_id.clone(),
+        sender: Some(Sender {
+            external_id: request.visitor_id,
+            display_name: request.visitor_name.unwrap_or_default(),
+            email: request.visitor_email.unwrap_or_default(),
+        }),
+        text: request.text,
+    };
+    let occurred_at = request.sent_at.unwrap_or(received_at);
+    // Keyed by account: one account's routing state has one writer (docs/events.md).
+    Ok(envelope::new_root(account_id, account_id, occurred_at, Payload::InboundMessageReceived(inbound)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_proto::events::v1::ChannelConfigured;
+
+    fn config_with(channel_type: ChannelType) -> ConfigSnapshot {
+        let mut config = ConfigSnapshot::default();
+        let channel = ChannelConfigured {
+            channel_id: "web".into(),
+            inbox_id: "inbox-1".into(),
+            channel_type: channel_type as i32,
+            name: "Website".into(),
+            enabled: true,
+        };
+        config.channels.insert("web".into(), Owned { account_id: "acct".into(), entity: channel });
+        config
+    }
+
+    fn request(visitor_id: &str, message_id: &str, text: &str) -> ChatMessageRequest {
+        ChatMessageRequest {
+            visitor_id: visitor_id.into(),
+            message_id: message_id.into(),
+            text: text.into(),
+            visitor_name: Some("Vera".into()),
+            visitor_email: None,
+            sent_at: None,
+        }
+    }
+
+    #[test]
+    fn c5_chat_message_becomes_an_inbound_event_keyed_by_account() {
+        let event = to_inbound_event(&config_with(ChannelType::Chat), "web", request("v-1", "m-1", "hi"), Utc::now()).unwrap();
+        assert_eq!(event.account_id, "acct");
+        assert_eq!(event.partition_key, "acct");
+        let Some(Payload::InboundMessageReceived(inbound)) = event.payload else { panic!() };
+        assert_eq!(inbound.thread_key, "v-1");
+        assert_eq!(inbound.inbox_id, "inbox-1");
+        assert_eq!(inbound.message_id, ids::message_id_for("web", "m-1").to_string());
+        assert_eq!(inbound.sender.unwrap().display_name, "Vera");
+    }
+
+    #[test]
+    fn c5_bad_chat_input_is_rejected_with_the_field_named() {
+        let config = config_with(ChannelType::Chat);
+        let cases = [
+            (request("", "m", "hi"), "visitor_id"),
+            (request("v", " ", "hi"), "message_id"),
+            (request("v", "m", "  "), "text"),
+            (request("v", &"x".repeat(300), "hi"), "message_id"),
+            (request("v\u{7}", "m", "hi"), "visitor_id"),
+            (request("v", "m", &"x".repeat(MAX_TEXT_BYTES + 1)), "text"),
+        ];
+        for (bad, expected_field) in cases {
+            match to_inbound_event(&config, "web", bad, Utc::now()) {
+                Err(IngestError::InvalidField { field, .. }) => assert_eq!(field, expected_field),
+                other => panic!("expected invalid {expected_field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_or_non_chat_channels_are_not_found() {
+        let chat = config_with(ChannelType::Chat);
+        assert!(matches!(to_inbound_event(&chat, "nope", request("v", "m", "hi"), Utc::now()), Err(IngestError::UnknownChannel { .. })));
+        let email = config_with(ChannelType::TeamEmail);
+        assert!(matches!(to_inbound_event(&email, "web", request("v", "m", "hi"), Utc::now()), Err(IngestError::WrongChannelType { .. })));
+    }
+}

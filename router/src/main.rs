@@ -1,0 +1,43 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::Parser;
+use switchboard_router::shell::{RouterSettings, run_router};
+use switchboard_runtime::config_store::ConfigStore;
+use switchboard_runtime::topics::{Topics, ensure_topics};
+
+/// Switchboard router: threads and assigns inbound messages, exactly once.
+#[derive(Parser)]
+struct Args {
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: String,
+    #[arg(long, env = "SWITCHBOARD_TOPIC_PREFIX", default_value = switchboard_runtime::topics::DEFAULT_TOPIC_PREFIX)]
+    topic_prefix: String,
+    /// Stable identity of this instance (its transactional id derives from it).
+    #[arg(long, env = "SWITCHBOARD_INSTANCE_ID", default_value = "router-0")]
+    instance_id: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _telemetry = switchboard_runtime::telemetry::init_telemetry("switchboard-router")?;
+    let args = Args::parse();
+    let topics = Topics::with_prefix(&args.topic_prefix);
+    ensure_topics(&args.kafka_brokers, &topics).await?;
+    let config = ConfigStore::start(&args.kafka_brokers, &topics.config, &format!("router-{}", args.instance_id)).await?;
+    let settings = RouterSettings::new(&args.kafka_brokers, topics, &args.instance_id);
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let mut router = tokio::task::spawn_blocking({
+        let shutdown = shutdown.clone();
+        move || run_router(&settings, &config, &shutdown)
+    });
+    tokio::select! {
+        result = &mut router => return result.context("router thread panicked")?,
+        _ = switchboard_runtime::shutdown_signal() => {}
+    }
+    tracing::info!("shutting down after the current batch");
+    shutdown.store(true, Ordering::Relaxed);
+    router.await.context("router thread panicked")?
+}

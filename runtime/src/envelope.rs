@@ -1,0 +1,126 @@
+//! Building, encoding and decoding the event envelope (`switchboard.events.v1.Envelope`).
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use prost_types::Timestamp;
+use switchboard_proto::events::v1::{Envelope, envelope::Payload};
+use uuid::Uuid;
+
+/// Schema version of every payload this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("record has no value")]
+    EmptyRecord,
+    #[error("record is not a valid envelope: {0}")]
+    Undecodable(#[from] prost::DecodeError),
+    #[error("envelope {event_id} has no payload (written by a newer schema?)")]
+    MissingPayload { event_id: String },
+}
+
+/// Decodes a record value into an envelope that has a payload.
+pub fn decode(bytes: Option<&[u8]>) -> Result<Envelope, EnvelopeError> {
+    let bytes = bytes.ok_or(EnvelopeError::EmptyRecord)?;
+    let envelope = Envelope::decode(bytes)?;
+    if envelope.payload.is_none() {
+        return Err(EnvelopeError::MissingPayload { event_id: envelope.event_id });
+    }
+    Ok(envelope)
+}
+
+pub fn encode(envelope: &Envelope) -> Vec<u8> {
+    envelope.encode_to_vec()
+}
+
+/// An envelope for an event entering the system (no cause): fresh UUIDv7, correlation id = its
+/// own id, recorded now.
+pub fn new_root(account_id: &str, partition_key: &str, occurred_at: DateTime<Utc>, payload: Payload) -> Envelope {
+    let event_id = crate::ids::new_event_id().to_string();
+    Envelope {
+        correlation_id: event_id.clone(),
+        event_id,
+        occurred_at: Some(timestamp(occurred_at)),
+        recorded_at: Some(timestamp(Utc::now())),
+        partition_key: partition_key.to_owned(),
+        causation_id: String::new(),
+        schema_version: SCHEMA_VERSION,
+        account_id: account_id.to_owned(),
+        payload: Some(payload),
+    }
+}
+
+/// An envelope derived from `cause` (the `index`-th event derived from it). Everything is a
+/// function of the cause, so re-deriving gives identical bytes.
+pub fn derived_from(cause: &Envelope, index: usize, payload: Payload) -> Envelope {
+    let recorded_at_millis = cause.recorded_at.as_ref().map(timestamp_millis).unwrap_or(0);
+    let event_id: Uuid = crate::ids::derived_v7(recorded_at_millis, &format!("{}/{index}", cause.event_id));
+    Envelope {
+        event_id: event_id.to_string(),
+        occurred_at: cause.occurred_at,
+        recorded_at: cause.recorded_at,
+        partition_key: cause.partition_key.clone(),
+        causation_id: cause.event_id.clone(),
+        correlation_id: if cause.correlation_id.is_empty() { cause.event_id.clone() } else { cause.correlation_id.clone() },
+        schema_version: SCHEMA_VERSION,
+        account_id: cause.account_id.clone(),
+        payload: Some(payload),
+    }
+}
+
+pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
+    Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
+}
+
+pub fn timestamp_millis(at: &Timestamp) -> u64 {
+    (at.seconds.max(0) as u64) * 1000 + (at.nanos.max(0) as u64) / 1_000_000
+}
+
+pub fn to_datetime(at: Option<&Timestamp>) -> DateTime<Utc> {
+    at.and_then(|at| DateTime::from_timestamp(at.seconds, at.nanos.max(0) as u32)).unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+/// Short, stable name of a payload case, used in the `sb-event-type` header and in logs.
+pub fn payload_name(payload: &Payload) -> &'static str {
+    match payload {
+        Payload::InboundMessageReceived(_) => "inbound_message_received",
+        Payload::ConversationStarted(_) => "conversation_started",
+        Payload::MessageAppended(_) => "message_appended",
+        Payload::ConversationAssigned(_) => "conversation_assigned",
+        Payload::ConversationLeftUnassigned(_) => "conversation_left_unassigned",
+        Payload::InboxConfigured(_) => "inbox_configured",
+        Payload::ChannelConfigured(_) => "channel_configured",
+        Payload::RoutingRulesConfigured(_) => "routing_rules_configured",
+        Payload::AgentConfigured(_) => "agent_configured",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_proto::events::v1::InboxConfigured;
+
+    fn inbox_payload() -> Payload {
+        Payload::InboxConfigured(InboxConfigured { inbox_id: "inbox-1".into(), name: "Support".into(), ..Default::default() })
+    }
+
+    #[test]
+    fn envelopes_round_trip_and_garbage_is_rejected() {
+        let envelope = new_root("acct", "inbox/inbox-1", Utc::now(), inbox_payload());
+        assert_eq!(decode(Some(&encode(&envelope))).unwrap(), envelope);
+        assert!(matches!(decode(None), Err(EnvelopeError::EmptyRecord)));
+        assert!(matches!(decode(Some(&[0xff, 0xff, 0xff])), Err(EnvelopeError::Undecodable(_))));
+        let without_payload = Envelope { payload: None, ..envelope };
+        assert!(matches!(decode(Some(&encode(&without_payload))), Err(EnvelopeError::MissingPayload { .. })));
+    }
+
+    #[test]
+    fn b4_derived_envelopes_are_a_pure_function_of_their_cause() {
+        let cause = new_root("acct", "acct", Utc::now(), inbox_payload());
+        let first = derived_from(&cause, 0, inbox_payload());
+        assert_eq!(first, derived_from(&cause, 0, inbox_payload()));
+        assert_ne!(first.event_id, derived_from(&cause, 1, inbox_payload()).event_id);
+        assert_eq!(first.causation_id, cause.event_id);
+        assert_eq!(first.correlation_id, cause.event_id);
+    }
+}

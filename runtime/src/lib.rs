@@ -1,0 +1,25 @@
+//! The shared runtime of Switchboard's services. Everything that every binary needs exactly
+//! once lives here, so that each concern has one place:
+//! - [`telemetry`]: the tracing subscriber, OTLP export and W3C trace context in Kafka headers;
+//! - [`kafka`]: how Kafka clients are configured (producers, transactional producers, consumers);
+//! - [`topics`]: topic names and specs, read from `deploy/topics.txt`;
+//! - [`envelope`]: building, encoding and decoding the event envelope;
+//! - [`ids`]: deterministic identifiers;
+//! - [`config_store`]: the in-memory view of the compacted config topic.
+
+pub mod config_store;
+pub mod envelope;
+pub mod ids;
+pub mod kafka;
+pub mod telemetry;
+pub mod topics;
+
+/// Resolves on SIGINT or SIGTERM: every binary's graceful-shutdown trigger.
+pub async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("failed to install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
