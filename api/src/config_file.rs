@@ -14,8 +14,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, InboxAccessMode, InboxConfigured,
-    RoutingRulesConfigured,
+    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, InboxAccessMode,
+    InboxConfigured, RoutingRulesConfigured,
 };
 use switchboard_runtime::config_store::{ConfigSnapshot, config_key};
 use switchboard_runtime::{envelope, kafka};
@@ -231,7 +231,9 @@ impl ConfigFile {
                 strategy: strategy as i32,
             };
             rules.version = match current.routing_rules.get(&channel.id) {
-                Some(existing) if RoutingRulesConfigured { version: 0, ..existing.entity.clone() } == rules => existing.entity.version,
+                Some(existing) if RoutingRulesConfigured { version: 0, ..existing.entity.clone() } == rules => {
+                    existing.entity.version
+                }
                 Some(existing) => existing.entity.version + 1,
                 None => 1,
             };
@@ -245,20 +247,29 @@ impl ConfigFile {
 fn is_current(current: &ConfigSnapshot, account_id: &str, payload: &Payload) -> bool {
     let same = |stored_account: &str| stored_account == account_id;
     match payload {
-        Payload::InboxConfigured(inbox) => current.inboxes.get(&inbox.inbox_id).is_some_and(|c| same(&c.account_id) && &c.entity == inbox),
+        Payload::InboxConfigured(inbox) => {
+            current.inboxes.get(&inbox.inbox_id).is_some_and(|c| same(&c.account_id) && &c.entity == inbox)
+        }
         Payload::ChannelConfigured(channel) => {
             current.channels.get(&channel.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == channel)
         }
         Payload::RoutingRulesConfigured(rules) => {
             current.routing_rules.get(&rules.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == rules)
         }
-        Payload::AgentConfigured(agent) => current.agents.get(&agent.agent_id).is_some_and(|c| same(&c.account_id) && &c.entity == agent),
+        Payload::AgentConfigured(agent) => {
+            current.agents.get(&agent.agent_id).is_some_and(|c| same(&c.account_id) && &c.entity == agent)
+        }
         _ => false,
     }
 }
 
 /// Publishes the file's changed entities to the config topic; returns how many were published.
-pub async fn apply_config(brokers: &str, config_topic: &str, file: &ConfigFile, current: &ConfigSnapshot) -> anyhow::Result<usize> {
+pub async fn apply_config(
+    brokers: &str,
+    config_topic: &str,
+    file: &ConfigFile,
+    current: &ConfigSnapshot,
+) -> anyhow::Result<usize> {
     let producer: FutureProducer = kafka::idempotent_producer_config(brokers, "switchboard-config", 30_000)
         .create()
         .context("failed to create kafka producer")?;
@@ -273,7 +284,10 @@ pub async fn apply_config(brokers: &str, config_topic: &str, file: &ConfigFile, 
         let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
         let headers = OwnedHeaders::new().insert(Header { key: kafka::header::EVENT_TYPE, value: Some(event_type) });
         producer
-            .send(FutureRecord::to(config_topic).key(&key).payload(&bytes).headers(headers), std::time::Duration::from_secs(30))
+            .send(
+                FutureRecord::to(config_topic).key(&key).payload(&bytes).headers(headers),
+                std::time::Duration::from_secs(30),
+            )
             .await
             .map_err(|(error, _)| anyhow::Error::new(error).context(format!("failed to publish config `{key}`")))?;
         published += 1;
@@ -318,14 +332,21 @@ mod tests {
         let mut current = ConfigSnapshot::default();
         for payload in file.to_payloads(&current).unwrap() {
             if let Payload::RoutingRulesConfigured(rules) = payload {
-                current.routing_rules.insert(rules.channel_id.clone(), Owned { account_id: file.account_id.clone(), entity: rules });
+                current
+                    .routing_rules
+                    .insert(rules.channel_id.clone(), Owned { account_id: file.account_id.clone(), entity: rules });
             }
         }
         let unchanged = file.to_payloads(&current).unwrap();
-        assert!(unchanged.iter().all(|payload| is_current(&current, &file.account_id, payload) || !matches!(payload, Payload::RoutingRulesConfigured(_))));
+        assert!(unchanged.iter().all(|payload| is_current(&current, &file.account_id, payload)
+            || !matches!(payload, Payload::RoutingRulesConfigured(_))));
         let edited = DEMO.replace("strategy = \"round_robin\"", "strategy = \"balanced\"");
         let changed = ConfigFile::parse(&edited).unwrap().to_payloads(&current).unwrap();
-        assert!(changed.iter().any(|payload| matches!(payload, Payload::RoutingRulesConfigured(rules) if rules.version == 2)));
+        assert!(
+            changed
+                .iter()
+                .any(|payload| matches!(payload, Payload::RoutingRulesConfigured(rules) if rules.version == 2))
+        );
     }
 
     #[test]

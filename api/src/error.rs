@@ -27,7 +27,9 @@ impl From<ApiError> for Status {
             ApiError::Internal(cause) => {
                 tracing::error!(error = %cause, "database error while serving request");
                 match cause {
-                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => Status::new(Code::Unavailable, "read models unavailable; retry"),
+                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
+                        Status::new(Code::Unavailable, "read models unavailable; retry")
+                    }
                     _ => Status::new(Code::Internal, "internal error"),
                 }
             }

@@ -44,12 +44,14 @@ async fn main() -> anyhow::Result<()> {
                 .connect(&database_url)
                 .await
                 .context("failed to connect to postgres")?;
-            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("failed to bind {listen}"))?;
+            let listener =
+                tokio::net::TcpListener::bind(listen).await.with_context(|| format!("failed to bind {listen}"))?;
             switchboard_api::serve(listener, pool, switchboard_runtime::shutdown_signal()).await
         }
         Command::ApplyConfig { file, kafka_brokers, topic_prefix } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read {}", file.display()))?;
-            let config_file = ConfigFile::parse(&text).with_context(|| format!("invalid config file {}", file.display()))?;
+            let config_file =
+                ConfigFile::parse(&text).with_context(|| format!("invalid config file {}", file.display()))?;
             let topics = Topics::with_prefix(&topic_prefix);
             ensure_topics(&kafka_brokers, &topics).await?;
             let current = ConfigStore::start(&kafka_brokers, &topics.config, "config-loader").await?;

@@ -75,8 +75,7 @@ struct MessageRow {
     trace_id: String,
 }
 
-const MESSAGE_COLUMNS: &str =
-    "message_id, conversation_id, provider_message_id, sender_external_id, sender_name, body, sent_at, recorded_at, trace_id";
+const MESSAGE_COLUMNS: &str = "message_id, conversation_id, provider_message_id, sender_external_id, sender_name, body, sent_at, recorded_at, trace_id";
 
 impl From<MessageRow> for Message {
     fn from(row: MessageRow) -> Self {
@@ -165,7 +164,8 @@ impl PageCursor {
     pub fn decode(token: &str) -> Result<Self, ApiError> {
         let invalid = || ApiError::invalid("page_token", "is not a token returned by this API");
         let mut parts = token.split('.');
-        let (Some("v1"), Some(micros), Some(id), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some("v1"), Some(micros), Some(id), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(invalid());
         };
         Ok(PageCursor {
@@ -205,7 +205,8 @@ impl ListQuery {
             0 => DEFAULT_PAGE_SIZE,
             size => size.min(MAX_PAGE_SIZE),
         };
-        let cursor_opt = (!request.page_token.is_empty()).then(|| PageCursor::decode(&request.page_token)).transpose()?;
+        let cursor_opt =
+            (!request.page_token.is_empty()).then(|| PageCursor::decode(&request.page_token)).transpose()?;
         Ok(ListQuery {
             inbox_id: request.inbox_id.clone(),
             assignee_id_opt: (!request.assignee_id.is_empty()).then(|| request.assignee_id.clone()),
@@ -224,9 +225,9 @@ impl ConversationService for Conversations {
         request: Request<ListConversationsRequest>,
     ) -> Result<Response<ListConversationsResponse>, Status> {
         let query = ListQuery::parse(request.get_ref())?;
-        let cursor_started_at_opt = query
-            .cursor_opt
-            .map(|cursor| DateTime::<Utc>::from_timestamp_micros(cursor.started_at_micros).unwrap_or(DateTime::UNIX_EPOCH));
+        let cursor_started_at_opt = query.cursor_opt.map(|cursor| {
+            DateTime::<Utc>::from_timestamp_micros(cursor.started_at_micros).unwrap_or(DateTime::UNIX_EPOCH)
+        });
         let sql = format!(
             "SELECT {CONVERSATION_COLUMNS} FROM conversations \
              WHERE inbox_id = $1 \
@@ -250,15 +251,27 @@ impl ConversationService for Conversations {
         let next_page_token = if rows.len() > query.page_size as usize {
             rows.truncate(query.page_size as usize);
             rows.last()
-                .map(|last| PageCursor { started_at_micros: last.started_at.timestamp_micros(), conversation_id: last.conversation_id }.encode())
+                .map(|last| {
+                    PageCursor {
+                        started_at_micros: last.started_at.timestamp_micros(),
+                        conversation_id: last.conversation_id,
+                    }
+                    .encode()
+                })
                 .unwrap_or_default()
         } else {
             String::new()
         };
-        Ok(Response::new(ListConversationsResponse { conversations: rows.into_iter().map(Conversation::from).collect(), next_page_token }))
+        Ok(Response::new(ListConversationsResponse {
+            conversations: rows.into_iter().map(Conversation::from).collect(),
+            next_page_token,
+        }))
     }
 
-    async fn get_conversation(&self, request: Request<GetConversationRequest>) -> Result<Response<GetConversationResponse>, Status> {
+    async fn get_conversation(
+        &self,
+        request: Request<GetConversationRequest>,
+    ) -> Result<Response<GetConversationResponse>, Status> {
         let conversation_id = parse_id("conversation_id", &request.get_ref().conversation_id)?;
         let conversation: Option<ConversationRow> =
             sqlx::query_as(&format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE conversation_id = $1"))
@@ -269,12 +282,13 @@ impl ConversationService for Conversations {
         let Some(conversation) = conversation else {
             return Err(ApiError::NotFound { what: "conversation", id: conversation_id.to_string() }.into());
         };
-        let messages: Vec<MessageRow> =
-            sqlx::query_as(&format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 ORDER BY sent_at, message_id"))
-                .bind(conversation_id)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(ApiError::from)?;
+        let messages: Vec<MessageRow> = sqlx::query_as(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 ORDER BY sent_at, message_id"
+        ))
+        .bind(conversation_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ApiError::from)?;
         let assignments: Vec<AssignmentRow> = sqlx::query_as(
             "SELECT assignee_id, outcome, channel_id, rule_version, strategy, eligible_agent_ids, skipped, decided_at \
              FROM assignments WHERE conversation_id = $1 ORDER BY decided_at, event_id",
@@ -292,11 +306,12 @@ impl ConversationService for Conversations {
 
     async fn get_message(&self, request: Request<GetMessageRequest>) -> Result<Response<Message>, Status> {
         let message_id = parse_id("message_id", &request.get_ref().message_id)?;
-        let message: Option<MessageRow> = sqlx::query_as(&format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE message_id = $1"))
-            .bind(message_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(ApiError::from)?;
+        let message: Option<MessageRow> =
+            sqlx::query_as(&format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE message_id = $1"))
+                .bind(message_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(ApiError::from)?;
         match message {
             Some(message) => Ok(Response::new(message.into())),
             None => Err(ApiError::NotFound { what: "message", id: message_id.to_string() }.into()),
@@ -317,7 +332,10 @@ mod tests {
         let cursor = PageCursor { started_at_micros: 1_700_000_000_123_456, conversation_id: Uuid::now_v7() };
         assert_eq!(PageCursor::decode(&cursor.encode()).unwrap(), cursor);
         for bad in ["", "v1", "v2.1.00000000000000000000000000000000", "v1.x.abc", "v1.1.abc.extra"] {
-            assert!(matches!(PageCursor::decode(bad), Err(ApiError::InvalidArgument { field: "page_token", .. })), "{bad}");
+            assert!(
+                matches!(PageCursor::decode(bad), Err(ApiError::InvalidArgument { field: "page_token", .. })),
+                "{bad}"
+            );
         }
     }
 

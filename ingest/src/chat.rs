@@ -56,7 +56,8 @@ pub fn to_inbound_event(
         return Err(IngestError::UnknownChannel { channel_id: channel_id.to_owned() });
     };
     if channel.channel_type != ChannelType::Chat as i32 {
-        let actual = ChannelType::try_from(channel.channel_type).map_or("unknown".to_owned(), |kind| kind.as_str_name().to_owned());
+        let actual = ChannelType::try_from(channel.channel_type)
+            .map_or("unknown".to_owned(), |kind| kind.as_str_name().to_owned());
         return Err(IngestError::WrongChannelType { channel_id: channel_id.to_owned(), expected: "chat", actual });
     }
     require_id("visitor_id", &request.visitor_id)?;
@@ -65,7 +66,10 @@ pub fn to_inbound_event(
         return Err(IngestError::InvalidField { field: "text", problem: "must not be empty".into() });
     }
     if request.text.len() > MAX_TEXT_BYTES {
-        return Err(IngestError::InvalidField { field: "text", problem: format!("longer than {MAX_TEXT_BYTES} bytes") });
+        return Err(IngestError::InvalidField {
+            field: "text",
+            problem: format!("longer than {MAX_TEXT_BYTES} bytes"),
+        });
     }
     let message_id = ids::message_id_for(channel_id, &request.message_id).to_string();
     let inbound = InboundMessageReceived {
@@ -118,7 +122,8 @@ mod tests {
 
     #[test]
     fn c5_chat_message_becomes_an_inbound_event_keyed_by_account() {
-        let event = to_inbound_event(&config_with(ChannelType::Chat), "web", request("v-1", "m-1", "hi"), Utc::now()).unwrap();
+        let event =
+            to_inbound_event(&config_with(ChannelType::Chat), "web", request("v-1", "m-1", "hi"), Utc::now()).unwrap();
         assert_eq!(event.account_id, "acct");
         assert_eq!(event.partition_key, "acct");
         let Some(Payload::InboundMessageReceived(inbound)) = event.payload else { panic!() };
@@ -150,8 +155,14 @@ mod tests {
     #[test]
     fn unknown_or_non_chat_channels_are_not_found() {
         let chat = config_with(ChannelType::Chat);
-        assert!(matches!(to_inbound_event(&chat, "nope", request("v", "m", "hi"), Utc::now()), Err(IngestError::UnknownChannel { .. })));
+        assert!(matches!(
+            to_inbound_event(&chat, "nope", request("v", "m", "hi"), Utc::now()),
+            Err(IngestError::UnknownChannel { .. })
+        ));
         let email = config_with(ChannelType::TeamEmail);
-        assert!(matches!(to_inbound_event(&email, "web", request("v", "m", "hi"), Utc::now()), Err(IngestError::WrongChannelType { .. })));
+        assert!(matches!(
+            to_inbound_event(&email, "web", request("v", "m", "hi"), Utc::now()),
+            Err(IngestError::WrongChannelType { .. })
+        ));
     }
 }

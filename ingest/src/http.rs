@@ -57,7 +57,9 @@ pub fn app(config: ConfigStore, publisher: Publisher, max_body_bytes: usize) -> 
         .route("/v1/channels/{channel_id}/chat/messages", post(post_chat_message))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": {"code": "no_such_route", "message": "no such endpoint"}}))) })
+        .fallback(|| async {
+            (StatusCode::NOT_FOUND, Json(json!({"error": {"code": "no_such_route", "message": "no such endpoint"}})))
+        })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -70,7 +72,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let publisher = Publisher::new(&settings.brokers, &settings.inbound_topic, settings.delivery_timeout)?;
-    let listener = TcpListener::bind(settings.listen).await.with_context(|| format!("failed to bind {}", settings.listen))?;
+    let listener =
+        TcpListener::bind(settings.listen).await.with_context(|| format!("failed to bind {}", settings.listen))?;
     let local_addr = listener.local_addr()?;
     tracing::info!(%local_addr, "ingest listening");
     let _ = bound.send(local_addr);
@@ -118,7 +121,9 @@ async fn accept_chat_message(
     tracing::Span::current().record("event_id", event.event_id.as_str());
     let position = state.publisher.publish(&event).await.map_err(IngestError::LogUnavailable)?;
     let message_id = match &event.payload {
-        Some(switchboard_proto::events::v1::envelope::Payload::InboundMessageReceived(inbound)) => inbound.message_id.clone(),
+        Some(switchboard_proto::events::v1::envelope::Payload::InboundMessageReceived(inbound)) => {
+            inbound.message_id.clone()
+        }
         _ => String::new(),
     };
     Ok((

@@ -27,9 +27,10 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(brokers: &str, topic: &str, delivery_timeout: Duration) -> anyhow::Result<Self> {
-        let producer = kafka::idempotent_producer_config(brokers, "switchboard-ingest", delivery_timeout.as_millis() as u32)
-            .create()
-            .context("failed to create kafka producer")?;
+        let producer =
+            kafka::idempotent_producer_config(brokers, "switchboard-ingest", delivery_timeout.as_millis() as u32)
+                .create()
+                .context("failed to create kafka producer")?;
         Ok(Publisher { producer, topic: topic.to_owned(), delivery_timeout })
     }
 

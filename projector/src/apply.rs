@@ -83,8 +83,16 @@ pub async fn apply_event(
         }
         Some(Payload::ConversationAssigned(assigned)) => {
             let conversation_id = parse_uuid("conversation_id", &assigned.conversation_id)?;
-            record_decision(transaction, event, conversation_id, Some(&assigned.assignee_agent_id), "assigned", assigned.explanation.as_ref(), recorded_at)
-                .await?;
+            record_decision(
+                transaction,
+                event,
+                conversation_id,
+                Some(&assigned.assignee_agent_id),
+                "assigned",
+                assigned.explanation.as_ref(),
+                recorded_at,
+            )
+            .await?;
             sqlx::query("UPDATE conversations SET assignee_id = $2 WHERE conversation_id = $1")
                 .bind(conversation_id)
                 .bind(&assigned.assignee_agent_id)
@@ -93,8 +101,11 @@ pub async fn apply_event(
         }
         Some(Payload::ConversationLeftUnassigned(left)) => {
             let conversation_id = parse_uuid("conversation_id", &left.conversation_id)?;
-            let outcome = unassigned_reason_name(UnassignedReason::try_from(left.reason).unwrap_or(UnassignedReason::Unspecified));
-            record_decision(transaction, event, conversation_id, None, outcome, left.explanation.as_ref(), recorded_at).await?;
+            let outcome = unassigned_reason_name(
+                UnassignedReason::try_from(left.reason).unwrap_or(UnassignedReason::Unspecified),
+            );
+            record_decision(transaction, event, conversation_id, None, outcome, left.explanation.as_ref(), recorded_at)
+                .await?;
         }
         Some(other) => {
             return Err(ApplyError::Unusable(format!(

@@ -41,17 +41,25 @@ impl ClientContext for RevokedPartitions {}
 impl ConsumerContext for RevokedPartitions {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
-            self.0.lock().expect("lock poisoned").extend(partitions.elements().iter().map(|element| element.partition()));
+            self.0
+                .lock()
+                .expect("lock poisoned")
+                .extend(partitions.elements().iter().map(|element| element.partition()));
         }
     }
 }
 
 /// Runs the projection until `shutdown` turns true. A failed batch (e.g. PostgreSQL down) is
 /// rolled back and retried from the stored positions; only setup errors are returned.
-pub async fn run_projector(settings: ProjectorSettings, pool: PgPool, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let consumer: StreamConsumer<RevokedPartitions> = kafka::group_consumer_config(&settings.brokers, "projector", &settings.group_id)
-        .create_with_context(RevokedPartitions::default())
-        .context("failed to create projector consumer")?;
+pub async fn run_projector(
+    settings: ProjectorSettings,
+    pool: PgPool,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let consumer: StreamConsumer<RevokedPartitions> =
+        kafka::group_consumer_config(&settings.brokers, "projector", &settings.group_id)
+            .create_with_context(RevokedPartitions::default())
+            .context("failed to create projector consumer")?;
     consumer.subscribe(&[&settings.topic]).context("failed to subscribe to conversations topic")?;
     let mut positioned: HashSet<i32> = HashSet::new();
     let mut window = (Instant::now(), 0usize);
@@ -80,7 +88,11 @@ pub async fn run_projector(settings: ProjectorSettings, pool: PgPool, mut shutdo
         };
         window.1 += applied;
         if window.0.elapsed() >= Duration::from_secs(10) {
-            info!(events = window.1, events_per_second = (window.1 as f64 / window.0.elapsed().as_secs_f64()) as u64, "projection throughput");
+            info!(
+                events = window.1,
+                events_per_second = (window.1 as f64 / window.0.elapsed().as_secs_f64()) as u64,
+                "projection throughput"
+            );
             window = (Instant::now(), 0);
         }
     }
@@ -186,7 +198,12 @@ async fn apply_record(
     settings: &ProjectorSettings,
     record: &BorrowedMessage<'_>,
 ) -> anyhow::Result<()> {
-    let span = info_span!("project", partition = record.partition(), offset = record.offset(), event_id = tracing::field::Empty);
+    let span = info_span!(
+        "project",
+        partition = record.partition(),
+        offset = record.offset(),
+        event_id = tracing::field::Empty
+    );
     adopt_trace_context(&span, record.headers());
     let trace_id = trace_id_of(&span);
     let outcome = match switchboard_runtime::envelope::decode(record.payload()) {

@@ -97,9 +97,11 @@ pub fn decide(state: &RouterState, config: &ConfigSnapshot, input: &Envelope) ->
         return Ok(vec![derived_from(input, 0, message_appended(conversation_id, input, message))]);
     }
 
-    let conversation_id =
-        switchboard_runtime::ids::derived_v7(input.recorded_at.as_ref().map(timestamp_millis).unwrap_or(0), &format!("{}/conversation", input.event_id))
-            .to_string();
+    let conversation_id = switchboard_runtime::ids::derived_v7(
+        input.recorded_at.as_ref().map(timestamp_millis).unwrap_or(0),
+        &format!("{}/conversation", input.event_id),
+    )
+    .to_string();
     let started = Payload::ConversationStarted(ConversationStarted {
         conversation_id: conversation_id.clone(),
         inbox_id: message.inbox_id.clone(),
@@ -180,14 +182,16 @@ fn route_new_conversation(
             left_unassigned(conversation_id, UnassignedReason::TargetNobody, explanation)
         }
         // R4: contacts carry no owner in this version, so the rule can never find one.
-        AssignTarget::ContactOwner => left_unassigned(conversation_id, UnassignedReason::ContactHasNoOwner, explanation),
+        AssignTarget::ContactOwner => {
+            left_unassigned(conversation_id, UnassignedReason::ContactHasNoOwner, explanation)
+        }
         AssignTarget::SpecificUsersAndTeams => {
             let pool = candidate_pool(config, account_id, rules);
             for agent_id in &pool {
                 match ineligibility(state, config, account_id, rules, agent_id) {
-                    Some(reason) => explanation
-                        .skipped
-                        .push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 }),
+                    Some(reason) => {
+                        explanation.skipped.push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 })
+                    }
                     None => explanation.eligible_agent_ids.push(agent_id.clone()),
                 }
             }
@@ -298,7 +302,11 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             state.open_conversation_by_thread.insert(thread.clone(), started.conversation_id.clone());
             state.conversations.insert(
                 started.conversation_id.clone(),
-                ConversationState { thread: Some(thread), channel_id: started.channel_id.clone(), ..Default::default() },
+                ConversationState {
+                    thread: Some(thread),
+                    channel_id: started.channel_id.clone(),
+                    ..Default::default()
+                },
             );
         }
         Some(Payload::MessageAppended(appended)) => {

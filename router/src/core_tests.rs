@@ -63,7 +63,11 @@ impl Given {
                 provider_message_id: provider_message_id.into(),
                 message_id: switchboard_runtime::ids::message_id_for(CHANNEL, provider_message_id).to_string(),
                 thread_key: visitor.into(),
-                sender: Some(Sender { external_id: visitor.into(), display_name: visitor.into(), email: String::new() }),
+                sender: Some(Sender {
+                    external_id: visitor.into(),
+                    display_name: visitor.into(),
+                    email: String::new(),
+                }),
                 text: format!("hello from {visitor}"),
             }),
         );
@@ -91,9 +95,10 @@ impl Given {
 }
 
 fn routing_outcome(events: &[Envelope]) -> Option<&Payload> {
-    events.iter().filter_map(|event| event.payload.as_ref()).find(|payload| {
-        matches!(payload, Payload::ConversationAssigned(_) | Payload::ConversationLeftUnassigned(_))
-    })
+    events
+        .iter()
+        .filter_map(|event| event.payload.as_ref())
+        .find(|payload| matches!(payload, Payload::ConversationAssigned(_) | Payload::ConversationLeftUnassigned(_)))
 }
 
 fn assignee(events: &[Envelope]) -> Option<String> {
@@ -128,9 +133,11 @@ fn skipped(events: &[Envelope]) -> Vec<(String, SkipReason)> {
 
 #[test]
 fn r10_follow_up_in_open_conversation_joins_it_and_keeps_its_assignee() {
-    let mut given = Given::new()
-        .agents([agent("ana", true, true), agent("bo", true, true)])
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "bo"]));
+    let mut given = Given::new().agents([agent("ana", true, true), agent("bo", true, true)]).rules(rules(
+        true,
+        AssignTarget::SpecificUsersAndTeams,
+        &["ana", "bo"],
+    ));
     let first = given.when("visitor-1", "m1");
     assert_eq!(first.len(), 3, "started + appended + assigned");
     assert_eq!(assignee(&first).as_deref(), Some("ana"));
@@ -158,7 +165,11 @@ fn b1_provider_retry_of_the_same_message_changes_nothing() {
 
 #[test]
 fn r1_automatic_assignment_off_leaves_new_conversations_unassigned() {
-    let mut given = Given::new().agents([agent("ana", true, true)]).rules(rules(false, AssignTarget::SpecificUsersAndTeams, &["ana"]));
+    let mut given = Given::new().agents([agent("ana", true, true)]).rules(rules(
+        false,
+        AssignTarget::SpecificUsersAndTeams,
+        &["ana"],
+    ));
     let events = given.when("visitor-1", "m1");
     assert_eq!(unassigned_reason(&events), Some(UnassignedReason::AutoAssignmentOff));
     assert_eq!(explanation(&events).rule_version, 7);
@@ -172,7 +183,10 @@ fn r1_channel_without_rules_leaves_conversations_unassigned_with_the_reason() {
 
 #[test]
 fn r2_assign_to_nobody_and_contact_owner_without_owner_stay_unassigned() {
-    let table = [(AssignTarget::Nobody, UnassignedReason::TargetNobody), (AssignTarget::ContactOwner, UnassignedReason::ContactHasNoOwner)];
+    let table = [
+        (AssignTarget::Nobody, UnassignedReason::TargetNobody),
+        (AssignTarget::ContactOwner, UnassignedReason::ContactHasNoOwner),
+    ];
     for (target, expected_reason) in table {
         let mut given = Given::new().agents([agent("ana", true, true)]).rules(rules(true, target, &["ana"]));
         assert_eq!(unassigned_reason(&given.when("visitor-1", "m1")), Some(expected_reason), "{target:?}");
@@ -184,7 +198,8 @@ fn r3_round_robin_cycles_through_the_selected_users_in_order() {
     let mut given = Given::new()
         .agents([agent("ana", true, true), agent("bo", true, true), agent("cy", true, true)])
         .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "bo", "cy"]));
-    let assignees: Vec<_> = (0..7).map(|index| assignee(&given.when(&format!("visitor-{index}"), "m")).unwrap()).collect();
+    let assignees: Vec<_> =
+        (0..7).map(|index| assignee(&given.when(&format!("visitor-{index}"), "m")).unwrap()).collect();
     assert_eq!(assignees, ["ana", "bo", "cy", "ana", "bo", "cy", "ana"]);
 }
 
@@ -203,9 +218,11 @@ fn r3_members_of_selected_teams_are_candidates() {
 
 #[test]
 fn r5_only_available_users_left_unassigned_when_none_online() {
-    let mut given = Given::new()
-        .agents([agent("ana", true, false), agent("bo", true, false)])
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "bo"]));
+    let mut given = Given::new().agents([agent("ana", true, false), agent("bo", true, false)]).rules(rules(
+        true,
+        AssignTarget::SpecificUsersAndTeams,
+        &["ana", "bo"],
+    ));
     let events = given.when("visitor-1", "m1");
     assert_eq!(unassigned_reason(&events), Some(UnassignedReason::NoEligibleAgent));
     assert_eq!(skipped(&events), [("ana".to_string(), SkipReason::Offline), ("bo".to_string(), SkipReason::Offline)]);
@@ -213,9 +230,11 @@ fn r5_only_available_users_left_unassigned_when_none_online() {
 
 #[test]
 fn r5_only_available_users_skips_offline_agents() {
-    let mut given = Given::new()
-        .agents([agent("ana", true, false), agent("bo", true, true)])
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "bo"]));
+    let mut given = Given::new().agents([agent("ana", true, false), agent("bo", true, true)]).rules(rules(
+        true,
+        AssignTarget::SpecificUsersAndTeams,
+        &["ana", "bo"],
+    ));
     for index in 0..3 {
         assert_eq!(assignee(&given.when(&format!("visitor-{index}"), "m")).as_deref(), Some("bo"));
     }
@@ -231,9 +250,11 @@ fn r5_off_ignores_availability() {
 
 #[test]
 fn r6_users_without_a_paid_seat_are_never_auto_assigned() {
-    let mut given = Given::new()
-        .agents([agent("free", false, true), agent("paid", true, true)])
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["free", "paid"]));
+    let mut given = Given::new().agents([agent("free", false, true), agent("paid", true, true)]).rules(rules(
+        true,
+        AssignTarget::SpecificUsersAndTeams,
+        &["free", "paid"],
+    ));
     for index in 0..3 {
         let events = given.when(&format!("visitor-{index}"), "m");
         assert_eq!(assignee(&events).as_deref(), Some("paid"));
@@ -257,7 +278,9 @@ fn r8_agent_at_capacity_is_not_eligible() {
 fn balanced_strategy_picks_fewest_open_then_idle_longest() {
     let mut balanced = rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "bo", "cy"]);
     balanced.strategy = AssignmentStrategy::Balanced as i32;
-    let mut given = Given::new().agents([agent("ana", true, true), agent("bo", true, true), agent("cy", true, true)]).rules(balanced);
+    let mut given = Given::new()
+        .agents([agent("ana", true, true), agent("bo", true, true), agent("cy", true, true)])
+        .rules(balanced);
     given.set_open_conversations("ana", 5);
     given.set_open_conversations("bo", 1);
     given.set_open_conversations("cy", 1);
@@ -293,7 +316,10 @@ fn b2_every_decision_explains_rule_version_strategy_eligible_and_skipped() {
 fn inputs_that_are_not_routable_are_rejected_not_panicked_on() {
     let mut given = Given::new();
     let mut no_thread = given.inbound("", "m1");
-    assert!(matches!(decide(&given.state, &given.config, &no_thread), Err(Rejection::MissingField { field: "thread_key", .. })));
+    assert!(matches!(
+        decide(&given.state, &given.config, &no_thread),
+        Err(Rejection::MissingField { field: "thread_key", .. })
+    ));
     no_thread.payload = Some(Payload::AgentConfigured(agent("ana", true, true)));
     assert!(matches!(decide(&given.state, &given.config, &no_thread), Err(Rejection::NotAnInboundMessage { .. })));
 }
@@ -320,13 +346,16 @@ fn run(steps: &[Step], strategy: AssignmentStrategy) -> (Vec<Envelope>, RouterSt
         entity.max_open_conversations = 3;
         entity
     });
-    let mut pool_rules = rules(true, AssignTarget::SpecificUsersAndTeams, &["agent-0", "agent-1", "agent-2", "agent-3"]);
+    let mut pool_rules =
+        rules(true, AssignTarget::SpecificUsersAndTeams, &["agent-0", "agent-1", "agent-2", "agent-3"]);
     pool_rules.strategy = strategy as i32;
     let mut given = Given::new().agents(agents).rules(pool_rules);
     let mut emitted = Vec::new();
     for step in steps {
         match step {
-            Step::Message { visitor, message } => emitted.extend(given.when(&format!("v{visitor}"), &format!("m{message}"))),
+            Step::Message { visitor, message } => {
+                emitted.extend(given.when(&format!("v{visitor}"), &format!("m{message}")))
+            }
             Step::ToggleAvailability { agent } => {
                 let entity = &mut given.config.agents.get_mut(&format!("agent-{agent}")).unwrap().entity;
                 entity.available = !entity.available;

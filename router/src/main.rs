@@ -25,7 +25,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let topics = Topics::with_prefix(&args.topic_prefix);
     ensure_topics(&args.kafka_brokers, &topics).await?;
-    let config = ConfigStore::start(&args.kafka_brokers, &topics.config, &format!("router-{}", args.instance_id)).await?;
+    let config =
+        ConfigStore::start(&args.kafka_brokers, &topics.config, &format!("router-{}", args.instance_id)).await?;
     let settings = RouterSettings::new(&args.kafka_brokers, topics, &args.instance_id);
 
     let shutdown = Arc::new(AtomicBool::new(false));

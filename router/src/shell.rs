@@ -21,10 +21,10 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use switchboard_proto::events::v1::Envelope;
 use switchboard_runtime::config_store::ConfigStore;
+use switchboard_runtime::envelope;
 use switchboard_runtime::kafka::{self, header};
 use switchboard_runtime::telemetry::{adopt_trace_context, trace_context_headers};
 use switchboard_runtime::topics::Topics;
-use switchboard_runtime::envelope;
 use tracing::{info, info_span, warn};
 
 use crate::core::{self, RouterState};
@@ -85,10 +85,13 @@ enum TransactionFailure {
 /// Runs the router until `shutdown` is set. Blocking: call it on a dedicated thread.
 pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &AtomicBool) -> anyhow::Result<()> {
     let transactional_id = format!("{}-{}", settings.group_id, settings.instance_id);
-    let producer: BaseProducer =
-        kafka::transactional_producer_config(&settings.brokers, &format!("router-{}", settings.instance_id), &transactional_id)
-            .create()
-            .context("failed to create transactional producer")?;
+    let producer: BaseProducer = kafka::transactional_producer_config(
+        &settings.brokers,
+        &format!("router-{}", settings.instance_id),
+        &transactional_id,
+    )
+    .create()
+    .context("failed to create transactional producer")?;
     producer.init_transactions(KAFKA_TIMEOUT).context("failed to initialise kafka transactions")?;
     info!(transactional_id, "router producer ready");
 
@@ -115,11 +118,14 @@ fn route_until_failure(
     producer: &BaseProducer,
     shutdown: &AtomicBool,
 ) -> Result<(), TransactionFailure> {
-    let consumer: BaseConsumer<RebalanceTracker> =
-        kafka::group_consumer_config(&settings.brokers, &format!("router-{}", settings.instance_id), &settings.group_id)
-            .create_with_context(RebalanceTracker::default())
-            .context("failed to create inbound consumer")
-            .map_err(TransactionFailure::Fatal)?;
+    let consumer: BaseConsumer<RebalanceTracker> = kafka::group_consumer_config(
+        &settings.brokers,
+        &format!("router-{}", settings.instance_id),
+        &settings.group_id,
+    )
+    .create_with_context(RebalanceTracker::default())
+    .context("failed to create inbound consumer")
+    .map_err(TransactionFailure::Fatal)?;
     consumer
         .subscribe(&[&settings.topics.inbound])
         .context("failed to subscribe to inbound topic")
@@ -151,10 +157,8 @@ fn route_until_failure(
                 .add_partition_offset(record.topic(), partition, Offset::Offset(record.offset() + 1))
                 .map_err(|error| TransactionFailure::Fatal(error.into()))?;
         }
-        let group_metadata = consumer
-            .group_metadata()
-            .context("consumer has no group metadata")
-            .map_err(TransactionFailure::Fatal)?;
+        let group_metadata =
+            consumer.group_metadata().context("consumer has no group metadata").map_err(TransactionFailure::Fatal)?;
         producer.send_offsets_to_transaction(&next_offsets, &group_metadata, KAFKA_TIMEOUT).map_err(classify)?;
         commit_with_retries(producer)?;
         stats.record(batch.len(), produced);
@@ -170,7 +174,8 @@ fn route_record(
     config: &switchboard_runtime::config_store::ConfigSnapshot,
     record: &BorrowedMessage<'_>,
 ) -> Result<usize, TransactionFailure> {
-    let span = info_span!("route", partition = record.partition(), offset = record.offset(), event_id = tracing::field::Empty);
+    let span =
+        info_span!("route", partition = record.partition(), offset = record.offset(), event_id = tracing::field::Empty);
     adopt_trace_context(&span, record.headers());
     let _entered = span.enter();
 
@@ -213,8 +218,12 @@ fn dead_letter(
 ) -> Result<(), TransactionFailure> {
     warn!(reason, partition = record.partition(), offset = record.offset(), "dead-lettering inbound record");
     let source = format!("{}/{}/{}", record.topic(), record.partition(), record.offset());
-    let headers = kafka::copy_headers(record.headers(), &[(header::DEADLETTER_REASON, reason), (header::DEADLETTER_SOURCE, &source)]);
-    let partition = record.partition() % settings.topics.declared_partitions(&settings.topics.deadletter).unwrap_or(1).max(1);
+    let headers = kafka::copy_headers(
+        record.headers(),
+        &[(header::DEADLETTER_REASON, reason), (header::DEADLETTER_SOURCE, &source)],
+    );
+    let partition =
+        record.partition() % settings.topics.declared_partitions(&settings.topics.deadletter).unwrap_or(1).max(1);
     send_with_backpressure(
         producer,
         &settings.topics.deadletter,
@@ -243,7 +252,9 @@ fn send_with_backpressure(
                 record = returned;
             }
             Err((error, _)) => {
-                return Err(TransactionFailure::AbortAndRewind(anyhow::Error::new(error).context("failed to enqueue record")));
+                return Err(TransactionFailure::AbortAndRewind(
+                    anyhow::Error::new(error).context("failed to enqueue record"),
+                ));
             }
         }
     }
@@ -304,9 +315,10 @@ fn poll_batch<'consumer>(
 /// Rebuilds one partition's routing state by folding the router's own committed output.
 pub fn load_partition_state(settings: &RouterSettings, partition: i32) -> anyhow::Result<RouterState> {
     let started = Instant::now();
-    let reader: BaseConsumer = kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id))
-        .create()
-        .context("failed to create state reader")?;
+    let reader: BaseConsumer<kafka::ReaderContext> =
+        kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id))
+            .create_with_context(kafka::ReaderContext)
+            .context("failed to create state reader")?;
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(&settings.topics.conversations, partition, Offset::Beginning)?;
     reader.assign(&assignment).context("failed to assign state partition")?;
@@ -348,7 +360,12 @@ impl Throughput {
         let elapsed = self.window_started.elapsed();
         if elapsed >= Duration::from_secs(10) {
             let per_second = self.consumed as f64 / elapsed.as_secs_f64();
-            info!(consumed = self.consumed, produced = self.produced, inbound_per_second = per_second as u64, "routing throughput");
+            info!(
+                consumed = self.consumed,
+                produced = self.produced,
+                inbound_per_second = per_second as u64,
+                "routing throughput"
+            );
             *self = Throughput::new();
         }
     }

@@ -14,7 +14,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use switchboard_proto::events::v1::envelope::Payload;
-use switchboard_proto::events::v1::{AgentConfigured, ChannelConfigured, Envelope, InboxConfigured, RoutingRulesConfigured};
+use switchboard_proto::events::v1::{
+    AgentConfigured, ChannelConfigured, Envelope, InboxConfigured, RoutingRulesConfigured,
+};
 use tokio::sync::watch;
 
 /// Config entities of one kind, by id, with the account each belongs to.
@@ -90,8 +92,8 @@ impl ConfigStore {
     /// Reads the config topic to its end, then keeps following it in a background task.
     /// Returns once the snapshot reflects everything that was in the topic at call time.
     pub async fn start(brokers: &str, topic: &str, client_id: &str) -> anyhow::Result<ConfigStore> {
-        let consumer: StreamConsumer = crate::kafka::reader_config(brokers, client_id)
-            .create()
+        let consumer: StreamConsumer<crate::kafka::ReaderContext> = crate::kafka::reader_config(brokers, client_id)
+            .create_with_context(crate::kafka::ReaderContext)
             .context("failed to create config topic reader")?;
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(30))
@@ -119,6 +121,15 @@ impl ConfigStore {
         Ok(ConfigStore { current: receiver })
     }
 
+    /// A store that never changes: for tools and tests that are handed their config.
+    pub fn fixed(snapshot: ConfigSnapshot) -> ConfigStore {
+        let (sender, receiver) = watch::channel(Arc::new(snapshot));
+        // Keep the channel open for the life of the process so `subscribe` receivers never
+        // see it closed; a fixed store is created a handful of times at most.
+        std::mem::forget(sender);
+        ConfigStore { current: receiver }
+    }
+
     /// The latest snapshot. Cheap: an `Arc` clone.
     pub fn snapshot(&self) -> Arc<ConfigSnapshot> {
         self.current.borrow().clone()
@@ -131,7 +142,7 @@ impl ConfigStore {
 }
 
 async fn follow_config_topic(
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<crate::kafka::ReaderContext>,
     partition_count: usize,
     sender: watch::Sender<Arc<ConfigSnapshot>>,
     caught_up: tokio::sync::oneshot::Sender<()>,
@@ -147,7 +158,9 @@ async fn follow_config_topic(
                     None => sender.send_modify(|snapshot| Arc::make_mut(snapshot).apply_tombstone(&key)),
                     Some(bytes) => match crate::envelope::decode(Some(bytes)) {
                         Ok(envelope) => sender.send_modify(|snapshot| Arc::make_mut(snapshot).apply(&envelope)),
-                        Err(error) => tracing::warn!(%error, key, offset = record.offset(), "skipping undecodable config record"),
+                        Err(error) => {
+                            tracing::warn!(%error, key, offset = record.offset(), "skipping undecodable config record")
+                        }
                     },
                 }
             }
@@ -182,7 +195,11 @@ mod tests {
                 "acct",
                 "agent/a1",
                 Utc::now(),
-                Payload::AgentConfigured(AgentConfigured { agent_id: "a1".into(), name: name.into(), ..Default::default() }),
+                Payload::AgentConfigured(AgentConfigured {
+                    agent_id: "a1".into(),
+                    name: name.into(),
+                    ..Default::default()
+                }),
             )
         };
         snapshot.apply(&agent("Ada"));

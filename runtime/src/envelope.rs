@@ -61,7 +61,11 @@ pub fn derived_from(cause: &Envelope, index: usize, payload: Payload) -> Envelop
         recorded_at: cause.recorded_at,
         partition_key: cause.partition_key.clone(),
         causation_id: cause.event_id.clone(),
-        correlation_id: if cause.correlation_id.is_empty() { cause.event_id.clone() } else { cause.correlation_id.clone() },
+        correlation_id: if cause.correlation_id.is_empty() {
+            cause.event_id.clone()
+        } else {
+            cause.correlation_id.clone()
+        },
         schema_version: SCHEMA_VERSION,
         account_id: cause.account_id.clone(),
         payload: Some(payload),
@@ -101,7 +105,11 @@ mod tests {
     use switchboard_proto::events::v1::InboxConfigured;
 
     fn inbox_payload() -> Payload {
-        Payload::InboxConfigured(InboxConfigured { inbox_id: "inbox-1".into(), name: "Support".into(), ..Default::default() })
+        Payload::InboxConfigured(InboxConfigured {
+            inbox_id: "inbox-1".into(),
+            name: "Support".into(),
+            ..Default::default()
+        })
     }
 
     #[test]

@@ -7,13 +7,7 @@ use rdkafka::message::{BorrowedHeaders, Header, Headers, OwnedHeaders};
 /// Base settings shared by every client.
 pub fn client_config(brokers: &str, client_id: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("client.id", client_id)
-        // Java-compatible hashing of keys, so that Kafka's own tools (and any JVM producer)
-        // send a given key to the same partition as we do.
-        .set("partitioner", "murmur2_random")
-        .set("socket.keepalive.enable", "true");
+    config.set("bootstrap.servers", brokers).set("client.id", client_id).set("socket.keepalive.enable", "true");
     config
 }
 
@@ -24,6 +18,9 @@ pub fn client_config(brokers: &str, client_id: &str) -> ClientConfig {
 pub fn idempotent_producer_config(brokers: &str, client_id: &str, delivery_timeout_ms: u32) -> ClientConfig {
     let mut config = client_config(brokers, client_id);
     config
+        // Java-compatible hashing of keys, so that Kafka's own tools (and any JVM producer)
+        // send a given key to the same partition as we do.
+        .set("partitioner", "murmur2_random")
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("compression.type", "lz4")
@@ -38,7 +35,8 @@ pub fn idempotent_producer_config(brokers: &str, client_id: &str, delivery_timeo
 /// A transactional producer for consume-transform-produce (router). `transactional_id` must
 /// be stable per instance so a restarted instance fences its zombie predecessor.
 pub fn transactional_producer_config(brokers: &str, client_id: &str, transactional_id: &str) -> ClientConfig {
-    let mut config = idempotent_producer_config(brokers, client_id, 60_000);
+    // librdkafka requires message.timeout.ms <= transaction.timeout.ms.
+    let mut config = idempotent_producer_config(brokers, client_id, 30_000);
     // A crashed instance's open transaction blocks its partitions' readers (LSO) until it times
     // out or a successor with the same transactional id fences it; keep the timeout short.
     config.set("transactional.id", transactional_id).set("transaction.timeout.ms", "30000");
@@ -77,6 +75,22 @@ pub fn reader_config(brokers: &str, client_id: &str) -> ClientConfig {
         .set("fetch.wait.max.ms", "20");
     config
 }
+
+/// Context for whole-topic readers: reaching the end of a partition is how they know they
+/// caught up, so librdkafka's end-of-partition notices are not logged as errors.
+#[derive(Default)]
+pub struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        if !matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            tracing::warn!(%error, reason, "kafka reader error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
 /// Kafka record header names.
 pub mod header {

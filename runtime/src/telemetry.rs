@@ -15,9 +15,10 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use rdkafka::message::{BorrowedHeaders, Header, Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Keeps the tracer provider alive; dropping it flushes pending spans to the exporter.
 pub struct TelemetryGuard {
@@ -34,9 +35,8 @@ impl Drop for TelemetryGuard {
 /// Within one process (integration tests run several services) later calls are no-ops for the
 /// subscriber, and return a guard of their own provider.
 pub fn init_telemetry(service_name: &'static str) -> anyhow::Result<TelemetryGuard> {
-    let mut provider_builder = SdkTracerProvider::builder().with_resource(
-        opentelemetry_sdk::Resource::builder().with_service_name(service_name).build(),
-    );
+    let mut provider_builder = SdkTracerProvider::builder()
+        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service_name).build());
     if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some_and(|endpoint| !endpoint.is_empty()) {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -47,13 +47,19 @@ pub fn init_telemetry(service_name: &'static str) -> anyhow::Result<TelemetryGua
     let provider = provider_builder.build();
     let tracer = provider.tracer(service_name);
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn,h2=warn"));
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer);
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    // RUST_LOG filters what is logged; spans are always recorded for tracing (at info level
+    // and above) so that trace context keeps flowing through Kafka headers whatever the log
+    // level is.
+    let log_filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn,h2=warn"));
+    let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(LevelFilter::INFO);
+    let registry = tracing_subscriber::registry().with(otel_layer);
     let init_result = if std::io::stderr().is_terminal() {
-        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
+        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(log_filter)).try_init()
     } else {
-        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
+        registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_filter(log_filter))
+            .try_init()
     };
     if init_result.is_ok() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());

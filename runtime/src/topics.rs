@@ -37,9 +37,8 @@ fn parse_topic_specs(text: &str) -> anyhow::Result<Vec<TopicSpec>> {
         let [name, partitions, configs] = columns[..] else {
             bail!("topics.txt line {}: expected `name partitions configs`", line_index + 1);
         };
-        let partitions: i32 = partitions
-            .parse()
-            .with_context(|| format!("topics.txt line {}: bad partition count", line_index + 1))?;
+        let partitions: i32 =
+            partitions.parse().with_context(|| format!("topics.txt line {}: bad partition count", line_index + 1))?;
         let configs = configs
             .split(',')
             .map(|pair| {
@@ -96,10 +95,11 @@ pub async fn ensure_topics(brokers: &str, topics: &Topics) -> anyhow::Result<()>
         .iter()
         .zip(&names)
         .map(|(spec, name)| {
-            spec.configs.iter().fold(
-                NewTopic::new(name, spec.partitions, TopicReplication::Fixed(1)),
-                |topic, (key, value)| topic.set(key, value),
-            )
+            spec.configs
+                .iter()
+                .fold(NewTopic::new(name, spec.partitions, TopicReplication::Fixed(1)), |topic, (key, value)| {
+                    topic.set(key, value)
+                })
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

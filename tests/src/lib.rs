@@ -1,1 +1,281 @@
+//! Black-box harness for tests against the real stack (Kafka + PostgreSQL started by
+//! `scripts/stack up`): every test gets its own topic prefix, consumer groups and database, runs
+//! the real services (in-process, or as child processes where a test kills them), and talks to
+//! them only through their public interfaces (HTTP, gRPC, Kafka topics).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use switchboard_proto::api::v1::conversation_service_client::ConversationServiceClient;
+use switchboard_proto::events::v1::Envelope;
+use switchboard_runtime::config_store::ConfigStore;
+use switchboard_runtime::topics::{Topics, ensure_topics};
+use tonic::transport::Channel;
+
+pub mod demo;
+
+/// The demo config (one chat channel round-robining among ana, bo and cy).
+pub const DEMO_CONFIG: &str = include_str!("../../deploy/demo-config.toml");
+
+fn required_env(name: &str) -> anyhow::Result<String> {
+    std::env::var(name)
+        .with_context(|| format!("{name} is not set: run the tests with scripts/test (it starts the stack)"))
+}
+
+/// One isolated environment on the shared stack.
+pub struct TestEnv {
+    pub brokers: String,
+    pub topics: Topics,
+    pub database_url: String,
+    pub pool: PgPool,
+    /// Set when the test ends: stops in-process services.
+    shutdown: Arc<AtomicBool>,
+    shutdown_sender: tokio::sync::watch::Sender<bool>,
+}
+
+impl TestEnv {
+    /// Fresh topics (random prefix) and a fresh database with the read-model schema.
+    pub async fn new() -> anyhow::Result<TestEnv> {
+        static TELEMETRY: std::sync::Once = std::sync::Once::new();
+        // The guard shuts the tracer provider down when dropped; the test process keeps it.
+        TELEMETRY.call_once(|| std::mem::forget(switchboard_runtime::telemetry::init_telemetry("switchboard-tests")));
+        let brokers = required_env("KAFKA_BROKERS")?;
+        let admin_url = required_env("DATABASE_URL")?;
+        let unique = uuid::Uuid::now_v7().simple().to_string();
+        let suffix = &unique[unique.len() - 12..];
+        let topics = Topics::with_prefix(&format!("test.{suffix}."));
+        ensure_topics(&brokers, &topics).await?;
+
+        let database = format!("sb_test_{suffix}");
+        let admin_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url)
+            .await
+            .context("failed to connect to postgres")?;
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&admin_pool)
+            .await
+            .context("failed to create test database")?;
+        admin_pool.close().await;
+        let database_url = replace_database(&admin_url, &database);
+        let pool = PgPoolOptions::new().max_connections(8).connect(&database_url).await?;
+        switchboard_projector::migrate(&pool).await?;
+        let (shutdown_sender, _) = tokio::sync::watch::channel(false);
+        Ok(TestEnv { brokers, topics, database_url, pool, shutdown: Arc::default(), shutdown_sender })
+    }
+
+    /// Publishes a config file (TOML) to this environment's config topic.
+    pub async fn apply_config(&self, toml: &str) -> anyhow::Result<()> {
+        let file = switchboard_api::config_file::ConfigFile::parse(toml)?;
+        let current = ConfigStore::start(&self.brokers, &self.topics.config, "test-config").await?;
+        switchboard_api::config_file::apply_config(&self.brokers, &self.topics.config, &file, &current.snapshot())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn config_store(&self, client_id: &str) -> anyhow::Result<ConfigStore> {
+        ConfigStore::start(&self.brokers, &self.topics.config, client_id).await
+    }
+
+    /// Starts ingest in-process; returns its base URL.
+    pub async fn start_ingest(&self) -> anyhow::Result<String> {
+        let config = self.config_store("test-ingest").await?;
+        let settings = switchboard_ingest::IngestSettings {
+            listen: "127.0.0.1:0".parse()?,
+            brokers: self.brokers.clone(),
+            inbound_topic: self.topics.inbound.clone(),
+            max_body_bytes: 64 * 1024,
+            delivery_timeout: Duration::from_secs(10),
+        };
+        let (bound_sender, bound) = tokio::sync::oneshot::channel();
+        let mut shutdown = self.shutdown_sender.subscribe();
+        tokio::spawn(switchboard_ingest::serve(settings, config, bound_sender, async move {
+            let _ = shutdown.changed().await;
+        }));
+        let address: SocketAddr = bound.await.context("ingest did not start")?;
+        Ok(format!("http://{address}"))
+    }
+
+    /// Starts a router instance in-process (on a blocking thread).
+    pub async fn start_router(&self, instance_id: &str) -> anyhow::Result<()> {
+        let config = self.config_store(&format!("test-router-{instance_id}")).await?;
+        let settings = switchboard_router::shell::RouterSettings::new(&self.brokers, self.topics.clone(), instance_id);
+        let shutdown = self.shutdown.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = switchboard_router::shell::run_router(&settings, &config, &shutdown) {
+                tracing::error!(error = format!("{error:#}"), "router failed");
+            }
+        });
+        Ok(())
+    }
+
+    /// Starts the router binary as a child process (for tests that kill it).
+    pub fn spawn_router_process(&self, instance_id: &str) -> anyhow::Result<Child> {
+        Command::new(binary_path("router")?)
+            .env("KAFKA_BROKERS", &self.brokers)
+            .env("SWITCHBOARD_TOPIC_PREFIX", &self.topics.prefix)
+            .env("SWITCHBOARD_INSTANCE_ID", instance_id)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("failed to start the router binary")
+    }
+
+    pub fn projector_settings(&self, group_suffix: &str) -> switchboard_projector::ProjectorSettings {
+        switchboard_projector::ProjectorSettings {
+            brokers: self.brokers.clone(),
+            topic: self.topics.conversations.clone(),
+            group_id: format!("{}projector{group_suffix}", self.topics.prefix),
+            max_batch_records: 1_000,
+            batch_linger: Duration::from_millis(10),
+        }
+    }
+
+    /// Starts the projector in-process.
+    pub async fn start_projector(&self) -> anyhow::Result<()> {
+        let settings = self.projector_settings("");
+        let pool = self.pool.clone();
+        let shutdown = self.shutdown_sender.subscribe();
+        tokio::spawn(async move {
+            if let Err(error) = switchboard_projector::run_projector(settings, pool, shutdown).await {
+                tracing::error!(error = format!("{error:#}"), "projector failed");
+            }
+        });
+        Ok(())
+    }
+
+    /// Starts the gRPC API in-process; returns a connected client.
+    pub async fn start_api(&self) -> anyhow::Result<ConversationServiceClient<Channel>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let mut shutdown = self.shutdown_sender.subscribe();
+        tokio::spawn(switchboard_api::serve(listener, self.pool.clone(), async move {
+            let _ = shutdown.changed().await;
+        }));
+        connect_api(&format!("http://{address}")).await
+    }
+
+    /// Applies the demo config and starts every service in-process.
+    pub async fn start_pipeline(&self) -> anyhow::Result<Pipeline> {
+        self.apply_config(DEMO_CONFIG).await?;
+        let ingest_url = self.start_ingest().await?;
+        self.start_router("router-0").await?;
+        self.start_projector().await?;
+        let api = self.start_api().await?;
+        Ok(Pipeline { ingest_url, api, http: reqwest::Client::new() })
+    }
+
+    /// Reads every committed event on a topic (read_committed), in partition order.
+    pub fn read_committed_events(&self, topic: &str) -> anyhow::Result<Vec<Envelope>> {
+        let partitions = self.topics.declared_partitions(topic).context("unknown topic")?;
+        let reader: BaseConsumer<switchboard_runtime::kafka::ReaderContext> =
+            switchboard_runtime::kafka::reader_config(&self.brokers, "test-reader")
+                .create_with_context(switchboard_runtime::kafka::ReaderContext)?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions {
+            assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+        }
+        reader.assign(&assignment)?;
+        let mut events = Vec::new();
+        let mut at_end = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while at_end < partitions {
+            if Instant::now() > deadline {
+                bail!("timed out reading {topic}");
+            }
+            match reader.poll(Duration::from_secs(5)) {
+                Some(Ok(record)) => events.push(switchboard_runtime::envelope::decode(record.payload())?),
+                Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
+                Some(Err(error)) => tracing::warn!(%error, "test reader error"),
+                None => {}
+            }
+        }
+        Ok(events)
+    }
+
+    /// Stops in-process services and drops this test's database and topics.
+    pub async fn cleanup(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        let _ = self.shutdown_sender.send(true);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.pool.close().await;
+        if let Ok(admin_url) = required_env("DATABASE_URL")
+            && let Ok(admin_pool) = PgPoolOptions::new().max_connections(1).connect(&admin_url).await
+        {
+            let database = self.database_url.rsplit('/').next().unwrap_or_default().to_owned();
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&admin_pool).await;
+        }
+        delete_topics(&self.brokers, &self.topics).await;
+    }
+}
+
+impl Drop for TestEnv {
+    /// A failed assertion skips `cleanup`; in-process services must still stop, or the test
+    /// runtime would wait for the router's thread forever.
+    fn drop(&mut self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        let _ = self.shutdown_sender.send(true);
+    }
+}
+
+async fn delete_topics(brokers: &str, topics: &Topics) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let Ok(admin) = switchboard_runtime::kafka::client_config(brokers, "test-cleanup")
+        .create::<AdminClient<DefaultClientContext>>()
+    else {
+        return;
+    };
+    let names = [&topics.inbound, &topics.conversations, &topics.config, &topics.deadletter];
+    let names: Vec<&str> = names.iter().map(|name| name.as_str()).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+}
+
+fn replace_database(url: &str, database: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{database}"),
+        None => format!("{url}/{database}"),
+    }
+}
+
+/// Where cargo put a workspace binary (the test executable lives in `target/<profile>/deps`).
+pub fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
+    let test_executable = std::env::current_exe()?;
+    let profile_dir =
+        test_executable.parent().and_then(|deps| deps.parent()).context("unexpected test executable location")?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!("{} not found: build the binaries first (`cargo build --bins`, as scripts/test does)", path.display());
+    }
+    Ok(path)
+}
+
+pub async fn connect_api(url: &str) -> anyhow::Result<ConversationServiceClient<Channel>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ConversationServiceClient::connect(url.to_owned()).await {
+            Ok(client) => return Ok(client),
+            Err(error) if Instant::now() > deadline => return Err(error).context("api did not come up"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A running pipeline as its clients see it.
+pub struct Pipeline {
+    pub ingest_url: String,
+    pub api: ConversationServiceClient<Channel>,
+    pub http: reqwest::Client,
+}
