@@ -147,11 +147,12 @@ fn route_until_failure(
         let mut produced = 0usize;
         for record in &batch {
             let partition = record.partition();
-            if !state_by_partition.contains_key(&partition) {
-                let state = load_partition_state(settings, partition).map_err(TransactionFailure::AbortAndRewind)?;
-                state_by_partition.insert(partition, state);
-            }
-            let state = state_by_partition.get_mut(&partition).expect("inserted above");
+            let state = match state_by_partition.entry(partition) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    entry.insert(load_partition_state(settings, partition).map_err(TransactionFailure::AbortAndRewind)?)
+                }
+            };
             produced += route_record(settings, producer, state, &config_snapshot, record)?;
             next_offsets
                 .add_partition_offset(record.topic(), partition, Offset::Offset(record.offset() + 1))
