@@ -8,7 +8,7 @@
 //! decisions byte for byte (B4). The Kafka shell (`crate::shell`) feeds inputs in and writes the
 //! returned events out in one transaction with the consumed offsets.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
@@ -55,10 +55,13 @@ pub struct AgentWorkload {
 }
 
 /// Everything the router remembers, derived only from the events it emitted.
+///
+/// The two large maps are hash maps for lookup speed; determinism holds because decisions
+/// only ever look keys up in them and never depend on their iteration order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouterState {
-    pub open_conversation_by_thread: BTreeMap<ThreadKey, String>,
-    pub conversations: BTreeMap<String, ConversationState>,
+    pub open_conversation_by_thread: HashMap<ThreadKey, String>,
+    pub conversations: HashMap<String, ConversationState>,
     pub workload_by_agent: BTreeMap<String, AgentWorkload>,
     /// Round-robin position per channel rule: the agent assigned last by it.
     pub last_round_robin_agent_by_channel: BTreeMap<String, String>,
@@ -217,6 +220,9 @@ fn candidate_pool(config: &ConfigSnapshot, account_id: &str, rules: &RoutingRule
             pool.push(user_id.clone());
         }
     }
+    if rules.team_ids.is_empty() {
+        return pool;
+    }
     for (agent_id, agent) in &config.agents {
         let in_selected_team = agent.entity.team_ids.iter().any(|team| rules.team_ids.contains(team));
         if agent.account_id == account_id && in_selected_team && seen.insert(agent_id.clone()) {
@@ -279,6 +285,7 @@ fn choose(
                 .get(channel_id)
                 .and_then(|last_agent_id| pool.iter().position(|agent_id| agent_id == last_agent_id));
             let start = last_index_opt.map_or(0, |index| index + 1);
+            let eligible: BTreeSet<&String> = eligible.iter().collect();
             (0..pool.len())
                 .map(|offset| &pool[(start + offset) % pool.len()])
                 .find(|agent_id| eligible.contains(agent_id))

@@ -72,7 +72,8 @@ pub fn init_telemetry(service_name: &'static str) -> anyhow::Result<TelemetryGua
 pub fn trace_context_headers(span: &tracing::Span) -> OwnedHeaders {
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
-    carrier.into_iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+    // An empty `tracestate` is legal but useless on every record: leave it out.
+    carrier.into_iter().filter(|(_, value)| !value.is_empty()).fold(OwnedHeaders::new(), |headers, (key, value)| {
         headers.insert(Header { key: &key, value: Some(value.as_bytes()) })
     })
 }
