@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::Headers;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -179,6 +180,14 @@ impl TestEnv {
 
     /// Reads every committed event on a topic (read_committed), in partition order.
     pub fn read_committed_events(&self, topic: &str) -> anyhow::Result<Vec<Envelope>> {
+        self.read_committed_records(topic)?
+            .into_iter()
+            .map(|record| Ok(switchboard_runtime::envelope::decode(record.payload.as_deref())?))
+            .collect()
+    }
+
+    /// Reads every committed record on a topic (read_committed), undecoded, in partition order.
+    pub fn read_committed_records(&self, topic: &str) -> anyhow::Result<Vec<RawRecord>> {
         let partitions = self.topics.declared_partitions(topic).context("unknown topic")?;
         let reader: BaseConsumer<switchboard_runtime::kafka::ReaderContext> =
             switchboard_runtime::kafka::reader_config(&self.brokers, "test-reader")
@@ -188,7 +197,7 @@ impl TestEnv {
             assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
         }
         reader.assign(&assignment)?;
-        let mut events = Vec::new();
+        let mut records = Vec::new();
         let mut at_end = 0;
         let deadline = Instant::now() + Duration::from_secs(60);
         while at_end < partitions {
@@ -196,13 +205,41 @@ impl TestEnv {
                 bail!("timed out reading {topic}");
             }
             match reader.poll(Duration::from_secs(5)) {
-                Some(Ok(record)) => events.push(switchboard_runtime::envelope::decode(record.payload())?),
+                Some(Ok(record)) => records.push(RawRecord {
+                    partition: record.partition(),
+                    key: record.key().map(<[u8]>::to_vec),
+                    payload: record.payload().map(<[u8]>::to_vec),
+                    headers: record
+                        .headers()
+                        .map(|headers| {
+                            headers
+                                .iter()
+                                .map(|header| {
+                                    let value = header.value.map(|value| String::from_utf8_lossy(value).into_owned());
+                                    (header.key.to_owned(), value.unwrap_or_default())
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }),
                 Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
                 Some(Err(error)) => tracing::warn!(%error, "test reader error"),
                 None => {}
             }
         }
-        Ok(events)
+        Ok(records)
+    }
+
+    /// Produces raw bytes to a topic (for poison-input tests).
+    pub async fn produce_raw(&self, topic: &str, key: &str, payload: &[u8]) -> anyhow::Result<()> {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer =
+            switchboard_runtime::kafka::idempotent_producer_config(&self.brokers, "test-raw", 10_000).create()?;
+        producer
+            .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+            .await
+            .map_err(|(error, _)| anyhow::Error::new(error))?;
+        Ok(())
     }
 
     /// Stops in-process services and drops this test's database and topics.
@@ -271,6 +308,15 @@ pub async fn connect_api(url: &str) -> anyhow::Result<ConversationServiceClient<
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// A record as read from a topic, undecoded.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// A running pipeline as its clients see it.
