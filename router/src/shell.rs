@@ -9,8 +9,8 @@
 //! partition's state is rebuilt by folding that output partition with `core::evolve`.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -134,7 +134,7 @@ fn route_until_failure(
     let mut state_by_partition: HashMap<i32, RouterState> = HashMap::new();
     let mut stats = Throughput::new();
     while !shutdown.load(Ordering::Relaxed) {
-        let batch = poll_batch(&consumer, settings.max_batch_records, settings.batch_linger)?;
+        let batch = poll_batch(&consumer, settings.max_batch_records, settings.batch_linger);
         for partition in consumer.context().revoked_partitions.lock().expect("lock poisoned").drain(..) {
             state_by_partition.remove(&partition);
         }
@@ -290,7 +290,7 @@ fn poll_batch<'consumer>(
     consumer: &'consumer BaseConsumer<RebalanceTracker>,
     max_records: usize,
     linger: Duration,
-) -> Result<Vec<BorrowedMessage<'consumer>>, TransactionFailure> {
+) -> Vec<BorrowedMessage<'consumer>> {
     let mut batch = Vec::new();
     let mut deadline_opt: Option<Instant> = None;
     while batch.len() < max_records {
@@ -310,7 +310,7 @@ fn poll_batch<'consumer>(
             None => break,
         }
     }
-    Ok(batch)
+    batch
 }
 
 /// Rebuilds one partition's routing state by folding the router's own committed output.
@@ -371,6 +371,3 @@ impl Throughput {
         }
     }
 }
-
-/// Shared flag set by the binary's signal handler.
-pub type ShutdownFlag = Arc<AtomicBool>;
