@@ -17,7 +17,7 @@ use switchboard_proto::events::v1::{
     SkipReason, SkippedCandidate, UnassignedReason,
 };
 use switchboard_runtime::config_store::ConfigSnapshot;
-use switchboard_runtime::envelope::{derived_from, timestamp_millis};
+use switchboard_runtime::envelope::{derived_from, derived_id, recorded_at_millis};
 
 /// Why an input cannot be routed at all. Such inputs go to the dead-letter topic; they are
 /// never retried, because retrying a deterministic function cannot change its answer.
@@ -100,11 +100,7 @@ pub fn decide(state: &RouterState, config: &ConfigSnapshot, input: &Envelope) ->
         return Ok(vec![derived_from(input, 0, message_appended(conversation_id, input, message))]);
     }
 
-    let conversation_id = switchboard_runtime::ids::derived_v7(
-        input.recorded_at.as_ref().map(timestamp_millis).unwrap_or(0),
-        &format!("{}/conversation", input.event_id),
-    )
-    .to_string();
+    let conversation_id = derived_id(input, "conversation").to_string();
     let started = Payload::ConversationStarted(ConversationStarted {
         conversation_id: conversation_id.clone(),
         inbox_id: message.inbox_id.clone(),
@@ -330,7 +326,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             }
             let workload = state.workload_by_agent.entry(assigned.assignee_agent_id.clone()).or_default();
             workload.open_conversations += 1;
-            workload.last_assigned_at_millis_opt = Some(event.recorded_at.as_ref().map(timestamp_millis).unwrap_or(0));
+            workload.last_assigned_at_millis_opt = Some(recorded_at_millis(event));
             state
                 .last_round_robin_agent_by_channel
                 .insert(conversation.channel_id.clone(), assigned.assignee_agent_id.clone());

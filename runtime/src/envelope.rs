@@ -53,8 +53,7 @@ pub fn new_root(account_id: &str, partition_key: &str, occurred_at: DateTime<Utc
 /// An envelope derived from `cause` (the `index`-th event derived from it). Everything is a
 /// function of the cause, so re-deriving gives identical bytes.
 pub fn derived_from(cause: &Envelope, index: usize, payload: Payload) -> Envelope {
-    let recorded_at_millis = cause.recorded_at.as_ref().map(timestamp_millis).unwrap_or(0);
-    let event_id: Uuid = crate::ids::derived_v7(recorded_at_millis, &format!("{}/{index}", cause.event_id));
+    let event_id = derived_id(cause, &index.to_string());
     Envelope {
         event_id: event_id.to_string(),
         occurred_at: cause.occurred_at,
@@ -70,6 +69,18 @@ pub fn derived_from(cause: &Envelope, index: usize, payload: Payload) -> Envelop
         account_id: cause.account_id.clone(),
         payload: Some(payload),
     }
+}
+
+/// An id derived from `cause` for `purpose` (e.g. "conversation", or an event's index): a
+/// UUIDv7 stamped with the cause's recorded-at, with bits hashed from the cause's id and the
+/// purpose. The one recipe for every id the router derives, so replays reproduce them (B4).
+pub fn derived_id(cause: &Envelope, purpose: &str) -> Uuid {
+    crate::ids::derived_v7(recorded_at_millis(cause), &format!("{}/{purpose}", cause.event_id))
+}
+
+/// The envelope's recorded-at as unix millis (0 if absent): event time for pure logic.
+pub fn recorded_at_millis(envelope: &Envelope) -> u64 {
+    envelope.recorded_at.as_ref().map(timestamp_millis).unwrap_or(0)
 }
 
 pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
