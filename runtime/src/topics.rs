@@ -21,9 +21,12 @@ pub struct TopicSpec {
     pub configs: Vec<(String, String)>,
 }
 
-/// Every topic spec declared in `deploy/topics.txt`.
-pub fn topic_specs() -> Vec<TopicSpec> {
-    parse_topic_specs(TOPICS_FILE).expect("deploy/topics.txt is valid (checked by a unit test)")
+/// Every topic spec declared in `deploy/topics.txt` (parsed once per process).
+pub fn topic_specs() -> &'static [TopicSpec] {
+    static SPECS: std::sync::LazyLock<Vec<TopicSpec>> = std::sync::LazyLock::new(|| {
+        parse_topic_specs(TOPICS_FILE).expect("deploy/topics.txt is valid (checked by a unit test)")
+    });
+    &SPECS
 }
 
 fn parse_topic_specs(text: &str) -> anyhow::Result<Vec<TopicSpec>> {
@@ -80,7 +83,7 @@ impl Topics {
     /// Partition count of a topic of this environment, as declared in `deploy/topics.txt`.
     pub fn declared_partitions(&self, full_name: &str) -> Option<i32> {
         let base_name = full_name.strip_prefix(&self.prefix)?;
-        topic_specs().into_iter().find(|spec| spec.base_name == base_name).map(|spec| spec.partitions)
+        topic_specs().iter().find(|spec| spec.base_name == base_name).map(|spec| spec.partitions)
     }
 }
 
