@@ -186,6 +186,7 @@ impl ConfigFile {
                 access_mode: access_mode as i32,
                 access_user_ids: inbox.access_users.clone(),
                 access_team_ids: inbox.access_teams.clone(),
+                ..Default::default()
             }));
         }
         for agent in &self.agents {
@@ -198,6 +199,7 @@ impl ConfigFile {
                 team_ids: agent.teams.clone(),
                 skills: agent.skills.clone(),
                 max_open_conversations: agent.max_open_conversations,
+                ..Default::default()
             }));
         }
         for channel in &self.channels {
@@ -207,6 +209,7 @@ impl ConfigFile {
                 channel_type: channel_type(&channel.channel_type)? as i32,
                 name: channel.name.clone(),
                 enabled: channel.enabled,
+                ..Default::default()
             }));
             let routing = &channel.routing;
             let target = match routing.assign_to.as_str() {
@@ -229,6 +232,7 @@ impl ConfigFile {
                 team_ids: routing.teams.clone(),
                 only_available: routing.only_available,
                 strategy: strategy as i32,
+                ..Default::default()
             };
             rules.version = match current.routing_rules.get(&channel.id) {
                 Some(existing) if RoutingRulesConfigured { version: 0, ..existing.entity.clone() } == rules => {

@@ -7,7 +7,9 @@
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use switchboard_proto::events::v1::envelope::Payload;
-use switchboard_proto::events::v1::{ChannelType, Envelope, InboundMessageReceived, Sender};
+use switchboard_proto::events::v1::{
+    ChannelType, Envelope, InboundContent, InboundMessageReceived, MessageKind, Sender,
+};
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::{envelope, ids};
 
@@ -85,6 +87,8 @@ pub fn to_inbound_event(
             email: request.visitor_email.unwrap_or_default(),
         }),
         text: request.text,
+        content: Some(InboundContent { kind: MessageKind::Text as i32, ..Default::default() }),
+        channel_disabled_at_ingest: false,
     };
     let occurred_at = request.sent_at.unwrap_or(received_at);
     // Keyed by account: one account's routing state has one writer (docs/events.md).

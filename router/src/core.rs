@@ -109,6 +109,7 @@ pub fn decide(state: &RouterState, config: &ConfigSnapshot, input: &Envelope) ->
         thread_key: message.thread_key.clone(),
         contact: message.sender.clone(),
         first_message_id: message.message_id.clone(),
+        contact_id: String::new(),
     });
     let routing = route_new_conversation(state, config, &input.account_id, &message.channel_id, &conversation_id);
     Ok(vec![

@@ -69,6 +69,7 @@ impl Given {
                     email: String::new(),
                 }),
                 text: format!("hello from {visitor}"),
+                ..Default::default()
             }),
         );
         // Ingest gives each event a fresh UUIDv7; here ids come from the sequence so two runs of

@@ -107,6 +107,22 @@ pub fn payload_name(payload: &Payload) -> &'static str {
         Payload::ChannelConfigured(_) => "channel_configured",
         Payload::RoutingRulesConfigured(_) => "routing_rules_configured",
         Payload::AgentConfigured(_) => "agent_configured",
+        Payload::ContactConsentReceived(_) => "contact_consent_received",
+        Payload::DeliveryStatusReported(_) => "delivery_status_reported",
+        Payload::AgentAvailabilityChanged(_) => "agent_availability_changed",
+        Payload::ManualAssignmentRequested(_) => "manual_assignment_requested",
+        Payload::ConversationCloseRequested(_) => "conversation_close_requested",
+        Payload::TicketStageChangeRequested(_) => "ticket_stage_change_requested",
+        Payload::ContactCreated(_) => "contact_created",
+        Payload::MessageWithheld(_) => "message_withheld",
+        Payload::ConversationUnassigned(_) => "conversation_unassigned",
+        Payload::ConversationClosed(_) => "conversation_closed",
+        Payload::TicketCreated(_) => "ticket_created",
+        Payload::TicketNotCreated(_) => "ticket_not_created",
+        Payload::TicketStageChanged(_) => "ticket_stage_changed",
+        Payload::OwnerNotificationRequested(_) => "owner_notification_requested",
+        Payload::CommandRejected(_) => "command_rejected",
+        Payload::TicketSettingsConfigured(_) => "ticket_settings_configured",
     }
 }
 

@@ -86,6 +86,7 @@ fn inbound(sequence: u64, visitor: u64) -> Envelope {
                 email: String::new(),
             }),
             text: "Hello, I have a question about my order".into(),
+            ..Default::default()
         }),
     );
     envelope.recorded_at = Some(timestamp(Utc.timestamp_opt(1_700_000_000 + sequence as i64, 0).unwrap()));
