@@ -108,6 +108,7 @@ mod tests {
             channel_type: channel_type as i32,
             name: "Website".into(),
             enabled: true,
+            ..Default::default()
         };
         config.channels.insert("web".into(), Owned { account_id: "acct".into(), entity: channel });
         config
