@@ -141,6 +141,8 @@ fn message_appended(conversation_id: &str, input: &Envelope, message: &InboundMe
         sender: message.sender.clone(),
         text: message.text.clone(),
         source_event_id: input.event_id.clone(),
+        content: message.content.clone(),
+        contact_id: String::new(),
     })
 }
 

@@ -46,6 +46,7 @@ pub fn new_root(account_id: &str, partition_key: &str, occurred_at: DateTime<Utc
         causation_id: String::new(),
         schema_version: SCHEMA_VERSION,
         account_id: account_id.to_owned(),
+        source_position: None,
         payload: Some(payload),
     }
 }
@@ -67,6 +68,8 @@ pub fn derived_from(cause: &Envelope, index: usize, payload: Payload) -> Envelop
         },
         schema_version: SCHEMA_VERSION,
         account_id: cause.account_id.clone(),
+        // Set by the shell that knows where the cause was read; `decide` stays offset-agnostic.
+        source_position: None,
         payload: Some(payload),
     }
 }
