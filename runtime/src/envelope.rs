@@ -125,6 +125,8 @@ pub fn payload_name(payload: &Payload) -> &'static str {
         Payload::TicketStageChanged(_) => "ticket_stage_changed",
         Payload::OwnerNotificationRequested(_) => "owner_notification_requested",
         Payload::CommandRejected(_) => "command_rejected",
+        Payload::ContactOwnerChangeRequested(_) => "contact_owner_change_requested",
+        Payload::ContactOwnerChanged(_) => "contact_owner_changed",
         Payload::TicketSettingsConfigured(_) => "ticket_settings_configured",
     }
 }
