@@ -6,17 +6,13 @@
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use switchboard_proto::events::v1::envelope::Payload;
-use switchboard_proto::events::v1::{
-    ChannelType, Envelope, InboundContent, InboundMessageReceived, MessageKind, Sender,
-};
-use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
-use switchboard_runtime::{envelope, ids};
+use switchboard_proto::events::v1::{ChannelType, Envelope, InboundContent, MessageKind, Sender};
+use switchboard_runtime::config_store::ConfigSnapshot;
 
+use crate::channel::{self, Extracted, require_id};
 use crate::error::IngestError;
 
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
-const MAX_ID_BYTES: usize = 256;
 
 /// `POST /v1/channels/{channel_id}/chat/messages`
 #[derive(Debug, Deserialize)]
@@ -34,19 +30,6 @@ pub struct ChatMessageRequest {
     pub sent_at: Option<DateTime<Utc>>,
 }
 
-fn require_id(field: &'static str, value: &str) -> Result<(), IngestError> {
-    if value.trim().is_empty() {
-        return Err(IngestError::InvalidField { field, problem: "must not be empty".into() });
-    }
-    if value.len() > MAX_ID_BYTES {
-        return Err(IngestError::InvalidField { field, problem: format!("longer than {MAX_ID_BYTES} bytes") });
-    }
-    if value.chars().any(char::is_control) {
-        return Err(IngestError::InvalidField { field, problem: "contains control characters".into() });
-    }
-    Ok(())
-}
-
 /// Validates a chat message against the channel config and builds its inbound event.
 pub fn to_inbound_event(
     config: &ConfigSnapshot,
@@ -54,14 +37,7 @@ pub fn to_inbound_event(
     request: ChatMessageRequest,
     received_at: DateTime<Utc>,
 ) -> Result<Envelope, IngestError> {
-    let Some(Owned { account_id, entity: channel }) = config.channels.get(channel_id) else {
-        return Err(IngestError::UnknownChannel { channel_id: channel_id.to_owned() });
-    };
-    if channel.channel_type != ChannelType::Chat as i32 {
-        let actual = ChannelType::try_from(channel.channel_type)
-            .map_or("unknown".to_owned(), |kind| kind.as_str_name().to_owned());
-        return Err(IngestError::WrongChannelType { channel_id: channel_id.to_owned(), expected: "chat", actual });
-    }
+    let channel = channel::resolve(config, channel_id, ChannelType::Chat)?;
     require_id("visitor_id", &request.visitor_id)?;
     require_id("message_id", &request.message_id)?;
     if request.text.trim().is_empty() {
@@ -73,32 +49,29 @@ pub fn to_inbound_event(
             problem: format!("longer than {MAX_TEXT_BYTES} bytes"),
         });
     }
-    let message_id = ids::message_id_for(channel_id, &request.message_id).to_string();
-    let inbound = InboundMessageReceived {
-        channel_id: channel_id.to_owned(),
-        inbox_id: channel.inbox_id.clone(),
-        channel_type: ChannelType::Chat as i32,
+    let extracted = Extracted {
         provider_message_id: request.message_id,
-        message_id,
+        // One open conversation per visitor and channel (R10).
         thread_key: request.visitor_id.clone(),
-        sender: Some(Sender {
+        sender: Sender {
             external_id: request.visitor_id,
             display_name: request.visitor_name.unwrap_or_default(),
             email: request.visitor_email.unwrap_or_default(),
-        }),
+        },
         text: request.text,
-        content: Some(InboundContent { kind: MessageKind::Text as i32, ..Default::default() }),
-        channel_disabled_at_ingest: false,
+        content: InboundContent { kind: MessageKind::Text as i32, ..Default::default() },
+        occurred_at: request.sent_at,
     };
-    let occurred_at = request.sent_at.unwrap_or(received_at);
-    // Keyed by account: one account's routing state has one writer (docs/events.md).
-    Ok(envelope::new_root(account_id, account_id, occurred_at, Payload::InboundMessageReceived(inbound)))
+    Ok(channel::inbound_event(channel, extracted, received_at))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use switchboard_proto::events::v1::ChannelConfigured;
+    use switchboard_proto::events::v1::envelope::Payload;
+    use switchboard_runtime::config_store::Owned;
+    use switchboard_runtime::ids;
 
     fn config_with(channel_type: ChannelType) -> ConfigSnapshot {
         let mut config = ConfigSnapshot::default();
@@ -145,7 +118,7 @@ mod tests {
             (request("", "m", "hi"), "visitor_id"),
             (request("v", " ", "hi"), "message_id"),
             (request("v", "m", "  "), "text"),
-            (request("v", &"x".repeat(300), "hi"), "message_id"),
+            (request("v", &"x".repeat(600), "hi"), "message_id"),
             (request("v\u{7}", "m", "hi"), "visitor_id"),
             (request("v", "m", &"x".repeat(MAX_TEXT_BYTES + 1)), "text"),
         ];

@@ -1,4 +1,5 @@
-//! Every way a request can fail, and the one mapping from those failures to HTTP answers.
+//! Every way a request can fail, and the one mapping from those failures to HTTP answers
+//! (the SMTP listener maps the same enum to reply codes in `smtp.rs`).
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -11,12 +12,31 @@ pub enum IngestError {
     UnknownChannel { channel_id: String },
     #[error("channel `{channel_id}` is a {actual} channel, not a {expected} channel")]
     WrongChannelType { channel_id: String, expected: &'static str, actual: String },
+    /// The provider addressed something (team address, page id, phone-number id) that no
+    /// configured channel owns.
+    #[error("no {channel_type} channel for {what} `{value}`")]
+    NoChannelFor { channel_type: &'static str, what: &'static str, value: String },
     #[error("invalid field `{field}`: {problem}")]
     InvalidField { field: &'static str, problem: String },
     #[error("malformed request body: {0}")]
     MalformedBody(String),
+    #[error("unsupported content type `{0}`")]
+    UnsupportedMediaType(String),
     #[error("request body larger than the {limit_bytes}-byte limit")]
     BodyTooLarge { limit_bytes: usize },
+    /// No or unreadable signature header: the caller did not authenticate at all.
+    #[error("missing or malformed signature: {0}")]
+    SignatureMissing(String),
+    /// A well-formed signature that does not match: the caller is not who it claims to be.
+    #[error("signature does not match the request body")]
+    SignatureMismatch,
+    #[error("request timestamp is outside the {window_seconds}-second replay window")]
+    OutsideReplayWindow { window_seconds: i64 },
+    /// The secrets file has no key for the channel, so nothing it receives can be verified.
+    #[error("channel `{channel_id}` has no {secret} in the secrets file")]
+    SecretNotConfigured { channel_id: String, secret: &'static str },
+    #[error("webhook verification failed: {0}")]
+    VerificationFailed(String),
     #[error("the event log is unavailable; retry later")]
     LogUnavailable(#[source] anyhow::Error),
 }
@@ -26,11 +46,22 @@ impl IngestError {
         match self {
             IngestError::UnknownChannel { .. } => (StatusCode::NOT_FOUND, "unknown_channel"),
             IngestError::WrongChannelType { .. } => (StatusCode::NOT_FOUND, "wrong_channel_type"),
+            IngestError::NoChannelFor { .. } => (StatusCode::NOT_FOUND, "unknown_channel"),
             IngestError::InvalidField { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             IngestError::MalformedBody(_) => (StatusCode::BAD_REQUEST, "malformed_body"),
+            IngestError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             IngestError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            IngestError::SignatureMissing(_) => (StatusCode::UNAUTHORIZED, "signature_missing"),
+            IngestError::SignatureMismatch => (StatusCode::FORBIDDEN, "signature_mismatch"),
+            IngestError::OutsideReplayWindow { .. } => (StatusCode::UNAUTHORIZED, "outside_replay_window"),
+            IngestError::SecretNotConfigured { .. } => (StatusCode::UNAUTHORIZED, "secret_not_configured"),
+            IngestError::VerificationFailed(_) => (StatusCode::FORBIDDEN, "verification_failed"),
             IngestError::LogUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "log_unavailable"),
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
     }
 
     /// Reason label for the rejected-requests counter.
@@ -40,7 +71,7 @@ impl IngestError {
 }
 
 /// How long a provider should wait before retrying when the log is unavailable.
-const RETRY_AFTER_SECONDS: &str = "5";
+pub const RETRY_AFTER_SECONDS: &str = "5";
 
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
@@ -52,6 +83,9 @@ impl IntoResponse for IngestError {
         if let IngestError::LogUnavailable(cause) = &self {
             // The cause is for operators, not for clients.
             tracing::error!(error = format!("{cause:#}"), "publishing to kafka failed");
+        }
+        if let IngestError::SecretNotConfigured { channel_id, .. } = &self {
+            tracing::warn!(%channel_id, "signed request for a channel without a secret: check INGEST_SECRETS_FILE");
         }
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {

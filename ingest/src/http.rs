@@ -1,15 +1,18 @@
-//! The HTTP edge of ingest: routes, request decoding, and the server lifecycle.
+//! The HTTP edge of ingest: routes, body limits, signatures, and the server lifecycle. Each
+//! handler hands the raw request to its channel module (pure: bytes in, events out) and the
+//! events to [`Intake`], and answers only after Kafka acknowledged them.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
@@ -19,9 +22,11 @@ use switchboard_runtime::telemetry::trace_id_of;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::chat::{self, ChatMessageRequest};
 use crate::error::IngestError;
+use crate::intake::{Intake, Published};
 use crate::publisher::Publisher;
+use crate::secrets::Secrets;
+use crate::{calls, chat, custom, email, forms, meta, smtp, widget};
 
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
@@ -32,29 +37,60 @@ pub struct IngestSettings {
     pub max_body_bytes: usize,
     /// How long to wait for Kafka's acknowledgement before answering 503.
     pub delivery_timeout: Duration,
+    /// The SMTP listener's address; `None` runs HTTP only.
+    pub smtp_listen: Option<SocketAddr>,
+    /// Largest mail the SMTP listener accepts (advertised as SIZE; larger → 552).
+    pub smtp_max_message_bytes: usize,
+    /// Channel secrets (Meta app secrets, custom-channel keys).
+    pub secrets: Secrets,
+    /// How many recently published ids to remember for skipping retries (B1).
+    pub recently_published_capacity: usize,
 }
 
-/// Counters exposed at `/metrics` (Prometheus text format).
-#[derive(Default)]
-struct Counters {
-    received: AtomicU64,
-    accepted: AtomicU64,
-    rejected_client: AtomicU64,
-    rejected_unavailable: AtomicU64,
+impl IngestSettings {
+    /// Settings with the defaults the binary uses for everything but where to listen and
+    /// which broker and topic to publish to.
+    pub fn new(listen: SocketAddr, brokers: &str, inbound_topic: &str) -> Self {
+        IngestSettings {
+            listen,
+            brokers: brokers.to_owned(),
+            inbound_topic: inbound_topic.to_owned(),
+            max_body_bytes: 1024 * 1024,
+            delivery_timeout: Duration::from_secs(10),
+            smtp_listen: None,
+            smtp_max_message_bytes: 25 * 1024 * 1024,
+            secrets: Secrets::default(),
+            recently_published_capacity: 100_000,
+        }
+    }
+}
+
+/// Where the servers listen (port 0 in the settings resolves to these).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddresses {
+    pub http: SocketAddr,
+    pub smtp: Option<SocketAddr>,
 }
 
 #[derive(Clone)]
-struct AppState {
-    config: ConfigStore,
-    publisher: Publisher,
-    counters: Arc<Counters>,
-    max_body_bytes: usize,
+pub struct AppState {
+    pub config: ConfigStore,
+    pub intake: Intake,
+    pub secrets: Arc<Secrets>,
+    pub max_body_bytes: usize,
 }
 
-pub fn app(config: ConfigStore, publisher: Publisher, max_body_bytes: usize) -> Router {
-    let state = AppState { config, publisher, counters: Arc::default(), max_body_bytes };
+pub fn app(state: AppState) -> Router {
+    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .route("/v1/channels/{channel_id}/chat/messages", post(post_chat_message))
+        .route("/v1/channels/{channel_id}/chat/widget", get(get_chat_widget))
+        .route("/v1/email/inbound", post(post_email))
+        .route("/v1/webhooks/messenger", get(verify_messenger).post(post_messenger))
+        .route("/v1/webhooks/whatsapp", get(verify_whatsapp).post(post_whatsapp))
+        .route("/v1/channels/{channel_id}/forms/submissions", post(post_form_submission))
+        .route("/v1/channels/{channel_id}/calls/events", post(post_call_event))
+        .route("/v1/channels/{channel_id}/custom/messages", post(post_custom_message))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -64,92 +100,275 @@ pub fn app(config: ConfigStore, publisher: Publisher, max_body_bytes: usize) -> 
         .with_state(state)
 }
 
-/// Binds and serves until `shutdown` resolves. Returns the bound address through `bound`.
+/// Binds and serves until `shutdown` resolves. Returns the bound HTTP address through `bound`.
 pub async fn serve(
     settings: IngestSettings,
     config: ConfigStore,
     bound: tokio::sync::oneshot::Sender<SocketAddr>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let publisher = Publisher::new(&settings.brokers, &settings.inbound_topic, settings.delivery_timeout)?;
-    let listener =
-        TcpListener::bind(settings.listen).await.with_context(|| format!("failed to bind {}", settings.listen))?;
-    let local_addr = listener.local_addr()?;
-    tracing::info!(%local_addr, "ingest listening");
-    let _ = bound.send(local_addr);
-    axum::serve(listener, app(config, publisher, settings.max_body_bytes))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("ingest server failed")
+    let (all_bound, addresses) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Ok(addresses) = addresses.await {
+            let addresses: BoundAddresses = addresses;
+            let _ = bound.send(addresses.http);
+        }
+    });
+    serve_all(settings, config, all_bound, shutdown).await
 }
 
-async fn post_chat_message(
-    State(state): State<AppState>,
-    Path(channel_id): Path<String>,
-    body: Result<Json<ChatMessageRequest>, JsonRejection>,
-) -> Result<impl IntoResponse, IngestError> {
-    let span = tracing::info_span!("ingest_chat_message", %channel_id, event_id = tracing::field::Empty);
+/// Binds HTTP (and SMTP when configured) and serves both until `shutdown` resolves.
+pub async fn serve_all(
+    settings: IngestSettings,
+    config: ConfigStore,
+    bound: tokio::sync::oneshot::Sender<BoundAddresses>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let publisher = Publisher::new(&settings.brokers, &settings.inbound_topic, settings.delivery_timeout)?;
+    let intake = Intake::new(publisher, settings.recently_published_capacity);
+    let state = AppState {
+        config: config.clone(),
+        intake: intake.clone(),
+        secrets: Arc::new(settings.secrets.clone()),
+        max_body_bytes: settings.max_body_bytes,
+    };
+    let listener =
+        TcpListener::bind(settings.listen).await.with_context(|| format!("failed to bind {}", settings.listen))?;
+    let http_address = listener.local_addr()?;
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let smtp_address = match settings.smtp_listen {
+        Some(smtp_listen) => {
+            let smtp_listener =
+                TcpListener::bind(smtp_listen).await.with_context(|| format!("failed to bind smtp {smtp_listen}"))?;
+            let smtp_address = smtp_listener.local_addr()?;
+            let smtp_settings =
+                smtp::SmtpSettings { max_message_bytes: settings.smtp_max_message_bytes, ..Default::default() };
+            let mut smtp_stop = stop.clone();
+            tokio::spawn(smtp::serve(smtp_listener, smtp_settings, config, intake, async move {
+                let _ = smtp_stop.wait_for(|stopped| *stopped).await;
+            }));
+            Some(smtp_address)
+        }
+        None => None,
+    };
+    tracing::info!(%http_address, smtp_address = ?smtp_address, "ingest listening");
+    let _ = bound.send(BoundAddresses { http: http_address, smtp: smtp_address });
+    let result =
+        axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await.context("ingest server failed");
+    let _ = stop_sender.send(true);
+    result
+}
+
+/// Counts the request, runs it in a span, and turns a failure into its HTTP answer (and a
+/// rejected-by-reason count).
+async fn instrumented(
+    state: &AppState,
+    channel_type: &'static str,
+    span: tracing::Span,
+    work: impl Future<Output = Result<Response, IngestError>>,
+) -> Response {
     async move {
-        state.counters.received.fetch_add(1, Ordering::Relaxed);
-        let result = accept_chat_message(&state, &channel_id, body).await;
-        match &result {
-            Ok(_) => state.counters.accepted.fetch_add(1, Ordering::Relaxed),
-            Err(IngestError::LogUnavailable(_)) => state.counters.rejected_unavailable.fetch_add(1, Ordering::Relaxed),
+        state.intake.metrics.received(channel_type);
+        match work.await {
+            Ok(response) => response,
             Err(error) => {
-                tracing::info!(reason = error.code(), %error, "chat message rejected");
-                state.counters.rejected_client.fetch_add(1, Ordering::Relaxed)
+                state.intake.metrics.rejected(channel_type, error.code());
+                if !matches!(error, IngestError::LogUnavailable(_)) {
+                    tracing::info!(reason = error.code(), %error, "request rejected");
+                }
+                error.into_response()
             }
-        };
-        result
+        }
     }
     .instrument(span)
     .await
 }
 
-async fn accept_chat_message(
-    state: &AppState,
-    channel_id: &str,
-    body: Result<Json<ChatMessageRequest>, JsonRejection>,
-) -> Result<impl IntoResponse + use<>, IngestError> {
-    let Json(request) = body.map_err(|rejection| match rejection {
-        JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, IngestError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             IngestError::BodyTooLarge { limit_bytes: state.max_body_bytes }
+        } else {
+            IngestError::MalformedBody(rejection.body_text())
         }
-        other => IngestError::MalformedBody(other.body_text()),
-    })?;
-    let event = chat::to_inbound_event(&state.config.snapshot(), channel_id, request, Utc::now())?;
-    tracing::Span::current().record("event_id", event.event_id.as_str());
-    let position = state.publisher.publish(&event).await.map_err(IngestError::LogUnavailable)?;
-    let message_id = match &event.payload {
-        Some(switchboard_proto::events::v1::envelope::Payload::InboundMessageReceived(inbound)) => {
-            inbound.message_id.clone()
-        }
-        _ => String::new(),
-    };
-    Ok((
-        StatusCode::ACCEPTED,
+    })
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// The success answer: the first event's ids at the top level (single-message channels), every
+/// event in `events`.
+fn accepted(status: StatusCode, published: &[Published]) -> Response {
+    let first = published.first();
+    (
+        status,
         Json(json!({
-            "message_id": message_id,
-            "event_id": event.event_id,
+            "message_id": first.map(|p| p.id.as_str()).unwrap_or_default(),
+            "event_id": first.map(|p| p.event_id.as_str()).unwrap_or_default(),
+            "position": first.map(|p| p.position),
+            "duplicate": first.is_some_and(|p| p.duplicate),
             "trace_id": trace_id_of(&tracing::Span::current()),
-            "position": position,
+            "events": published,
         })),
-    ))
+    )
+        .into_response()
+}
+
+async fn post_chat_message(
+    State(state): State<AppState>,
+    Path(channel_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = tracing::info_span!("ingest_chat_message", %channel_id);
+    instrumented(&state, "chat", span, async {
+        let body = body_bytes(&state, body)?;
+        let request: chat::ChatMessageRequest =
+            serde_json::from_slice(&body).map_err(|error| IngestError::MalformedBody(error.to_string()))?;
+        let event = chat::to_inbound_event(&state.config.snapshot(), &channel_id, request, Utc::now())?;
+        let published = state.intake.publish_all("chat", vec![event]).await?;
+        Ok(accepted(StatusCode::ACCEPTED, &published))
+    })
+    .await
+}
+
+async fn get_chat_widget(State(state): State<AppState>, Path(channel_id): Path<String>) -> Response {
+    let span = tracing::info_span!("ingest_chat_widget", %channel_id);
+    instrumented(&state, "chat_widget", span, async {
+        let shown = widget::widget_state(&state.config.snapshot(), &channel_id, Utc::now())?;
+        Ok(Json(shown).into_response())
+    })
+    .await
+}
+
+async fn post_email(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = tracing::info_span!("ingest_email_http");
+    instrumented(&state, "team_email", span, async {
+        let content_type = header_str(&headers, header::CONTENT_TYPE.as_str()).unwrap_or("message/rfc822");
+        let media_type = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if !matches!(media_type.as_str(), "message/rfc822" | "text/plain" | "application/octet-stream") {
+            return Err(IngestError::UnsupportedMediaType(media_type));
+        }
+        let body = body_bytes(&state, body)?;
+        let events = email::to_inbound_events(&state.config.snapshot(), &body, &[], Utc::now())?;
+        let published = state.intake.publish_all("team_email", events).await?;
+        Ok(accepted(StatusCode::ACCEPTED, &published))
+    })
+    .await
+}
+
+async fn verify_messenger(State(state): State<AppState>, Query(query): Query<meta::HandshakeQuery>) -> Response {
+    let span = tracing::info_span!("ingest_messenger_handshake");
+    instrumented(&state, "facebook_messenger", span, async {
+        let challenge =
+            meta::verify_handshake(&state.config.snapshot(), &state.secrets, meta::MetaProduct::Messenger, &query)?;
+        Ok(challenge.into_response())
+    })
+    .await
+}
+
+async fn verify_whatsapp(State(state): State<AppState>, Query(query): Query<meta::HandshakeQuery>) -> Response {
+    let span = tracing::info_span!("ingest_whatsapp_handshake");
+    instrumented(&state, "whatsapp", span, async {
+        let challenge =
+            meta::verify_handshake(&state.config.snapshot(), &state.secrets, meta::MetaProduct::WhatsApp, &query)?;
+        Ok(challenge.into_response())
+    })
+    .await
+}
+
+async fn post_messenger(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = tracing::info_span!("ingest_messenger_webhook");
+    instrumented(&state, "facebook_messenger", span, async {
+        let body = body_bytes(&state, body)?;
+        let signature = header_str(&headers, "x-hub-signature-256");
+        let events =
+            crate::messenger::to_events(&state.config.snapshot(), &state.secrets, signature, &body, Utc::now())?;
+        let published = state.intake.publish_all("facebook_messenger", events).await?;
+        // Meta expects 200 for a delivered webhook; anything else is retried.
+        Ok(accepted(StatusCode::OK, &published))
+    })
+    .await
+}
+
+async fn post_whatsapp(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = tracing::info_span!("ingest_whatsapp_webhook");
+    instrumented(&state, "whatsapp", span, async {
+        let body = body_bytes(&state, body)?;
+        let signature = header_str(&headers, "x-hub-signature-256");
+        let events =
+            crate::whatsapp::to_events(&state.config.snapshot(), &state.secrets, signature, &body, Utc::now())?;
+        let published = state.intake.publish_all("whatsapp", events).await?;
+        Ok(accepted(StatusCode::OK, &published))
+    })
+    .await
+}
+
+async fn post_form_submission(
+    State(state): State<AppState>,
+    Path(channel_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = tracing::info_span!("ingest_form_submission", %channel_id);
+    instrumented(&state, "forms", span, async {
+        let body = body_bytes(&state, body)?;
+        let event = forms::to_inbound_event(&state.config.snapshot(), &channel_id, &body, Utc::now())?;
+        let published = state.intake.publish_all("forms", vec![event]).await?;
+        Ok(accepted(StatusCode::ACCEPTED, &published))
+    })
+    .await
+}
+
+async fn post_call_event(
+    State(state): State<AppState>,
+    Path(channel_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = tracing::info_span!("ingest_call_event", %channel_id);
+    instrumented(&state, "calling", span, async {
+        let body = body_bytes(&state, body)?;
+        let event = calls::to_inbound_event(&state.config.snapshot(), &channel_id, &body, Utc::now())?;
+        let published = state.intake.publish_all("calling", vec![event]).await?;
+        Ok(accepted(StatusCode::ACCEPTED, &published))
+    })
+    .await
+}
+
+async fn post_custom_message(
+    State(state): State<AppState>,
+    Path(channel_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let span = tracing::info_span!("ingest_custom_message", %channel_id);
+    instrumented(&state, "custom", span, async {
+        let body = body_bytes(&state, body)?;
+        let signed = custom::SignedRequest {
+            timestamp: header_str(&headers, "x-switchboard-timestamp"),
+            signature: header_str(&headers, "x-switchboard-signature"),
+            body: &body,
+        };
+        let event =
+            custom::to_inbound_event(&state.config.snapshot(), &state.secrets, &channel_id, signed, Utc::now())?;
+        let published = state.intake.publish_all("custom", vec![event]).await?;
+        Ok(accepted(StatusCode::ACCEPTED, &published))
+    })
+    .await
 }
 
 async fn metrics(State(state): State<AppState>) -> String {
-    let counters = &state.counters;
-    format!(
-        "# TYPE switchboard_ingest_received_total counter\n\
-         switchboard_ingest_received_total{{channel_type=\"chat\"}} {}\n\
-         # TYPE switchboard_ingest_accepted_total counter\n\
-         switchboard_ingest_accepted_total{{channel_type=\"chat\"}} {}\n\
-         # TYPE switchboard_ingest_rejected_total counter\n\
-         switchboard_ingest_rejected_total{{channel_type=\"chat\",reason=\"client_error\"}} {}\n\
-         switchboard_ingest_rejected_total{{channel_type=\"chat\",reason=\"log_unavailable\"}} {}\n",
-        counters.received.load(Ordering::Relaxed),
-        counters.accepted.load(Ordering::Relaxed),
-        counters.rejected_client.load(Ordering::Relaxed),
-        counters.rejected_unavailable.load(Ordering::Relaxed),
-    )
+    state.intake.metrics.render()
 }

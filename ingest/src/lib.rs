@@ -1,10 +1,26 @@
-//! Channel adapters. Input enters over HTTP ([`http`]), each adapter turns a provider payload
-//! into an `InboundMessageReceived` event ([`chat`]), and output leaves through [`publisher`],
-//! which answers only once Kafka has made the event durable.
+//! Channel adapters. Input enters over HTTP ([`http`]) or SMTP ([`smtp`]); each channel module
+//! turns its provider's wire format into events, purely ([`email`], [`chat`], [`messenger`],
+//! [`whatsapp`], [`forms`], [`calls`], [`custom`]; [`widget`] answers the chat widget); output
+//! leaves through [`intake`] and [`publisher`], which answer only once Kafka has made the
+//! events durable.
 
+pub mod calls;
+pub mod channel;
 pub mod chat;
+pub mod custom;
+pub mod email;
 pub mod error;
+pub mod forms;
 pub mod http;
+pub mod intake;
+pub mod messenger;
+pub mod meta;
+pub mod metrics;
 pub mod publisher;
+pub mod secrets;
+pub mod signature;
+pub mod smtp;
+pub mod whatsapp;
+pub mod widget;
 
-pub use http::{IngestSettings, serve};
+pub use http::{BoundAddresses, IngestSettings, serve, serve_all};

@@ -1,8 +1,11 @@
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
-use switchboard_ingest::{IngestSettings, serve};
+use switchboard_ingest::secrets::Secrets;
+use switchboard_ingest::{IngestSettings, serve_all};
 use switchboard_runtime::config_store::ConfigStore;
 use switchboard_runtime::topics::{Topics, ensure_topics};
 
@@ -15,26 +18,46 @@ struct Args {
     topic_prefix: String,
     #[arg(long, env = "INGEST_LISTEN")]
     listen: SocketAddr,
+    /// Where the SMTP listener for team email binds; unset: no SMTP.
+    #[arg(long, env = "INGEST_SMTP_LISTEN")]
+    smtp_listen: Option<SocketAddr>,
     #[arg(long, env = "INGEST_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
+    #[arg(long, env = "INGEST_SMTP_MAX_MESSAGE_BYTES", default_value_t = 25 * 1024 * 1024)]
+    smtp_max_message_bytes: usize,
     #[arg(long, env = "INGEST_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     delivery_timeout_ms: u64,
+    /// TOML file with channel secrets (docs/channels.md); unset: signed channels refuse requests.
+    #[arg(long, env = "INGEST_SECRETS_FILE")]
+    secrets_file: Option<PathBuf>,
+    /// How many recently published message ids to remember to skip provider retries.
+    #[arg(long, env = "INGEST_RECENT_CAPACITY", default_value_t = 100_000)]
+    recently_published_capacity: usize,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = switchboard_runtime::telemetry::init_telemetry("switchboard-ingest")?;
     let args = Args::parse();
+    let secrets = match &args.secrets_file {
+        Some(path) => Secrets::load(path).context("failed to load channel secrets")?,
+        None => {
+            tracing::warn!("INGEST_SECRETS_FILE not set: Messenger, WhatsApp and custom channels will refuse requests");
+            Secrets::default()
+        }
+    };
     let topics = Topics::with_prefix(&args.topic_prefix);
     ensure_topics(&args.kafka_brokers, &topics).await?;
     let config = ConfigStore::start(&args.kafka_brokers, &topics.config, "ingest").await?;
     let settings = IngestSettings {
-        listen: args.listen,
-        brokers: args.kafka_brokers,
-        inbound_topic: topics.inbound,
+        smtp_listen: args.smtp_listen,
         max_body_bytes: args.max_body_bytes,
+        smtp_max_message_bytes: args.smtp_max_message_bytes,
         delivery_timeout: Duration::from_millis(args.delivery_timeout_ms),
+        secrets,
+        recently_published_capacity: args.recently_published_capacity,
+        ..IngestSettings::new(args.listen, &args.kafka_brokers, &topics.inbound)
     };
     let (bound, _) = tokio::sync::oneshot::channel();
-    serve(settings, config, bound, switchboard_runtime::shutdown_signal()).await
+    serve_all(settings, config, bound, switchboard_runtime::shutdown_signal()).await
 }

@@ -93,11 +93,9 @@ impl TestEnv {
     pub async fn start_ingest(&self) -> anyhow::Result<String> {
         let config = self.config_store("test-ingest").await?;
         let settings = switchboard_ingest::IngestSettings {
-            listen: "127.0.0.1:0".parse()?,
-            brokers: self.brokers.clone(),
-            inbound_topic: self.topics.inbound.clone(),
             max_body_bytes: 64 * 1024,
             delivery_timeout: Duration::from_secs(10),
+            ..switchboard_ingest::IngestSettings::new("127.0.0.1:0".parse()?, &self.brokers, &self.topics.inbound)
         };
         let (bound_sender, bound) = tokio::sync::oneshot::channel();
         let mut shutdown = self.shutdown_sender.subscribe();

@@ -326,11 +326,9 @@ async fn kafka_unavailable_gets_503_with_retry_after() -> anyhow::Result<()> {
     }
     // A real producer pointed at a port where no broker listens.
     let settings = switchboard_ingest::IngestSettings {
-        listen: "127.0.0.1:0".parse()?,
-        brokers: "127.0.0.1:1".into(),
-        inbound_topic: "sb.inbound.v1".into(),
         max_body_bytes: 64 * 1024,
         delivery_timeout: Duration::from_millis(1_500),
+        ..switchboard_ingest::IngestSettings::new("127.0.0.1:0".parse()?, "127.0.0.1:1", "sb.inbound.v1")
     };
     let (bound_sender, bound) = tokio::sync::oneshot::channel();
     let store = switchboard_runtime::config_store::ConfigStore::fixed(config);
