@@ -106,6 +106,42 @@ impl TestEnv {
         Ok(format!("http://{address}"))
     }
 
+    /// Publishes config events as they are (for settings the config file does not express).
+    pub async fn publish_config_events(
+        &self,
+        account_id: &str,
+        payloads: Vec<switchboard_proto::events::v1::envelope::Payload>,
+    ) -> anyhow::Result<()> {
+        for payload in payloads {
+            let key = switchboard_runtime::config_store::config_key(&payload).context("not a config payload")?;
+            let event = switchboard_runtime::envelope::new_root(account_id, &key, chrono::Utc::now(), payload);
+            self.produce_raw(&self.topics.config, &key, &switchboard_runtime::envelope::encode(&event)).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts ingest in-process with channel secrets and, if asked, its SMTP listener.
+    pub async fn start_ingest_with(
+        &self,
+        secrets: switchboard_ingest::secrets::Secrets,
+        with_smtp: bool,
+    ) -> anyhow::Result<switchboard_ingest::BoundAddresses> {
+        let config = self.config_store("test-ingest").await?;
+        let settings = switchboard_ingest::IngestSettings {
+            max_body_bytes: 64 * 1024,
+            smtp_listen: if with_smtp { Some("127.0.0.1:0".parse()?) } else { None },
+            smtp_max_message_bytes: 256 * 1024,
+            secrets,
+            ..switchboard_ingest::IngestSettings::new("127.0.0.1:0".parse()?, &self.brokers, &self.topics.inbound)
+        };
+        let (bound_sender, bound) = tokio::sync::oneshot::channel();
+        let mut shutdown = self.shutdown_sender.subscribe();
+        tokio::spawn(switchboard_ingest::serve_all(settings, config, bound_sender, async move {
+            let _ = shutdown.changed().await;
+        }));
+        bound.await.context("ingest did not start")
+    }
+
     /// Starts a router instance in-process (on a blocking thread).
     pub async fn start_router(&self, instance_id: &str) -> anyhow::Result<()> {
         let config = self.config_store(&format!("test-router-{instance_id}")).await?;
