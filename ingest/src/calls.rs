@@ -146,13 +146,13 @@ pub fn to_inbound_event(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use switchboard_proto::events::v1::ChannelConfigured;
     use switchboard_proto::events::v1::envelope::Payload;
     use switchboard_runtime::config_store::Owned;
 
-    fn calling_config() -> ConfigSnapshot {
+    pub(crate) fn calling_config() -> ConfigSnapshot {
         let mut config = ConfigSnapshot::default();
         config.channels.insert(
             "phone".into(),

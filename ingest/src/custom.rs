@@ -133,7 +133,7 @@ pub fn to_inbound_event(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::secrets::{ChannelSecrets, Secret};
     use crate::signature::sign_hex;
@@ -141,7 +141,7 @@ mod tests {
     use switchboard_proto::events::v1::envelope::Payload;
     use switchboard_runtime::config_store::Owned;
 
-    fn custom_config() -> (ConfigSnapshot, Secrets) {
+    pub(crate) fn custom_config() -> (ConfigSnapshot, Secrets) {
         let mut config = ConfigSnapshot::default();
         config.channels.insert(
             "telegram".into(),
@@ -164,7 +164,7 @@ mod tests {
         (config, secrets)
     }
 
-    const BODY: &[u8] =
+    pub(crate) const BODY: &[u8] =
         br#"{"message_id":"tg-1","thread_id":"chat-9","sender":{"id":"u-99","name":"Kim"},"text":"Hi from Telegram"}"#;
 
     fn signed<'a>(timestamp: &'a str, signature: &'a str, body: &'a [u8]) -> SignedRequest<'a> {

@@ -347,7 +347,7 @@ pub fn to_inbound_events(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use switchboard_proto::events::v1::envelope::Payload;
     use switchboard_proto::events::v1::{EmailSettings, InboundMessageReceived};

@@ -144,7 +144,7 @@ pub fn to_inbound_event(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use switchboard_proto::events::v1::ChannelConfigured;
     use switchboard_proto::events::v1::envelope::Payload;

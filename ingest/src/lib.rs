@@ -11,6 +11,8 @@ pub mod custom;
 pub mod email;
 pub mod error;
 pub mod forms;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod http;
 pub mod intake;
 pub mod messenger;
