@@ -53,11 +53,11 @@ pub fn resolve<'c>(
 }
 
 /// Channels of one type whose settings match `matches` (team address, page id...).
-pub fn find_by<'c>(
-    config: &'c ConfigSnapshot,
+pub fn find_by(
+    config: &ConfigSnapshot,
     channel_type: ChannelType,
     mut matches: impl FnMut(&ChannelConfigured) -> bool,
-) -> impl Iterator<Item = &'c Owned<ChannelConfigured>> {
+) -> impl Iterator<Item = &Owned<ChannelConfigured>> {
     config
         .channels
         .values()

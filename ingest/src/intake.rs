@@ -31,10 +31,14 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// Event id and position of a published event, by deduplication key, plus the keys in
+/// insertion order (for eviction).
+type RecentMap = (HashMap<String, (String, LogPosition)>, VecDeque<String>);
+
 /// A bounded map from deduplication key to where the event landed; oldest entries leave first.
 pub struct RecentlyPublished {
     capacity: usize,
-    inner: Mutex<(HashMap<String, (String, LogPosition)>, VecDeque<String>)>,
+    inner: Mutex<RecentMap>,
 }
 
 impl RecentlyPublished {

@@ -115,11 +115,9 @@ pub fn widget_state(config: &ConfigSnapshot, channel_id: &str, now: DateTime<Utc
                 }
             }
         }
-        "user_availability" => {
-            if !someone_available(config, channel_id) {
-                shown.state = "away";
-                shown.message = non_empty(&settings.away_message);
-            }
+        "user_availability" if !someone_available(config, channel_id) => {
+            shown.state = "away";
+            shown.message = non_empty(&settings.away_message);
         }
         // "always" and unset: 24/7.
         _ => {}
