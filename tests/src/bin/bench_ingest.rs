@@ -68,7 +68,11 @@ async fn main() -> anyhow::Result<()> {
     let producer: rdkafka::producer::FutureProducer =
         switchboard_runtime::kafka::idempotent_producer_config(&args.kafka_brokers, "bench-config", 10_000).create()?;
     let config_payloads = vec![
-        Payload::InboxConfigured(InboxConfigured { inbox_id: "support".into(), name: "Support".into(), ..Default::default() }),
+        Payload::InboxConfigured(InboxConfigured {
+            inbox_id: "support".into(),
+            name: "Support".into(),
+            ..Default::default()
+        }),
         Payload::ChannelConfigured(ChannelConfigured {
             channel_id: "web".into(),
             inbox_id: "support".into(),
@@ -90,7 +94,10 @@ async fn main() -> anyhow::Result<()> {
         let event = switchboard_runtime::envelope::new_root("bench", &key, chrono::Utc::now(), payload);
         let bytes = switchboard_runtime::envelope::encode(&event);
         producer
-            .send(rdkafka::producer::FutureRecord::to(&topics.config).key(&key).payload(&bytes), Duration::from_secs(10))
+            .send(
+                rdkafka::producer::FutureRecord::to(&topics.config).key(&key).payload(&bytes),
+                Duration::from_secs(10),
+            )
             .await
             .map_err(|(error, _)| error)?;
     }
@@ -218,10 +225,12 @@ async fn main() -> anyhow::Result<()> {
 async fn delete_topics(brokers: &str, topics: &Topics) {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
-    let Ok(admin) = switchboard_runtime::kafka::client_config(brokers, "bench-cleanup").create::<AdminClient<DefaultClientContext>>()
+    let Ok(admin) = switchboard_runtime::kafka::client_config(brokers, "bench-cleanup")
+        .create::<AdminClient<DefaultClientContext>>()
     else {
         return;
     };
-    let names = [topics.inbound.as_str(), topics.conversations.as_str(), topics.config.as_str(), topics.deadletter.as_str()];
+    let names =
+        [topics.inbound.as_str(), topics.conversations.as_str(), topics.config.as_str(), topics.deadletter.as_str()];
     let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
 }
