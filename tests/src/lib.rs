@@ -26,6 +26,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+pub mod api_seed;
 pub mod demo;
 
 /// HS256 secret of the API started by tests (and by scripts/demo, see `API_JWT_SECRET`).
