@@ -460,7 +460,7 @@ impl ConversationService for Conversations {
 
     type WatchConversationsStream = ChangeStream;
 
-    #[tracing::instrument(skip_all, fields(after_change_id = request.get_ref().after_change_id))]
+    #[tracing::instrument(skip_all, fields(after_change_id = ?request.get_ref().after_change_id))]
     async fn watch_conversations(
         &self,
         request: Request<WatchConversationsRequest>,
@@ -473,8 +473,8 @@ impl ConversationService for Conversations {
                 return Err(ApiError::not_found("inbox", inbox_id).into());
             }
         }
-        let after_change_id = if request.after_change_id > 0 {
-            i64::try_from(request.after_change_id).map_err(|_| ApiError::invalid("after_change_id", "is too large"))?
+        let after_change_id = if let Some(after_change_id) = request.after_change_id {
+            i64::try_from(after_change_id).map_err(|_| ApiError::invalid("after_change_id", "is too large"))?
         } else {
             sqlx::query_scalar::<_, Option<i64>>("SELECT max(change_id) FROM conversation_changes")
                 .fetch_one(&mut *transaction)

@@ -124,7 +124,7 @@ async fn i2_i3_i4_access_matrix_role_by_access_mode_by_call() -> anyhow::Result<
         assert_eq!(code_of(get), expected_read, "{context} get vip conversation");
         let watch = clients
             .conversations
-            .watch_conversations(WatchConversationsRequest { inbox_ids: vec!["vip".into()], after_change_id: 0 })
+            .watch_conversations(WatchConversationsRequest { inbox_ids: vec!["vip".into()], after_change_id: None })
             .await;
         assert_eq!(code_of(watch), expected_read, "{context} watch vip");
         let all = clients.conversations.list_conversations(ListConversationsRequest::default()).await?.into_inner();
@@ -613,7 +613,7 @@ async fn watch_streams_visible_changes_resumes_and_ends_on_schema_switch() -> an
         .conversations
         .watch_conversations(WatchConversationsRequest {
             inbox_ids: vec!["vip".into()],
-            after_change_id: support_change as u64,
+            after_change_id: Some(support_change as u64),
         })
         .await?
         .into_inner();
@@ -635,6 +635,41 @@ async fn watch_streams_visible_changes_resumes_and_ends_on_schema_switch() -> an
     assert_eq!(ended.code(), Code::Aborted);
     let after_switch = member.conversations.list_conversations(list_in("support")).await?.into_inner();
     assert!(after_switch.conversations.is_empty(), "reads follow the active schema (rm_test is empty)");
+    fixture.env.cleanup().await;
+    Ok(())
+}
+
+/// Browser clients speak gRPC-Web over HTTP/1.1 to the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_requests_over_http1_are_served() -> anyhow::Result<()> {
+    let fixture = fixture().await?;
+    switchboard_tests::connect_channel(&fixture.url).await?;
+    let token = switchboard_api::auth::mint_token(
+        switchboard_tests::TEST_JWT_SECRET.as_bytes(),
+        &identity("outsider", Role::Agent, &[]),
+        Duration::from_secs(60),
+    )?;
+    // One uncompressed frame holding an empty ListInboxesRequest.
+    let frame = vec![0u8, 0, 0, 0, 0];
+    let response = reqwest::Client::new()
+        .post(format!("{}/switchboard.api.v1.WorkspaceService/ListInboxes", fixture.url))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("authorization", format!("Bearer {token}"))
+        .body(frame)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/grpc-web+proto");
+    let body = response.bytes().await?;
+    // Data frame (flag 0) with the response, then the trailers frame (flag 0x80) with grpc-status.
+    assert_eq!(body[0], 0);
+    let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    let inboxes: ListInboxesResponse = prost::Message::decode(&body[5..5 + length])?;
+    assert_eq!(inboxes.inboxes.iter().map(|inbox| inbox.id.as_str()).collect::<Vec<_>>(), ["support"]);
+    let trailers = String::from_utf8_lossy(&body[5 + length + 5..]).to_lowercase();
+    assert_eq!(body[5 + length], 0x80);
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
     fixture.env.cleanup().await;
     Ok(())
 }
