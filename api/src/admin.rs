@@ -311,15 +311,14 @@ impl Admin {
         identity: &Identity,
         conversation_id: Uuid,
     ) -> Result<(String, Option<String>, String), ApiError> {
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         let row: Option<(String, Option<String>, String)> = sqlx::query_as(
             "SELECT inbox_id, assignee_id, status FROM conversations WHERE conversation_id = $1 AND account_id = $2",
         )
         .bind(conversation_id)
         .bind(&identity.account_id)
-        .fetch_optional(&mut *transaction)
+        .fetch_optional(&mut *connection)
         .await?;
-        transaction.commit().await?;
         row.ok_or_else(|| ApiError::not_found("conversation", conversation_id.to_string()))
     }
 
@@ -1056,15 +1055,14 @@ impl AdminService for Admin {
             if body.stage.trim().is_empty() && !body.close {
                 return Err(ApiError::invalid("stage", "is required unless the ticket is being closed"));
             }
-            let mut transaction = self.read.begin().await?;
+            let mut connection = self.read.connection().await?;
             let ticket: Option<(String, Option<String>, String)> = sqlx::query_as(
                 "SELECT inbox_id, owner_agent_id, status FROM tickets WHERE ticket_id = $1 AND account_id = $2",
             )
             .bind(ticket_id)
             .bind(&identity.account_id)
-            .fetch_optional(&mut *transaction)
+            .fetch_optional(&mut *connection)
             .await?;
-            transaction.commit().await?;
             let Some((inbox_id, owner_opt, status)) = ticket else {
                 return Err(ApiError::not_found("ticket", ticket_id.to_string()));
             };
@@ -1106,14 +1104,13 @@ impl AdminService for Admin {
             if !body.owner_agent_id.is_empty() && self.agent_of(&snapshot, &identity, &body.owner_agent_id).is_err() {
                 return Err(ApiError::invalid("owner_agent_id", "is not an agent of this account"));
             }
-            let mut transaction = self.read.begin().await?;
+            let mut connection = self.read.connection().await?;
             let exists: Option<(Uuid,)> =
                 sqlx::query_as("SELECT contact_id FROM contacts WHERE contact_id = $1 AND account_id = $2")
                     .bind(contact_id)
                     .bind(&identity.account_id)
-                    .fetch_optional(&mut *transaction)
+                    .fetch_optional(&mut *connection)
                     .await?;
-            transaction.commit().await?;
             if exists.is_none() {
                 return Err(ApiError::not_found("contact", contact_id.to_string()));
             }

@@ -346,9 +346,9 @@ impl ConversationService for Conversations {
         let identity = Identity::of(&request)?;
         let query = ListQuery::parse(request.get_ref())?;
         reach_min_position(&self.read, &request, &request.get_ref().min_position).await?;
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         if let Some(inbox_id) = &query.inbox_id_opt
-            && !scope::may_read_inbox(&mut transaction, &identity, inbox_id).await?
+            && !scope::may_read_inbox(&mut connection, &identity, inbox_id).await?
         {
             return Err(ApiError::not_found("inbox", inbox_id).into());
         }
@@ -356,11 +356,10 @@ impl ConversationService for Conversations {
         let scope = if query.inbox_id_opt.is_some() {
             Scope::WholeAccount { account_id: identity.account_id.clone() }
         } else {
-            Scope::resolve(&mut transaction, &identity).await?
+            Scope::resolve(&mut connection, &identity).await?
         };
         let mut rows: Vec<ConversationRow> =
-            query.build(&scope).build_query_as().fetch_all(&mut *transaction).await.map_err(ApiError::from)?;
-        transaction.commit().await.map_err(ApiError::from)?;
+            query.build(&scope).build_query_as().fetch_all(&mut *connection).await.map_err(ApiError::from)?;
         let next_page_token = if rows.len() > query.page_size as usize {
             rows.truncate(query.page_size as usize);
             rows.last()
@@ -387,27 +386,43 @@ impl ConversationService for Conversations {
         let identity = Identity::of(&request)?;
         let conversation_id = scope::parse_uuid("conversation_id", &request.get_ref().conversation_id)?;
         reach_min_position(&self.read, &request, &request.get_ref().min_position).await?;
-        let mut transaction = self.read.begin().await?;
-        let conversation: Option<ConversationRow> = sqlx::query_as(&format!(
-            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE conversation_id = $1 AND account_id = $2"
+        let mut connection = self.read.connection().await?;
+        // The conversation and its inbox's access list in one round trip. An inbox the read
+        // models do not know (yet) counts as restricted to nobody: only admins read it (I3).
+        #[derive(sqlx::FromRow)]
+        struct Found {
+            #[sqlx(flatten)]
+            conversation: ConversationRow,
+            #[sqlx(flatten)]
+            inbox: crate::access::InboxAccess,
+        }
+        let columns =
+            CONVERSATION_COLUMNS.split(", ").map(|column| format!("c.{column}")).collect::<Vec<_>>().join(", ");
+        let found: Option<Found> = sqlx::query_as(&format!(
+            "SELECT {columns}, c.account_id, \
+                    COALESCE(i.access_mode, 'specific_users_and_teams') AS access_mode, \
+                    COALESCE(i.access_user_ids, '{{}}') AS access_user_ids, \
+                    COALESCE(i.access_team_ids, '{{}}') AS access_team_ids \
+             FROM conversations c LEFT JOIN inboxes i ON i.inbox_id = c.inbox_id AND i.account_id = c.account_id \
+             WHERE c.conversation_id = $1 AND c.account_id = $2"
         ))
         .bind(conversation_id)
         .bind(&identity.account_id)
-        .fetch_optional(&mut *transaction)
+        .fetch_optional(&mut *connection)
         .await
         .map_err(ApiError::from)?;
         let not_found = || ApiError::not_found("conversation", conversation_id.to_string());
-        let Some(conversation) = conversation else {
+        let Some(Found { conversation, inbox }) = found else {
             return Err(not_found().into());
         };
-        if !scope::may_read_inbox(&mut transaction, &identity, &conversation.inbox_id).await? {
+        if !crate::access::can_see(&identity, &inbox) {
             return Err(not_found().into());
         }
         let messages: Vec<MessageRow> = sqlx::query_as(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 ORDER BY sent_at, message_id"
         ))
         .bind(conversation_id)
-        .fetch_all(&mut *transaction)
+        .fetch_all(&mut *connection)
         .await
         .map_err(ApiError::from)?;
         let assignments: Vec<AssignmentRow> = sqlx::query_as(
@@ -415,10 +430,9 @@ impl ConversationService for Conversations {
              FROM assignments WHERE conversation_id = $1 ORDER BY decided_at, event_id",
         )
         .bind(conversation_id)
-        .fetch_all(&mut *transaction)
+        .fetch_all(&mut *connection)
         .await
         .map_err(ApiError::from)?;
-        transaction.commit().await.map_err(ApiError::from)?;
         Ok(Response::new(GetConversationResponse {
             conversation: Some(conversation.into()),
             messages: messages.into_iter().map(Message::from).collect(),
@@ -431,7 +445,7 @@ impl ConversationService for Conversations {
         let identity = Identity::of(&request)?;
         let message_id = scope::parse_uuid("message_id", &request.get_ref().message_id)?;
         reach_min_position(&self.read, &request, &request.get_ref().min_position).await?;
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         let columns = MESSAGE_COLUMNS.split(", ").map(|column| format!("m.{column}")).collect::<Vec<_>>().join(", ");
         let found: Option<(String,)> = sqlx::query_as(
             "SELECT c.inbox_id FROM messages m JOIN conversations c USING (conversation_id) \
@@ -439,22 +453,21 @@ impl ConversationService for Conversations {
         )
         .bind(message_id)
         .bind(&identity.account_id)
-        .fetch_optional(&mut *transaction)
+        .fetch_optional(&mut *connection)
         .await
         .map_err(ApiError::from)?;
         let not_found = || ApiError::not_found("message", message_id.to_string());
         let Some((inbox_id,)) = found else {
             return Err(not_found().into());
         };
-        if !scope::may_read_inbox(&mut transaction, &identity, &inbox_id).await? {
+        if !scope::may_read_inbox(&mut connection, &identity, &inbox_id).await? {
             return Err(not_found().into());
         }
         let message: MessageRow = sqlx::query_as(&format!("SELECT {columns} FROM messages m WHERE m.message_id = $1"))
             .bind(message_id)
-            .fetch_one(&mut *transaction)
+            .fetch_one(&mut *connection)
             .await
             .map_err(ApiError::from)?;
-        transaction.commit().await.map_err(ApiError::from)?;
         Ok(Response::new(message.into()))
     }
 
@@ -467,9 +480,9 @@ impl ConversationService for Conversations {
     ) -> Result<Response<Self::WatchConversationsStream>, Status> {
         let identity = Identity::of(&request)?;
         let request = request.into_inner();
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         for inbox_id in &request.inbox_ids {
-            if !scope::may_read_inbox(&mut transaction, &identity, inbox_id).await? {
+            if !scope::may_read_inbox(&mut connection, &identity, inbox_id).await? {
                 return Err(ApiError::not_found("inbox", inbox_id).into());
             }
         }
@@ -477,12 +490,11 @@ impl ConversationService for Conversations {
             i64::try_from(after_change_id).map_err(|_| ApiError::invalid("after_change_id", "is too large"))?
         } else {
             sqlx::query_scalar::<_, Option<i64>>("SELECT max(change_id) FROM conversation_changes")
-                .fetch_one(&mut *transaction)
+                .fetch_one(&mut *connection)
                 .await
                 .map_err(ApiError::from)?
                 .unwrap_or(0)
         };
-        transaction.commit().await.map_err(ApiError::from)?;
         let (sender, receiver) = mpsc::channel(256);
         let watcher = Watcher {
             read: self.read.clone(),
@@ -571,9 +583,9 @@ impl Watcher {
         &mut self,
         sender: &mpsc::Sender<Result<ConversationChange, Status>>,
     ) -> Result<bool, ApiError> {
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         // Re-resolved every round, so an access change takes effect on the open stream.
-        let scope = Scope::resolve(&mut transaction, &self.identity).await?;
+        let scope = Scope::resolve(&mut connection, &self.identity).await?;
         let mut sql = QueryBuilder::<Postgres>::new(
             "SELECT change_id, inbox_id, conversation_id, kind, event_id, at FROM conversation_changes WHERE change_id > ",
         );
@@ -585,14 +597,12 @@ impl Watcher {
             sql.push(" AND inbox_id = ANY(").push_bind(&self.requested_inbox_ids).push(")");
         }
         sql.push(" ORDER BY change_id LIMIT ").push_bind(WATCH_BATCH);
-        let changes: Vec<ChangeRow> = sql.build_query_as().fetch_all(&mut *transaction).await?;
+        let changes: Vec<ChangeRow> = sql.build_query_as().fetch_all(&mut *connection).await?;
         if changes.is_empty() {
-            transaction.commit().await?;
             return Ok(false);
         }
         let ids: Vec<Uuid> = changes.iter().map(|change| change.conversation_id).collect();
-        let mut conversations = conversations_by_id(&mut transaction, scope.account_id(), &ids).await?;
-        transaction.commit().await?;
+        let mut conversations = conversations_by_id(&mut connection, scope.account_id(), &ids).await?;
         let full_batch = changes.len() as i64 == WATCH_BATCH;
         for change in changes {
             let conversation = conversations.remove(&change.conversation_id).map(Conversation::from);

@@ -197,11 +197,11 @@ impl WorkspaceService for Workspace {
     ) -> Result<Response<ListInboxesResponse>, Status> {
         let identity = Identity::of(&request)?;
         reach_min_position(&self.read, &request, &request.get_ref().min_position).await?;
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         let inboxes: Vec<InboxRow> =
             sqlx::query_as(&format!("SELECT {INBOX_COLUMNS} FROM inboxes WHERE account_id = $1 ORDER BY inbox_id"))
                 .bind(&identity.account_id)
-                .fetch_all(&mut *transaction)
+                .fetch_all(&mut *connection)
                 .await
                 .map_err(ApiError::from)?;
         let visible: Vec<InboxRow> =
@@ -212,10 +212,9 @@ impl WorkspaceService for Workspace {
         ))
         .bind(&ids)
         .bind(&identity.account_id)
-        .fetch_all(&mut *transaction)
+        .fetch_all(&mut *connection)
         .await
         .map_err(ApiError::from)?;
-        transaction.commit().await.map_err(ApiError::from)?;
         let mut channels_by_inbox: HashMap<String, Vec<Channel>> = HashMap::new();
         for channel in channels {
             channels_by_inbox.entry(channel.inbox_id.clone()).or_default().push(channel.into());
@@ -238,12 +237,12 @@ impl WorkspaceService for Workspace {
             return Err(ApiError::invalid("inbox_id", "is required").into());
         }
         reach_min_position(&self.read, &request, &request.get_ref().min_position).await?;
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         let inbox: Option<InboxRow> =
             sqlx::query_as(&format!("SELECT {INBOX_COLUMNS} FROM inboxes WHERE inbox_id = $1 AND account_id = $2"))
                 .bind(&inbox_id)
                 .bind(&identity.account_id)
-                .fetch_optional(&mut *transaction)
+                .fetch_optional(&mut *connection)
                 .await
                 .map_err(ApiError::from)?;
         let Some(inbox) = inbox.filter(|inbox| access::can_see(&identity, &inbox.access())) else {
@@ -254,10 +253,9 @@ impl WorkspaceService for Workspace {
         ))
         .bind(&inbox_id)
         .bind(&identity.account_id)
-        .fetch_all(&mut *transaction)
+        .fetch_all(&mut *connection)
         .await
         .map_err(ApiError::from)?;
-        transaction.commit().await.map_err(ApiError::from)?;
         Ok(Response::new(to_inbox(&identity, inbox, channels.into_iter().map(Channel::from).collect())))
     }
 
@@ -266,7 +264,7 @@ impl WorkspaceService for Workspace {
         let identity = Identity::of(&request)?;
         reach_min_position(&self.read, &request, &request.get_ref().min_position).await?;
         let body = request.get_ref();
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         #[derive(sqlx::FromRow)]
         struct AgentRow {
             agent_id: String,
@@ -289,17 +287,16 @@ impl WorkspaceService for Workspace {
         .bind(&identity.account_id)
         .bind(&body.team_id)
         .bind(body.available_only)
-        .fetch_all(&mut *transaction)
+        .fetch_all(&mut *connection)
         .await
         .map_err(ApiError::from)?;
         let ids: Vec<&str> = agents.iter().map(|agent| agent.agent_id.as_str()).collect();
         let workload: Vec<(String, String, i32)> =
             sqlx::query_as("SELECT agent_id, channel_type, open_count FROM agent_workload WHERE agent_id = ANY($1)")
                 .bind(&ids)
-                .fetch_all(&mut *transaction)
+                .fetch_all(&mut *connection)
                 .await
                 .map_err(ApiError::from)?;
-        transaction.commit().await.map_err(ApiError::from)?;
         let mut open_by_agent: HashMap<String, HashMap<String, u32>> = HashMap::new();
         for (agent_id, channel_type, open_count) in workload {
             open_by_agent.entry(agent_id).or_default().insert(channel_type, open_count.max(0) as u32);
@@ -349,8 +346,8 @@ impl WorkspaceService for Workspace {
         let cursor_opt = non_empty(&body.page_token).map(|token| PageCursor::decode(token, 't')).transpose()?;
         let page_size = scope::page_size(body.page_size);
         reach_min_position(&self.read, &request, &body.min_position).await?;
-        let mut transaction = self.read.begin().await?;
-        let scope = Scope::resolve(&mut transaction, &identity).await?;
+        let mut connection = self.read.connection().await?;
+        let scope = Scope::resolve(&mut connection, &identity).await?;
         let mut sql =
             QueryBuilder::<Postgres>::new(format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE account_id = "));
         sql.push_bind(scope.account_id());
@@ -375,8 +372,7 @@ impl WorkspaceService for Workspace {
         }
         sql.push(" ORDER BY created_at DESC, ticket_id DESC LIMIT ").push_bind(i64::from(page_size) + 1);
         let mut rows: Vec<TicketRow> =
-            sql.build_query_as().fetch_all(&mut *transaction).await.map_err(ApiError::from)?;
-        transaction.commit().await.map_err(ApiError::from)?;
+            sql.build_query_as().fetch_all(&mut *connection).await.map_err(ApiError::from)?;
         let next_page_token = next_token(&mut rows, page_size, 't', |row| (row.created_at, row.ticket_id));
         Ok(Response::new(ListTicketsResponse {
             tickets: rows.into_iter().map(Ticket::from).collect(),
@@ -394,7 +390,7 @@ impl WorkspaceService for Workspace {
         let cursor_opt = non_empty(&body.page_token).map(|token| PageCursor::decode(token, 'c')).transpose()?;
         let page_size = scope::page_size(body.page_size);
         reach_min_position(&self.read, &request, &body.min_position).await?;
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         let mut sql = QueryBuilder::<Postgres>::new(
             "SELECT contact_id, display_name, email, owner_agent_id, created_at FROM contacts WHERE account_id = ",
         );
@@ -411,11 +407,10 @@ impl WorkspaceService for Workspace {
         }
         sql.push(" ORDER BY created_at DESC, contact_id DESC LIMIT ").push_bind(i64::from(page_size) + 1);
         let mut rows: Vec<ContactRow> =
-            sql.build_query_as().fetch_all(&mut *transaction).await.map_err(ApiError::from)?;
+            sql.build_query_as().fetch_all(&mut *connection).await.map_err(ApiError::from)?;
         let next_page_token = next_token(&mut rows, page_size, 'c', |row| (row.created_at, row.contact_id));
         let ids: Vec<Uuid> = rows.iter().map(|row| row.contact_id).collect();
-        let mut identities = identities_of(&mut transaction, &ids).await?;
-        transaction.commit().await.map_err(ApiError::from)?;
+        let mut identities = identities_of(&mut connection, &ids).await?;
         let contacts = rows
             .into_iter()
             .map(|row| {
@@ -434,20 +429,20 @@ impl WorkspaceService for Workspace {
         let identity = Identity::of(&request)?;
         let contact_id = scope::parse_uuid("contact_id", &request.get_ref().contact_id)?;
         reach_min_position(&self.read, &request, &request.get_ref().min_position).await?;
-        let mut transaction = self.read.begin().await?;
+        let mut connection = self.read.connection().await?;
         let contact: Option<ContactRow> = sqlx::query_as(
             "SELECT contact_id, display_name, email, owner_agent_id, created_at FROM contacts \
              WHERE contact_id = $1 AND account_id = $2",
         )
         .bind(contact_id)
         .bind(&identity.account_id)
-        .fetch_optional(&mut *transaction)
+        .fetch_optional(&mut *connection)
         .await
         .map_err(ApiError::from)?;
         let Some(contact) = contact else {
             return Err(ApiError::not_found("contact", contact_id.to_string()).into());
         };
-        let scope = Scope::resolve(&mut transaction, &identity).await?;
+        let scope = Scope::resolve(&mut connection, &identity).await?;
         let mut conversations_sql = QueryBuilder::<Postgres>::new(format!(
             "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE contact_id = "
         ));
@@ -455,7 +450,7 @@ impl WorkspaceService for Workspace {
         scope_filter(&mut conversations_sql, &scope, "inbox_id");
         conversations_sql.push(" ORDER BY started_at, conversation_id");
         let conversations: Vec<ConversationRow> =
-            conversations_sql.build_query_as().fetch_all(&mut *transaction).await.map_err(ApiError::from)?;
+            conversations_sql.build_query_as().fetch_all(&mut *connection).await.map_err(ApiError::from)?;
         // The timeline is where hidden form fields are shown (C7); messages of inboxes the
         // caller cannot see stay out of it (I2).
         let columns = MESSAGE_COLUMNS.split(", ").map(|column| format!("m.{column}")).collect::<Vec<_>>().join(", ");
@@ -473,16 +468,15 @@ impl WorkspaceService for Workspace {
             hidden_fields: serde_json::Value,
         }
         let messages: Vec<TimelineRow> =
-            messages_sql.build_query_as().fetch_all(&mut *transaction).await.map_err(ApiError::from)?;
+            messages_sql.build_query_as().fetch_all(&mut *connection).await.map_err(ApiError::from)?;
         let mut tickets_sql =
             QueryBuilder::<Postgres>::new(format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE contact_id = "));
         tickets_sql.push_bind(contact_id).push(" AND account_id = ").push_bind(scope.account_id());
         scope_filter(&mut tickets_sql, &scope, "inbox_id");
         tickets_sql.push(" ORDER BY created_at, ticket_id");
         let tickets: Vec<TicketRow> =
-            tickets_sql.build_query_as().fetch_all(&mut *transaction).await.map_err(ApiError::from)?;
-        let mut identities = identities_of(&mut transaction, &[contact_id]).await?;
-        transaction.commit().await.map_err(ApiError::from)?;
+            tickets_sql.build_query_as().fetch_all(&mut *connection).await.map_err(ApiError::from)?;
+        let mut identities = identities_of(&mut connection, &[contact_id]).await?;
         Ok(Response::new(ContactTimeline {
             contact: Some(contact.into_contact(identities.remove(&contact_id).unwrap_or_default())),
             messages: messages
@@ -509,8 +503,8 @@ impl WorkspaceService for Workspace {
         let cursor_opt = non_empty(&body.page_token).map(|token| PageCursor::decode(token, 'a')).transpose()?;
         let page_size = scope::page_size(body.page_size);
         reach_min_position(&self.read, &request, &body.min_position).await?;
-        let mut transaction = self.read.begin().await?;
-        let scope = Scope::resolve(&mut transaction, &identity).await?;
+        let mut connection = self.read.connection().await?;
+        let scope = Scope::resolve(&mut connection, &identity).await?;
         let mut sql = QueryBuilder::<Postgres>::new(
             "SELECT event_id, kind, reason, channel_id, inbox_id, conversation_id, message_id, detail, at \
              FROM routing_audit WHERE account_id = ",
@@ -538,9 +532,7 @@ impl WorkspaceService for Workspace {
                 .push(")");
         }
         sql.push(" ORDER BY at DESC, event_id DESC LIMIT ").push_bind(i64::from(page_size) + 1);
-        let mut rows: Vec<AuditRow> =
-            sql.build_query_as().fetch_all(&mut *transaction).await.map_err(ApiError::from)?;
-        transaction.commit().await.map_err(ApiError::from)?;
+        let mut rows: Vec<AuditRow> = sql.build_query_as().fetch_all(&mut *connection).await.map_err(ApiError::from)?;
         let next_page_token =
             next_token(&mut rows, page_size, 'a', |row| (row.at, Uuid::parse_str(&row.event_id).unwrap_or_default()));
         let entries = rows
