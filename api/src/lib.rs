@@ -1,46 +1,118 @@
-//! The gRPC API. Requests enter in [`service`], are answered from the PostgreSQL read models,
-//! and every failure leaves through the one mapping in [`error`].
-//! [`config_file`] turns the declarative config file into config events (until the admin API).
+//! The gRPC API. Requests enter through the [`auth`] interceptor (every Switchboard service is
+//! authenticated), are answered from the PostgreSQL read models ([`conversations`],
+//! [`workspace`], via [`read`] and the caller's [`scope`]) or published as commands
+//! ([`admin`]); every failure leaves through the one mapping in [`error`].
+//! [`config_file`] turns the declarative config file into config events.
 
+pub mod access;
+pub mod admin;
+pub mod auth;
 pub mod config_file;
+pub mod conversations;
 pub mod error;
-pub mod service;
+pub mod position;
+pub mod read;
+pub mod scope;
+pub mod workspace;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::PgPool;
+use switchboard_proto::api::v1::admin_service_server::AdminServiceServer;
 use switchboard_proto::api::v1::conversation_service_server::ConversationServiceServer;
+use switchboard_proto::api::v1::workspace_service_server::WorkspaceServiceServer;
+use switchboard_runtime::config_store::ConfigStore;
+use switchboard_runtime::topics::Topics;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 /// Largest request or response message the API accepts or sends.
-const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Upper bound on any unary call, whatever deadline the client sets (watch streams excepted:
+/// tonic applies this per response future, which for a stream is the stream's opening).
+const MAX_CALL_DURATION: Duration = Duration::from_secs(30);
+
+/// The API's own tables (idempotency records), applied at start; see the file for why this is
+/// not an sqlx migrator.
+const API_SCHEMA: &str = include_str!("../migrations/0001_api.sql");
+
+/// Everything the API needs besides its listener.
+pub struct ApiSettings {
+    pub pool: PgPool,
+    pub authenticator: auth::Authenticator,
+    pub brokers: String,
+    pub topics: Topics,
+}
+
+/// Applies the API's own schema (idempotent).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::raw_sql(API_SCHEMA).execute(pool).await.context("failed to apply the api schema")?;
+    Ok(())
+}
 
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    pool: PgPool,
+    settings: ApiSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let local_addr: SocketAddr = listener.local_addr()?;
+    migrate(&settings.pool).await?;
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let read = read::ReadModels::start(settings.pool.clone(), stop).await?;
+    let config = ConfigStore::start(&settings.brokers, &settings.topics.config, "switchboard-api")
+        .await
+        .context("failed to read the config topic")?;
+    let publisher = admin::Publisher::new(&settings.brokers, settings.topics.clone())?;
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<ConversationServiceServer<service::Conversations>>().await;
+    health_reporter.set_serving::<ConversationServiceServer<conversations::Conversations>>().await;
+    health_reporter.set_serving::<WorkspaceServiceServer<workspace::Workspace>>().await;
+    health_reporter.set_serving::<AdminServiceServer<admin::Admin>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("failed to build reflection service")?;
-    let conversations = ConversationServiceServer::new(service::Conversations::new(pool))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let authenticator = settings.authenticator;
+    let conversations = InterceptedService::new(
+        ConversationServiceServer::new(conversations::Conversations::new(read.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        authenticator.clone(),
+    );
+    let workspace = InterceptedService::new(
+        WorkspaceServiceServer::new(workspace::Workspace::new(read.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        authenticator.clone(),
+    );
+    let admin = InterceptedService::new(
+        AdminServiceServer::new(admin::Admin::new(read, config, publisher))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        authenticator,
+    );
     tracing::info!(%local_addr, "api listening");
-    tonic::transport::Server::builder()
-        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+    let result = tonic::transport::Server::builder()
+        // gRPC-Web for browser clients (HTTP/1.1 + CORS-free same-origin or behind a proxy).
+        .accept_http1(true)
+        .timeout(MAX_CALL_DURATION)
+        .layer(tonic_web::GrpcWebLayer::new())
+        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path(), user = tracing::field::Empty))
+        // Health and reflection stay unauthenticated: load balancers and `grpcurl list` must
+        // work without a token, and they disclose no data.
         .add_service(health_service)
         .add_service(reflection)
         .add_service(conversations)
+        .add_service(workspace)
+        .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
-        .context("api server failed")
+        .context("api server failed");
+    let _ = stop_sender.send(true);
+    result
 }

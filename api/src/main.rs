@@ -22,6 +22,16 @@ enum Command {
         database_url: String,
         #[arg(long, env = "API_LISTEN")]
         listen: SocketAddr,
+        #[arg(long, env = "KAFKA_BROKERS")]
+        kafka_brokers: String,
+        #[arg(long, env = "SWITCHBOARD_TOPIC_PREFIX", default_value = switchboard_runtime::topics::DEFAULT_TOPIC_PREFIX)]
+        topic_prefix: String,
+        /// HS256 secret (at least 32 bytes) that bearer JWTs are signed with.
+        #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+        /// TOML file of API keys (`[[keys]]` with key or key_sha256, user_id, account, role, teams).
+        #[arg(long, env = "API_KEYS_FILE")]
+        api_keys_file: Option<std::path::PathBuf>,
     },
     /// Publish a declarative config file (inboxes, channels, rules, agents) as config events.
     ApplyConfig {
@@ -37,7 +47,17 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = switchboard_runtime::telemetry::init_telemetry("switchboard-api")?;
     match Args::parse().command {
-        Command::Serve { database_url, listen } => {
+        Command::Serve { database_url, listen, kafka_brokers, topic_prefix, jwt_secret, api_keys_file } => {
+            let api_keys = api_keys_file
+                .map(|path| {
+                    std::fs::read_to_string(&path).with_context(|| format!("failed to read {}", path.display()))
+                })
+                .transpose()?;
+            let authenticator = switchboard_api::auth::Authenticator::new(
+                jwt_secret.as_deref().map(str::as_bytes),
+                api_keys.as_deref(),
+            )
+            .context("invalid authentication settings")?;
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(std::time::Duration::from_secs(5))
@@ -46,7 +66,10 @@ async fn main() -> anyhow::Result<()> {
                 .context("failed to connect to postgres")?;
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("failed to bind {listen}"))?;
-            switchboard_api::serve(listener, pool, switchboard_runtime::shutdown_signal()).await
+            let topics = Topics::with_prefix(&topic_prefix);
+            ensure_topics(&kafka_brokers, &topics).await?;
+            let settings = switchboard_api::ApiSettings { pool, authenticator, brokers: kafka_brokers, topics };
+            switchboard_api::serve(listener, settings, switchboard_runtime::shutdown_signal()).await
         }
         Command::ApplyConfig { file, kafka_brokers, topic_prefix } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read {}", file.display()))?;

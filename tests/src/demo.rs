@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use switchboard_proto::api::v1::conversation_service_client::ConversationServiceClient;
 use switchboard_proto::api::v1::{GetConversationRequest, GetMessageRequest, Message};
-use tonic::transport::Channel;
 
 /// Ingest's answer to an accepted message.
 #[derive(Debug, Clone)]
@@ -46,14 +44,10 @@ pub async fn post_chat(
 }
 
 /// Polls `GetMessage` until the message is visible through the API.
-pub async fn wait_visible(
-    api: &mut ConversationServiceClient<Channel>,
-    message_id: &str,
-    timeout: Duration,
-) -> anyhow::Result<Message> {
+pub async fn wait_visible(api: &mut crate::ApiClient, message_id: &str, timeout: Duration) -> anyhow::Result<Message> {
     let deadline = Instant::now() + timeout;
     loop {
-        match api.get_message(GetMessageRequest { message_id: message_id.to_owned() }).await {
+        match api.get_message(GetMessageRequest { message_id: message_id.to_owned(), ..Default::default() }).await {
             Ok(response) => return Ok(response.into_inner()),
             Err(status) if status.code() == tonic::Code::NotFound && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(3)).await;
@@ -85,11 +79,7 @@ pub struct LoadReport {
 
 /// Sends `spec.messages` messages from `spec.visitors` visitors (each visitor's messages in
 /// order) and waits until every accepted message is visible through the API.
-pub async fn run_load(
-    ingest_url: &str,
-    api: ConversationServiceClient<Channel>,
-    spec: &LoadSpec,
-) -> anyhow::Result<LoadReport> {
+pub async fn run_load(ingest_url: &str, api: crate::ApiClient, spec: &LoadSpec) -> anyhow::Result<LoadReport> {
     let http = reqwest::Client::new();
     let started = Instant::now();
     let permits = Arc::new(tokio::sync::Semaphore::new(spec.concurrency.max(1)));
@@ -153,13 +143,13 @@ pub struct ConversationSummary {
 }
 
 pub async fn summarize(
-    api: &mut ConversationServiceClient<Channel>,
+    api: &mut crate::ApiClient,
     conversation_ids: &BTreeSet<String>,
 ) -> anyhow::Result<ConversationSummary> {
     let mut summary = ConversationSummary::default();
     for conversation_id in conversation_ids {
         let response = api
-            .get_conversation(GetConversationRequest { conversation_id: conversation_id.clone() })
+            .get_conversation(GetConversationRequest { conversation_id: conversation_id.clone(), ..Default::default() })
             .await?
             .into_inner();
         let conversation = response.conversation.context("conversation missing from response")?;

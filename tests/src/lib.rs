@@ -22,9 +22,53 @@ use switchboard_proto::api::v1::conversation_service_client::ConversationService
 use switchboard_proto::events::v1::Envelope;
 use switchboard_runtime::config_store::ConfigStore;
 use switchboard_runtime::topics::{Topics, ensure_topics};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+pub mod api_seed;
 pub mod demo;
+
+/// HS256 secret of the API started by tests (and by scripts/demo, see `API_JWT_SECRET`).
+pub const TEST_JWT_SECRET: &str = "switchboard-demo-secret-not-for-production-use";
+
+/// Adds `authorization: Bearer <token>` to every call of a client.
+#[derive(Clone)]
+pub struct BearerToken(MetadataValue<Ascii>);
+
+impl BearerToken {
+    pub fn new(token: &str) -> anyhow::Result<BearerToken> {
+        Ok(BearerToken(format!("Bearer {token}").parse().context("token is not valid metadata")?))
+    }
+
+    /// A token signed with [`TEST_JWT_SECRET`] for `identity`, valid for a day.
+    pub fn for_identity(identity: &switchboard_api::auth::Identity) -> anyhow::Result<BearerToken> {
+        let token =
+            switchboard_api::auth::mint_token(TEST_JWT_SECRET.as_bytes(), identity, Duration::from_secs(86_400))?;
+        BearerToken::new(&token)
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// An authenticated ConversationService client.
+pub type ApiClient = ConversationServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// The identity the harness's API clients use unless a test asks for another: an admin of the
+/// demo account (admins read every inbox, I3).
+pub fn demo_admin() -> switchboard_api::auth::Identity {
+    switchboard_api::auth::Identity {
+        user_id: "demo-admin".into(),
+        account_id: "demo".into(),
+        role: switchboard_api::auth::Role::Admin,
+        team_ids: Vec::new(),
+    }
+}
 
 /// The demo config (one chat channel round-robining among ana, bo and cy).
 pub const DEMO_CONFIG: &str = include_str!("../../deploy/demo-config.toml");
@@ -191,15 +235,41 @@ impl TestEnv {
         Ok(())
     }
 
-    /// Starts the gRPC API in-process; returns a connected client.
-    pub async fn start_api(&self) -> anyhow::Result<ConversationServiceClient<Channel>> {
+    /// Starts the gRPC API in-process; returns a client authenticated as [`demo_admin`].
+    pub async fn start_api(&self) -> anyhow::Result<ApiClient> {
+        let url = self.start_api_server().await?;
+        connect_api(&url, BearerToken::for_identity(&demo_admin())?).await
+    }
+
+    /// Starts the gRPC API in-process (JWTs signed with [`TEST_JWT_SECRET`], plus the API keys
+    /// in `api_keys_toml_opt`); returns its URL.
+    pub async fn start_api_server_with_keys(&self, api_keys_toml_opt: Option<&str>) -> anyhow::Result<String> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let mut shutdown = self.shutdown_sender.subscribe();
-        tokio::spawn(switchboard_api::serve(listener, self.pool.clone(), async move {
-            let _ = shutdown.changed().await;
-        }));
-        connect_api(&format!("http://{address}")).await
+        let settings = switchboard_api::ApiSettings {
+            pool: self.pool.clone(),
+            authenticator: switchboard_api::auth::Authenticator::new(
+                Some(TEST_JWT_SECRET.as_bytes()),
+                api_keys_toml_opt,
+            )?,
+            brokers: self.brokers.clone(),
+            topics: self.topics.clone(),
+        };
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = shutdown.changed().await;
+            };
+            if let Err(error) = switchboard_api::serve(listener, settings, stopped).await {
+                tracing::error!(error = format!("{error:#}"), "api failed");
+            }
+        });
+        Ok(format!("http://{address}"))
+    }
+
+    /// Starts the gRPC API in-process; returns its URL.
+    pub async fn start_api_server(&self) -> anyhow::Result<String> {
+        self.start_api_server_with_keys(None).await
     }
 
     /// Applies the demo config and starts every service in-process.
@@ -333,15 +403,21 @@ pub fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-pub async fn connect_api(url: &str) -> anyhow::Result<ConversationServiceClient<Channel>> {
+/// A channel to the API at `url`, once it accepts connections.
+pub async fn connect_channel(url: &str) -> anyhow::Result<Channel> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match ConversationServiceClient::connect(url.to_owned()).await {
-            Ok(client) => return Ok(client),
+        match Channel::from_shared(url.to_owned())?.connect().await {
+            Ok(channel) => return Ok(channel),
             Err(error) if Instant::now() > deadline => return Err(error).context("api did not come up"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// An authenticated ConversationService client for the API at `url`.
+pub async fn connect_api(url: &str, token: BearerToken) -> anyhow::Result<ApiClient> {
+    Ok(ConversationServiceClient::with_interceptor(connect_channel(url).await?, token))
 }
 
 /// A record as read from a topic, undecoded.
@@ -356,6 +432,6 @@ pub struct RawRecord {
 /// A running pipeline as its clients see it.
 pub struct Pipeline {
     pub ingest_url: String,
-    pub api: ConversationServiceClient<Channel>,
+    pub api: ApiClient,
     pub http: reqwest::Client,
 }

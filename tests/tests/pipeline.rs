@@ -32,7 +32,7 @@ async fn c5_r3_r10_chat_message_over_http_is_visible_through_grpc_with_the_right
     for conversation_id in &conversation_ids {
         let response = pipeline
             .api
-            .get_conversation(GetConversationRequest { conversation_id: conversation_id.clone() })
+            .get_conversation(GetConversationRequest { conversation_id: conversation_id.clone(), ..Default::default() })
             .await?
             .into_inner();
         let conversation = response.conversation.unwrap();
@@ -53,7 +53,7 @@ async fn c5_r3_r10_chat_message_over_http_is_visible_through_grpc_with_the_right
     assert_eq!(message.conversation_id, conversation_ids[0]);
     let response = pipeline
         .api
-        .get_conversation(GetConversationRequest { conversation_id: conversation_ids[0].clone() })
+        .get_conversation(GetConversationRequest { conversation_id: conversation_ids[0].clone(), ..Default::default() })
         .await?
         .into_inner();
     assert_eq!(response.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["Hi!", "Anyone there?"]);
@@ -116,7 +116,7 @@ async fn b1_the_same_message_posted_twice_is_one_message() -> anyhow::Result<()>
     let later = wait_visible(&mut pipeline.api, &later.message_id, VISIBLE_WITHIN).await?;
     let response = pipeline
         .api
-        .get_conversation(GetConversationRequest { conversation_id: later.conversation_id })
+        .get_conversation(GetConversationRequest { conversation_id: later.conversation_id, ..Default::default() })
         .await?
         .into_inner();
     assert_eq!(response.messages.len(), 2, "retry did not add a message: {:?}", response.messages);
@@ -303,16 +303,23 @@ async fn bad_input_gets_clear_errors_and_never_reaches_the_log() -> anyhow::Resu
     }
     assert!(env.read_committed_events(&env.topics.inbound)?.is_empty(), "nothing rejected was published");
 
-    let not_a_uuid = api.get_message(GetMessageRequest { message_id: "42".into() }).await.unwrap_err();
+    let not_a_uuid =
+        api.get_message(GetMessageRequest { message_id: "42".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(not_a_uuid.code(), tonic::Code::InvalidArgument);
     let missing = api
-        .get_conversation(GetConversationRequest { conversation_id: uuid::Uuid::now_v7().to_string() })
+        .get_conversation(GetConversationRequest {
+            conversation_id: uuid::Uuid::now_v7().to_string(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    let no_inbox = api.list_conversations(ListConversationsRequest::default()).await.unwrap_err();
-    assert_eq!(no_inbox.code(), tonic::Code::InvalidArgument);
-    assert!(no_inbox.message().contains("inbox_id"));
+    let bad_token = api
+        .list_conversations(ListConversationsRequest { page_token: "forged".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_token.code(), tonic::Code::InvalidArgument);
+    assert!(bad_token.message().contains("page_token"));
     env.cleanup().await;
     Ok(())
 }

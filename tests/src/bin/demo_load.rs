@@ -17,12 +17,20 @@ struct Args {
     visitors: usize,
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
+    /// The API's JWT secret: the load driver signs itself an admin token of the demo account.
+    #[arg(long, env = "API_JWT_SECRET", default_value = switchboard_tests::TEST_JWT_SECRET, hide_env_values = true)]
+    jwt_secret: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let api = switchboard_tests::connect_api(&args.api_url).await?;
+    let token = switchboard_api::auth::mint_token(
+        args.jwt_secret.as_bytes(),
+        &switchboard_tests::demo_admin(),
+        std::time::Duration::from_secs(3600),
+    )?;
+    let api = switchboard_tests::connect_api(&args.api_url, switchboard_tests::BearerToken::new(&token)?).await?;
     let run_id = format!("demo-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     let spec = LoadSpec {
         channel_id: args.channel,

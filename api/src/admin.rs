@@ -1,0 +1,1199 @@
+//! `switchboard.api.v1.AdminService`: commands. Each one is (1) checked against a stored
+//! request id (a retry returns the original position, B6), (2) authorised (roles, I2-I4),
+//! (3) validated with field-level details, and only then (4) published: configuration as the
+//! entity's whole new state on the compacted config topic (as `apply-config` does), routing-state
+//! commands on `inbound.v1` keyed by account so the router orders them with the messages they
+//! affect (docs/contracts.md).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use prost::Message as _;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use switchboard_proto::api::v1::admin_service_server::AdminService;
+use switchboard_proto::api::v1::channel_settings::Settings;
+use switchboard_proto::api::v1::*;
+use switchboard_proto::events::v1::envelope::Payload;
+use switchboard_proto::events::v1::{
+    Actor, AgentAvailabilityChanged, AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType,
+    ChannelTypeCapacity, ContactOwnerChangeRequested, ConversationCloseRequested, InboxAccessMode, InboxConfigured,
+    InboxKind, ManualAssignmentRequested, RoutingRulesConfigured, TicketSettingsConfigured, TicketStageChangeRequested,
+};
+use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore, config_key};
+use switchboard_runtime::envelope;
+use switchboard_runtime::topics::Topics;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::access::{self, ConversationAction, InboxAccess};
+use crate::auth::{Identity, Role};
+use crate::error::{ApiError, Violations};
+use crate::position::Position;
+use crate::read::ReadModels;
+use crate::scope;
+
+/// A command whose first attempt is still running (or crashed) holds its request id this long
+/// before a retry may take it over.
+const CLAIM_TIMEOUT_SECONDS: i32 = 30;
+/// How long a config command waits to see its own write in the config view, so the next
+/// command of this API instance starts from it.
+const CONFIG_ECHO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publishes events to Kafka and reports where they landed.
+pub struct Publisher {
+    producer: FutureProducer,
+    topics: Topics,
+}
+
+/// The two topics commands go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    Config,
+    Inbound,
+}
+
+impl Publisher {
+    pub fn new(brokers: &str, topics: Topics) -> anyhow::Result<Publisher> {
+        let producer = switchboard_runtime::kafka::idempotent_producer_config(brokers, "switchboard-api", 10_000)
+            .create()
+            .map_err(|error| anyhow::Error::new(error).context("failed to create kafka producer"))?;
+        Ok(Publisher { producer, topics })
+    }
+
+    #[tracing::instrument(skip_all, fields(key, event_type))]
+    async fn publish(
+        &self,
+        destination: Destination,
+        key: &str,
+        event: &switchboard_proto::events::v1::Envelope,
+    ) -> Result<Position, ApiError> {
+        let (topic, base_name) = match destination {
+            Destination::Config => (&self.topics.config, "config.v1"),
+            Destination::Inbound => (&self.topics.inbound, "inbound.v1"),
+        };
+        let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
+        tracing::Span::current().record("key", key).record("event_type", event_type);
+        let bytes = envelope::encode(event);
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: switchboard_runtime::kafka::header::EVENT_TYPE, value: Some(event_type) });
+        let delivery = self
+            .producer
+            .send(FutureRecord::to(topic).key(key).payload(&bytes).headers(headers), Duration::from_secs(10))
+            .await
+            .map_err(|(error, _)| {
+                tracing::warn!(%error, "failed to publish command");
+                ApiError::Unavailable("the event log is unavailable; retry the command with the same request_id".into())
+            })?;
+        Ok(Position { topic: base_name.to_owned(), partition: delivery.partition, offset: delivery.offset })
+    }
+}
+
+pub struct Admin {
+    read: ReadModels,
+    config: ConfigStore,
+    publisher: Publisher,
+    /// Config commands of this instance run one at a time, each starting from the state the
+    /// previous one published (read-modify-write of whole entities).
+    config_lock: tokio::sync::Mutex<()>,
+}
+
+impl Admin {
+    pub fn new(read: ReadModels, config: ConfigStore, publisher: Publisher) -> Self {
+        Admin { read, config, publisher, config_lock: tokio::sync::Mutex::new(()) }
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.read.pool()
+    }
+
+    /// The idempotent command frame: replay, claim, run, record.
+    async fn run_command<Fut>(
+        &self,
+        identity: &Identity,
+        command: &'static str,
+        request_id: &str,
+        request_bytes: Vec<u8>,
+        body: Fut,
+    ) -> Result<Response<CommandResult>, Status>
+    where
+        Fut: Future<Output = Result<Vec<Position>, ApiError>>,
+    {
+        validate_request_id(request_id)?;
+        let digest: String = Sha256::new()
+            .chain_update(command)
+            .chain_update(&request_bytes)
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let account_id = identity.account_id.as_str();
+        if let Some(position) = self.stored_result(account_id, request_id, &digest).await? {
+            return Ok(Response::new(CommandResult { position, replayed: true }));
+        }
+        self.claim(account_id, request_id, command, &digest).await?;
+        match body.await {
+            Ok(positions) => {
+                let position = Position::join(&positions);
+                sqlx::query(
+                    "UPDATE api.command_requests SET position = $3, completed_at = now() \
+                     WHERE account_id = $1 AND request_id = $2",
+                )
+                .bind(account_id)
+                .bind(request_id)
+                .bind(&position)
+                .execute(self.pool())
+                .await
+                .map_err(ApiError::from)?;
+                tracing::info!(command, request_id, %position, user = %identity.user_id, "command published");
+                Ok(Response::new(CommandResult { position, replayed: false }))
+            }
+            Err(error) => {
+                // Nothing was published: free the id so the client may retry (fixed) requests.
+                sqlx::query(
+                    "DELETE FROM api.command_requests WHERE account_id = $1 AND request_id = $2 AND position IS NULL",
+                )
+                .bind(account_id)
+                .bind(request_id)
+                .execute(self.pool())
+                .await
+                .map_err(ApiError::from)?;
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn stored_result(
+        &self,
+        account_id: &str,
+        request_id: &str,
+        digest: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let row: Option<(String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT request_digest, position, claimed_at > now() - make_interval(secs => $3) \
+             FROM api.command_requests WHERE account_id = $1 AND request_id = $2",
+        )
+        .bind(account_id)
+        .bind(request_id)
+        .bind(f64::from(CLAIM_TIMEOUT_SECONDS))
+        .fetch_optional(self.pool())
+        .await?;
+        match row {
+            None => Ok(None),
+            Some((stored_digest, _, _)) if stored_digest != digest => {
+                Err(ApiError::invalid("request_id", "was already used for a different request"))
+            }
+            Some((_, Some(position), _)) => Ok(Some(position)),
+            Some((_, None, true)) => {
+                Err(ApiError::Aborted("a request with this request_id is still being processed; retry shortly".into()))
+            }
+            Some((_, None, false)) => Ok(None),
+        }
+    }
+
+    async fn claim(&self, account_id: &str, request_id: &str, command: &str, digest: &str) -> Result<(), ApiError> {
+        let claimed = sqlx::query(
+            "INSERT INTO api.command_requests (account_id, request_id, command, request_digest) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (account_id, request_id) DO UPDATE SET claimed_at = now() \
+             WHERE api.command_requests.position IS NULL \
+               AND api.command_requests.request_digest = EXCLUDED.request_digest \
+               AND api.command_requests.claimed_at <= now() - make_interval(secs => $5)",
+        )
+        .bind(account_id)
+        .bind(request_id)
+        .bind(command)
+        .bind(digest)
+        .bind(f64::from(CLAIM_TIMEOUT_SECONDS))
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        if claimed == 1 {
+            Ok(())
+        } else {
+            Err(ApiError::Aborted(
+                "a request with this request_id is being processed concurrently; retry shortly".into(),
+            ))
+        }
+    }
+
+    /// Publishes a config entity and waits until this instance's config view shows it.
+    async fn publish_config(&self, identity: &Identity, payload: Payload) -> Result<Position, ApiError> {
+        let key = config_event_key(&payload);
+        let event = envelope::new_root(&identity.account_id, &key, Utc::now(), payload.clone());
+        let position = self.publisher.publish(Destination::Config, &key, &event).await?;
+        let mut updates = self.config.subscribe();
+        let echoed = tokio::time::timeout(
+            CONFIG_ECHO_TIMEOUT,
+            updates.wait_for(|snapshot| config_contains(snapshot, &identity.account_id, &payload)),
+        )
+        .await;
+        if !matches!(echoed, Ok(Ok(_))) && config_trackable(&payload) {
+            tracing::warn!(%key, "config view did not show the published entity in time");
+        }
+        Ok(position)
+    }
+
+    async fn publish_command(&self, identity: &Identity, payload: Payload) -> Result<Position, ApiError> {
+        let event = envelope::new_root(&identity.account_id, &identity.account_id, Utc::now(), payload);
+        self.publisher.publish(Destination::Inbound, &identity.account_id, &event).await
+    }
+
+    fn snapshot(&self) -> std::sync::Arc<ConfigSnapshot> {
+        self.config.snapshot()
+    }
+
+    /// The inbox's current access list from configuration (authoritative for commands).
+    fn inbox_of(
+        &self,
+        snapshot: &ConfigSnapshot,
+        identity: &Identity,
+        inbox_id: &str,
+    ) -> Result<InboxAccess, ApiError> {
+        snapshot
+            .inboxes
+            .get(inbox_id)
+            .filter(|owned| owned.account_id == identity.account_id)
+            .map(|owned| inbox_access_of(&owned.account_id, &owned.entity))
+            .ok_or_else(|| ApiError::not_found("inbox", inbox_id))
+    }
+
+    fn channel_of(
+        &self,
+        snapshot: &ConfigSnapshot,
+        identity: &Identity,
+        channel_id: &str,
+    ) -> Result<(ChannelConfigured, InboxAccess), ApiError> {
+        let channel = snapshot
+            .channels
+            .get(channel_id)
+            .filter(|owned| owned.account_id == identity.account_id)
+            .map(|owned| owned.entity.clone())
+            .ok_or_else(|| ApiError::not_found("channel", channel_id))?;
+        let inbox = self.inbox_of(snapshot, identity, &channel.inbox_id)?;
+        access::check_act(identity, &inbox, "channel", channel_id)?;
+        Ok((channel, inbox))
+    }
+
+    fn agent_of(
+        &self,
+        snapshot: &ConfigSnapshot,
+        identity: &Identity,
+        agent_id: &str,
+    ) -> Result<AgentConfigured, ApiError> {
+        snapshot
+            .agents
+            .get(agent_id)
+            .filter(|owned| owned.account_id == identity.account_id)
+            .map(|owned| owned.entity.clone())
+            .ok_or_else(|| ApiError::not_found("agent", agent_id))
+    }
+
+    /// Changes one agent's definition (admins only).
+    async fn update_agent(
+        &self,
+        identity: &Identity,
+        agent_id: &str,
+        change: impl FnOnce(&mut AgentConfigured) -> Result<(), ApiError>,
+    ) -> Result<Vec<Position>, ApiError> {
+        access::check_admin(identity)?;
+        let _guard = self.config_lock.lock().await;
+        let mut agent = self.agent_of(&self.snapshot(), identity, agent_id)?;
+        change(&mut agent)?;
+        Ok(vec![self.publish_config(identity, Payload::AgentConfigured(agent)).await?])
+    }
+
+    /// Conversation facts needed to authorise a manual action.
+    async fn conversation_for_action(
+        &self,
+        identity: &Identity,
+        conversation_id: Uuid,
+    ) -> Result<(String, Option<String>, String), ApiError> {
+        let mut connection = self.read.connection().await?;
+        let row: Option<(String, Option<String>, String)> = sqlx::query_as(
+            "SELECT inbox_id, assignee_id, status FROM conversations WHERE conversation_id = $1 AND account_id = $2",
+        )
+        .bind(conversation_id)
+        .bind(&identity.account_id)
+        .fetch_optional(&mut *connection)
+        .await?;
+        row.ok_or_else(|| ApiError::not_found("conversation", conversation_id.to_string()))
+    }
+
+    /// I2-I4 for a manual action on a conversation; returns its inbox.
+    fn authorise_conversation_action(
+        &self,
+        snapshot: &ConfigSnapshot,
+        identity: &Identity,
+        conversation_id: Uuid,
+        inbox_id: &str,
+        current_assignee_opt: Option<&str>,
+        action: ConversationAction<'_>,
+    ) -> Result<InboxAccess, ApiError> {
+        let inbox = self
+            .inbox_of(snapshot, identity, inbox_id)
+            .map_err(|_| ApiError::not_found("conversation", conversation_id.to_string()))?;
+        access::check_act(identity, &inbox, "conversation", &conversation_id.to_string())?;
+        let caller_paid_seat = snapshot
+            .agents
+            .get(&identity.user_id)
+            .filter(|owned| owned.account_id == identity.account_id)
+            .map_or(identity.role.is_admin(), |owned| owned.entity.paid_seat);
+        access::check_seat_allows(identity, caller_paid_seat, current_assignee_opt, action)?;
+        Ok(inbox)
+    }
+}
+
+fn actor(identity: &Identity) -> Option<Actor> {
+    Some(Actor { user_id: identity.user_id.clone(), role: identity.role.name().to_owned() })
+}
+
+fn inbox_access_of(account_id: &str, inbox: &InboxConfigured) -> InboxAccess {
+    InboxAccess {
+        inbox_id: inbox.inbox_id.clone(),
+        account_id: account_id.to_owned(),
+        access_mode: match InboxAccessMode::try_from(inbox.access_mode) {
+            Ok(InboxAccessMode::SpecificUsersAndTeams) => "specific_users_and_teams".into(),
+            _ => "everyone".into(),
+        },
+        access_user_ids: inbox.access_user_ids.clone(),
+        access_team_ids: inbox.access_team_ids.clone(),
+    }
+}
+
+/// Compaction key; ticket settings get `tickets/<channel>` until the shared helper knows them.
+fn config_event_key(payload: &Payload) -> String {
+    config_key(payload).unwrap_or_else(|| match payload {
+        Payload::TicketSettingsConfigured(settings) => format!("tickets/{}", settings.channel_id),
+        _ => "unknown".to_owned(),
+    })
+}
+
+fn config_trackable(payload: &Payload) -> bool {
+    !matches!(payload, Payload::TicketSettingsConfigured(_))
+}
+
+/// Whether the config view already holds `payload` as its entity's state.
+fn config_contains(snapshot: &ConfigSnapshot, account_id: &str, payload: &Payload) -> bool {
+    let same = |stored_account: &str| stored_account == account_id;
+    match payload {
+        Payload::InboxConfigured(inbox) => {
+            snapshot.inboxes.get(&inbox.inbox_id).is_some_and(|c| same(&c.account_id) && &c.entity == inbox)
+        }
+        Payload::ChannelConfigured(channel) => {
+            snapshot.channels.get(&channel.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == channel)
+        }
+        Payload::RoutingRulesConfigured(rules) => {
+            snapshot.routing_rules.get(&rules.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == rules)
+        }
+        Payload::AgentConfigured(agent) => {
+            snapshot.agents.get(&agent.agent_id).is_some_and(|c| same(&c.account_id) && &c.entity == agent)
+        }
+        // Not tracked by the shared config view: nothing to wait for.
+        _ => true,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field validation (pure).
+// ---------------------------------------------------------------------------------------------
+
+fn validate_request_id(request_id: &str) -> Result<(), ApiError> {
+    if request_id.is_empty() {
+        return Err(ApiError::invalid("request_id", "is required (any unique string per command, e.g. a UUID)"));
+    }
+    if request_id.len() > 128 || request_id.chars().any(char::is_control) {
+        return Err(ApiError::invalid("request_id", "must be 1..128 printable characters"));
+    }
+    Ok(())
+}
+
+/// Ids chosen by clients for config entities: 1..64 of `[a-z0-9_-]` (they end up in Kafka keys).
+fn check_entity_id(violations: &mut Violations, field: &str, id: &str) {
+    if id.is_empty() {
+        violations.add(field, "is required");
+    } else if id.len() > 64
+        || !id.chars().all(|character| {
+            character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_' || character == '-'
+        })
+    {
+        violations.add(field, "must be 1..64 characters of a-z, 0-9, '_' and '-'");
+    }
+}
+
+fn check_name(violations: &mut Violations, field: &str, name: &str) {
+    if name.trim().is_empty() {
+        violations.add(field, "must not be empty");
+    } else if name.chars().count() > 200 {
+        violations.add(field, "must be at most 200 characters");
+    }
+}
+
+fn check_labels(violations: &mut Violations, field: &str, labels: &[String]) {
+    let mut seen = BTreeSet::new();
+    for (index, label) in labels.iter().enumerate() {
+        if label.trim().is_empty() || label.len() > 64 {
+            violations.add(format!("{field}[{index}]"), "must be 1..64 characters");
+        } else if !seen.insert(label) {
+            violations.add(format!("{field}[{index}]"), "is listed twice");
+        }
+    }
+}
+
+fn access_mode_of(violations: &mut Violations, field: &str, value: i32) -> InboxAccessMode {
+    match InboxAccessMode::try_from(value) {
+        Ok(InboxAccessMode::Unspecified) => InboxAccessMode::Everyone,
+        Ok(mode) => mode,
+        Err(_) => {
+            violations.add(field, "unknown access mode");
+            InboxAccessMode::Everyone
+        }
+    }
+}
+
+/// A caller may not lock themselves out of an inbox they configure (they would lose the right
+/// to repair it, I3).
+fn check_keeps_caller(
+    identity: &Identity,
+    mode: InboxAccessMode,
+    users: &[String],
+    teams: &[String],
+) -> Result<(), ApiError> {
+    if mode != InboxAccessMode::SpecificUsersAndTeams
+        || users.contains(&identity.user_id)
+        || identity.team_ids.iter().any(|team| teams.contains(team))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::FailedPrecondition(
+            "the access list must include you or one of your teams, or you could no longer manage this inbox".into(),
+        ))
+    }
+}
+
+fn channel_type_of(violations: &mut Violations, value: i32) -> ChannelType {
+    match ChannelType::try_from(value) {
+        Ok(ChannelType::Unspecified) => {
+            violations.add("channel_type", "is required");
+            ChannelType::Unspecified
+        }
+        Ok(channel_type) => channel_type,
+        Err(_) => {
+            violations.add("channel_type", "unknown channel type");
+            ChannelType::Unspecified
+        }
+    }
+}
+
+/// Applies type-specific settings to a channel, refusing settings of another type.
+fn apply_settings(
+    violations: &mut Violations,
+    channel: &mut ChannelConfigured,
+    settings_opt: Option<&ChannelSettings>,
+) {
+    let Some(settings) = settings_opt.and_then(|settings| settings.settings.as_ref()) else {
+        return;
+    };
+    let channel_type = ChannelType::try_from(channel.channel_type).unwrap_or(ChannelType::Unspecified);
+    let matches = match settings {
+        Settings::Email(email) => {
+            if email.team_address.is_empty() || !email.team_address.contains('@') {
+                violations.add("settings.email.team_address", "must be an email address");
+            }
+            if !["", "agent_and_company", "company"].contains(&email.from_name_mode.as_str()) {
+                violations.add("settings.email.from_name_mode", "must be agent_and_company or company");
+            }
+            channel.email = Some(email.clone());
+            channel_type == ChannelType::TeamEmail
+        }
+        Settings::Chat(chat) => {
+            if !["", "user_availability", "chat_hours", "always"].contains(&chat.availability_mode.as_str()) {
+                violations.add("settings.chat.availability_mode", "must be user_availability, chat_hours or always");
+            }
+            for (index, range) in chat.chat_hours.iter().enumerate() {
+                if range.weekday > 6 || range.start_minute >= range.end_minute || range.end_minute > 24 * 60 {
+                    violations.add(
+                        format!("settings.chat.chat_hours[{index}]"),
+                        "must be a weekday 0..6 and start < end <= 1440",
+                    );
+                }
+            }
+            channel.chat = Some(chat.clone());
+            channel_type == ChannelType::Chat
+        }
+        Settings::Messenger(messenger) => {
+            channel.messenger = Some(messenger.clone());
+            channel_type == ChannelType::FacebookMessenger
+        }
+        Settings::Whatsapp(whatsapp) => {
+            channel.whatsapp = Some(whatsapp.clone());
+            channel_type == ChannelType::Whatsapp
+        }
+    };
+    if !matches {
+        violations.add("settings", "do not match the channel's type");
+    }
+}
+
+fn check_capacity(violations: &mut Violations, capacities: &[ChannelTypeCapacity]) {
+    let mut seen = BTreeSet::new();
+    for (index, capacity) in capacities.iter().enumerate() {
+        match ChannelType::try_from(capacity.channel_type) {
+            Ok(ChannelType::Unspecified) | Err(_) => violations
+                .add(format!("capacity_per_channel_type[{index}].channel_type"), "must be a known channel type"),
+            Ok(channel_type) if !seen.insert(channel_type) => {
+                violations.add(format!("capacity_per_channel_type[{index}]"), "channel type listed twice")
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn next_config_version(pool: &PgPool, key: &str) -> Result<u64, ApiError> {
+    let version: i64 = sqlx::query_scalar(
+        "INSERT INTO api.config_versions (config_key, version) VALUES ($1, 1) \
+         ON CONFLICT (config_key) DO UPDATE SET version = api.config_versions.version + 1 RETURNING version",
+    )
+    .bind(key)
+    .fetch_one(pool)
+    .await?;
+    Ok(version.max(1) as u64)
+}
+
+macro_rules! command {
+    ($self:ident, $request:ident, $name:literal, |$identity:ident, $body:ident| $run:expr) => {{
+        let $identity = Identity::of(&$request)?;
+        let $body = $request.into_inner();
+        let bytes = $body.encode_to_vec();
+        let request_id = $body.request_id.clone();
+        $self.run_command(&$identity, $name, &request_id, bytes, async { $run }).await
+    }};
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn create_inbox(&self, request: Request<CreateInboxRequest>) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "CreateInbox", |identity, body| {
+            access::check_admin(&identity)?;
+            let mut violations = Violations::default();
+            check_entity_id(&mut violations, "inbox_id", &body.inbox_id);
+            check_name(&mut violations, "name", &body.name);
+            let kind = match InboxKind::try_from(body.kind) {
+                Ok(InboxKind::Unspecified) => InboxKind::Conversations,
+                Ok(kind) => kind,
+                Err(_) => {
+                    violations.add("kind", "unknown inbox kind");
+                    InboxKind::Conversations
+                }
+            };
+            let mode = access_mode_of(&mut violations, "access_mode", body.access_mode);
+            check_labels(&mut violations, "access_user_ids", &body.access_user_ids);
+            check_labels(&mut violations, "access_team_ids", &body.access_team_ids);
+            violations.into_result()?;
+            check_keeps_caller(&identity, mode, &body.access_user_ids, &body.access_team_ids)?;
+            let _guard = self.config_lock.lock().await;
+            if self.snapshot().inboxes.contains_key(&body.inbox_id) {
+                return Err(ApiError::AlreadyExists { what: "inbox", id: body.inbox_id.clone() });
+            }
+            let inbox = InboxConfigured {
+                inbox_id: body.inbox_id.clone(),
+                name: body.name.trim().to_owned(),
+                access_mode: mode as i32,
+                access_user_ids: body.access_user_ids.clone(),
+                access_team_ids: body.access_team_ids.clone(),
+                kind: kind as i32,
+            };
+            Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
+        })
+    }
+
+    async fn rename_inbox(&self, request: Request<RenameInboxRequest>) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "RenameInbox", |identity, body| {
+            access::check_admin(&identity)?;
+            let mut violations = Violations::default();
+            check_name(&mut violations, "name", &body.name);
+            violations.into_result()?;
+            let _guard = self.config_lock.lock().await;
+            let snapshot = self.snapshot();
+            let access = self.inbox_of(&snapshot, &identity, &body.inbox_id)?;
+            access::check_act(&identity, &access, "inbox", &body.inbox_id)?;
+            let mut inbox = snapshot.inboxes[&body.inbox_id].entity.clone();
+            inbox.name = body.name.trim().to_owned();
+            Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
+        })
+    }
+
+    async fn set_inbox_access(
+        &self,
+        request: Request<SetInboxAccessRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetInboxAccess", |identity, body| {
+            access::check_admin(&identity)?;
+            let mut violations = Violations::default();
+            let mode = access_mode_of(&mut violations, "access_mode", body.access_mode);
+            check_labels(&mut violations, "access_user_ids", &body.access_user_ids);
+            check_labels(&mut violations, "access_team_ids", &body.access_team_ids);
+            violations.into_result()?;
+            let _guard = self.config_lock.lock().await;
+            let snapshot = self.snapshot();
+            let access = self.inbox_of(&snapshot, &identity, &body.inbox_id)?;
+            access::check_act(&identity, &access, "inbox", &body.inbox_id)?;
+            check_keeps_caller(&identity, mode, &body.access_user_ids, &body.access_team_ids)?;
+            let mut inbox = snapshot.inboxes[&body.inbox_id].entity.clone();
+            inbox.access_mode = mode as i32;
+            inbox.access_user_ids = body.access_user_ids.clone();
+            inbox.access_team_ids = body.access_team_ids.clone();
+            Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
+        })
+    }
+
+    async fn connect_channel(
+        &self,
+        request: Request<ConnectChannelRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "ConnectChannel", |identity, body| {
+            access::check_admin(&identity)?;
+            let mut violations = Violations::default();
+            check_entity_id(&mut violations, "channel_id", &body.channel_id);
+            check_name(&mut violations, "name", &body.name);
+            if body.inbox_id.is_empty() {
+                violations.add("inbox_id", "is required");
+            }
+            let channel_type = channel_type_of(&mut violations, body.channel_type);
+            let mut channel = ChannelConfigured {
+                channel_id: body.channel_id.clone(),
+                inbox_id: body.inbox_id.clone(),
+                channel_type: channel_type as i32,
+                name: body.name.trim().to_owned(),
+                enabled: body.enabled,
+                ..Default::default()
+            };
+            apply_settings(&mut violations, &mut channel, body.settings.as_ref());
+            violations.into_result()?;
+            let _guard = self.config_lock.lock().await;
+            let snapshot = self.snapshot();
+            let inbox = self.inbox_of(&snapshot, &identity, &body.inbox_id)?;
+            access::check_act(&identity, &inbox, "inbox", &body.inbox_id)?;
+            if snapshot.channels.contains_key(&body.channel_id) {
+                return Err(ApiError::AlreadyExists { what: "channel", id: body.channel_id.clone() });
+            }
+            Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(channel)).await?])
+        })
+    }
+
+    async fn update_channel_settings(
+        &self,
+        request: Request<UpdateChannelSettingsRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "UpdateChannelSettings", |identity, body| {
+            access::check_admin(&identity)?;
+            let _guard = self.config_lock.lock().await;
+            let (mut channel, _) = self.channel_of(&self.snapshot(), &identity, &body.channel_id)?;
+            let mut violations = Violations::default();
+            if !body.name.is_empty() {
+                check_name(&mut violations, "name", &body.name);
+                channel.name = body.name.trim().to_owned();
+            }
+            apply_settings(&mut violations, &mut channel, body.settings.as_ref());
+            violations.into_result()?;
+            Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(channel)).await?])
+        })
+    }
+
+    async fn set_channel_enabled(
+        &self,
+        request: Request<SetChannelEnabledRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetChannelEnabled", |identity, body| {
+            access::check_admin(&identity)?;
+            let _guard = self.config_lock.lock().await;
+            let (mut channel, _) = self.channel_of(&self.snapshot(), &identity, &body.channel_id)?;
+            channel.enabled = body.enabled;
+            Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(channel)).await?])
+        })
+    }
+
+    async fn set_routing_rules(
+        &self,
+        request: Request<SetRoutingRulesRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetRoutingRules", |identity, body| {
+            access::check_admin(&identity)?;
+            let _guard = self.config_lock.lock().await;
+            let snapshot = self.snapshot();
+            self.channel_of(&snapshot, &identity, &body.channel_id)?;
+            let mut violations = Violations::default();
+            let target = match AssignTarget::try_from(body.target) {
+                Ok(AssignTarget::Unspecified) => AssignTarget::Nobody,
+                Ok(target) => target,
+                Err(_) => {
+                    violations.add("target", "unknown assignment target");
+                    AssignTarget::Nobody
+                }
+            };
+            let strategy = match AssignmentStrategy::try_from(body.strategy) {
+                Ok(AssignmentStrategy::Unspecified) => AssignmentStrategy::RoundRobin,
+                Ok(strategy) => strategy,
+                Err(_) => {
+                    violations.add("strategy", "unknown strategy");
+                    AssignmentStrategy::RoundRobin
+                }
+            };
+            check_labels(&mut violations, "user_ids", &body.user_ids);
+            check_labels(&mut violations, "team_ids", &body.team_ids);
+            check_labels(&mut violations, "required_skills", &body.required_skills);
+            for (index, user_id) in body.user_ids.iter().enumerate() {
+                match snapshot.agents.get(user_id).filter(|owned| owned.account_id == identity.account_id) {
+                    None => violations
+                        .add(format!("user_ids[{index}]"), format!("`{user_id}` is not an agent of this account")),
+                    // R6: a rule cannot include users without a paid seat.
+                    Some(agent) if !agent.entity.paid_seat => violations.add(
+                        format!("user_ids[{index}]"),
+                        format!("`{user_id}` has no paid seat and cannot be auto-assigned (R6)"),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            if target == AssignTarget::SpecificUsersAndTeams && body.user_ids.is_empty() && body.team_ids.is_empty() {
+                violations.add("user_ids", "name at least one user or team for specific_users_and_teams");
+            }
+            violations.into_result()?;
+            let mut rules = RoutingRulesConfigured {
+                channel_id: body.channel_id.clone(),
+                version: 0,
+                auto_assign: body.auto_assign,
+                target: target as i32,
+                user_ids: body.user_ids.clone(),
+                team_ids: body.team_ids.clone(),
+                only_available: body.only_available,
+                strategy: strategy as i32,
+                required_skills: body.required_skills.clone(),
+                redrive_backlog: body.redrive_backlog,
+            };
+            // As apply-config: the version moves exactly when the rule changes (B2).
+            rules.version = match snapshot.routing_rules.get(&body.channel_id) {
+                Some(existing) if RoutingRulesConfigured { version: 0, ..existing.entity.clone() } == rules => {
+                    existing.entity.version
+                }
+                Some(existing) => existing.entity.version + 1,
+                None => 1,
+            };
+            Ok(vec![self.publish_config(&identity, Payload::RoutingRulesConfigured(rules)).await?])
+        })
+    }
+
+    async fn set_ticket_settings(
+        &self,
+        request: Request<SetTicketSettingsRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetTicketSettings", |identity, body| {
+            access::check_admin(&identity)?;
+            let _guard = self.config_lock.lock().await;
+            let snapshot = self.snapshot();
+            self.channel_of(&snapshot, &identity, &body.channel_id)?;
+            let mut violations = Violations::default();
+            if body.treat_as_tickets {
+                if body.default_pipeline.trim().is_empty() {
+                    violations.add("default_pipeline", "is required when treat_as_tickets is on (T1)");
+                }
+                if body.default_stage.trim().is_empty() {
+                    violations.add("default_stage", "is required when treat_as_tickets is on (T1)");
+                }
+            }
+            if !body.fixed_owner_agent_id.is_empty()
+                && self.agent_of(&snapshot, &identity, &body.fixed_owner_agent_id).is_err()
+            {
+                violations.add("fixed_owner_agent_id", "is not an agent of this account");
+            }
+            violations.into_result()?;
+            let mut settings = TicketSettingsConfigured {
+                channel_id: body.channel_id.clone(),
+                treat_as_tickets: body.treat_as_tickets,
+                default_pipeline: body.default_pipeline.trim().to_owned(),
+                default_stage: body.default_stage.trim().to_owned(),
+                fixed_owner_agent_id: body.fixed_owner_agent_id.clone(),
+                contact_association_limit: body.contact_association_limit,
+                version: 0,
+            };
+            let key = config_event_key(&Payload::TicketSettingsConfigured(settings.clone()));
+            settings.version = next_config_version(self.pool(), &key).await?;
+            Ok(vec![self.publish_config(&identity, Payload::TicketSettingsConfigured(settings)).await?])
+        })
+    }
+
+    async fn create_agent(&self, request: Request<CreateAgentRequest>) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "CreateAgent", |identity, body| {
+            access::check_admin(&identity)?;
+            let mut violations = Violations::default();
+            check_entity_id(&mut violations, "agent_id", &body.agent_id);
+            check_name(&mut violations, "name", &body.name);
+            if !body.email.is_empty() && !body.email.contains('@') {
+                violations.add("email", "must be an email address");
+            }
+            let role = if body.role.is_empty() { Some(Role::Agent) } else { Role::parse(&body.role) };
+            if role.is_none() {
+                violations.add("role", "must be agent, admin or super_admin");
+            }
+            check_labels(&mut violations, "team_ids", &body.team_ids);
+            check_labels(&mut violations, "skills", &body.skills);
+            check_capacity(&mut violations, &body.capacity_per_channel_type);
+            violations.into_result()?;
+            let role = role.unwrap_or(Role::Agent);
+            access::check_may_grant_role(&identity, role)?;
+            let _guard = self.config_lock.lock().await;
+            if self.snapshot().agents.contains_key(&body.agent_id) {
+                return Err(ApiError::AlreadyExists { what: "agent", id: body.agent_id.clone() });
+            }
+            let agent = AgentConfigured {
+                agent_id: body.agent_id.clone(),
+                name: body.name.trim().to_owned(),
+                email: body.email.clone(),
+                paid_seat: body.paid_seat,
+                available: body.available,
+                team_ids: body.team_ids.clone(),
+                skills: body.skills.clone(),
+                max_open_conversations: body.max_open_conversations,
+                capacity_per_channel_type: body.capacity_per_channel_type.clone(),
+                role: role.name().to_owned(),
+            };
+            Ok(vec![self.publish_config(&identity, Payload::AgentConfigured(agent)).await?])
+        })
+    }
+
+    async fn set_agent_seat(&self, request: Request<SetAgentSeatRequest>) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetAgentSeat", |identity, body| {
+            self.update_agent(&identity, &body.agent_id, |agent| {
+                agent.paid_seat = body.paid_seat;
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    async fn set_agent_skills(
+        &self,
+        request: Request<SetAgentSkillsRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetAgentSkills", |identity, body| {
+            let mut violations = Violations::default();
+            check_labels(&mut violations, "skills", &body.skills);
+            violations.into_result()?;
+            self.update_agent(&identity, &body.agent_id, |agent| {
+                agent.skills = body.skills.clone();
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    async fn set_agent_teams(&self, request: Request<SetAgentTeamsRequest>) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetAgentTeams", |identity, body| {
+            let mut violations = Violations::default();
+            check_labels(&mut violations, "team_ids", &body.team_ids);
+            violations.into_result()?;
+            self.update_agent(&identity, &body.agent_id, |agent| {
+                agent.team_ids = body.team_ids.clone();
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    async fn set_agent_capacity(
+        &self,
+        request: Request<SetAgentCapacityRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetAgentCapacity", |identity, body| {
+            let mut violations = Violations::default();
+            check_capacity(&mut violations, &body.capacity_per_channel_type);
+            violations.into_result()?;
+            self.update_agent(&identity, &body.agent_id, |agent| {
+                agent.max_open_conversations = body.max_open_conversations;
+                agent.capacity_per_channel_type = body.capacity_per_channel_type.clone();
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    async fn set_agent_availability(
+        &self,
+        request: Request<SetAgentAvailabilityRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetAgentAvailability", |identity, body| {
+            let agent_id = if body.agent_id.is_empty() { identity.user_id.clone() } else { body.agent_id.clone() };
+            if agent_id != identity.user_id {
+                access::check_admin(&identity)
+                    .map_err(|_| ApiError::denied("agents may only set their own availability"))?;
+            }
+            let _guard = self.config_lock.lock().await;
+            let mut agent = self.agent_of(&self.snapshot(), &identity, &agent_id)?;
+            // The command is what routing follows (ordered with messages on inbound.v1); the
+            // config record keeps the agents read model and the chat widget current.
+            let command = Payload::AgentAvailabilityChanged(AgentAvailabilityChanged {
+                agent_id: agent_id.clone(),
+                available: body.available,
+                request_id: body.request_id.clone(),
+                actor: actor(&identity),
+            });
+            let inbound_position = self.publish_command(&identity, command).await?;
+            agent.available = body.available;
+            let config_position = self.publish_config(&identity, Payload::AgentConfigured(agent)).await?;
+            Ok(vec![inbound_position, config_position])
+        })
+    }
+
+    async fn assign_conversation(
+        &self,
+        request: Request<AssignConversationRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "AssignConversation", |identity, body| {
+            let conversation_id = scope::parse_uuid("conversation_id", &body.conversation_id)?;
+            let assignee_id = if body.assignee_agent_id.is_empty() {
+                identity.user_id.clone()
+            } else {
+                body.assignee_agent_id.clone()
+            };
+            let (inbox_id, current_assignee_opt, status) =
+                self.conversation_for_action(&identity, conversation_id).await?;
+            let snapshot = self.snapshot();
+            let inbox = self.authorise_conversation_action(
+                &snapshot,
+                &identity,
+                conversation_id,
+                &inbox_id,
+                current_assignee_opt.as_deref(),
+                ConversationAction::Assign { assignee_id: &assignee_id },
+            )?;
+            if status != "open" {
+                return Err(ApiError::FailedPrecondition("the conversation is closed".into()));
+            }
+            let assignee = self.agent_of(&snapshot, &identity, &assignee_id).map_err(|_| {
+                ApiError::invalid("assignee_agent_id", format!("`{assignee_id}` is not an agent of this account"))
+            })?;
+            // I2: the assignee must be able to work in the inbox.
+            if !inbox.has_member(&assignee.agent_id, &assignee.team_ids) {
+                return Err(ApiError::invalid(
+                    "assignee_agent_id",
+                    format!("`{assignee_id}` has no access to inbox `{inbox_id}`"),
+                ));
+            }
+            let command = Payload::ManualAssignmentRequested(ManualAssignmentRequested {
+                conversation_id: conversation_id.to_string(),
+                assignee_agent_id: assignee_id,
+                request_id: body.request_id.clone(),
+                actor: actor(&identity),
+            });
+            Ok(vec![self.publish_command(&identity, command).await?])
+        })
+    }
+
+    async fn unassign_conversation(
+        &self,
+        request: Request<UnassignConversationRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "UnassignConversation", |identity, body| {
+            let conversation_id = scope::parse_uuid("conversation_id", &body.conversation_id)?;
+            let (inbox_id, current_assignee_opt, _) = self.conversation_for_action(&identity, conversation_id).await?;
+            self.authorise_conversation_action(
+                &self.snapshot(),
+                &identity,
+                conversation_id,
+                &inbox_id,
+                current_assignee_opt.as_deref(),
+                ConversationAction::Unassign,
+            )?;
+            if current_assignee_opt.is_none() {
+                return Err(ApiError::FailedPrecondition("the conversation is not assigned".into()));
+            }
+            let command = Payload::ManualAssignmentRequested(ManualAssignmentRequested {
+                conversation_id: conversation_id.to_string(),
+                assignee_agent_id: String::new(),
+                request_id: body.request_id.clone(),
+                actor: actor(&identity),
+            });
+            Ok(vec![self.publish_command(&identity, command).await?])
+        })
+    }
+
+    async fn close_conversation(
+        &self,
+        request: Request<CloseConversationRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "CloseConversation", |identity, body| {
+            let conversation_id = scope::parse_uuid("conversation_id", &body.conversation_id)?;
+            let (inbox_id, current_assignee_opt, status) =
+                self.conversation_for_action(&identity, conversation_id).await?;
+            self.authorise_conversation_action(
+                &self.snapshot(),
+                &identity,
+                conversation_id,
+                &inbox_id,
+                current_assignee_opt.as_deref(),
+                ConversationAction::Close,
+            )?;
+            if status != "open" {
+                return Err(ApiError::FailedPrecondition("the conversation is already closed".into()));
+            }
+            let command = Payload::ConversationCloseRequested(ConversationCloseRequested {
+                conversation_id: conversation_id.to_string(),
+                request_id: body.request_id.clone(),
+                actor: actor(&identity),
+            });
+            Ok(vec![self.publish_command(&identity, command).await?])
+        })
+    }
+
+    async fn move_ticket_stage(
+        &self,
+        request: Request<MoveTicketStageRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "MoveTicketStage", |identity, body| {
+            let ticket_id = scope::parse_uuid("ticket_id", &body.ticket_id)?;
+            if body.stage.trim().is_empty() && !body.close {
+                return Err(ApiError::invalid("stage", "is required unless the ticket is being closed"));
+            }
+            let mut connection = self.read.connection().await?;
+            let ticket: Option<(String, Option<String>, String)> = sqlx::query_as(
+                "SELECT inbox_id, owner_agent_id, status FROM tickets WHERE ticket_id = $1 AND account_id = $2",
+            )
+            .bind(ticket_id)
+            .bind(&identity.account_id)
+            .fetch_optional(&mut *connection)
+            .await?;
+            let Some((inbox_id, owner_opt, status)) = ticket else {
+                return Err(ApiError::not_found("ticket", ticket_id.to_string()));
+            };
+            let snapshot = self.snapshot();
+            let inbox = self
+                .inbox_of(&snapshot, &identity, &inbox_id)
+                .map_err(|_| ApiError::not_found("ticket", ticket_id.to_string()))?;
+            access::check_act(&identity, &inbox, "ticket", &ticket_id.to_string())?;
+            let caller_paid_seat =
+                snapshot.agents.get(&identity.user_id).map_or(identity.role.is_admin(), |owned| owned.entity.paid_seat);
+            // I4, as for conversations: without a seat, only one's own tickets.
+            access::check_seat_allows(&identity, caller_paid_seat, owner_opt.as_deref(), ConversationAction::Close)?;
+            if status != "open" {
+                return Err(ApiError::FailedPrecondition("the ticket is closed".into()));
+            }
+            let command = Payload::TicketStageChangeRequested(TicketStageChangeRequested {
+                ticket_id: ticket_id.to_string(),
+                stage: body.stage.trim().to_owned(),
+                close: body.close,
+                request_id: body.request_id.clone(),
+                actor: actor(&identity),
+            });
+            Ok(vec![self.publish_command(&identity, command).await?])
+        })
+    }
+
+    async fn set_contact_owner(
+        &self,
+        request: Request<SetContactOwnerRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        command!(self, request, "SetContactOwner", |identity, body| {
+            let contact_id = scope::parse_uuid("contact_id", &body.contact_id)?;
+            let snapshot = self.snapshot();
+            let caller_paid_seat =
+                snapshot.agents.get(&identity.user_id).map_or(identity.role.is_admin(), |owned| owned.entity.paid_seat);
+            if !caller_paid_seat {
+                return Err(ApiError::denied("only users with a paid seat may change contact owners"));
+            }
+            if !body.owner_agent_id.is_empty() && self.agent_of(&snapshot, &identity, &body.owner_agent_id).is_err() {
+                return Err(ApiError::invalid("owner_agent_id", "is not an agent of this account"));
+            }
+            let mut connection = self.read.connection().await?;
+            let exists: Option<(Uuid,)> =
+                sqlx::query_as("SELECT contact_id FROM contacts WHERE contact_id = $1 AND account_id = $2")
+                    .bind(contact_id)
+                    .bind(&identity.account_id)
+                    .fetch_optional(&mut *connection)
+                    .await?;
+            if exists.is_none() {
+                return Err(ApiError::not_found("contact", contact_id.to_string()));
+            }
+            let command = Payload::ContactOwnerChangeRequested(ContactOwnerChangeRequested {
+                contact_id: contact_id.to_string(),
+                owner_agent_id: body.owner_agent_id.clone(),
+                request_id: body.request_id.clone(),
+                actor: actor(&identity),
+            });
+            Ok(vec![self.publish_command(&identity, command).await?])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(user: &str, teams: &[&str]) -> Identity {
+        Identity {
+            user_id: user.into(),
+            account_id: "acme".into(),
+            role: Role::Admin,
+            team_ids: teams.iter().map(|team| team.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn request_ids_are_required_and_bounded() {
+        assert!(validate_request_id("").is_err());
+        assert!(validate_request_id(&"x".repeat(129)).is_err());
+        assert!(validate_request_id("a\nb").is_err());
+        assert!(validate_request_id(&Uuid::now_v7().to_string()).is_ok());
+    }
+
+    #[test]
+    fn entity_ids_names_and_labels_are_checked_field_by_field() {
+        let mut violations = Violations::default();
+        check_entity_id(&mut violations, "inbox_id", "Bad Id!");
+        check_name(&mut violations, "name", "  ");
+        check_labels(&mut violations, "skills", &["fr".into(), "fr".into(), String::new()]);
+        let Err(ApiError::InvalidArgument(found)) = violations.into_result() else { panic!("expected violations") };
+        let fields: Vec<&str> = found.iter().map(|violation| violation.field.as_str()).collect();
+        assert_eq!(fields, ["inbox_id", "name", "skills[1]", "skills[2]"]);
+    }
+
+    #[test]
+    fn i3_an_admin_cannot_lock_themselves_out_of_an_inbox() {
+        let admin = identity("root", &["ops"]);
+        let specific = InboxAccessMode::SpecificUsersAndTeams;
+        assert!(check_keeps_caller(&admin, specific, &["ana".into()], &[]).is_err());
+        assert!(check_keeps_caller(&admin, specific, &["root".into()], &[]).is_ok());
+        assert!(check_keeps_caller(&admin, specific, &[], &["ops".into()]).is_ok());
+        assert!(check_keeps_caller(&admin, InboxAccessMode::Everyone, &[], &[]).is_ok());
+    }
+
+    #[test]
+    fn channel_settings_must_match_the_channel_type() {
+        let mut chat = ChannelConfigured { channel_type: ChannelType::Chat as i32, ..Default::default() };
+        let email = ChannelSettings {
+            settings: Some(Settings::Email(switchboard_proto::events::v1::EmailSettings {
+                team_address: "support@acme.test".into(),
+                ..Default::default()
+            })),
+        };
+        let mut violations = Violations::default();
+        apply_settings(&mut violations, &mut chat, Some(&email));
+        assert!(violations.into_result().is_err());
+        let mut team_email = ChannelConfigured { channel_type: ChannelType::TeamEmail as i32, ..Default::default() };
+        let mut violations = Violations::default();
+        apply_settings(&mut violations, &mut team_email, Some(&email));
+        assert!(violations.into_result().is_ok());
+        assert_eq!(team_email.email.unwrap().team_address, "support@acme.test");
+    }
+
+    #[test]
+    fn ticket_settings_get_their_own_compaction_key() {
+        let payload = Payload::TicketSettingsConfigured(TicketSettingsConfigured {
+            channel_id: "web".into(),
+            ..Default::default()
+        });
+        assert!(config_event_key(&payload).ends_with("/web"));
+        let inbox = Payload::InboxConfigured(InboxConfigured { inbox_id: "support".into(), ..Default::default() });
+        assert_eq!(config_event_key(&inbox), "inbox/support");
+    }
+}
