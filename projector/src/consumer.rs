@@ -192,8 +192,8 @@ pub async fn run_projector_with(
         .context("failed to create dead-letter producer")?;
 
     let initial_schema = crate::schema::active_schema(&pool).await?;
-    let schema = crate::schema::follow_active_schema(pool.clone(), initial_schema);
-    tokio::spawn(crate::metrics::store_lag_periodically(pool.clone(), metrics.clone(), schema.clone()));
+    let schema = crate::schema::follow_active_schema(pool.clone(), initial_schema, shutdown.clone());
+    tokio::spawn(crate::metrics::store_lag_periodically(pool.clone(), metrics.clone(), schema.clone(), shutdown.clone()));
 
     let (batch_sender, mut batches) = mpsc::channel::<Batch>(1);
     let (command_sender, commands) = mpsc::unbounded_channel::<Command>();
@@ -249,6 +249,14 @@ pub struct ContextHandle(pub Arc<ProjectorContext>);
 impl ClientContext for ContextHandle {
     fn stats(&self, statistics: Statistics) {
         self.0.stats(statistics)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Replays read to the end of each partition on purpose: that notice is not an error.
+        use rdkafka::types::RDKafkaErrorCode;
+        if !matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            warn!(%error, reason, "kafka client error");
+        }
     }
 }
 

@@ -113,9 +113,13 @@ pub async fn store_lag_periodically(
     pool: PgPool,
     metrics: std::sync::Arc<Metrics>,
     schema: tokio::sync::watch::Receiver<String>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if *shutdown.borrow() || pool.is_closed() {
+            return;
+        }
         let rows: Vec<((String, i32), PartitionLag)> =
             metrics.partitions().into_iter().filter(|(_, figures)| figures.lag().is_some()).collect();
         if rows.is_empty() {
@@ -143,9 +147,6 @@ pub async fn store_lag_periodically(
         .await;
         if let Err(error) = result {
             warn!(%error, "failed to store projector lag");
-        }
-        if schema.has_changed().is_err() {
-            return;
         }
     }
 }

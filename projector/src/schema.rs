@@ -65,11 +65,15 @@ pub async fn migrate_schema(database_url: &str, schema: &str) -> anyhow::Result<
 
 /// Follows the active schema: refreshed on every `read_model_switch` notification and at least
 /// once a second (a missed notification only delays a switch by that much).
-pub fn follow_active_schema(pool: PgPool, initial: String) -> watch::Receiver<String> {
+/// Stops when `shutdown` turns true or the pool is closed.
+pub fn follow_active_schema(pool: PgPool, initial: String, shutdown: watch::Receiver<bool>) -> watch::Receiver<String> {
     let (sender, receiver) = watch::channel(initial);
     tokio::spawn(async move {
         let mut listener = None;
         loop {
+            if *shutdown.borrow() || pool.is_closed() {
+                return;
+            }
             if listener.is_none() {
                 match PgListener::connect_with(&pool).await {
                     Ok(mut connected) => match connected.listen(SWITCH_CHANNEL).await {
