@@ -629,6 +629,9 @@ impl Writer {
         // The read models are derived: if PostgreSQL crashes before flushing this commit, the
         // positions roll back with the rows and the records are projected again from Kafka.
         sqlx::query("SET LOCAL synchronous_commit TO off").execute(&mut *transaction).await?;
+        // Every read and update of the writer is by key. A fresh replay schema has no
+        // statistics yet, and the planner would happily scan a growing table per batch.
+        sqlx::query("SET LOCAL enable_seqscan TO off").execute(&mut *transaction).await?;
         let partitions: Vec<TopicPartition> = by_partition.keys().copied().collect();
         let stored = load_positions_in(&mut transaction, &partitions, true).await.context("failed to load positions")?;
 

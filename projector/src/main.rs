@@ -28,6 +28,9 @@ struct Args {
     /// How long a batch waits for more records once it has one.
     #[arg(long, env = "PROJECTOR_BATCH_LINGER_MS", default_value_t = 20, global = true)]
     batch_linger_ms: u64,
+    /// Consumer group of the live projector (default `<prefix>projector`).
+    #[arg(long, env = "PROJECTOR_GROUP_ID", global = true)]
+    group_id: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -171,7 +174,7 @@ async fn run(
     });
     let settings = ProjectorSettings {
         brokers,
-        group_id: format!("{}projector", topics.prefix),
+        group_id: args.group_id.clone().unwrap_or_else(|| format!("{}projector", topics.prefix)),
         topic: topics.conversations,
         max_batch_records: args.batch_records,
         batch_linger: Duration::from_millis(args.batch_linger_ms),
