@@ -468,6 +468,15 @@ async fn insert_assignments(
     let mut skipped: Vec<&Value> = Vec::new();
     let mut decided_at: Vec<DateTime<Utc>> = Vec::new();
     let empty_skipped = Value::Array(Vec::new());
+    // A manual unassign carries no explanation: its channel is the conversation's, which may
+    // have started earlier in this very batch (so is not loaded yet).
+    let started_here: HashMap<Uuid, &str> = events
+        .iter()
+        .filter_map(|event| match &event.fact {
+            Fact::ConversationStarted(started) => Some((started.conversation_id, started.channel_id.as_str())),
+            _ => None,
+        })
+        .collect();
     for event in events {
         let (conversation_id, assignee, outcome, explanation) = match &event.fact {
             Fact::Assigned { conversation_id, assignee_id, explanation } => {
@@ -492,7 +501,12 @@ async fn insert_assignments(
                 skipped.push(&explanation.skipped);
             }
             None => {
-                channel_ids.push(conversations.get(&conversation_id).map(|c| c.channel_id.clone()).unwrap_or_default());
+                let channel_id = conversations
+                    .get(&conversation_id)
+                    .map(|conversation| conversation.channel_id.as_str())
+                    .or_else(|| started_here.get(&conversation_id).copied())
+                    .unwrap_or_default();
+                channel_ids.push(channel_id.to_owned());
                 rule_versions.push(0);
                 strategies.push("");
                 eligible.push(Value::Array(Vec::new()));

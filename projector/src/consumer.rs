@@ -303,12 +303,23 @@ impl Reader {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut stream = self.consumer.stream();
+        let mut schema_seen = self.stored.as_ref().map(|(_, schema)| schema.borrow().clone());
         loop {
             while let Ok(command) = commands.try_recv() {
                 self.execute(command);
             }
-            let assigned: Vec<TopicPartition> =
+            let mut assigned: Vec<TopicPartition> =
                 self.context.newly_assigned.lock().expect("assign lock poisoned").drain(..).collect();
+            if let Some((_, schema)) = &self.stored
+                && schema_seen.as_deref() != Some(schema.borrow().as_str())
+            {
+                // Switched (or rolled back): continue from the new schema's own positions,
+                // which may be behind what this consumer has read (nothing new would arrive).
+                schema_seen = Some(schema.borrow().clone());
+                if let Ok(assignment) = self.consumer.assignment() {
+                    assigned = self.context.partitions_of(&assignment);
+                }
+            }
             if !assigned.is_empty() {
                 self.seek_to_stored(&assigned).await;
             }
