@@ -12,8 +12,9 @@ use sqlx::{Postgres, Transaction};
 
 use crate::facts::{Event, Fact};
 
-/// One config entity: the kind of row it is and its id.
-type EntityKey = (&'static str, String);
+/// One config entity: the table its row is in, the row's id, and which part of the row the
+/// entity is. Sorted by table and row id, so concurrent writers lock rows in the same order.
+type EntityKey = (&'static str, String, &'static str);
 
 enum ConfigChange<'a> {
     Upsert(&'a Event),
@@ -25,32 +26,36 @@ pub async fn apply_config(transaction: &mut Transaction<'_, Postgres>, events: &
     let mut latest: BTreeMap<EntityKey, ConfigChange<'_>> = BTreeMap::new();
     for &event in events {
         let (key, change) = match &event.fact {
-            Fact::Inbox(inbox) => (("inbox", inbox.inbox_id.clone()), ConfigChange::Upsert(event)),
-            Fact::Channel(channel) => (("channel", channel.channel_id.clone()), ConfigChange::Upsert(event)),
-            Fact::RoutingRules { channel_id, .. } => (("rules", channel_id.clone()), ConfigChange::Upsert(event)),
-            Fact::TicketSettings { channel_id, .. } => {
-                (("ticket_settings", channel_id.clone()), ConfigChange::Upsert(event))
+            Fact::Inbox(inbox) => (("inboxes", inbox.inbox_id.clone(), "inbox"), ConfigChange::Upsert(event)),
+            Fact::Channel(channel) => {
+                (("channels", channel.channel_id.clone(), "channel"), ConfigChange::Upsert(event))
             }
-            Fact::Agent(agent) => (("agent", agent.agent_id.clone()), ConfigChange::Upsert(event)),
+            Fact::RoutingRules { channel_id, .. } => {
+                (("channels", channel_id.clone(), "rules"), ConfigChange::Upsert(event))
+            }
+            Fact::TicketSettings { channel_id, .. } => {
+                (("channels", channel_id.clone(), "ticket_settings"), ConfigChange::Upsert(event))
+            }
+            Fact::Agent(agent) => (("agents", agent.agent_id.clone(), "agent"), ConfigChange::Upsert(event)),
             Fact::Tombstone { kind, id } => {
-                let kind = match kind.as_str() {
-                    "inbox" => "inbox",
-                    "channel" => "channel",
-                    "rules" | "routing_rules" => "rules",
-                    "ticket_settings" | "tickets" | "ticket-settings" => "ticket_settings",
-                    "agent" => "agent",
+                let (table, kind) = match kind.as_str() {
+                    "inbox" => ("inboxes", "inbox"),
+                    "channel" => ("channels", "channel"),
+                    "rules" | "routing_rules" => ("channels", "rules"),
+                    "ticket_settings" | "tickets" | "ticket-settings" => ("channels", "ticket_settings"),
+                    "agent" => ("agents", "agent"),
                     other => {
                         tracing::warn!(kind = other, id, "ignoring tombstone of an unknown config kind");
                         continue;
                     }
                 };
-                ((kind, id.clone()), ConfigChange::Delete)
+                ((table, id.clone(), kind), ConfigChange::Delete)
             }
             _ => continue,
         };
         latest.insert(key, change);
     }
-    for ((kind, id), change) in latest {
+    for ((_, id, kind), change) in latest {
         match change {
             ConfigChange::Upsert(event) => upsert(transaction, event).await?,
             ConfigChange::Delete => delete(transaction, kind, &id).await?,

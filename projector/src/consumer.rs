@@ -216,6 +216,7 @@ pub async fn run_projector_with(
         dead_letter: Some(DeadLetter { producer, topics }),
         notify: Notify::Yes,
         metrics,
+        parallel: DEFAULT_PARALLEL_WRITERS,
     };
     let mut window = (Instant::now(), 0usize);
     loop {
@@ -550,7 +551,12 @@ pub struct Writer {
     pub dead_letter: Option<DeadLetter>,
     pub notify: Notify,
     pub metrics: Arc<Metrics>,
+    /// Transactions written side by side per batch (each with its own partitions).
+    pub parallel: usize,
 }
+
+/// Default number of side-by-side transactions per batch.
+pub const DEFAULT_PARALLEL_WRITERS: usize = 2;
 
 #[derive(Debug, Default)]
 pub struct WriteOutcome {
@@ -589,41 +595,62 @@ impl Writer {
             return Ok(WriteOutcome::default());
         }
         let span = info_span!("project_batch", records = batch.records.len(), partitions = by_partition.len());
-        let result = self.write_partitions(&by_partition, &sought).instrument(span).await;
-        match result {
-            Ok((outcome, stored, seeks)) => {
-                for (partition, records) in &by_partition {
-                    if !seeks.iter().any(|(sought_partition, _)| sought_partition == partition) {
-                        self.positioned.insert(*partition, records[0].epoch);
+        // Partitions are independent (each with its own rows and position), so a batch is
+        // written as `parallel` transactions side by side: PostgreSQL works on several cores
+        // while exactly-once still holds per partition.
+        let mut groups: Vec<BTreeMap<TopicPartition, Vec<&Record>>> = vec![BTreeMap::new(); self.parallel.max(1)];
+        for (index, (partition, records)) in by_partition.into_iter().enumerate() {
+            groups[index % self.parallel.max(1)].insert(partition, records);
+        }
+        groups.retain(|group| !group.is_empty());
+        let results = futures::future::join_all(groups.iter().map(|group| self.write_partitions(group, &sought)))
+            .instrument(span)
+            .await;
+        let mut total = WriteOutcome::default();
+        let mut first_error = None;
+        for (group, result) in groups.iter().zip(results) {
+            match result {
+                Ok((outcome, stored, seeks)) => {
+                    for (partition, records) in group {
+                        if !seeks.iter().any(|(sought_partition, _)| sought_partition == partition) {
+                            self.positioned.insert(*partition, records[0].epoch);
+                        }
                     }
+                    for (partition, offset_opt) in seeks {
+                        info!(topic = partition.0.base_name(), partition = partition.1, ?offset_opt,
+                            "batch does not start at the stored position; seeking");
+                        self.positioned.remove(&partition);
+                        let _ = self.commands.send(Command::Seek(partition, offset_opt));
+                    }
+                    for ((topic, partition), next_offset) in &stored {
+                        self.metrics.record_position(topic.base_name(), *partition, *next_offset);
+                    }
+                    if !stored.is_empty() {
+                        let _ = self.commands.send(Command::Commit(stored));
+                    }
+                    total.applied += outcome.applied;
+                    total.poison += outcome.poison;
                 }
-                for (partition, offset_opt) in seeks {
-                    info!(topic = partition.0.base_name(), partition = partition.1, ?offset_opt,
-                        "batch does not start at the stored position; seeking");
-                    self.positioned.remove(&partition);
-                    let _ = self.commands.send(Command::Seek(partition, offset_opt));
+                Err(error) => {
+                    // Rolled back. Later batches of these partitions start after this one, so
+                    // the position check seeks each back to its stored position.
+                    for partition in group.keys() {
+                        self.positioned.remove(partition);
+                    }
+                    first_error.get_or_insert(error);
                 }
-                for ((topic, partition), next_offset) in &stored {
-                    self.metrics.record_position(topic.base_name(), *partition, *next_offset);
-                }
-                if !stored.is_empty() {
-                    let _ = self.commands.send(Command::Commit(stored));
-                }
-                self.metrics.events_applied.fetch_add(outcome.applied as u64, Ordering::Relaxed);
-                self.metrics.dead_lettered.fetch_add(outcome.poison as u64, Ordering::Relaxed);
-                self.metrics.batches.fetch_add(1, Ordering::Relaxed);
-                self.metrics.last_batch_records.store(batch.records.len() as u64, Ordering::Relaxed);
-                self.metrics.last_batch_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                Ok(outcome)
-            }
-            Err(error) => {
-                // Rolled back. Later batches of these partitions start after this one, so the
-                // position check seeks each back to its stored position.
-                self.positioned.clear();
-                self.metrics.batch_failures.fetch_add(1, Ordering::Relaxed);
-                Err(error)
             }
         }
+        self.metrics.events_applied.fetch_add(total.applied as u64, Ordering::Relaxed);
+        self.metrics.dead_lettered.fetch_add(total.poison as u64, Ordering::Relaxed);
+        if let Some(error) = first_error {
+            self.metrics.batch_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(error);
+        }
+        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+        self.metrics.last_batch_records.store(batch.records.len() as u64, Ordering::Relaxed);
+        self.metrics.last_batch_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(total)
     }
 
     #[allow(clippy::type_complexity)]

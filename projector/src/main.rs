@@ -23,7 +23,7 @@ struct Args {
     #[arg(long, env = "SWITCHBOARD_TOPIC_PREFIX", default_value = switchboard_runtime::topics::DEFAULT_TOPIC_PREFIX, global = true)]
     topic_prefix: String,
     /// Records per batch (one PostgreSQL transaction).
-    #[arg(long, env = "PROJECTOR_BATCH_RECORDS", default_value_t = 5_000, global = true)]
+    #[arg(long, env = "PROJECTOR_BATCH_RECORDS", default_value_t = 10_000, global = true)]
     batch_records: usize,
     /// How long a batch waits for more records once it has one.
     #[arg(long, env = "PROJECTOR_BATCH_LINGER_MS", default_value_t = 20, global = true)]

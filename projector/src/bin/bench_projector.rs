@@ -46,7 +46,7 @@ struct Args {
     /// Conversation events to produce (config events come on top).
     #[arg(long, default_value_t = 1_000_000)]
     events: usize,
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 10_000)]
     batch_records: usize,
     #[arg(long, default_value_t = 20)]
     batch_linger_ms: u64,
