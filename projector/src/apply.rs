@@ -370,7 +370,10 @@ async fn load_conversations(
         .collect())
 }
 
-async fn insert_messages(transaction: &mut Transaction<'_, Postgres>, events: &[&Event]) -> sqlx::Result<HashSet<Uuid>> {
+async fn insert_messages(
+    transaction: &mut Transaction<'_, Postgres>,
+    events: &[&Event],
+) -> sqlx::Result<HashSet<Uuid>> {
     let mut seen = HashSet::new();
     let mut columns = MessageColumns::default();
     for event in events {
@@ -550,7 +553,10 @@ async fn insert_applied_events(
     let event_ids: Vec<&str> = events
         .iter()
         .filter(|event| {
-            matches!(event.fact, Fact::Closed { .. } | Fact::TicketStageChanged { .. } | Fact::ContactOwnerChanged { .. })
+            matches!(
+                event.fact,
+                Fact::Closed { .. } | Fact::TicketStageChanged { .. } | Fact::ContactOwnerChanged { .. }
+            )
         })
         .map(|event| event.event_id.as_str())
         .collect();
@@ -772,7 +778,9 @@ async fn write_workload(
     .await?;
     if deltas.iter().any(|(_, delta)| **delta < 0) {
         // A rebuild from a timestamp may see a close without the assignment that preceded it.
-        sqlx::query("UPDATE agent_workload SET open_count = 0 WHERE open_count < 0").execute(&mut **transaction).await?;
+        sqlx::query("UPDATE agent_workload SET open_count = 0 WHERE open_count < 0")
+            .execute(&mut **transaction)
+            .await?;
     }
     Ok(())
 }
@@ -799,7 +807,10 @@ async fn write_tickets(
     Ok(())
 }
 
-async fn write_owners(transaction: &mut Transaction<'_, Postgres>, owners: &BTreeMap<Uuid, Option<String>>) -> sqlx::Result<()> {
+async fn write_owners(
+    transaction: &mut Transaction<'_, Postgres>,
+    owners: &BTreeMap<Uuid, Option<String>>,
+) -> sqlx::Result<()> {
     if owners.is_empty() {
         return Ok(());
     }
@@ -844,7 +855,11 @@ async fn write_audits(
 }
 
 /// The Watch feed: one row per change, in log order, and a wake-up per inbox.
-async fn write_changes(transaction: &mut Transaction<'_, Postgres>, changes: &[Change<'_>], notify: Notify) -> sqlx::Result<()> {
+async fn write_changes(
+    transaction: &mut Transaction<'_, Postgres>,
+    changes: &[Change<'_>],
+    notify: Notify,
+) -> sqlx::Result<()> {
     if changes.is_empty() {
         return Ok(());
     }
@@ -874,7 +889,10 @@ async fn write_changes(transaction: &mut Transaction<'_, Postgres>, changes: &[C
 }
 
 /// B6: how far the read models have seen each input partition of the router.
-async fn write_sources(transaction: &mut Transaction<'_, Postgres>, sources: &BTreeMap<(String, i32), i64>) -> sqlx::Result<()> {
+async fn write_sources(
+    transaction: &mut Transaction<'_, Postgres>,
+    sources: &BTreeMap<(String, i32), i64>,
+) -> sqlx::Result<()> {
     if sources.is_empty() {
         return Ok(());
     }

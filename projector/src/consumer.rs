@@ -168,7 +168,11 @@ pub enum Command {
 
 /// Runs the projection until `shutdown` turns true. A failed batch (e.g. PostgreSQL down) is
 /// rolled back and retried from the stored positions; only setup errors are returned.
-pub async fn run_projector(settings: ProjectorSettings, pool: PgPool, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run_projector(
+    settings: ProjectorSettings,
+    pool: PgPool,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     run_projector_with(settings, pool, shutdown, Arc::new(Metrics::default())).await
 }
 
@@ -193,7 +197,12 @@ pub async fn run_projector_with(
 
     let initial_schema = crate::schema::active_schema(&pool).await?;
     let schema = crate::schema::follow_active_schema(pool.clone(), initial_schema, shutdown.clone());
-    tokio::spawn(crate::metrics::store_lag_periodically(pool.clone(), metrics.clone(), schema.clone(), shutdown.clone()));
+    tokio::spawn(crate::metrics::store_lag_periodically(
+        pool.clone(),
+        metrics.clone(),
+        schema.clone(),
+        shutdown.clone(),
+    ));
 
     let (batch_sender, mut batches) = mpsc::channel::<Batch>(1);
     let (command_sender, commands) = mpsc::unbounded_channel::<Command>();
@@ -411,7 +420,11 @@ impl Reader {
                 // Advisory only: where to start fetching after a restart. The stored position rules.
                 let mut offsets = TopicPartitionList::new();
                 for ((topic, partition), next_offset) in positions {
-                    let _ = offsets.add_partition_offset(self.context.full_name(topic), partition, Offset::Offset(next_offset));
+                    let _ = offsets.add_partition_offset(
+                        self.context.full_name(topic),
+                        partition,
+                        Offset::Offset(next_offset),
+                    );
                 }
                 if let Err(error) = self.consumer.commit(&offsets, CommitMode::Async) {
                     warn!(%error, "advisory offset commit failed (harmless: positions are stored in postgres)");
@@ -424,7 +437,12 @@ impl Reader {
         let offset = offset_opt.map_or(Offset::Beginning, Offset::Offset);
         match self.consumer.seek(self.context.full_name(partition.0), partition.1, offset, Duration::from_secs(10)) {
             Ok(()) => {
-                info!(topic = partition.0.base_name(), partition = partition.1, ?offset, "seeked to the stored position");
+                info!(
+                    topic = partition.0.base_name(),
+                    partition = partition.1,
+                    ?offset,
+                    "seeked to the stored position"
+                );
                 self.context.mark_sought(partition);
             }
             Err(error) => {
@@ -447,7 +465,9 @@ impl Reader {
                     self.seek(*partition, stored.get(partition).copied());
                 }
             }
-            Err(error) => warn!(%error, "failed to load stored positions after assignment; the first batch checks them"),
+            Err(error) => {
+                warn!(%error, "failed to load stored positions after assignment; the first batch checks them")
+            }
         }
     }
 }
@@ -617,8 +637,12 @@ impl Writer {
                         }
                     }
                     for (partition, offset_opt) in seeks {
-                        info!(topic = partition.0.base_name(), partition = partition.1, ?offset_opt,
-                            "batch does not start at the stored position; seeking");
+                        info!(
+                            topic = partition.0.base_name(),
+                            partition = partition.1,
+                            ?offset_opt,
+                            "batch does not start at the stored position; seeking"
+                        );
                         self.positioned.remove(&partition);
                         let _ = self.commands.send(Command::Seek(partition, offset_opt));
                     }
@@ -671,7 +695,8 @@ impl Writer {
         // statistics yet, and the planner would happily scan a growing table per batch.
         sqlx::query("SET LOCAL enable_seqscan TO off").execute(&mut *transaction).await?;
         let partitions: Vec<TopicPartition> = by_partition.keys().copied().collect();
-        let stored = load_positions_in(&mut transaction, &partitions, true).await.context("failed to load positions")?;
+        let stored =
+            load_positions_in(&mut transaction, &partitions, true).await.context("failed to load positions")?;
 
         let mut seeks = Vec::new();
         let mut to_apply: Vec<&Record> = Vec::new();

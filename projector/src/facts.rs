@@ -52,22 +52,56 @@ pub struct Event {
 pub enum Fact {
     ConversationStarted(ConversationStarted),
     MessageAppended(Box<MessageAppended>),
-    Assigned { conversation_id: Uuid, assignee_id: String, explanation: Explanation },
-    LeftUnassigned { conversation_id: Uuid, reason: &'static str, explanation: Explanation },
-    Unassigned { conversation_id: Uuid, actor: Value },
-    Closed { conversation_id: Uuid, reason: &'static str, actor: Value },
+    Assigned {
+        conversation_id: Uuid,
+        assignee_id: String,
+        explanation: Explanation,
+    },
+    LeftUnassigned {
+        conversation_id: Uuid,
+        reason: &'static str,
+        explanation: Explanation,
+    },
+    Unassigned {
+        conversation_id: Uuid,
+        actor: Value,
+    },
+    Closed {
+        conversation_id: Uuid,
+        reason: &'static str,
+        actor: Value,
+    },
     ContactCreated(ContactCreated),
-    ContactOwnerChanged { contact_id: Uuid, owner_agent_id: Option<String> },
+    ContactOwnerChanged {
+        contact_id: Uuid,
+        owner_agent_id: Option<String>,
+    },
     TicketCreated(TicketCreated),
-    TicketStageChanged { ticket_id: Uuid, conversation_id: Option<Uuid>, stage: String, closed: bool },
+    TicketStageChanged {
+        ticket_id: Uuid,
+        conversation_id: Option<Uuid>,
+        stage: String,
+        closed: bool,
+    },
     Audit(Audit),
     Inbox(InboxRow),
     Channel(ChannelRow),
-    RoutingRules { channel_id: String, version: i64, rules: Value },
-    TicketSettings { channel_id: String, version: i64, settings: Value },
+    RoutingRules {
+        channel_id: String,
+        version: i64,
+        rules: Value,
+    },
+    TicketSettings {
+        channel_id: String,
+        version: i64,
+        settings: Value,
+    },
     Agent(AgentRow),
     /// A compacted-topic tombstone: the entity named by the record key is gone.
-    Tombstone { kind: String, id: String },
+    Tombstone {
+        kind: String,
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -302,7 +336,8 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
             pipeline: created.pipeline,
             stage: created.stage,
             owner_agent_id: optional_text(&created.owner_agent_id),
-            owner_source: match TicketOwnerSource::try_from(created.owner_source).unwrap_or(TicketOwnerSource::Unspecified)
+            owner_source: match TicketOwnerSource::try_from(created.owner_source)
+                .unwrap_or(TicketOwnerSource::Unspecified)
             {
                 TicketOwnerSource::Unspecified => "unspecified",
                 TicketOwnerSource::ConversationAssignee => "conversation_assignee",
@@ -386,7 +421,8 @@ fn config_fact(payload: Payload) -> Result<Fact, Poison> {
                     InboxKind::HelpDesk => "help_desk",
                     InboxKind::Unspecified | InboxKind::Conversations => "conversations",
                 },
-                access_mode: match InboxAccessMode::try_from(inbox.access_mode).unwrap_or(InboxAccessMode::Unspecified) {
+                access_mode: match InboxAccessMode::try_from(inbox.access_mode).unwrap_or(InboxAccessMode::Unspecified)
+                {
                     InboxAccessMode::SpecificUsersAndTeams => "specific_users_and_teams",
                     InboxAccessMode::Unspecified | InboxAccessMode::Everyone => "everyone",
                 },
@@ -413,7 +449,11 @@ fn config_fact(payload: Payload) -> Result<Fact, Poison> {
             if rules.channel_id.is_empty() {
                 return Err(Poison("routing_rules_configured without a channel id".into()));
             }
-            Fact::RoutingRules { channel_id: rules.channel_id.clone(), version: rules.version as i64, rules: rules_json(&rules) }
+            Fact::RoutingRules {
+                channel_id: rules.channel_id.clone(),
+                version: rules.version as i64,
+                rules: rules_json(&rules),
+            }
         }
         Payload::TicketSettingsConfigured(settings) => {
             if settings.channel_id.is_empty() {

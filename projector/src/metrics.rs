@@ -64,7 +64,8 @@ impl Metrics {
             ("projector_batch_failures_total", "Batches rolled back and retried.", &self.batch_failures),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
         }
         let _ = writeln!(
             out,
@@ -94,15 +95,16 @@ impl Metrics {
 
 /// Serves `/metrics` until the process ends.
 pub async fn serve(address: std::net::SocketAddr, metrics: std::sync::Arc<Metrics>) -> anyhow::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move {
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render_prometheus())
-            }
-        }),
-    );
+    let app =
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render_prometheus())
+                }
+            }),
+        );
     let listener =
         tokio::net::TcpListener::bind(address).await.with_context(|| format!("failed to bind metrics on {address}"))?;
     axum::serve(listener, app).await.context("metrics server failed")

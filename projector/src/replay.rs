@@ -19,9 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use crate::apply::Notify;
-use crate::consumer::{
-    Batch, ContextHandle, ProjectorContext, Reader, SchemaChoice, TopicPartition, Writer,
-};
+use crate::consumer::{Batch, ContextHandle, ProjectorContext, Reader, SchemaChoice, TopicPartition, Writer};
 use crate::facts::InputTopic;
 use crate::metrics::Metrics;
 use crate::schema::{SWITCH_CHANNEL, active_schema, migrate_schema, validate_schema_name};
@@ -90,9 +88,8 @@ pub async fn run(settings: ReplaySettings, pool: &PgPool) -> anyhow::Result<Repl
         let full_name = context.full_name(topic).to_owned();
         let mut config = kafka::reader_config(&settings.brokers, &format!("projector-replay-{schema}"));
         config.set("statistics.interval.ms", "1000").set("queued.max.messages.kbytes", "131072");
-        let consumer: StreamConsumer<ContextHandle> = config
-            .create_with_context(ContextHandle(context.clone()))
-            .context("failed to create replay consumer")?;
+        let consumer: StreamConsumer<ContextHandle> =
+            config.create_with_context(ContextHandle(context.clone())).context("failed to create replay consumer")?;
         let partitions = partition_count(&consumer, &full_name)?;
         let from = if topic == InputTopic::Conversations { settings.from } else { None };
         let assignment = start_offsets(&consumer, &full_name, partitions, from)?;
@@ -167,8 +164,11 @@ pub async fn run(settings: ReplaySettings, pool: &PgPool) -> anyhow::Result<Repl
     }
     let indexes_started = Instant::now();
     create_indexes(pool, &schema, &deferred_indexes).await?;
-    info!(indexes = deferred_indexes.len(), seconds = format!("{:.1}", indexes_started.elapsed().as_secs_f64()),
-        "secondary indexes built");
+    info!(
+        indexes = deferred_indexes.len(),
+        seconds = format!("{:.1}", indexes_started.elapsed().as_secs_f64()),
+        "secondary indexes built"
+    );
     reporter.finish(&metrics, started);
     Ok(ReplaySummary { schema, events: metrics.events_applied.load(Ordering::Relaxed), elapsed: started.elapsed() })
 }
@@ -199,8 +199,10 @@ async fn create_indexes(pool: &PgPool, schema: &str, definitions: &[String]) -> 
     }
     sqlx::query("RESET maintenance_work_mem").execute(&mut *connection).await?;
     // Fresh tables: give the planner statistics before readers arrive.
-    let tables: Vec<String> =
-        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = $1").bind(schema).fetch_all(&mut *connection).await?;
+    let tables: Vec<String> = sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = $1")
+        .bind(schema)
+        .fetch_all(&mut *connection)
+        .await?;
     for table in tables {
         sqlx::query(&format!("ANALYZE {schema}.\"{table}\"")).execute(&mut *connection).await?;
     }
@@ -344,7 +346,12 @@ impl Reporter {
             self.last = Instant::now() - Duration::from_secs(1);
             self.report(metrics, &self.starts.keys().copied().collect(), started);
         }
-        info!(events, seconds = format!("{seconds:.1}"), events_per_second = (events as f64 / seconds) as u64, "replay caught up");
+        info!(
+            events,
+            seconds = format!("{seconds:.1}"),
+            events_per_second = (events as f64 / seconds) as u64,
+            "replay caught up"
+        );
     }
 }
 

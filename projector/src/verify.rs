@@ -15,7 +15,8 @@ use sqlx::PgPool;
 use crate::schema::validate_schema_name;
 
 const SKIPPED_TABLES: &[&str] = &["_sqlx_migrations", "projector_lag", "read_model_control"];
-const SKIPPED_COLUMNS: &[(&str, &str)] = &[("projector_positions", "updated_at"), ("conversation_changes", "change_id")];
+const SKIPPED_COLUMNS: &[(&str, &str)] =
+    &[("projector_positions", "updated_at"), ("conversation_changes", "change_id")];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableReport {
@@ -138,7 +139,8 @@ pub fn render(reports: &[TableReport], schema_a: &str, schema_b: &str) -> (Strin
     let mut all_match = true;
     let _ = writeln!(out, "{:<24} {:>12} {:>12}  result", "table", schema_a, schema_b);
     for report in reports {
-        let count = |side: &Option<(i64, String)>| side.as_ref().map_or("missing".to_owned(), |(count, _)| count.to_string());
+        let count =
+            |side: &Option<(i64, String)>| side.as_ref().map_or("missing".to_owned(), |(count, _)| count.to_string());
         let result = if report.matches() {
             "same"
         } else if report.a.as_ref().map(|(count, _)| count) == report.b.as_ref().map(|(count, _)| count) {

@@ -51,7 +51,11 @@ fn conversation_log(first: usize, count: usize, partitions: i32) -> (Vec<(String
         let channel_type = if messenger { ChannelType::FacebookMessenger } else { ChannelType::Chat };
         let conversation_id = id(index, 1);
         let contact_id = id(index, 2);
-        let visitor = Sender { external_id: format!("visitor-{index}"), display_name: format!("Visitor {index}"), email: String::new() };
+        let visitor = Sender {
+            external_id: format!("visitor-{index}"),
+            display_name: format!("Visitor {index}"),
+            email: String::new(),
+        };
         let agent = format!("agent-{}", index % 7);
         let explanation = RoutingExplanation {
             channel_id: channel_id.clone(),
@@ -394,7 +398,8 @@ async fn assert_same(env: &TestEnv, schema_a: &str, schema_b: &str, skip: &[&str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn b4_replay_verifies_with_zero_differences_and_rebuilding_twice_gives_identical_checksums() -> anyhow::Result<()> {
+async fn b4_replay_verifies_with_zero_differences_and_rebuilding_twice_gives_identical_checksums() -> anyhow::Result<()>
+{
     let env = TestEnv::new().await?;
     produce_config(&env)?;
     let (log, expected) = conversation_log(0, 400, 12);
@@ -567,7 +572,8 @@ async fn b4_switch_and_rollback_while_queries_keep_answering() -> anyhow::Result
             let active = schema::active_schema(&pool).await?;
             let mut transaction = pool.begin().await?;
             sqlx::query(&format!("SET LOCAL search_path TO {active}")).execute(&mut *transaction).await?;
-            let count: i64 = sqlx::query_scalar("SELECT count(*) FROM conversations").fetch_one(&mut *transaction).await?;
+            let count: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM conversations").fetch_one(&mut *transaction).await?;
             transaction.commit().await?;
             anyhow::ensure!(count >= 300, "schema {active} answered with {count} conversations");
             seen_schemas.insert(active);
@@ -659,12 +665,16 @@ async fn c7_b6_read_models_hold_content_hidden_fields_reply_window_config_source
         sqlx::query_as("SELECT kind, access_mode FROM inboxes WHERE inbox_id = 'support'").fetch_one(&env.pool).await?;
     assert_eq!((kind.as_str(), access_mode.as_str()), ("help_desk", "specific_users_and_teams"));
     let capacity: serde_json::Value =
-        sqlx::query_scalar("SELECT capacity_per_channel_type FROM agents WHERE agent_id = 'agent-1'").fetch_one(&env.pool).await?;
+        sqlx::query_scalar("SELECT capacity_per_channel_type FROM agents WHERE agent_id = 'agent-1'")
+            .fetch_one(&env.pool)
+            .await?;
     assert_eq!(capacity, serde_json::json!({"chat": 4}));
 
     // B6: positions with unprefixed topic names, for both projections.
     let topics: Vec<(String, String)> =
-        sqlx::query_as("SELECT DISTINCT projection, topic FROM projector_positions ORDER BY 1, 2").fetch_all(&env.pool).await?;
+        sqlx::query_as("SELECT DISTINCT projection, topic FROM projector_positions ORDER BY 1, 2")
+            .fetch_all(&env.pool)
+            .await?;
     assert_eq!(
         topics,
         [
@@ -692,12 +702,11 @@ async fn c7_b6_read_models_hold_content_hidden_fields_reply_window_config_source
     let audit_kinds: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT kind FROM routing_audit ORDER BY 1").fetch_all(&env.pool).await?;
     assert_eq!(audit_kinds, ["left_unassigned", "withheld"]);
-    let feed: Vec<String> = sqlx::query_scalar(
-        "SELECT kind FROM conversation_changes WHERE conversation_id = $1 ORDER BY change_id",
-    )
-    .bind(uuid::Uuid::from_u128((4u128 << 16) | 1))
-    .fetch_all(&env.pool)
-    .await?;
+    let feed: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM conversation_changes WHERE conversation_id = $1 ORDER BY change_id")
+            .bind(uuid::Uuid::from_u128((4u128 << 16) | 1))
+            .fetch_all(&env.pool)
+            .await?;
     assert_eq!(feed, ["started", "message", "message", "ticket", "ticket"]);
 
     // The poison record is on the dead-letter topic with its reason; nothing else was lost.
@@ -705,10 +714,7 @@ async fn c7_b6_read_models_hold_content_hidden_fields_reply_window_config_source
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload.as_deref(), Some(&b"definitely not protobuf"[..]));
     assert!(dead[0].headers.get("sb-deadletter-reason").is_some_and(|reason| reason.contains("not a valid envelope")));
-    assert_eq!(
-        counts(&env, "public").await?.conversations,
-        expected.conversations + expected_after.conversations
-    );
+    assert_eq!(counts(&env, "public").await?.conversations, expected.conversations + expected_after.conversations);
     let workload: i64 = sqlx::query_scalar("SELECT coalesce(sum(open_count), 0)::bigint FROM agent_workload")
         .fetch_one(&env.pool)
         .await?;

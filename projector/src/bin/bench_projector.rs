@@ -175,8 +175,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn print_settings(pool: &PgPool) -> anyhow::Result<()> {
-    let names =
-        ["shared_buffers", "work_mem", "synchronous_commit", "fsync", "wal_level", "max_wal_size", "checkpoint_timeout"];
+    let names = [
+        "shared_buffers",
+        "work_mem",
+        "synchronous_commit",
+        "fsync",
+        "wal_level",
+        "max_wal_size",
+        "checkpoint_timeout",
+    ];
     let mut parts = Vec::new();
     for name in names {
         let value: String = sqlx::query_scalar(&format!("SHOW {name}")).fetch_one(pool).await?;
@@ -239,7 +246,12 @@ fn produce(args: &Args, topics: &Topics, partitions: i32) -> anyhow::Result<(usi
         });
         for (kind, payload) in [("inbox", inbox), ("channel", channel), ("rules", rules)] {
             let key = format!("{kind}/{index}");
-            send(&topics.config, (index as i32) % config_partitions, &key, &new_root(&account, &key, Utc::now(), payload))?;
+            send(
+                &topics.config,
+                (index as i32) % config_partitions,
+                &key,
+                &new_root(&account, &key, Utc::now(), payload),
+            )?;
             config_events += 1;
         }
     }
@@ -282,7 +294,11 @@ fn produce(args: &Args, topics: &Topics, partitions: i32) -> anyhow::Result<(usi
                 channel_id: channel_id.clone(),
                 channel_type: channel_type(channel_index) as i32,
                 thread_key: visitor.clone(),
-                contact: Some(Sender { external_id: visitor.clone(), display_name: format!("Visitor {index}"), email: String::new() }),
+                contact: Some(Sender {
+                    external_id: visitor.clone(),
+                    display_name: format!("Visitor {index}"),
+                    email: String::new(),
+                }),
                 first_message_id: String::new(),
                 contact_id: contact_id.clone(),
             })];
@@ -292,8 +308,13 @@ fn produce(args: &Args, topics: &Topics, partitions: i32) -> anyhow::Result<(usi
                     message_id: uuid::Uuid::now_v7().to_string(),
                     provider_message_id: format!("{visitor}-{message}"),
                     channel_id: channel_id.clone(),
-                    sender: Some(Sender { external_id: visitor.clone(), display_name: format!("Visitor {index}"), email: String::new() }),
-                    text: "Hello, I have a question about my order and the delivery date, could you help me please?".into(),
+                    sender: Some(Sender {
+                        external_id: visitor.clone(),
+                        display_name: format!("Visitor {index}"),
+                        email: String::new(),
+                    }),
+                    text: "Hello, I have a question about my order and the delivery date, could you help me please?"
+                        .into(),
                     source_event_id: uuid::Uuid::now_v7().to_string(),
                     content: None,
                     contact_id: contact_id.clone(),
@@ -305,7 +326,9 @@ fn produce(args: &Args, topics: &Topics, partitions: i32) -> anyhow::Result<(usi
                 target: 2,
                 strategy: AssignmentStrategy::RoundRobin as i32,
                 only_available: true,
-                eligible_agent_ids: (0..3).map(|agent| format!("agent-{}", (channel_index * 10 + agent) % AGENTS)).collect(),
+                eligible_agent_ids: (0..3)
+                    .map(|agent| format!("agent-{}", (channel_index * 10 + agent) % AGENTS))
+                    .collect(),
                 skipped: Vec::new(),
             });
             if slot < 3 {
@@ -353,7 +376,8 @@ fn produce(args: &Args, topics: &Topics, partitions: i32) -> anyhow::Result<(usi
                 let mut envelope = new_root(&account, &account, Utc::now(), payload);
                 // As the router sets it: where the cause was read on inbound.v1 (B6).
                 let offset = &mut inbound_offsets[partition as usize];
-                envelope.source_position = Some(KafkaPosition { topic: "inbound.v1".into(), partition, offset: *offset });
+                envelope.source_position =
+                    Some(KafkaPosition { topic: "inbound.v1".into(), partition, offset: *offset });
                 *offset += 1;
                 send(&topics.conversations, partition, &account, &envelope)?;
                 conversation_events += 1;
@@ -384,7 +408,8 @@ fn replace_database(url: &str, database: &str) -> String {
 }
 
 async fn delete_topics(brokers: &str, topics: &Topics) {
-    let Ok(admin) = switchboard_runtime::kafka::client_config(brokers, "bench-admin").create::<AdminClient<DefaultClientContext>>()
+    let Ok(admin) =
+        switchboard_runtime::kafka::client_config(brokers, "bench-admin").create::<AdminClient<DefaultClientContext>>()
     else {
         return;
     };
