@@ -8,8 +8,6 @@
 //! arrive in order, and offsets may legitimately jump (transaction markers, aborted records are
 //! never delivered under `read_committed`), so only the first batch is checked for a gap.
 
-use sqlx::{Postgres, Transaction};
-
 /// What to do with a partition's records in a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchCheck {
@@ -34,42 +32,6 @@ pub fn check_batch(stored_next_offset_opt: Option<i64>, positioned: bool, batch_
         // models were reset while Kafka kept the group's offsets): start over.
         (None, false) => BatchCheck::SeekTo(None),
     }
-}
-
-pub async fn load_for_update(
-    transaction: &mut Transaction<'_, Postgres>,
-    projection: &str,
-    topic: &str,
-    partition: i32,
-) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar(
-        "SELECT next_offset FROM projector_positions WHERE projection = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
-    )
-    .bind(projection)
-    .bind(topic)
-    .bind(partition)
-    .fetch_optional(&mut **transaction)
-    .await
-}
-
-pub async fn store(
-    transaction: &mut Transaction<'_, Postgres>,
-    projection: &str,
-    topic: &str,
-    partition: i32,
-    next_offset: i64,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO projector_positions (projection, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (projection, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-    )
-    .bind(projection)
-    .bind(topic)
-    .bind(partition)
-    .bind(next_offset)
-    .execute(&mut **transaction)
-    .await?;
-    Ok(())
 }
 
 #[cfg(test)]

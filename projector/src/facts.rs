@@ -1,0 +1,853 @@
+//! From a decoded envelope to a [`Fact`]: the event with every id parsed and every enum named,
+//! so the bulk writer ([`crate::apply`]) never meets bad input half-way through a batch. An
+//! event that cannot become a fact is poison: it goes to the dead-letter topic with the reason.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use switchboard_proto::events::v1::envelope::Payload;
+use switchboard_proto::events::v1::{
+    AgentConfigured, AssignmentStrategy, CallDirection, CallState, ChannelConfigured, ChannelType, CloseReason,
+    ConsentMode, ConsentState, Envelope, InboundContent, InboxAccessMode, InboxKind, MessageKind,
+    RoutingRulesConfigured, SkipReason, TicketNotCreatedReason, TicketOwnerSource, TicketSettingsConfigured,
+    UnassignedReason, WithheldReason,
+};
+use switchboard_runtime::envelope::{payload_name, to_datetime};
+use uuid::Uuid;
+
+/// Why a record cannot be projected (the dead-letter reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Poison(pub String);
+
+/// Which input topic a record came from (unprefixed names are what positions store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InputTopic {
+    Conversations,
+    Config,
+}
+
+impl InputTopic {
+    pub fn base_name(self) -> &'static str {
+        match self {
+            InputTopic::Conversations => "conversations.v1",
+            InputTopic::Config => "config.v1",
+        }
+    }
+}
+
+/// One event ready to be written.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub event_id: String,
+    pub account_id: String,
+    pub occurred_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    pub trace_id: String,
+    /// Where the router read the cause (unprefixed topic, partition, offset): B6 positions.
+    pub source: Option<(String, i32, i64)>,
+    pub fact: Fact,
+}
+
+#[derive(Debug, Clone)]
+pub enum Fact {
+    ConversationStarted(ConversationStarted),
+    MessageAppended(Box<MessageAppended>),
+    Assigned {
+        conversation_id: Uuid,
+        assignee_id: String,
+        explanation: Explanation,
+    },
+    LeftUnassigned {
+        conversation_id: Uuid,
+        reason: &'static str,
+        explanation: Explanation,
+    },
+    Unassigned {
+        conversation_id: Uuid,
+        actor: Value,
+    },
+    Closed {
+        conversation_id: Uuid,
+        reason: &'static str,
+        actor: Value,
+    },
+    ContactCreated(ContactCreated),
+    ContactOwnerChanged {
+        contact_id: Uuid,
+        owner_agent_id: Option<String>,
+    },
+    TicketCreated(TicketCreated),
+    TicketStageChanged {
+        ticket_id: Uuid,
+        conversation_id: Option<Uuid>,
+        stage: String,
+        closed: bool,
+    },
+    Audit(Audit),
+    Inbox(InboxRow),
+    Channel(ChannelRow),
+    RoutingRules {
+        channel_id: String,
+        version: i64,
+        rules: Value,
+    },
+    TicketSettings {
+        channel_id: String,
+        version: i64,
+        settings: Value,
+    },
+    Agent(AgentRow),
+    /// A compacted-topic tombstone: the entity named by the record key is gone.
+    Tombstone {
+        kind: String,
+        id: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ConversationStarted {
+    pub conversation_id: Uuid,
+    pub inbox_id: String,
+    pub channel_id: String,
+    pub channel_type: &'static str,
+    pub thread_key: String,
+    pub contact_external_id: String,
+    pub contact_name: String,
+    pub contact_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageAppended {
+    pub conversation_id: Uuid,
+    pub message_id: Uuid,
+    pub provider_message_id: String,
+    pub channel_id: String,
+    pub sender_external_id: String,
+    pub sender_name: String,
+    pub body: String,
+    pub source_event_id: String,
+    pub contact_id: Option<Uuid>,
+    pub kind: &'static str,
+    pub subject: String,
+    pub content: Value,
+    pub hidden_fields: Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Explanation {
+    pub channel_id: String,
+    pub rule_version: i64,
+    pub strategy: &'static str,
+    pub eligible_agent_ids: Vec<String>,
+    pub skipped: Value,
+    pub json: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContactCreated {
+    pub contact_id: Uuid,
+    pub channel_id: String,
+    pub external_id: String,
+    pub display_name: String,
+    pub email: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TicketCreated {
+    pub ticket_id: Uuid,
+    pub conversation_id: Uuid,
+    pub contact_id: Option<Uuid>,
+    pub inbox_id: String,
+    pub channel_id: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub owner_agent_id: Option<String>,
+    pub owner_source: &'static str,
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub kind: &'static str,
+    pub reason: String,
+    pub channel_id: String,
+    pub conversation_id: Option<Uuid>,
+    pub message_id: Option<Uuid>,
+    pub detail: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboxRow {
+    pub inbox_id: String,
+    pub name: String,
+    pub kind: &'static str,
+    pub access_mode: &'static str,
+    pub access_user_ids: Vec<String>,
+    pub access_team_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChannelRow {
+    pub channel_id: String,
+    pub inbox_id: String,
+    pub channel_type: &'static str,
+    pub name: String,
+    pub enabled: bool,
+    pub settings: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    pub agent_id: String,
+    pub name: String,
+    pub email: String,
+    pub role: String,
+    pub paid_seat: bool,
+    pub available: bool,
+    pub team_ids: Vec<String>,
+    pub skills: Vec<String>,
+    pub max_open_conversations: i32,
+    pub capacity_per_channel_type: Value,
+}
+
+fn uuid(field: &str, value: &str) -> Result<Uuid, Poison> {
+    Uuid::parse_str(value).map_err(|_| Poison(format!("{field} `{value}` is not a UUID")))
+}
+
+/// Empty means "none" for optional ids in the contract.
+fn optional_uuid(field: &str, value: &str) -> Result<Option<Uuid>, Poison> {
+    if value.is_empty() { Ok(None) } else { uuid(field, value).map(Some) }
+}
+
+fn optional_text(value: &str) -> Option<String> {
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+/// A config tombstone (record with a key and no value) as a fact.
+pub fn tombstone(key: &[u8]) -> Result<Fact, Poison> {
+    let key = std::str::from_utf8(key).map_err(|_| Poison("tombstone key is not UTF-8".into()))?;
+    let (kind, id) = key.split_once('/').ok_or_else(|| Poison(format!("tombstone key `{key}` is not <kind>/<id>")))?;
+    Ok(Fact::Tombstone { kind: kind.to_owned(), id: id.to_owned() })
+}
+
+/// Turns an envelope read from `topic` into an event, or says why it is poison.
+pub fn to_event(topic: InputTopic, envelope: Envelope, trace_id: String) -> Result<Event, Poison> {
+    let payload = envelope.payload.ok_or_else(|| Poison("envelope without payload".into()))?;
+    let fact = match (topic, payload) {
+        (InputTopic::Conversations, payload) => conversation_fact(payload)?,
+        (InputTopic::Config, payload) => config_fact(payload)?,
+    };
+    let source = envelope
+        .source_position
+        .filter(|position| !position.topic.is_empty())
+        .map(|position| (position.topic, position.partition, position.offset));
+    Ok(Event {
+        event_id: envelope.event_id,
+        account_id: envelope.account_id,
+        occurred_at: to_datetime(envelope.occurred_at.as_ref()),
+        recorded_at: to_datetime(envelope.recorded_at.as_ref()),
+        trace_id,
+        source,
+        fact,
+    })
+}
+
+fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
+    Ok(match payload {
+        Payload::ConversationStarted(started) => {
+            let contact = started.contact.unwrap_or_default();
+            Fact::ConversationStarted(ConversationStarted {
+                conversation_id: uuid("conversation_id", &started.conversation_id)?,
+                inbox_id: started.inbox_id,
+                channel_id: started.channel_id,
+                channel_type: channel_type_name(started.channel_type),
+                thread_key: started.thread_key,
+                contact_external_id: contact.external_id,
+                contact_name: contact.display_name,
+                contact_id: optional_uuid("contact_id", &started.contact_id)?,
+            })
+        }
+        Payload::MessageAppended(appended) => {
+            let sender = appended.sender.unwrap_or_default();
+            let content = appended.content.unwrap_or_default();
+            let (visible, hidden_fields) = split_content(&content);
+            Fact::MessageAppended(Box::new(MessageAppended {
+                conversation_id: uuid("conversation_id", &appended.conversation_id)?,
+                message_id: uuid("message_id", &appended.message_id)?,
+                provider_message_id: appended.provider_message_id,
+                channel_id: appended.channel_id,
+                sender_external_id: sender.external_id,
+                sender_name: sender.display_name,
+                body: appended.text,
+                source_event_id: appended.source_event_id,
+                contact_id: optional_uuid("contact_id", &appended.contact_id)?,
+                kind: message_kind_name(content.kind),
+                subject: content.subject.clone(),
+                content: visible,
+                hidden_fields,
+            }))
+        }
+        Payload::ConversationAssigned(assigned) => {
+            if assigned.assignee_agent_id.is_empty() {
+                return Err(Poison("conversation_assigned without an assignee".into()));
+            }
+            Fact::Assigned {
+                conversation_id: uuid("conversation_id", &assigned.conversation_id)?,
+                assignee_id: assigned.assignee_agent_id,
+                explanation: explanation(assigned.explanation.unwrap_or_default()),
+            }
+        }
+        Payload::ConversationLeftUnassigned(left) => Fact::LeftUnassigned {
+            conversation_id: uuid("conversation_id", &left.conversation_id)?,
+            reason: unassigned_reason_name(left.reason),
+            explanation: explanation(left.explanation.unwrap_or_default()),
+        },
+        Payload::ConversationUnassigned(unassigned) => Fact::Unassigned {
+            conversation_id: uuid("conversation_id", &unassigned.conversation_id)?,
+            actor: actor_json(unassigned.actor.as_ref(), &unassigned.request_id),
+        },
+        Payload::ConversationClosed(closed) => Fact::Closed {
+            conversation_id: uuid("conversation_id", &closed.conversation_id)?,
+            reason: match CloseReason::try_from(closed.reason).unwrap_or(CloseReason::Unspecified) {
+                CloseReason::Unspecified => "unspecified",
+                CloseReason::Agent => "agent",
+                CloseReason::TicketClosed => "ticket_closed",
+            },
+            actor: actor_json(closed.actor.as_ref(), &closed.request_id),
+        },
+        Payload::ContactCreated(created) => Fact::ContactCreated(ContactCreated {
+            contact_id: uuid("contact_id", &created.contact_id)?,
+            channel_id: created.channel_id,
+            external_id: created.external_id,
+            display_name: created.display_name,
+            email: created.email,
+        }),
+        Payload::ContactOwnerChanged(changed) => Fact::ContactOwnerChanged {
+            contact_id: uuid("contact_id", &changed.contact_id)?,
+            owner_agent_id: optional_text(&changed.owner_agent_id),
+        },
+        Payload::TicketCreated(created) => Fact::TicketCreated(TicketCreated {
+            ticket_id: uuid("ticket_id", &created.ticket_id)?,
+            conversation_id: uuid("conversation_id", &created.conversation_id)?,
+            contact_id: optional_uuid("contact_id", &created.contact_id)?,
+            inbox_id: created.inbox_id,
+            channel_id: created.channel_id,
+            pipeline: created.pipeline,
+            stage: created.stage,
+            owner_agent_id: optional_text(&created.owner_agent_id),
+            owner_source: match TicketOwnerSource::try_from(created.owner_source)
+                .unwrap_or(TicketOwnerSource::Unspecified)
+            {
+                TicketOwnerSource::Unspecified => "unspecified",
+                TicketOwnerSource::ConversationAssignee => "conversation_assignee",
+                TicketOwnerSource::Fixed => "fixed",
+                TicketOwnerSource::None => "none",
+            },
+            name: created.name,
+            description: created.description,
+        }),
+        Payload::TicketStageChanged(changed) => Fact::TicketStageChanged {
+            ticket_id: uuid("ticket_id", &changed.ticket_id)?,
+            conversation_id: optional_uuid("conversation_id", &changed.conversation_id)?,
+            stage: changed.stage,
+            closed: changed.closed,
+        },
+        Payload::MessageWithheld(withheld) => {
+            let sender = withheld.sender.unwrap_or_default();
+            Fact::Audit(Audit {
+                kind: "withheld",
+                reason: match WithheldReason::try_from(withheld.reason).unwrap_or(WithheldReason::Unspecified) {
+                    WithheldReason::Unspecified => "unspecified",
+                    WithheldReason::ChannelOff => "channel_off",
+                    WithheldReason::AwaitingConsent => "awaiting_consent",
+                    WithheldReason::UnknownChannel => "unknown_channel",
+                }
+                .to_owned(),
+                channel_id: withheld.channel_id,
+                conversation_id: None,
+                message_id: optional_uuid("message_id", &withheld.message_id)?,
+                detail: json!({
+                    "thread_key": withheld.thread_key,
+                    "sender": {"external_id": sender.external_id, "display_name": sender.display_name, "email": sender.email},
+                    "source_event_id": withheld.source_event_id,
+                }),
+            })
+        }
+        Payload::TicketNotCreated(not_created) => Fact::Audit(Audit {
+            kind: "ticket_not_created",
+            reason: match TicketNotCreatedReason::try_from(not_created.reason)
+                .unwrap_or(TicketNotCreatedReason::Unspecified)
+            {
+                TicketNotCreatedReason::Unspecified => "unspecified",
+                TicketNotCreatedReason::ContactAtAssociationLimit => "contact_at_association_limit",
+            }
+            .to_owned(),
+            channel_id: String::new(),
+            conversation_id: optional_uuid("conversation_id", &not_created.conversation_id)?,
+            message_id: None,
+            detail: json!({"contact_id": not_created.contact_id, "limit": not_created.limit}),
+        }),
+        Payload::CommandRejected(rejected) => Fact::Audit(Audit {
+            kind: "command_rejected",
+            reason: rejected.reason,
+            channel_id: String::new(),
+            conversation_id: None,
+            message_id: None,
+            detail: json!({"request_id": rejected.request_id, "command": rejected.command}),
+        }),
+        Payload::OwnerNotificationRequested(notification) => Fact::Audit(Audit {
+            kind: "owner_notified",
+            reason: "owner_offline".to_owned(),
+            channel_id: String::new(),
+            conversation_id: optional_uuid("conversation_id", &notification.conversation_id)?,
+            message_id: optional_uuid("message_id", &notification.message_id)?,
+            detail: json!({"agent_id": notification.agent_id, "contact_id": notification.contact_id}),
+        }),
+        other => {
+            return Err(Poison(format!("{} does not belong on the conversations topic", payload_name(&other))));
+        }
+    })
+}
+
+fn config_fact(payload: Payload) -> Result<Fact, Poison> {
+    Ok(match payload {
+        Payload::InboxConfigured(inbox) => {
+            if inbox.inbox_id.is_empty() {
+                return Err(Poison("inbox_configured without an inbox id".into()));
+            }
+            Fact::Inbox(InboxRow {
+                kind: match InboxKind::try_from(inbox.kind).unwrap_or(InboxKind::Unspecified) {
+                    InboxKind::HelpDesk => "help_desk",
+                    InboxKind::Unspecified | InboxKind::Conversations => "conversations",
+                },
+                access_mode: match InboxAccessMode::try_from(inbox.access_mode).unwrap_or(InboxAccessMode::Unspecified)
+                {
+                    InboxAccessMode::SpecificUsersAndTeams => "specific_users_and_teams",
+                    InboxAccessMode::Unspecified | InboxAccessMode::Everyone => "everyone",
+                },
+                inbox_id: inbox.inbox_id,
+                name: inbox.name,
+                access_user_ids: inbox.access_user_ids,
+                access_team_ids: inbox.access_team_ids,
+            })
+        }
+        Payload::ChannelConfigured(channel) => {
+            if channel.channel_id.is_empty() {
+                return Err(Poison("channel_configured without a channel id".into()));
+            }
+            Fact::Channel(ChannelRow {
+                settings: channel_settings_json(&channel),
+                channel_type: channel_type_name(channel.channel_type),
+                channel_id: channel.channel_id,
+                inbox_id: channel.inbox_id,
+                name: channel.name,
+                enabled: channel.enabled,
+            })
+        }
+        Payload::RoutingRulesConfigured(rules) => {
+            if rules.channel_id.is_empty() {
+                return Err(Poison("routing_rules_configured without a channel id".into()));
+            }
+            Fact::RoutingRules {
+                channel_id: rules.channel_id.clone(),
+                version: rules.version as i64,
+                rules: rules_json(&rules),
+            }
+        }
+        Payload::TicketSettingsConfigured(settings) => {
+            if settings.channel_id.is_empty() {
+                return Err(Poison("ticket_settings_configured without a channel id".into()));
+            }
+            Fact::TicketSettings {
+                channel_id: settings.channel_id.clone(),
+                version: settings.version as i64,
+                settings: ticket_settings_json(&settings),
+            }
+        }
+        Payload::AgentConfigured(agent) => {
+            if agent.agent_id.is_empty() {
+                return Err(Poison("agent_configured without an agent id".into()));
+            }
+            Fact::Agent(agent_row(agent))
+        }
+        other => return Err(Poison(format!("{} does not belong on the config topic", payload_name(&other)))),
+    })
+}
+
+fn agent_row(agent: AgentConfigured) -> AgentRow {
+    let capacity: serde_json::Map<String, Value> = agent
+        .capacity_per_channel_type
+        .iter()
+        .map(|capacity| (channel_type_name(capacity.channel_type).to_owned(), json!(capacity.max_open)))
+        .collect();
+    AgentRow {
+        role: if agent.role.is_empty() { "agent".to_owned() } else { agent.role },
+        agent_id: agent.agent_id,
+        name: agent.name,
+        email: agent.email,
+        paid_seat: agent.paid_seat,
+        available: agent.available,
+        team_ids: agent.team_ids,
+        skills: agent.skills,
+        max_open_conversations: agent.max_open_conversations.min(i32::MAX as u32) as i32,
+        capacity_per_channel_type: Value::Object(capacity),
+    }
+}
+
+/// The type-specific settings of a channel as JSON (no secrets ever travel in config events).
+fn channel_settings_json(channel: &ChannelConfigured) -> Value {
+    let mut settings = serde_json::Map::new();
+    if let Some(email) = &channel.email {
+        settings.insert(
+            "email".into(),
+            json!({
+                "team_address": email.team_address,
+                "from_name_mode": email.from_name_mode,
+                "from_address": email.from_address,
+                "signature": email.signature,
+                "signature_is_html": email.signature_is_html,
+                "log_forwarded_to_forwarder": email.log_forwarded_to_forwarder,
+            }),
+        );
+    }
+    if let Some(chat) = &channel.chat {
+        let hours: Vec<Value> = chat
+            .chat_hours
+            .iter()
+            .map(|range| json!({"weekday": range.weekday, "start_minute": range.start_minute, "end_minute": range.end_minute}))
+            .collect();
+        settings.insert(
+            "chat".into(),
+            json!({
+                "accent_colour": chat.accent_colour,
+                "welcome_message": chat.welcome_message,
+                "pop_open_welcome": chat.pop_open_welcome,
+                "availability_mode": chat.availability_mode,
+                "time_zone": chat.time_zone,
+                "chat_hours": hours,
+                "typical_reply_time": chat.typical_reply_time,
+                "away_message": chat.away_message,
+                "offline_behaviour": chat.offline_behaviour,
+                "at_capacity_behaviour": chat.at_capacity_behaviour,
+                "at_capacity_message": chat.at_capacity_message,
+            }),
+        );
+    }
+    if let Some(messenger) = &channel.messenger {
+        let consent_mode = match ConsentMode::try_from(messenger.consent_mode).unwrap_or(ConsentMode::Unspecified) {
+            ConsentMode::Unspecified => "unspecified",
+            ConsentMode::Implicit => "implicit",
+            ConsentMode::Explicit => "explicit",
+        };
+        settings.insert(
+            "messenger".into(),
+            json!({
+                "page_id": messenger.page_id,
+                "consent_mode": consent_mode,
+                "consent_text": messenger.consent_text,
+                "greeting": messenger.greeting,
+                "instant_reply": messenger.instant_reply,
+            }),
+        );
+    }
+    if let Some(whatsapp) = &channel.whatsapp {
+        settings.insert(
+            "whatsapp".into(),
+            json!({"phone_number_id": whatsapp.phone_number_id, "display_phone_number": whatsapp.display_phone_number}),
+        );
+    }
+    Value::Object(settings)
+}
+
+fn rules_json(rules: &RoutingRulesConfigured) -> Value {
+    let target = match rules.target {
+        1 => "nobody",
+        2 => "specific_users_and_teams",
+        3 => "contact_owner",
+        _ => "unspecified",
+    };
+    json!({
+        "version": rules.version,
+        "auto_assign": rules.auto_assign,
+        "target": target,
+        "user_ids": rules.user_ids,
+        "team_ids": rules.team_ids,
+        "only_available": rules.only_available,
+        "strategy": strategy_name(rules.strategy),
+        "required_skills": rules.required_skills,
+        "redrive_backlog": rules.redrive_backlog,
+    })
+}
+
+fn ticket_settings_json(settings: &TicketSettingsConfigured) -> Value {
+    json!({
+        "version": settings.version,
+        "treat_as_tickets": settings.treat_as_tickets,
+        "default_pipeline": settings.default_pipeline,
+        "default_stage": settings.default_stage,
+        "fixed_owner_agent_id": settings.fixed_owner_agent_id,
+        "contact_association_limit": settings.contact_association_limit,
+    })
+}
+
+fn actor_json(actor: Option<&switchboard_proto::events::v1::Actor>, request_id: &str) -> Value {
+    let actor = actor.cloned().unwrap_or_default();
+    json!({"user_id": actor.user_id, "role": actor.role, "request_id": request_id})
+}
+
+fn explanation(explanation: switchboard_proto::events::v1::RoutingExplanation) -> Explanation {
+    let skipped: Vec<Value> = explanation
+        .skipped
+        .iter()
+        .map(|skip| json!({"agent_id": skip.agent_id, "reason": skip_reason_name(skip.reason)}))
+        .collect();
+    let strategy = strategy_name(explanation.strategy);
+    let target = match explanation.target {
+        1 => "nobody",
+        2 => "specific_users_and_teams",
+        3 => "contact_owner",
+        _ => "unspecified",
+    };
+    Explanation {
+        json: json!({
+            "channel_id": explanation.channel_id,
+            "rule_version": explanation.rule_version,
+            "target": target,
+            "strategy": strategy,
+            "only_available": explanation.only_available,
+            "eligible_agent_ids": explanation.eligible_agent_ids,
+            "skipped": skipped,
+        }),
+        channel_id: explanation.channel_id,
+        rule_version: explanation.rule_version.min(i64::MAX as u64) as i64,
+        strategy,
+        eligible_agent_ids: explanation.eligible_agent_ids,
+        skipped: Value::Array(skipped),
+    }
+}
+
+/// C7: splits content into what the inbox view may show and the hidden form fields, which are
+/// kept apart (contact timeline only). Empty parts are left out so plain text stays `{}`.
+pub fn split_content(content: &InboundContent) -> (Value, Value) {
+    let mut visible = serde_json::Map::new();
+    let mut hidden = Vec::new();
+    let mut fields = Vec::new();
+    for field in &content.form_fields {
+        let entry = json!({"name": field.name, "value": field.value});
+        if field.hidden { hidden.push(entry) } else { fields.push(entry) }
+    }
+    if !fields.is_empty() {
+        visible.insert("form_fields".into(), Value::Array(fields));
+    }
+    if let Some(ticket) = &content.form_ticket {
+        visible.insert(
+            "form_ticket".into(),
+            json!({"name": ticket.name, "description": ticket.description, "pipeline": ticket.pipeline, "stage": ticket.stage}),
+        );
+    }
+    if !content.unsupported_kind.is_empty() {
+        visible.insert("unsupported_kind".into(), json!(content.unsupported_kind));
+    }
+    if !content.preview.is_empty() {
+        visible.insert("preview".into(), json!(content.preview));
+    }
+    if !content.attachments.is_empty() {
+        let attachments: Vec<Value> = content
+            .attachments
+            .iter()
+            .map(|attachment| {
+                json!({
+                    "file_name": attachment.file_name,
+                    "content_type": attachment.content_type,
+                    "size_bytes": attachment.size_bytes,
+                    "sha256": attachment.sha256,
+                    "provider_ref": attachment.provider_ref,
+                    "content_id": attachment.content_id,
+                })
+            })
+            .collect();
+        visible.insert("attachments".into(), Value::Array(attachments));
+    }
+    if let Some(email) = &content.email {
+        let person = |sender: &Option<switchboard_proto::events::v1::Sender>| {
+            sender.as_ref().map(|sender| {
+                json!({"external_id": sender.external_id, "display_name": sender.display_name, "email": sender.email})
+            })
+        };
+        visible.insert(
+            "email".into(),
+            json!({
+                "message_id_header": email.message_id_header,
+                "in_reply_to": email.in_reply_to,
+                "references": email.references,
+                "team_address": email.team_address,
+                "to": email.to,
+                "cc": email.cc,
+                "forwarded_by": person(&email.forwarded_by),
+                "original_sender": person(&email.original_sender),
+                "has_html": email.has_html,
+            }),
+        );
+    }
+    if let Some(call) = &content.call {
+        let state = match CallState::try_from(call.state).unwrap_or(CallState::Unspecified) {
+            CallState::Unspecified => "unspecified",
+            CallState::Ringing => "ringing",
+            CallState::Answered => "answered",
+            CallState::Completed => "completed",
+            CallState::Missed => "missed",
+            CallState::Voicemail => "voicemail",
+        };
+        let direction = match CallDirection::try_from(call.direction).unwrap_or(CallDirection::Unspecified) {
+            CallDirection::Unspecified => "unspecified",
+            CallDirection::Inbound => "inbound",
+            CallDirection::Outbound => "outbound",
+        };
+        visible.insert(
+            "call".into(),
+            json!({
+                "call_id": call.call_id, "state": state, "direction": direction,
+                "from_number": call.from_number, "to_number": call.to_number,
+                "duration_seconds": call.duration_seconds,
+                "recording_ref": call.recording_ref, "transcript_ref": call.transcript_ref,
+            }),
+        );
+    }
+    if let Some(location) = &content.location {
+        visible.insert(
+            "location".into(),
+            json!({"latitude": location.latitude, "longitude": location.longitude, "name": location.name, "address": location.address}),
+        );
+    }
+    if !content.interactive_reply_id.is_empty() {
+        visible.insert("interactive_reply_id".into(), json!(content.interactive_reply_id));
+    }
+    match ConsentState::try_from(content.consent).unwrap_or(ConsentState::Unspecified) {
+        ConsentState::Unspecified => {}
+        ConsentState::Given => drop(visible.insert("consent".into(), json!("given"))),
+        ConsentState::NotGiven => drop(visible.insert("consent".into(), json!("not_given"))),
+    }
+    if !content.provider_attributes.is_empty() {
+        // Sorted keys: a map's iteration order must not make two replays differ.
+        let attributes: std::collections::BTreeMap<_, _> = content.provider_attributes.iter().collect();
+        visible.insert("provider_attributes".into(), json!(attributes));
+    }
+    (Value::Object(visible), Value::Array(hidden))
+}
+
+pub fn channel_type_name(channel_type: i32) -> &'static str {
+    match ChannelType::try_from(channel_type).unwrap_or(ChannelType::Unspecified) {
+        ChannelType::Unspecified => "unspecified",
+        ChannelType::TeamEmail => "team_email",
+        ChannelType::Chat => "chat",
+        ChannelType::FacebookMessenger => "facebook_messenger",
+        ChannelType::Forms => "forms",
+        ChannelType::Whatsapp => "whatsapp",
+        ChannelType::Calling => "calling",
+        ChannelType::Custom => "custom",
+    }
+}
+
+/// C6/C8: channel types whose provider only allows replies within 24 h of the customer's
+/// last message.
+pub fn has_reply_window(channel_type: &str) -> bool {
+    matches!(channel_type, "facebook_messenger" | "whatsapp")
+}
+
+fn message_kind_name(kind: i32) -> &'static str {
+    match MessageKind::try_from(kind).unwrap_or(MessageKind::Unspecified) {
+        MessageKind::Unspecified | MessageKind::Text => "text",
+        MessageKind::Email => "email",
+        MessageKind::Image => "image",
+        MessageKind::Document => "document",
+        MessageKind::Audio => "audio",
+        MessageKind::Video => "video",
+        MessageKind::Location => "location",
+        MessageKind::InteractiveReply => "interactive_reply",
+        MessageKind::FormSubmission => "form_submission",
+        MessageKind::Call => "call",
+        MessageKind::Sticker => "sticker",
+        MessageKind::Contacts => "contacts",
+        MessageKind::Unsupported => "unsupported",
+    }
+}
+
+fn unassigned_reason_name(reason: i32) -> &'static str {
+    match UnassignedReason::try_from(reason).unwrap_or(UnassignedReason::Unspecified) {
+        UnassignedReason::Unspecified => "unassigned",
+        UnassignedReason::AutoAssignmentOff => "auto_assignment_off",
+        UnassignedReason::TargetNobody => "target_nobody",
+        UnassignedReason::NoEligibleAgent => "no_eligible_agent",
+        UnassignedReason::NoRoutingRules => "no_routing_rules",
+        UnassignedReason::ContactHasNoOwner => "contact_has_no_owner",
+    }
+}
+
+fn skip_reason_name(reason: i32) -> &'static str {
+    match SkipReason::try_from(reason).unwrap_or(SkipReason::Unspecified) {
+        SkipReason::Unspecified => "unspecified",
+        SkipReason::Offline => "offline",
+        SkipReason::NoPaidSeat => "no_paid_seat",
+        SkipReason::AtCapacity => "at_capacity",
+        SkipReason::MissingSkill => "missing_skill",
+        SkipReason::UnknownAgent => "unknown_agent",
+    }
+}
+
+fn strategy_name(strategy: i32) -> &'static str {
+    match AssignmentStrategy::try_from(strategy).unwrap_or(AssignmentStrategy::Unspecified) {
+        AssignmentStrategy::Unspecified => "",
+        AssignmentStrategy::RoundRobin => "round_robin",
+        AssignmentStrategy::Balanced => "balanced",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_proto::events::v1::FormField;
+
+    #[test]
+    fn c7_hidden_form_fields_are_split_from_visible_content() {
+        let content = InboundContent {
+            kind: MessageKind::FormSubmission as i32,
+            form_fields: vec![
+                FormField { name: "email".into(), value: "a@b.c".into(), hidden: false },
+                FormField { name: "utm_source".into(), value: "ads".into(), hidden: true },
+            ],
+            ..Default::default()
+        };
+        let (visible, hidden) = split_content(&content);
+        assert_eq!(visible["form_fields"], json!([{"name": "email", "value": "a@b.c"}]));
+        assert_eq!(hidden, json!([{"name": "utm_source", "value": "ads"}]));
+        assert!(!visible.to_string().contains("utm_source"));
+    }
+
+    #[test]
+    fn payloads_on_the_wrong_topic_are_poison() {
+        let envelope = switchboard_runtime::envelope::new_root(
+            "acct",
+            "acct",
+            Utc::now(),
+            Payload::InboxConfigured(Default::default()),
+        );
+        let error = to_event(InputTopic::Conversations, envelope, String::new()).unwrap_err();
+        assert!(error.0.contains("does not belong on the conversations topic"), "{error}");
+    }
+
+    #[test]
+    fn bad_ids_are_poison_with_the_field_named() {
+        let envelope = switchboard_runtime::envelope::new_root(
+            "acct",
+            "acct",
+            Utc::now(),
+            Payload::ConversationClosed(switchboard_proto::events::v1::ConversationClosed {
+                conversation_id: "nope".into(),
+                ..Default::default()
+            }),
+        );
+        let error = to_event(InputTopic::Conversations, envelope, String::new()).unwrap_err();
+        assert_eq!(error.0, "conversation_id `nope` is not a UUID");
+    }
+}

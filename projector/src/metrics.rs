@@ -1,0 +1,154 @@
+//! What the projector reports about itself: counters, the last batch, and lag per partition,
+//! as Prometheus text on `/metrics` and as rows of `projector_lag` (so the API can expose it).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tracing::warn;
+
+#[derive(Default)]
+pub struct Metrics {
+    pub events_applied: AtomicU64,
+    pub batches: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub last_batch_records: AtomicU64,
+    pub last_batch_micros: AtomicU64,
+    pub batch_failures: AtomicU64,
+    partitions: Mutex<BTreeMap<(String, i32), PartitionLag>>,
+}
+
+/// What is known about one input partition: where the read models are and where the log ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub next_offset: Option<i64>,
+    pub end_offset: Option<i64>,
+}
+
+impl PartitionLag {
+    pub fn lag(&self) -> Option<i64> {
+        Some((self.end_offset? - self.next_offset.unwrap_or(0)).max(0))
+    }
+}
+
+impl Metrics {
+    pub fn record_position(&self, topic: &str, partition: i32, next_offset: i64) {
+        let mut partitions = self.partitions.lock().expect("metrics lock poisoned");
+        partitions.entry((topic.to_owned(), partition)).or_default().next_offset = Some(next_offset);
+    }
+
+    pub fn record_end(&self, topic: &str, partition: i32, end_offset: i64) {
+        let mut partitions = self.partitions.lock().expect("metrics lock poisoned");
+        partitions.entry((topic.to_owned(), partition)).or_default().end_offset = Some(end_offset);
+    }
+
+    /// The partition no longer belongs to this instance: its figures are someone else's now.
+    pub fn forget(&self, topic: &str, partition: i32) {
+        self.partitions.lock().expect("metrics lock poisoned").remove(&(topic.to_owned(), partition));
+    }
+
+    pub fn partitions(&self) -> BTreeMap<(String, i32), PartitionLag> {
+        self.partitions.lock().expect("metrics lock poisoned").clone()
+    }
+
+    pub fn render_prometheus(&self) -> String {
+        let mut out = String::new();
+        let counters = [
+            ("projector_events_applied_total", "Events applied to the read models.", &self.events_applied),
+            ("projector_batches_total", "Batches committed.", &self.batches),
+            ("projector_dead_lettered_total", "Records sent to the dead-letter topic.", &self.dead_lettered),
+            ("projector_batch_failures_total", "Batches rolled back and retried.", &self.batch_failures),
+        ];
+        for (name, help, value) in counters {
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP projector_last_batch_records Records in the last batch.\n# TYPE projector_last_batch_records gauge\n\
+             projector_last_batch_records {}",
+            self.last_batch_records.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP projector_last_batch_seconds Time to write the last batch.\n# TYPE projector_last_batch_seconds gauge\n\
+             projector_last_batch_seconds {:.6}",
+            self.last_batch_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP projector_partition_lag Records between the stored position and the end of the partition.\n\
+             # TYPE projector_partition_lag gauge"
+        );
+        for ((topic, partition), figures) in self.partitions() {
+            if let Some(lag) = figures.lag() {
+                let _ = writeln!(out, "projector_partition_lag{{topic=\"{topic}\",partition=\"{partition}\"}} {lag}");
+            }
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` until the process ends.
+pub async fn serve(address: std::net::SocketAddr, metrics: std::sync::Arc<Metrics>) -> anyhow::Result<()> {
+    let app =
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render_prometheus())
+                }
+            }),
+        );
+    let listener =
+        tokio::net::TcpListener::bind(address).await.with_context(|| format!("failed to bind metrics on {address}"))?;
+    axum::serve(listener, app).await.context("metrics server failed")
+}
+
+/// Writes this instance's lag figures to `projector_lag` of the active schema once a second.
+pub async fn store_lag_periodically(
+    pool: PgPool,
+    metrics: std::sync::Arc<Metrics>,
+    schema: tokio::sync::watch::Receiver<String>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if *shutdown.borrow() || pool.is_closed() {
+            return;
+        }
+        let rows: Vec<((String, i32), PartitionLag)> =
+            metrics.partitions().into_iter().filter(|(_, figures)| figures.lag().is_some()).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let schema_name = schema.borrow().clone();
+        let result = async {
+            let mut transaction = pool.begin().await?;
+            sqlx::query(&format!("SET LOCAL search_path TO {schema_name}")).execute(&mut *transaction).await?;
+            sqlx::query(
+                "INSERT INTO projector_lag (topic, partition, next_offset, end_offset, lag, measured_at) \
+                 SELECT t, p, n, e, GREATEST(0, e - n), now() FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[]) \
+                 AS u(t, p, n, e) \
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, \
+                 end_offset = EXCLUDED.end_offset, lag = EXCLUDED.lag, measured_at = EXCLUDED.measured_at",
+            )
+            .bind(rows.iter().map(|((topic, _), _)| topic.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|((_, partition), _)| *partition).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, figures)| figures.next_offset.unwrap_or(0)).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, figures)| figures.end_offset.unwrap_or(0)).collect::<Vec<_>>())
+            .execute(&mut *transaction)
+            .await?;
+            transaction.commit().await
+        }
+        .await;
+        if let Err(error) = result {
+            warn!(%error, "failed to store projector lag");
+        }
+    }
+}
