@@ -11,10 +11,10 @@ use std::time::Instant;
 use chrono::{TimeZone, Utc};
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelType, Envelope, InboundMessageReceived,
-    RoutingRulesConfigured, Sender,
+    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, Envelope,
+    InboundMessageReceived, RoutingRulesConfigured, Sender,
 };
-use switchboard_router::core::{RouterState, decide, evolve};
+use switchboard_router::core::{RouterConfig, RouterState, decide, evolve};
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::envelope::{new_root, timestamp};
 
@@ -33,7 +33,7 @@ fn argument(name: &str, default: f64) -> f64 {
         .unwrap_or(default)
 }
 
-fn config() -> ConfigSnapshot {
+fn config() -> RouterConfig {
     let mut config = ConfigSnapshot::default();
     for index in 0..AGENTS {
         let agent = AgentConfigured {
@@ -61,9 +61,18 @@ fn config() -> ConfigSnapshot {
                 as i32,
             ..Default::default()
         };
+        let channel = ChannelConfigured {
+            channel_id: rules.channel_id.clone(),
+            inbox_id: "inbox".into(),
+            channel_type: ChannelType::Chat as i32,
+            name: rules.channel_id.clone(),
+            enabled: true,
+            ..Default::default()
+        };
+        config.channels.insert(channel.channel_id.clone(), Owned { account_id: ACCOUNT.into(), entity: channel });
         config.routing_rules.insert(rules.channel_id.clone(), Owned { account_id: ACCOUNT.into(), entity: rules });
     }
-    config
+    RouterConfig::from_snapshot(config)
 }
 
 fn inbound(sequence: u64, visitor: u64) -> Envelope {
