@@ -448,7 +448,7 @@ pub struct RecoveryStats {
 /// Recovers one partition's routing state: the latest snapshot (if any), then the router's own
 /// committed output written after it, folded with `evolve` (nothing is re-decided).
 pub fn load_partition_state(settings: &RouterSettings, partition: i32) -> anyhow::Result<PartitionState> {
-    let (state, stats, last_chunk_count) = recover_partition_state(settings, partition)?;
+    let (state, stats, last_chunk_count) = recover_partition_state(settings, partition, RecoverFrom::LatestSnapshot)?;
     info!(
         partition,
         snapshot_bytes = stats.snapshot_bytes,
@@ -460,10 +460,20 @@ pub fn load_partition_state(settings: &RouterSettings, partition: i32) -> anyhow
     Ok(PartitionState { state, records_since_snapshot: 0, last_snapshot_at: Instant::now(), last_chunk_count })
 }
 
+/// Where recovery starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoverFrom {
+    /// The latest snapshot plus the output written after it (what the router does).
+    LatestSnapshot,
+    /// The whole output partition (the fallback; the restart benchmark compares both).
+    Beginning,
+}
+
 /// The recovery itself, without bookkeeping: (state, stats, chunk count of the snapshot used).
 pub fn recover_partition_state(
     settings: &RouterSettings,
     partition: i32,
+    from: RecoverFrom,
 ) -> anyhow::Result<(RouterState, RecoveryStats, u32)> {
     let started = Instant::now();
     let reader: BaseConsumer<kafka::ReaderContext> =
@@ -471,7 +481,11 @@ pub fn recover_partition_state(
             .create_with_context(kafka::ReaderContext)
             .context("failed to create state reader")?;
     let mut stats = RecoveryStats::default();
-    let (mut state, tail_from, skip_inputs_below, chunk_count) = match read_latest_snapshot(settings, &reader, partition) {
+    let latest_opt = match from {
+        RecoverFrom::LatestSnapshot => read_latest_snapshot(settings, &reader, partition),
+        RecoverFrom::Beginning => Ok(None),
+    };
+    let (mut state, tail_from, skip_inputs_below, chunk_count) = match latest_opt {
         Ok(Some((manifest, bytes))) => match snapshot::decode_state(&bytes) {
             Ok(state) => {
                 stats.snapshot_bytes = bytes.len() as u64;

@@ -325,3 +325,69 @@ pub struct Pipeline {
     pub api: ConversationServiceClient<Channel>,
     pub http: reqwest::Client,
 }
+
+impl TestEnv {
+    /// Starts the router binary as a child process with extra environment (e.g. snapshot cadence).
+    pub fn spawn_router_process_with(&self, instance_id: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Child> {
+        let mut command = Command::new(binary_path("router")?);
+        command
+            .env("KAFKA_BROKERS", &self.brokers)
+            .env("SWITCHBOARD_TOPIC_PREFIX", &self.topics.prefix)
+            .env("SWITCHBOARD_INSTANCE_ID", instance_id)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (name, value) in extra_env {
+            command.env(name, value);
+        }
+        command.spawn().context("failed to start the router binary")
+    }
+
+    /// Produces envelopes with their keys to a topic (partitioned by key, as services do) and
+    /// waits until every one is acknowledged.
+    pub async fn produce_envelopes(&self, topic: &str, records: &[(String, Envelope)]) -> anyhow::Result<()> {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer =
+            switchboard_runtime::kafka::idempotent_producer_config(&self.brokers, "test-envelopes", 60_000).create()?;
+        // Bounded in-flight sends: a few thousand at a time.
+        for chunk in records.chunks(5_000) {
+            let deliveries = chunk.iter().map(|(key, envelope)| {
+                let payload = switchboard_runtime::envelope::encode(envelope);
+                let producer = &producer;
+                async move {
+                    producer
+                        .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(60))
+                        .await
+                        .map_err(|(error, _)| anyhow::Error::new(error))
+                }
+            });
+            futures::future::try_join_all(deliveries).await?;
+        }
+        Ok(())
+    }
+
+    /// How many records of `topic` the consumer group has not committed yet (all partitions).
+    pub fn group_lag(&self, group_id: &str, topic: &str) -> anyhow::Result<i64> {
+        let partitions = self.topics.declared_partitions(topic).context("unknown topic")?;
+        let consumer: BaseConsumer<switchboard_runtime::kafka::ReaderContext> =
+            switchboard_runtime::kafka::client_config(&self.brokers, "test-lag")
+                .set("group.id", group_id)
+                .set("enable.auto.commit", "false")
+                .create_with_context(switchboard_runtime::kafka::ReaderContext)?;
+        let mut wanted = TopicPartitionList::new();
+        for partition in 0..partitions {
+            wanted.add_partition(topic, partition);
+        }
+        let committed = consumer.committed_offsets(wanted, Duration::from_secs(10))?;
+        let mut lag = 0;
+        for element in committed.elements() {
+            let (_, high) = consumer.fetch_watermarks(topic, element.partition(), Duration::from_secs(10))?;
+            let committed_offset = match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => 0,
+            };
+            lag += (high - committed_offset).max(0);
+        }
+        Ok(lag)
+    }
+}
