@@ -25,6 +25,7 @@ use switchboard_runtime::topics::{Topics, ensure_topics};
 use tonic::transport::Channel;
 
 pub mod demo;
+pub mod router_fixtures;
 
 /// The demo config (one chat channel round-robining among ana, bo and cy).
 pub const DEMO_CONFIG: &str = include_str!("../../deploy/demo-config.toml");
@@ -275,8 +276,12 @@ async fn delete_topics(brokers: &str, topics: &Topics) {
     else {
         return;
     };
-    let names = [&topics.inbound, &topics.conversations, &topics.config, &topics.deadletter];
-    let names: Vec<&str> = names.iter().map(|name| name.as_str()).collect();
+    // Every declared topic of the environment (router snapshots included).
+    let names: Vec<String> = switchboard_runtime::topics::topic_specs()
+        .iter()
+        .map(|spec| format!("{}{}", topics.prefix, spec.base_name))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
 }
 

@@ -7,107 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use switchboard_proto::events::v1::Envelope;
 use switchboard_proto::events::v1::envelope::Payload;
-use switchboard_proto::events::v1::{
-    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, Envelope, InboundMessageReceived,
-    InboxConfigured, RoutingRulesConfigured, Sender, TicketSettingsConfigured,
-};
-use switchboard_runtime::config_store::config_key;
-use switchboard_runtime::envelope::new_root;
 use switchboard_tests::TestEnv;
+use switchboard_tests::router_fixtures::{AGENTS, account_config, inbound};
 
 const ACCOUNTS: usize = 5;
 const VISITORS_PER_ACCOUNT: usize = 1_000;
 const MESSAGES: usize = 50_000;
 const CAPACITY: u32 = 40;
-const AGENTS: [&str; 3] = ["ana", "bo", "cy"];
-
-fn config_event(account: &str, payload: Payload) -> (String, Envelope) {
-    let key = config_key(&payload).expect("config payload");
-    (key.clone(), new_root(account, &key, Utc::now(), payload))
-}
-
-/// One account: a chat channel round-robining among three agents with a capacity, treating
-/// conversations as tickets (T1).
-fn account_config(account: &str) -> Vec<(String, Envelope)> {
-    let channel_id = format!("{account}-chat");
-    let mut records = vec![
-        config_event(
-            account,
-            Payload::InboxConfigured(InboxConfigured {
-                inbox_id: format!("{account}-inbox"),
-                name: "Support".into(),
-                ..Default::default()
-            }),
-        ),
-        config_event(
-            account,
-            Payload::ChannelConfigured(ChannelConfigured {
-                channel_id: channel_id.clone(),
-                inbox_id: format!("{account}-inbox"),
-                channel_type: ChannelType::Chat as i32,
-                name: "Chat".into(),
-                enabled: true,
-                ..Default::default()
-            }),
-        ),
-        config_event(
-            account,
-            Payload::RoutingRulesConfigured(RoutingRulesConfigured {
-                channel_id: channel_id.clone(),
-                version: 1,
-                auto_assign: true,
-                target: AssignTarget::SpecificUsersAndTeams as i32,
-                user_ids: AGENTS.iter().map(|name| format!("{account}-{name}")).collect(),
-                only_available: true,
-                strategy: AssignmentStrategy::RoundRobin as i32,
-                ..Default::default()
-            }),
-        ),
-        config_event(
-            account,
-            Payload::TicketSettingsConfigured(TicketSettingsConfigured {
-                channel_id: channel_id.clone(),
-                treat_as_tickets: true,
-                default_pipeline: "support".into(),
-                default_stage: "new".into(),
-                version: 1,
-                ..Default::default()
-            }),
-        ),
-    ];
-    for name in AGENTS {
-        records.push(config_event(
-            account,
-            Payload::AgentConfigured(AgentConfigured {
-                agent_id: format!("{account}-{name}"),
-                name: name.into(),
-                paid_seat: true,
-                available: true,
-                max_open_conversations: CAPACITY,
-                ..Default::default()
-            }),
-        ));
-    }
-    records
-}
-
-fn inbound(account: &str, visitor: usize, message: usize) -> (String, Envelope) {
-    let channel_id = format!("{account}-chat");
-    let provider_message_id = format!("{account}-v{visitor}-m{message}");
-    let payload = Payload::InboundMessageReceived(InboundMessageReceived {
-        message_id: switchboard_runtime::ids::message_id_for(&channel_id, &provider_message_id).to_string(),
-        channel_id,
-        inbox_id: format!("{account}-inbox"),
-        channel_type: ChannelType::Chat as i32,
-        provider_message_id,
-        thread_key: format!("visitor-{visitor}"),
-        sender: Some(Sender { external_id: format!("visitor-{visitor}"), display_name: "Visitor".into(), email: String::new() }),
-        text: format!("message {message}"),
-        ..Default::default()
-    });
-    (account.to_owned(), new_root(account, account, Utc::now(), payload))
-}
 
 /// A small deterministic generator seeded per run (kill points differ run to run).
 fn next_random(seed: &mut u64) -> u64 {
@@ -121,7 +29,7 @@ fn next_random(seed: &mut u64) -> u64 {
 async fn b1_b4_r8_kill_9_at_random_points_keeps_everything_exactly_once_and_within_capacity() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     let accounts: Vec<String> = (0..ACCOUNTS).map(|index| format!("crash{index}")).collect();
-    let config: Vec<_> = accounts.iter().flat_map(|account| account_config(account)).collect();
+    let config: Vec<_> = accounts.iter().flat_map(|account| account_config(account, CAPACITY, true)).collect();
     env.produce_envelopes(&env.topics.config, &config).await?;
 
     // 50,000 inputs: each visitor writes several messages; every 20th input is a provider
