@@ -44,6 +44,9 @@ pub struct ChannelProfile {
     pub rules_opt: Option<RoutingRulesConfigured>,
     /// R3: the rule's users in their listed order, then members of its teams by agent id.
     pub pool: Vec<String>,
+    /// For each pool member, its index in [`RouterConfig::profiles`] if it is an agent of the
+    /// channel's account (resolved once here instead of a lookup per decision).
+    pub pool_profiles: Vec<Option<u32>>,
     pub tickets_opt: Option<TicketSettingsConfigured>,
 }
 
@@ -58,6 +61,8 @@ impl ChannelProfile {
 pub struct RouterConfig {
     pub snapshot: Arc<ConfigSnapshot>,
     pub agents: FastMap<String, AgentProfile>,
+    /// The same profiles by index (pool members refer to them by index).
+    pub profiles: Vec<AgentProfile>,
     pub channels: FastMap<String, ChannelProfile>,
     /// Channel ids per account, sorted (B3 re-drive visits an account's channels in order).
     pub channel_ids_by_account: FastMap<String, Vec<String>>,
@@ -84,6 +89,12 @@ impl RouterConfig {
                 },
             );
         }
+        let mut profiles: Vec<AgentProfile> = Vec::with_capacity(agents.len());
+        let mut profile_index_by_agent: FastMap<&str, u32> = FastMap::default();
+        for (agent_id, _) in &snapshot.agents {
+            profile_index_by_agent.insert(agent_id.as_str(), profiles.len() as u32);
+            profiles.push(agents[agent_id.as_str()].clone());
+        }
         let mut channels = FastMap::default();
         let mut channel_ids_by_account: FastMap<String, Vec<String>> = FastMap::default();
         for (channel_id, owned) in &snapshot.channels {
@@ -96,6 +107,13 @@ impl RouterConfig {
                 .filter(|rules| same_account(&rules.account_id))
                 .map(|rules| rules.entity.clone());
             let pool = rules_opt.as_ref().map(|rules| candidate_pool(&snapshot, account_id, rules)).unwrap_or_default();
+            let pool_profiles = pool
+                .iter()
+                .map(|agent_id| {
+                    let index = profile_index_by_agent.get(agent_id.as_str()).copied()?;
+                    (profiles[index as usize].account_id == *account_id).then_some(index)
+                })
+                .collect();
             let help_desk = snapshot
                 .inboxes
                 .get(&channel.inbox_id)
@@ -115,6 +133,7 @@ impl RouterConfig {
                     help_desk,
                     rules_opt,
                     pool,
+                    pool_profiles,
                     tickets_opt: snapshot
                         .ticket_settings
                         .get(channel_id)
@@ -125,7 +144,8 @@ impl RouterConfig {
             channel_ids_by_account.entry(account_id.clone()).or_default().push(channel_id.clone());
         }
         // BTreeMap iteration already gave sorted channel ids per account.
-        RouterConfig { snapshot, agents, channels, channel_ids_by_account }
+        drop(profile_index_by_agent);
+        RouterConfig { snapshot: snapshot.clone(), agents, profiles, channels, channel_ids_by_account }
     }
 
     pub fn from_snapshot(snapshot: ConfigSnapshot) -> RouterConfig {

@@ -245,12 +245,12 @@ fn decide_message(
         return Ok(());
     }
     let external_id = sender_identity(message);
-    let contact_opt = state.contact(&message.channel_id, &external_id);
+    let contact_opt = state.contact(&message.channel_id, external_id);
     let contact_id = match contact_opt {
         Some(contact) => contact.contact_id.clone(),
         None => {
-            let contact_id = contact_id_for(&message.channel_id, &external_id);
-            decision.emit(contact_created(channel, message, &external_id, &contact_id));
+            let contact_id = contact_id_for(&message.channel_id, external_id);
+            decision.emit(contact_created(channel, message, external_id, &contact_id));
             contact_id
         }
     };
@@ -264,7 +264,7 @@ fn decide_message(
         }
         decision.emit(Payload::ContactConsentReceived(ContactConsentReceived {
             channel_id: message.channel_id.clone(),
-            sender_external_id: external_id,
+            sender_external_id: external_id.to_owned(),
             granted: true,
             provider_event_id: message.provider_message_id.clone(),
         }));
@@ -519,8 +519,9 @@ fn route(
         AssignTarget::SpecificUsersAndTeams => {
             let pool = &channel.pool;
             let mut eligible = Vec::with_capacity(pool.len());
-            for agent_id in pool {
-                let reason_opt = ineligibility(config.agent(account_id, agent_id), agents, rules, channel_type, agent_id);
+            for (agent_id, profile_opt) in pool.iter().zip(&channel.pool_profiles) {
+                let profile_opt = profile_opt.map(|index| &config.profiles[index as usize]);
+                let reason_opt = ineligibility(profile_opt, agents, rules, channel_type, agent_id);
                 if let Some(reason) = reason_opt {
                     explanation.skipped.push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 });
                 }
@@ -888,7 +889,7 @@ fn redrive(
         channel: &'a ChannelProfile,
         owner_target: bool,
         exhausted: bool,
-        waiting: std::iter::Peekable<std::collections::btree_set::Iter<'a, (u64, String)>>,
+        waiting: std::iter::Peekable<Box<dyn Iterator<Item = (u64, &'a String)> + 'a>>,
     }
     let mut cursors: Vec<Cursor<'_>> = Vec::new();
     for channel_id in channel_ids {
@@ -902,13 +903,14 @@ fn redrive(
             continue;
         }
         if let Some(waiting) = state.waiting_by_channel.get(channel_id) {
-            cursors.push(Cursor { channel, owner_target, exhausted: false, waiting: waiting.iter().peekable() });
+            let oldest_first: Box<dyn Iterator<Item = (u64, &String)>> = Box::new(waiting.iter());
+            cursors.push(Cursor { channel, owner_target, exhausted: false, waiting: oldest_first.peekable() });
         }
     }
     let mut attempts = 0;
     while attempts < MAX_REDRIVE_ATTEMPTS {
         // The oldest head among the channels still being re-driven (ties: channel id order).
-        let mut best_opt: Option<(&(u64, String), usize)> = None;
+        let mut best_opt: Option<((u64, &String), usize)> = None;
         for (index, cursor) in cursors.iter_mut().enumerate() {
             if cursor.exhausted {
                 continue;

@@ -202,7 +202,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
                 .waiting_by_channel
                 .entry(conversation.channel_id.clone())
                 .or_default()
-                .insert((conversation.started_at_millis, conversation_id.clone()));
+                .insert(conversation.started_at_millis, &conversation_id);
         }
         state.conversations.insert(conversation_id, conversation);
     }

@@ -4,7 +4,7 @@
 //! router rebuilds it from a snapshot plus the output written after the snapshot, never by
 //! re-deciding. Everything here is per input partition (one partition holds whole accounts).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{Envelope, InboundMessageReceived, WithheldReason};
@@ -187,6 +187,46 @@ impl MessageDedup {
     }
 }
 
+/// A channel's waiting conversations ordered by (started-at, conversation id). Grouped by
+/// start time so removing one needs no allocated key (it happens on every assignment).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Backlog {
+    by_started_at: BTreeMap<u64, Vec<String>>,
+}
+
+impl Backlog {
+    pub fn insert(&mut self, started_at_millis: u64, conversation_id: &str) {
+        let same_time = self.by_started_at.entry(started_at_millis).or_default();
+        if let Err(position) = same_time.binary_search_by(|id| id.as_str().cmp(conversation_id)) {
+            same_time.insert(position, conversation_id.to_owned());
+        }
+    }
+
+    pub fn remove(&mut self, started_at_millis: u64, conversation_id: &str) {
+        if let Some(same_time) = self.by_started_at.get_mut(&started_at_millis)
+            && let Ok(position) = same_time.binary_search_by(|id| id.as_str().cmp(conversation_id))
+        {
+            same_time.remove(position);
+            if same_time.is_empty() {
+                self.by_started_at.remove(&started_at_millis);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_started_at.is_empty()
+    }
+
+    pub fn contains(&self, conversation_id: &str) -> bool {
+        self.iter().any(|(_, id)| id == conversation_id)
+    }
+
+    /// Oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &String)> + '_ {
+        self.by_started_at.iter().flat_map(|(started_at, ids)| ids.iter().map(move |id| (*started_at, id)))
+    }
+}
+
 /// Everything the router remembers for one input partition, derived only from its output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterState {
@@ -205,7 +245,7 @@ pub struct RouterState {
     pub tickets: FastMap<String, TicketState>,
     pub agents: AgentBook,
     /// B3: open, unassigned conversations per channel, oldest first (started-at, id).
-    pub waiting_by_channel: FastMap<String, BTreeSet<(u64, String)>>,
+    pub waiting_by_channel: FastMap<String, Backlog>,
     pub dedup: MessageDedup,
     /// Request ids of applied (or rejected) commands.
     pub applied_requests: RecentSet<String>,
@@ -255,7 +295,7 @@ impl RouterState {
 
     fn stop_waiting(&mut self, conversation_id: &str, channel_id: &str, started_at_millis: u64) {
         if let Some(waiting) = self.waiting_by_channel.get_mut(channel_id) {
-            waiting.remove(&(started_at_millis, conversation_id.to_owned()));
+            waiting.remove(started_at_millis, conversation_id);
             if waiting.is_empty() {
                 self.waiting_by_channel.remove(channel_id);
             }
@@ -267,7 +307,7 @@ impl RouterState {
             Some(waiting) => waiting,
             None => self.waiting_by_channel.entry(channel_id.to_owned()).or_default(),
         };
-        waiting.insert((started_at_millis, conversation_id.to_owned()));
+        waiting.insert(started_at_millis, conversation_id);
     }
 
     fn close_conversation(&mut self, conversation_id: &str) {
@@ -335,7 +375,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             let key = message_key(&withheld.message_id);
             if withheld.reason == WithheldReason::AwaitingConsent as i32
                 && let Some(message) = &withheld.message
-                && let Some(contact) = state.contact(&withheld.channel_id, &sender_identity(message))
+                && let Some(contact) = state.contact(&withheld.channel_id, sender_identity(message))
             {
                 let contact_id = contact.contact_id.clone();
                 state.dedup.open.insert(key);
@@ -366,8 +406,16 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                     ..Default::default()
                 },
             );
-            // Open and unassigned until a routing decision says otherwise (B3).
-            state.start_waiting(&started.conversation_id, &started.channel_id, started_at_millis);
+        }
+        Some(Payload::ConversationLeftUnassigned(left)) => {
+            // Open and unassigned: it waits for an agent (B3). Every new conversation gets its
+            // routing decision in the same decision as its start.
+            if let Some(conversation) = state.conversations.get(&left.conversation_id)
+                && conversation.assignee_agent_id_opt.is_none()
+            {
+                let (channel_id, started_at_millis) = (conversation.channel_id.clone(), conversation.started_at_millis);
+                state.start_waiting(&left.conversation_id, &channel_id, started_at_millis);
+            }
         }
         Some(Payload::MessageAppended(appended)) => {
             if let Some(conversation) = state.conversations.get_mut(&appended.conversation_id) {
@@ -430,17 +478,16 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             state.agents.availability_by_agent.insert(changed.agent_id.clone(), changed.available);
         }
         Some(Payload::CommandRejected(rejected)) => state.remember_request(&rejected.request_id),
-        // Left unassigned: the conversation already waits since it started. Notifications and
-        // TicketNotCreated change nothing the router needs.
+        // Notifications and TicketNotCreated change nothing the router needs.
         _ => {}
     }
 }
 
 /// The channel-scoped identity a message's contact is keyed by (C4): the sender's external id,
 /// or the thread key when the adapter sent no sender.
-pub fn sender_identity(message: &InboundMessageReceived) -> String {
+pub fn sender_identity(message: &InboundMessageReceived) -> &str {
     match message.sender.as_ref().map(|sender| sender.external_id.as_str()).filter(|id| !id.is_empty()) {
-        Some(external_id) => external_id.to_owned(),
-        None => message.thread_key.clone(),
+        Some(external_id) => external_id,
+        None => &message.thread_key,
     }
 }
