@@ -56,7 +56,9 @@ impl RouterSettings {
             group_id: format!("{}router", topics.prefix),
             topics,
             instance_id: instance_id.to_owned(),
-            max_batch_records: 2_000,
+            // Only reached with a backlog (a batch ends when the consumer has nothing more within
+            // `batch_linger`); large batches amortise the ~100 ms transaction commit.
+            max_batch_records: 20_000,
             batch_linger: Duration::from_millis(5),
             snapshot_every_records: 200_000,
             snapshot_every: Duration::from_secs(300),
@@ -175,7 +177,9 @@ fn route_until_failure(
         }
         let router_config = &compiled.as_ref().expect("compiled above").1;
         producer.begin_transaction().map_err(classify)?;
-        let mut next_offsets = TopicPartitionList::new();
+        // Next offset per partition, turned into the offsets list once per batch (adding to
+        // a TopicPartitionList per record is a linear search in librdkafka: quadratic).
+        let mut next_offset_by_partition: HashMap<i32, i64> = HashMap::new();
         let mut produced = 0usize;
         let mut snapshotted: Vec<i32> = Vec::new();
         for record in &batch {
@@ -194,8 +198,12 @@ fn route_until_failure(
             }
             partition_state.records_since_snapshot += 1;
             produced += route_record(settings, producer, &mut partition_state.state, router_config, record)?;
+            next_offset_by_partition.insert(partition, record.offset() + 1);
+        }
+        let mut next_offsets = TopicPartitionList::new();
+        for (partition, next_offset) in &next_offset_by_partition {
             next_offsets
-                .add_partition_offset(record.topic(), partition, Offset::Offset(record.offset() + 1))
+                .add_partition_offset(&settings.topics.inbound, *partition, Offset::Offset(*next_offset))
                 .map_err(|error| TransactionFailure::Fatal(error.into()))?;
         }
         let group_metadata =
