@@ -91,7 +91,7 @@ impl RouterConfig {
         }
         let mut profiles: Vec<AgentProfile> = Vec::with_capacity(agents.len());
         let mut profile_index_by_agent: FastMap<&str, u32> = FastMap::default();
-        for (agent_id, _) in &snapshot.agents {
+        for agent_id in snapshot.agents.keys() {
             profile_index_by_agent.insert(agent_id.as_str(), profiles.len() as u32);
             profiles.push(agents[agent_id.as_str()].clone());
         }
@@ -119,8 +119,10 @@ impl RouterConfig {
                 .get(&channel.inbox_id)
                 .filter(|inbox| same_account(&inbox.account_id))
                 .is_some_and(|inbox| inbox.entity.kind == InboxKind::HelpDesk as i32);
-            let explicit_consent =
-                channel.messenger.as_ref().is_some_and(|messenger| messenger.consent_mode == ConsentMode::Explicit as i32);
+            let explicit_consent = channel
+                .messenger
+                .as_ref()
+                .is_some_and(|messenger| messenger.consent_mode == ConsentMode::Explicit as i32);
             channels.insert(
                 channel_id.clone(),
                 ChannelProfile {

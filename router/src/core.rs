@@ -17,20 +17,20 @@ use std::borrow::Cow;
 use sha2::{Digest, Sha256};
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    Actor, AgentAvailabilityChanged, AssignTarget, AssignmentStrategy, CloseReason, CommandRejected,
-    ConsentState, ContactConsentReceived, ContactCreated, ContactOwnerChangeRequested, ContactOwnerChanged,
-    ConversationAssigned, ConversationCloseRequested, ConversationClosed, ConversationLeftUnassigned,
-    ConversationStarted, ConversationUnassigned, Envelope, InboundMessageReceived, ManualAssignmentRequested,
-    MessageAppended, MessageWithheld, OwnerNotificationRequested, RoutingExplanation, SkipReason, SkippedCandidate,
-    TicketCreated, TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource, TicketStageChangeRequested,
-    TicketStageChanged, UnassignedReason, WithheldReason,
+    Actor, AgentAvailabilityChanged, AssignTarget, AssignmentStrategy, CloseReason, CommandRejected, ConsentState,
+    ContactConsentReceived, ContactCreated, ContactOwnerChangeRequested, ContactOwnerChanged, ConversationAssigned,
+    ConversationCloseRequested, ConversationClosed, ConversationLeftUnassigned, ConversationStarted,
+    ConversationUnassigned, Envelope, InboundMessageReceived, ManualAssignmentRequested, MessageAppended,
+    MessageWithheld, OwnerNotificationRequested, RoutingExplanation, SkipReason, SkippedCandidate, TicketCreated,
+    TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource, TicketStageChangeRequested, TicketStageChanged,
+    UnassignedReason, WithheldReason,
 };
 use switchboard_runtime::envelope::{SCHEMA_VERSION, payload_name, recorded_at_millis};
 
 pub use crate::config::RouterConfig;
 use crate::config::{AgentProfile, ChannelProfile};
-pub use crate::state::{RouterState, evolve};
 use crate::state::{AgentBook, ConversationState, message_key, sender_identity};
+pub use crate::state::{RouterState, evolve};
 
 /// Upper bound of routing attempts one re-drive makes (B3): keeps the latency of a single
 /// decision bounded when a huge backlog waits; the rest is re-driven by the next trigger.
@@ -75,8 +75,12 @@ pub fn decide(state: &RouterState, config: &RouterConfig, input: &Envelope) -> R
             decide_manual_assignment(state, config, &mut decision, request)
         }
         Some(Payload::ConversationCloseRequested(request)) => decide_close(state, config, &mut decision, request),
-        Some(Payload::TicketStageChangeRequested(request)) => decide_ticket_stage(state, config, &mut decision, request),
-        Some(Payload::ContactOwnerChangeRequested(request)) => decide_contact_owner(state, config, &mut decision, request),
+        Some(Payload::TicketStageChangeRequested(request)) => {
+            decide_ticket_stage(state, config, &mut decision, request)
+        }
+        Some(Payload::ContactOwnerChangeRequested(request)) => {
+            decide_contact_owner(state, config, &mut decision, request)
+        }
         // C8 delivery statuses travel on the inbound topic for other consumers; they change no
         // routing state.
         Some(Payload::DeliveryStatusReported(_)) => {}
@@ -333,7 +337,17 @@ fn deliver(
         overlay.new_threads.push((message.channel_id.clone(), message.thread_key.clone(), conversation_id.clone()));
     }
     if channel.creates_tickets() {
-        decide_ticket(state, decision, overlay, channel, message, &conversation_id, contact_id, assignee_opt, purpose_suffix);
+        decide_ticket(
+            state,
+            decision,
+            overlay,
+            channel,
+            message,
+            &conversation_id,
+            contact_id,
+            assignee_opt,
+            purpose_suffix,
+        );
     }
 }
 
@@ -350,8 +364,8 @@ fn decide_ticket(
     purpose_suffix: &str,
 ) {
     let settings = channel.tickets_opt.clone().unwrap_or_default();
-    let tickets_so_far = state.contact_by_id(contact_id).map_or(0, |contact| contact.ticket_count)
-        + overlay.extra_tickets(contact_id);
+    let tickets_so_far =
+        state.contact_by_id(contact_id).map_or(0, |contact| contact.ticket_count) + overlay.extra_tickets(contact_id);
     // T2 / C7: a contact at its association limit gets no ticket; the conversation stands.
     if settings.contact_association_limit > 0 && tickets_so_far >= settings.contact_association_limit {
         decision.emit(Payload::TicketNotCreated(TicketNotCreated {
@@ -364,7 +378,8 @@ fn decide_ticket(
     }
     let content = message.content.clone().unwrap_or_default();
     let form = content.form_ticket.unwrap_or_default();
-    let first_non_empty = |values: &[&str]| values.iter().find(|value| !value.is_empty()).map(|value| value.to_string());
+    let first_non_empty =
+        |values: &[&str]| values.iter().find(|value| !value.is_empty()).map(|value| value.to_string());
     // R9: a fixed owner overrides the conversation's assignee.
     let (owner_agent_id, owner_source) = if !settings.fixed_owner_agent_id.is_empty() {
         (settings.fixed_owner_agent_id.clone(), TicketOwnerSource::Fixed)
@@ -406,7 +421,12 @@ fn withheld(message: &InboundMessageReceived, source_event_id: &str, reason: Wit
     })
 }
 
-fn contact_created(channel: &ChannelProfile, message: &InboundMessageReceived, external_id: &str, contact_id: &str) -> Payload {
+fn contact_created(
+    channel: &ChannelProfile,
+    message: &InboundMessageReceived,
+    external_id: &str,
+    contact_id: &str,
+) -> Payload {
     let sender = message.sender.clone().unwrap_or_default();
     Payload::ContactCreated(ContactCreated {
         contact_id: contact_id.to_owned(),
@@ -477,7 +497,8 @@ fn route(
     channel_type: i32,
     contact_owner_opt: Option<&str>,
 ) -> Routed {
-    let unassigned = |reason, explanation| Routed { outcome: Outcome::Unassigned(reason), explanation, notify_owner_opt: None };
+    let unassigned =
+        |reason, explanation| Routed { outcome: Outcome::Unassigned(reason), explanation, notify_owner_opt: None };
     let Some(rules) = &channel.rules_opt else {
         let explanation = RoutingExplanation { channel_id: channel.channel_id.clone(), ..Default::default() };
         return unassigned(UnassignedReason::NoRoutingRules, explanation);
@@ -512,7 +533,11 @@ fn route(
                 }
                 Some(reason) => {
                     explanation.skipped.push(SkippedCandidate { agent_id: owner.to_owned(), reason: reason as i32 });
-                    Routed { outcome: Outcome::Unassigned(UnassignedReason::NoEligibleAgent), explanation, notify_owner_opt }
+                    Routed {
+                        outcome: Outcome::Unassigned(UnassignedReason::NoEligibleAgent),
+                        explanation,
+                        notify_owner_opt,
+                    }
                 }
             }
         }
@@ -530,7 +555,9 @@ fn route(
             explanation.eligible_agent_ids =
                 pool.iter().zip(&eligible).filter(|(_, eligible)| **eligible).map(|(id, _)| id.clone()).collect();
             match choose(agents, rules.strategy, &channel.channel_id, pool, &eligible) {
-                Some(assignee) => Routed { outcome: Outcome::Assigned(assignee.clone()), explanation, notify_owner_opt: None },
+                Some(assignee) => {
+                    Routed { outcome: Outcome::Assigned(assignee.clone()), explanation, notify_owner_opt: None }
+                }
                 // R5: nobody eligible (e.g. nobody available) → stays unassigned, with the reasons.
                 None => unassigned(UnassignedReason::NoEligibleAgent, explanation),
             }
@@ -597,7 +624,10 @@ fn choose<'pool>(
                 .get(channel_id)
                 .and_then(|last| pool.iter().position(|agent_id| agent_id == last))
                 .map_or(0, |index| index + 1);
-            (0..pool.len()).map(|offset| (start + offset) % pool.len()).find(|index| eligible[*index]).map(|index| &pool[index])
+            (0..pool.len())
+                .map(|offset| (start + offset) % pool.len())
+                .find(|index| eligible[*index])
+                .map(|index| &pool[index])
         }
     }
 }
@@ -705,7 +735,11 @@ fn decide_manual_assignment(
         return;
     }
     let Some(conversation) = state.conversations.get(&request.conversation_id) else {
-        decision.reject(COMMAND, &request.request_id, format!("conversation `{}` is not open", request.conversation_id));
+        decision.reject(
+            COMMAND,
+            &request.request_id,
+            format!("conversation `{}` is not open", request.conversation_id),
+        );
         return;
     };
     let previous_opt = conversation.assignee_agent_id_opt.clone();
@@ -747,7 +781,12 @@ fn decide_manual_assignment(
     if let Some(previous) = previous_opt {
         let agents = overlay.agents.to_mut();
         agents.release(&previous, conversation.channel_type);
-        agents.take(&request.assignee_agent_id, &conversation.channel_id, conversation.channel_type, decision.cause_millis);
+        agents.take(
+            &request.assignee_agent_id,
+            &conversation.channel_id,
+            conversation.channel_type,
+            decision.cause_millis,
+        );
         redrive(state, config, decision, &mut overlay, &previous, Some(&request.conversation_id));
     }
 }
@@ -763,10 +802,23 @@ fn decide_close(
         return;
     }
     let Some(conversation) = state.conversations.get(&request.conversation_id) else {
-        decision.reject(COMMAND, &request.request_id, format!("conversation `{}` is not open", request.conversation_id));
+        decision.reject(
+            COMMAND,
+            &request.request_id,
+            format!("conversation `{}` is not open", request.conversation_id),
+        );
         return;
     };
-    close(state, config, decision, &request.conversation_id, conversation, CloseReason::Agent, request.actor.clone(), &request.request_id);
+    close(
+        state,
+        config,
+        decision,
+        &request.conversation_id,
+        conversation,
+        CloseReason::Agent,
+        request.actor.clone(),
+        &request.request_id,
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -928,7 +980,8 @@ fn redrive(
             continue;
         }
         let Some(conversation) = state.conversations.get(conversation_id) else { continue };
-        let owner_opt = state.contact_by_id(&conversation.contact_id).and_then(|contact| contact.owner_agent_id_opt.as_deref());
+        let owner_opt =
+            state.contact_by_id(&conversation.contact_id).and_then(|contact| contact.owner_agent_id_opt.as_deref());
         if cursor.owner_target && owner_opt != Some(freed_agent_id) {
             continue;
         }
@@ -936,7 +989,12 @@ fn redrive(
         let routed = route(config, &overlay.agents, cursor.channel, conversation.channel_type, owner_opt);
         match routed.outcome {
             Outcome::Assigned(agent_id) => {
-                overlay.agents.to_mut().take(&agent_id, &conversation.channel_id, conversation.channel_type, decision.cause_millis);
+                overlay.agents.to_mut().take(
+                    &agent_id,
+                    &conversation.channel_id,
+                    conversation.channel_type,
+                    decision.cause_millis,
+                );
                 emit_routing(decision, conversation_id, Outcome::Assigned(agent_id), routed.explanation);
             }
             Outcome::Unassigned(_) if cursor.owner_target => {}

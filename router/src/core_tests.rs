@@ -272,9 +272,11 @@ fn availability(agent_id: &str, available: bool, request_id: &str) -> Payload {
 }
 
 fn pool_of(agents: &[&str]) -> Given {
-    Given::new()
-        .agents(agents.iter().map(|id| agent(id, true, true)))
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, agents))
+    Given::new().agents(agents.iter().map(|id| agent(id, true, true))).rules(rules(
+        true,
+        AssignTarget::SpecificUsersAndTeams,
+        agents,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,9 +337,13 @@ fn b1_a_retry_after_its_conversation_closed_is_still_dropped() {
     let conversation_id = conversation_of(&given.when("visitor-1", "m1"));
     given.when_command(close_request(&conversation_id, "close-1"));
     assert!(given.when("visitor-1", "m1").is_empty(), "remembered in the recent window");
-    assert!(given.state.dedup.recent.contains(&message_key(
-        &switchboard_runtime::ids::message_id_for(CHANNEL, "visitor-1:m1").to_string()
-    )));
+    assert!(
+        given
+            .state
+            .dedup
+            .recent
+            .contains(&message_key(&switchboard_runtime::ids::message_id_for(CHANNEL, "visitor-1:m1").to_string()))
+    );
 }
 
 #[test]
@@ -430,7 +436,13 @@ fn c6_explicit_consent_holds_messages_until_consent_then_releases_them_in_order(
     let released = given.when_command(consent("psid-1", true));
     assert_eq!(
         names(&released),
-        ["contact_consent_received", "conversation_started", "message_appended", "conversation_assigned", "message_appended"]
+        [
+            "contact_consent_received",
+            "conversation_started",
+            "message_appended",
+            "conversation_assigned",
+            "message_appended"
+        ]
     );
     let appended: Vec<_> = payloads(&released)
         .into_iter()
@@ -465,8 +477,11 @@ fn c6_consent_given_with_the_message_lets_it_through() {
 
 #[test]
 fn r1_automatic_assignment_off_leaves_new_conversations_unassigned() {
-    let mut given =
-        Given::new().agents([agent("ana", true, true)]).rules(rules(false, AssignTarget::SpecificUsersAndTeams, &["ana"]));
+    let mut given = Given::new().agents([agent("ana", true, true)]).rules(rules(
+        false,
+        AssignTarget::SpecificUsersAndTeams,
+        &["ana"],
+    ));
     let events = given.when("visitor-1", "m1");
     assert_eq!(unassigned_reason(&events), Some(UnassignedReason::AutoAssignmentOff));
     assert_eq!(explanation(&events).rule_version, 7);
@@ -514,7 +529,8 @@ fn r3_members_of_selected_teams_are_candidates() {
 fn contact_owner_given(owner_available: bool, only_available: bool) -> (Given, String) {
     let mut owner_rules = rules(true, AssignTarget::ContactOwner, &[]);
     owner_rules.only_available = only_available;
-    let mut given = Given::new().agents([agent("ana", true, owner_available), agent("bo", true, true)]).rules(owner_rules);
+    let mut given =
+        Given::new().agents([agent("ana", true, owner_available), agent("bo", true, true)]).rules(owner_rules);
     let first = given.when("visitor-1", "m1");
     let contact_id = started(&first).unwrap().contact_id;
     let conversation_id = conversation_of(&first);
@@ -576,9 +592,11 @@ fn r4_owner_change_for_an_unknown_contact_or_agent_is_rejected() {
 
 #[test]
 fn r5_only_available_users_left_unassigned_when_none_online() {
-    let mut given = Given::new()
-        .agents([agent("ana", true, false), agent("bo", true, false)])
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "bo"]));
+    let mut given = Given::new().agents([agent("ana", true, false), agent("bo", true, false)]).rules(rules(
+        true,
+        AssignTarget::SpecificUsersAndTeams,
+        &["ana", "bo"],
+    ));
     let events = given.when("visitor-1", "m1");
     assert_eq!(unassigned_reason(&events), Some(UnassignedReason::NoEligibleAgent));
     assert_eq!(skipped(&events), [("ana".to_string(), SkipReason::Offline), ("bo".to_string(), SkipReason::Offline)]);
@@ -586,9 +604,11 @@ fn r5_only_available_users_left_unassigned_when_none_online() {
 
 #[test]
 fn r5_only_available_users_skips_offline_agents() {
-    let mut given = Given::new()
-        .agents([agent("ana", true, false), agent("bo", true, true)])
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "bo"]));
+    let mut given = Given::new().agents([agent("ana", true, false), agent("bo", true, true)]).rules(rules(
+        true,
+        AssignTarget::SpecificUsersAndTeams,
+        &["ana", "bo"],
+    ));
     for index in 0..3 {
         assert_eq!(assignee(&given.when(&format!("visitor-{index}"), "m")).as_deref(), Some("bo"));
     }
@@ -617,9 +637,11 @@ fn r5_availability_command_is_authoritative_over_config_once_seen() {
 
 #[test]
 fn r6_users_without_a_paid_seat_are_never_auto_assigned() {
-    let mut given = Given::new()
-        .agents([agent("free", false, true), agent("paid", true, true)])
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["free", "paid"]));
+    let mut given = Given::new().agents([agent("free", false, true), agent("paid", true, true)]).rules(rules(
+        true,
+        AssignTarget::SpecificUsersAndTeams,
+        &["free", "paid"],
+    ));
     for index in 0..3 {
         let events = given.when(&format!("visitor-{index}"), "m");
         assert_eq!(assignee(&events).as_deref(), Some("paid"));
@@ -810,7 +832,10 @@ fn t1_r9_treat_as_tickets_creates_a_ticket_owned_by_the_conversation_assignee() 
     let events = given.when("visitor-1", "m1");
     let ticket = ticket_created(&events).expect("ticket");
     assert_eq!((ticket.pipeline.as_str(), ticket.stage.as_str()), ("support", "open"));
-    assert_eq!((ticket.owner_agent_id.as_str(), ticket.owner_source), ("ana", TicketOwnerSource::ConversationAssignee as i32));
+    assert_eq!(
+        (ticket.owner_agent_id.as_str(), ticket.owner_source),
+        ("ana", TicketOwnerSource::ConversationAssignee as i32)
+    );
     assert_eq!(ticket.conversation_id, conversation_of(&events));
     assert_eq!(ticket.name, "hello from visitor-1");
     assert!(ticket_created(&given.when("visitor-1", "m2")).is_none(), "R10: a follow-up never makes a second ticket");
@@ -869,10 +894,7 @@ fn t2_c7_a_contact_at_its_association_limit_gets_no_ticket_but_the_conversation_
             _ => None,
         })
         .expect("the event says why");
-    assert_eq!(
-        (not_created.reason, not_created.limit),
-        (TicketNotCreatedReason::ContactAtAssociationLimit as i32, 1)
-    );
+    assert_eq!((not_created.reason, not_created.limit), (TicketNotCreatedReason::ContactAtAssociationLimit as i32, 1));
     assert!(ticket_created(&given.when("visitor-2", "m3")).is_some(), "other contacts are not limited");
 }
 
@@ -891,13 +913,19 @@ fn t3_ticket_stage_changes_and_closing_it_closes_the_conversation() {
     };
     let moved = given.when_command(stage_request("waiting-on-customer", false, "s1"));
     let Some(Payload::TicketStageChanged(changed)) = moved[0].payload.as_ref() else { panic!("{moved:?}") };
-    assert_eq!((changed.previous_stage.as_str(), changed.stage.as_str(), changed.closed), ("open", "waiting-on-customer", false));
+    assert_eq!(
+        (changed.previous_stage.as_str(), changed.stage.as_str(), changed.closed),
+        ("open", "waiting-on-customer", false)
+    );
     let closed = given.when_command(stage_request("done", true, "s2"));
     assert_eq!(names(&closed), ["ticket_stage_changed", "conversation_closed"]);
     let Some(Payload::ConversationClosed(conversation_closed)) = closed[1].payload.as_ref() else { panic!() };
     assert_eq!(conversation_closed.reason, CloseReason::TicketClosed as i32);
     assert_eq!(given.open_conversations("ana"), 0);
-    assert!(rejection(&given.when_command(stage_request("reopened", false, "s3"))).is_some(), "closed tickets stay closed");
+    assert!(
+        rejection(&given.when_command(stage_request("reopened", false, "s3"))).is_some(),
+        "closed tickets stay closed"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -244,7 +244,14 @@ fn write_snapshot(
     let no_headers = OwnedHeaders::new;
     for (index, chunk) in chunks.iter().enumerate() {
         let value = snapshot::chunk_value(input_next_offset, index as u32, chunk);
-        send_with_backpressure(producer, &topic, partition, snapshot::chunk_key(index as u32).as_bytes(), &value, no_headers())?;
+        send_with_backpressure(
+            producer,
+            &topic,
+            partition,
+            snapshot::chunk_key(index as u32).as_bytes(),
+            &value,
+            no_headers(),
+        )?;
     }
     let chunk_count = chunks.len() as u32;
     let stale_chunks = partition_state.last_chunk_count.saturating_sub(chunk_count);
@@ -258,7 +265,14 @@ fn write_snapshot(
         records_before_manifest: chunk_count + stale_chunks,
         state_bytes: bytes.len() as u64,
     };
-    send_with_backpressure(producer, &topic, partition, snapshot::MANIFEST_KEY.as_bytes(), &manifest.encode(), no_headers())?;
+    send_with_backpressure(
+        producer,
+        &topic,
+        partition,
+        snapshot::MANIFEST_KEY.as_bytes(),
+        &manifest.encode(),
+        no_headers(),
+    )?;
     partition_state.last_chunk_count = chunk_count;
     partition_state.records_since_snapshot = 0;
     partition_state.last_snapshot_at = Instant::now();
@@ -320,8 +334,11 @@ fn route_record(
     let count = decided.len();
     for mut event in decided {
         core::evolve(state, &event);
-        event.source_position =
-            Some(KafkaPosition { topic: source_topic.to_owned(), partition: record.partition(), offset: record.offset() });
+        event.source_position = Some(KafkaPosition {
+            topic: source_topic.to_owned(),
+            partition: record.partition(),
+            offset: record.offset(),
+        });
         produce(producer, &settings.topics.conversations, record.partition(), &event, &span)?;
     }
     Ok(count)
@@ -506,7 +523,10 @@ pub fn recover_partition_state(
         },
         Ok(None) => (RouterState::default(), Offset::Beginning, 0, 0),
         Err(error) => {
-            warn!(error = format!("{error:#}"), partition, "cannot read router snapshot; rebuilding from the whole output");
+            warn!(
+                error = format!("{error:#}"),
+                partition, "cannot read router snapshot; rebuilding from the whole output"
+            );
             (RouterState::default(), Offset::Beginning, 0, 0)
         }
     };

@@ -232,7 +232,8 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
     }
     for _ in 0..input.len()? {
         let ticket_id = input.string()?;
-        let ticket = TicketState { conversation_id: input.string()?, pipeline: input.string()?, stage: input.string()? };
+        let ticket =
+            TicketState { conversation_id: input.string()?, pipeline: input.string()?, stage: input.string()? };
         state.tickets.insert(ticket_id, ticket);
     }
     for _ in 0..input.len()? {

@@ -4,8 +4,8 @@
 use chrono::Utc;
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, Envelope, InboundMessageReceived,
-    InboxConfigured, RoutingRulesConfigured, Sender, TicketSettingsConfigured,
+    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, Envelope,
+    InboundMessageReceived, InboxConfigured, RoutingRulesConfigured, Sender, TicketSettingsConfigured,
 };
 use switchboard_runtime::config_store::config_key;
 use switchboard_runtime::envelope::new_root;
@@ -92,13 +92,16 @@ pub fn inbound(account: &str, visitor: usize, message: usize) -> (String, Envelo
         channel_type: ChannelType::Chat as i32,
         provider_message_id,
         thread_key: format!("visitor-{visitor}"),
-        sender: Some(Sender { external_id: format!("visitor-{visitor}"), display_name: "Visitor".into(), email: String::new() }),
+        sender: Some(Sender {
+            external_id: format!("visitor-{visitor}"),
+            display_name: "Visitor".into(),
+            email: String::new(),
+        }),
         text: format!("message {message}"),
         ..Default::default()
     });
     (account.to_owned(), new_root(account, account, Utc::now(), payload))
 }
-
 
 /// Waits until the router's consumer group has committed everything on the inbound topic.
 pub async fn wait_routed(env: &crate::TestEnv, timeout: std::time::Duration) -> anyhow::Result<()> {

@@ -97,7 +97,9 @@ async fn b1_b4_r8_kill_9_at_random_points_keeps_everything_exactly_once_and_with
     let decided = env.read_committed_events(&env.topics.conversations)?;
     let event_ids: BTreeSet<_> = decided.iter().map(|event| event.event_id.clone()).collect();
     assert_eq!(event_ids.len(), decided.len(), "no decision written twice");
-    assert!(decided.iter().all(|event| event.source_position.as_ref().is_some_and(|source| source.topic == "inbound.v1")));
+    assert!(
+        decided.iter().all(|event| event.source_position.as_ref().is_some_and(|source| source.topic == "inbound.v1"))
+    );
 
     let mut contacts = BTreeMap::<String, u32>::new();
     let mut started_by_thread = BTreeMap::<(String, String), u32>::new();

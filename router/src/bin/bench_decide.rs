@@ -166,8 +166,7 @@ fn main() {
         emitted += events.len();
     }
     let elapsed = started.elapsed();
-    let cpu_seconds_opt =
-        cpu_started_opt.zip(thread_cpu_nanos()).map(|(start, end)| (end - start) as f64 / 1e9);
+    let cpu_seconds_opt = cpu_started_opt.zip(thread_cpu_nanos()).map(|(start, end)| (end - start) as f64 / 1e9);
     println!("inputs: {inputs} ({:.0}% new conversations), events emitted: {emitted}", new_share * 100.0);
     println!(
         "decide+evolve: {:.0} decisions/s on one thread ({:.2} µs each)",

@@ -41,7 +41,8 @@ fn config() -> ConfigSnapshot {
     let mut config = ConfigSnapshot::default();
     for account in 0..ACCOUNTS {
         let account_id = format!("account-{account}");
-        let agent_ids: Vec<String> = (0..AGENTS_PER_ACCOUNT).map(|index| format!("{account_id}-agent-{index}")).collect();
+        let agent_ids: Vec<String> =
+            (0..AGENTS_PER_ACCOUNT).map(|index| format!("{account_id}-agent-{index}")).collect();
         for agent_id in &agent_ids {
             let agent = AgentConfigured {
                 agent_id: agent_id.clone(),
@@ -117,7 +118,11 @@ fn main() -> anyhow::Result<()> {
             channel_type: ChannelType::Chat as i32,
             provider_message_id,
             thread_key: format!("visitor-{visitor}"),
-            sender: Some(Sender { external_id: format!("visitor-{visitor}"), display_name: "Visitor".into(), email: String::new() }),
+            sender: Some(Sender {
+                external_id: format!("visitor-{visitor}"),
+                display_name: "Visitor".into(),
+                email: String::new(),
+            }),
             text: "Hello, I have a question about my order".into(),
             ..Default::default()
         });
@@ -165,7 +170,11 @@ fn main() -> anyhow::Result<()> {
     let total = started.elapsed();
     shutdown.store(true, Ordering::Relaxed);
     router.join().expect("router thread")?;
-    println!("routed {inputs} inbound events in {:.1} s including group join: {:.0}/s", total.as_secs_f64(), inputs as f64 / total.as_secs_f64());
+    println!(
+        "routed {inputs} inbound events in {:.1} s including group join: {:.0}/s",
+        total.as_secs_f64(),
+        inputs as f64 / total.as_secs_f64()
+    );
     if let Some((first_at, remaining_then)) = first_progress_opt {
         let steady = first_at.elapsed();
         println!(

@@ -126,7 +126,11 @@ impl History {
             channel_type: ChannelType::Chat as i32,
             provider_message_id,
             thread_key: format!("visitor-{visitor}"),
-            sender: Some(Sender { external_id: format!("visitor-{visitor}"), display_name: "Visitor".into(), email: String::new() }),
+            sender: Some(Sender {
+                external_id: format!("visitor-{visitor}"),
+                display_name: "Visitor".into(),
+                email: String::new(),
+            }),
             text: "Hello, I have a question about my order".into(),
             ..Default::default()
         }))
@@ -216,7 +220,12 @@ fn main() -> anyhow::Result<()> {
     };
     history
         .producer
-        .send(BaseRecord::to(&snapshot_topic).partition(PARTITION).key(snapshot::MANIFEST_KEY).payload(&manifest.encode()))
+        .send(
+            BaseRecord::to(&snapshot_topic)
+                .partition(PARTITION)
+                .key(snapshot::MANIFEST_KEY)
+                .payload(&manifest.encode()),
+        )
         .map_err(|(error, _)| error)?;
     history.producer.flush(Duration::from_secs(120)).context("failed to flush snapshot")?;
     println!(
