@@ -425,3 +425,44 @@ impl<'a> Reader<'a> {
         Ok(if self.bool()? { Some(self.u64()?) } else { None })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn b4_manifest_and_chunks_round_trip() {
+        let manifest = Manifest {
+            input_next_offset: 1_234,
+            output_next_offset: 98_765,
+            chunk_count: 3,
+            records_before_manifest: 5,
+            state_bytes: 2_700_000,
+        };
+        assert_eq!(Manifest::decode(&manifest.encode()), Ok(manifest));
+        let value = chunk_value(1_234, 2, b"state bytes");
+        assert_eq!(parse_chunk(&value), Ok((1_234, 2, &b"state bytes"[..])));
+        let big = vec![7u8; CHUNK_BYTES * 2 + 10];
+        let chunks = split_into_chunks(&big);
+        assert_eq!(chunks.iter().map(|chunk| chunk.len()).collect::<Vec<_>>(), [CHUNK_BYTES, CHUNK_BYTES, 10]);
+        assert_eq!(split_into_chunks(&[]).len(), 1, "an empty state is still one chunk");
+    }
+
+    #[test]
+    fn damaged_snapshots_are_errors_never_panics() {
+        let encoded = encode_state(&RouterState::default());
+        assert_eq!(decode_state(&encoded), Ok(RouterState::default()));
+        assert_eq!(decode_state(b"nope"), Err(SnapshotError::UnknownFormat));
+        assert_eq!(decode_state(&encoded[..encoded.len() - 1]).err().map(|_| ()), Some(()), "truncated");
+        let mut trailing = encoded.clone();
+        trailing.push(0);
+        assert_eq!(decode_state(&trailing), Err(SnapshotError::Invalid("trailing bytes")));
+        // A huge length must be refused before anything is allocated.
+        let mut huge_length = MAGIC.to_vec();
+        huge_length.push(FORMAT_VERSION);
+        huge_length.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode_state(&huge_length).is_err());
+        assert!(parse_chunk(&[1, 2, 3]).is_err());
+        assert!(Manifest::decode(&[]).is_err());
+    }
+}
