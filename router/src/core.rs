@@ -249,6 +249,16 @@ fn decide_message(
         return Ok(());
     }
     let external_id = sender_identity(message);
+    // Fast path (most traffic): a follow-up from the conversation's own contact on a channel
+    // without explicit consent joins the open conversation (R10); no contact lookup needed.
+    if !channel.explicit_consent
+        && let Some(conversation_id) = state.open_conversation(&message.channel_id, &message.thread_key)
+        && let Some(conversation) = state.conversations.get(conversation_id)
+        && conversation.contact_external_id == external_id
+    {
+        decision.emit(message_appended(conversation_id, &input.event_id, message, &conversation.contact_id));
+        return Ok(());
+    }
     let contact_opt = state.contact(&message.channel_id, external_id);
     let contact_id = match contact_opt {
         Some(contact) => contact.contact_id.clone(),
@@ -566,6 +576,9 @@ fn route(
 }
 
 fn is_available(agents: &AgentBook, agent_id: &str, profile: &AgentProfile) -> bool {
+    if agents.availability_by_agent.is_empty() {
+        return profile.available; // no availability command seen yet: skip hashing the id
+    }
     agents.availability_by_agent.get(agent_id).copied().unwrap_or(profile.available)
 }
 

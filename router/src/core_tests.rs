@@ -377,6 +377,21 @@ fn c4_first_message_from_an_unknown_identity_creates_one_contact_with_a_determin
 }
 
 #[test]
+fn c4_another_sender_writing_in_an_open_thread_gets_their_own_contact() {
+    let mut given = Given::new();
+    let first = given.when("thread-1", "m1");
+    let conversation_id = conversation_of(&first);
+    // An email reply from someone CC'd: same thread, different sender.
+    let mut reply = given.message_on(CHANNEL, "thread-1", "m2");
+    reply.sender = Some(Sender { external_id: "cc@example.com".into(), ..Default::default() });
+    let events = given.when_message(reply);
+    assert_eq!(names(&events), ["contact_created", "message_appended"]);
+    let Some(Payload::MessageAppended(appended)) = events[1].payload.as_ref() else { panic!() };
+    assert_eq!(appended.conversation_id, conversation_id, "R10: same conversation");
+    assert_eq!(appended.contact_id, contact_id_for(CHANNEL, "cc@example.com"));
+}
+
+#[test]
 fn c11_messages_of_a_switched_off_channel_are_withheld_and_create_nothing() {
     let mut off = channel(CHANNEL, ChannelType::Chat);
     off.enabled = false;

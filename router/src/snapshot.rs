@@ -102,6 +102,7 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.i64(conversation.channel_type as i64);
         out.str(&conversation.thread_key);
         out.str(&conversation.contact_id);
+        out.str(&conversation.contact_external_id);
         out.opt_str(conversation.assignee_agent_id_opt.as_deref());
         out.u64(conversation.started_at_millis);
         out.len(conversation.message_keys.len());
@@ -180,6 +181,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
             channel_type: input.i64()? as i32,
             thread_key: input.string()?,
             contact_id: input.string()?,
+            contact_external_id: input.string()?,
             assignee_agent_id_opt: input.opt_string()?,
             started_at_millis: input.u64()?,
             ..Default::default()

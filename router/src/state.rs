@@ -45,6 +45,9 @@ pub struct ConversationState {
     pub channel_type: i32,
     pub thread_key: String,
     pub contact_id: String,
+    /// The contact's channel-scoped identity: a follow-up from the same sender needs no
+    /// contact lookup (the contact is this one).
+    pub contact_external_id: String,
     pub assignee_agent_id_opt: Option<String>,
     /// Recorded-at of the ConversationStarted event: the backlog is re-driven oldest first (B3).
     pub started_at_millis: u64,
@@ -335,10 +338,11 @@ impl RouterState {
 pub fn evolve(state: &mut RouterState, event: &Envelope) {
     match &event.payload {
         Some(Payload::ContactCreated(created)) => {
-            state
-                .contacts
-                .entry(created.channel_id.clone())
-                .or_default()
+            let contacts = match state.contacts.get_mut(created.channel_id.as_str()) {
+                Some(contacts) => contacts,
+                None => state.contacts.entry(created.channel_id.clone()).or_default(),
+            };
+            contacts
                 .entry(created.external_id.clone())
                 .or_insert_with(|| ContactState { contact_id: created.contact_id.clone(), ..Default::default() });
             state
@@ -390,11 +394,11 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         }
         Some(Payload::ConversationStarted(started)) => {
             let started_at_millis = recorded_at_millis(event);
-            state
-                .open_conversation_by_thread
-                .entry(started.channel_id.clone())
-                .or_default()
-                .insert(started.thread_key.clone(), started.conversation_id.clone());
+            let threads = match state.open_conversation_by_thread.get_mut(started.channel_id.as_str()) {
+                Some(threads) => threads,
+                None => state.open_conversation_by_thread.entry(started.channel_id.clone()).or_default(),
+            };
+            threads.insert(started.thread_key.clone(), started.conversation_id.clone());
             state.conversations.insert(
                 started.conversation_id.clone(),
                 ConversationState {
@@ -402,6 +406,10 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                     channel_type: started.channel_type,
                     thread_key: started.thread_key.clone(),
                     contact_id: started.contact_id.clone(),
+                    contact_external_id: match started.contact.as_ref().map(|sender| sender.external_id.as_str()) {
+                        Some(external_id) if !external_id.is_empty() => external_id.to_owned(),
+                        _ => started.thread_key.clone(),
+                    },
                     started_at_millis,
                     ..Default::default()
                 },
