@@ -285,6 +285,7 @@ pub async fn apply_events(
             | Fact::RoutingRules { .. }
             | Fact::TicketSettings { .. }
             | Fact::Agent(_)
+            | Fact::RouterStateEcho
             | Fact::Tombstone { .. } => {}
         }
     }

@@ -97,6 +97,10 @@ pub enum Fact {
         settings: Value,
     },
     Agent(AgentRow),
+    /// A router input the router echoes into its output because it is routing state
+    /// (availability changes, consent); the read models get the same facts from the config
+    /// topic or from the decisions it causes, so the projection only moves its position.
+    RouterStateEcho,
     /// A compacted-topic tombstone: the entity named by the record key is gone.
     Tombstone {
         kind: String,
@@ -404,6 +408,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
             message_id: optional_uuid("message_id", &notification.message_id)?,
             detail: json!({"agent_id": notification.agent_id, "contact_id": notification.contact_id}),
         }),
+        Payload::AgentAvailabilityChanged(_) | Payload::ContactConsentReceived(_) => Fact::RouterStateEcho,
         other => {
             return Err(Poison(format!("{} does not belong on the conversations topic", payload_name(&other))));
         }

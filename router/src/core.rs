@@ -1,125 +1,219 @@
-//! The router's decisions: a pure, synchronous, deterministic function of (state, input).
+//! The router's decisions: a pure, synchronous, deterministic function of (state, config, input).
 //!
 //! - [`decide`] looks at the state and one inbound event and returns the events to emit.
-//! - [`evolve`] applies one emitted event to the state.
+//! - [`evolve`] (in [`crate::state`]) applies one emitted event to the state.
 //!
-//! No clock, no randomness, no I/O: time comes from the events, ids are derived from the cause
-//! (see `runtime::ids`), and every map is ordered, so replaying the log re-derives the same
+//! No clock, no randomness, no I/O: time comes from the events, ids are derived from the cause,
+//! and nothing depends on hash-map iteration order, so replaying the log re-derives the same
 //! decisions byte for byte (B4). The Kafka shell (`crate::shell`) feeds inputs in and writes the
 //! returned events out in one transaction with the consumed offsets.
+//!
+//! Rule map: threading R10; duplicates B1; unknown/switched-off channel C11; contacts C4;
+//! consent C6; assignment R1–R8 with explanations B2; tickets T1–T3, R9, C7, I5; manual
+//! commands (assign, unassign, close, contact owner, availability); backlog re-drive B3.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::borrow::Cow;
 
+use sha2::{Digest, Sha256};
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    AgentConfigured, AssignTarget, AssignmentStrategy, ConversationAssigned, ConversationLeftUnassigned,
-    ConversationStarted, Envelope, InboundMessageReceived, MessageAppended, RoutingExplanation, RoutingRulesConfigured,
-    SkipReason, SkippedCandidate, UnassignedReason,
+    Actor, AgentAvailabilityChanged, AssignTarget, AssignmentStrategy, CloseReason, CommandRejected, ConsentState,
+    ContactConsentReceived, ContactCreated, ContactOwnerChangeRequested, ContactOwnerChanged, ConversationAssigned,
+    ConversationCloseRequested, ConversationClosed, ConversationLeftUnassigned, ConversationStarted,
+    ConversationUnassigned, Envelope, InboundMessageReceived, ManualAssignmentRequested, MessageAppended,
+    MessageWithheld, OwnerNotificationRequested, RoutingExplanation, SkipReason, SkippedCandidate, TicketCreated,
+    TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource, TicketStageChangeRequested, TicketStageChanged,
+    UnassignedReason, WithheldReason,
 };
-use switchboard_runtime::config_store::ConfigSnapshot;
-use switchboard_runtime::envelope::{derived_from, derived_id, recorded_at_millis};
+use switchboard_runtime::envelope::{SCHEMA_VERSION, payload_name, recorded_at_millis};
+
+pub use crate::config::RouterConfig;
+use crate::config::{AgentProfile, ChannelProfile};
+use crate::state::{AgentBook, ConversationState, message_key, sender_identity};
+pub use crate::state::{RouterState, evolve};
+
+/// Upper bound of routing attempts one re-drive makes (B3): keeps the latency of a single
+/// decision bounded when a huge backlog waits; the rest is re-driven by the next trigger.
+pub const MAX_REDRIVE_ATTEMPTS: usize = 1_000;
+/// Ticket defaults when a channel creates tickets without configuring pipeline/stage (I5).
+pub const DEFAULT_PIPELINE: &str = "default";
+pub const DEFAULT_STAGE: &str = "new";
+
+/// Namespace of contact ids: UUIDv5(namespace, "<channel id>\n<external id>") (C4). A fixed
+/// random UUID; never change it.
+const CONTACT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3c1f_0b2a_6d4e_4a71_9e5b_c0d8_17f2_a964);
 
 /// Why an input cannot be routed at all. Such inputs go to the dead-letter topic; they are
 /// never retried, because retrying a deterministic function cannot change its answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
-    #[error("event {event_id} is not an inbound message (payload {payload}); wrong topic?")]
-    NotAnInboundMessage { event_id: String, payload: &'static str },
-    #[error("inbound message {event_id} lacks required field `{field}`")]
+    #[error("event {event_id} is not a router input (payload {payload}); wrong topic?")]
+    NotARouterInput { event_id: String, payload: &'static str },
+    #[error("router input {event_id} lacks required field `{field}`")]
     MissingField { event_id: String, field: &'static str },
 }
 
-/// Identity of a thread within an account: the channel and its channel-specific thread key.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ThreadKey {
-    pub account_id: String,
-    pub channel_id: String,
-    pub thread_key: String,
+/// The deterministic contact id of a channel identity (C4): the same sender on the same
+/// channel is the same contact, also after a state loss.
+pub fn contact_id_for(channel_id: &str, external_id: &str) -> String {
+    let mut name = String::with_capacity(channel_id.len() + external_id.len() + 1);
+    name.push_str(channel_id);
+    name.push('\n');
+    name.push_str(external_id);
+    uuid::Uuid::new_v5(&CONTACT_NAMESPACE, name.as_bytes()).hyphenated().to_string()
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ConversationState {
-    pub thread: Option<ThreadKey>,
-    pub channel_id: String,
-    pub assignee_agent_id_opt: Option<String>,
-    /// Message ids already in the conversation: a provider's retry is recognised here (B1).
-    pub message_ids: BTreeSet<String>,
-}
-
-/// Per-agent bookkeeping the strategies need.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AgentWorkload {
-    pub open_conversations: u32,
-    /// Unix millis of the agent's latest assignment (event time); `None` if never assigned.
-    pub last_assigned_at_millis_opt: Option<u64>,
-}
-
-/// Everything the router remembers, derived only from the events it emitted.
-///
-/// The two large maps are hash maps for lookup speed; determinism holds because decisions
-/// only ever look keys up in them and never depend on their iteration order.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RouterState {
-    pub open_conversation_by_thread: HashMap<ThreadKey, String>,
-    pub conversations: HashMap<String, ConversationState>,
-    pub workload_by_agent: BTreeMap<String, AgentWorkload>,
-    /// Round-robin position per channel rule: the agent assigned last by it.
-    pub last_round_robin_agent_by_channel: BTreeMap<String, String>,
-}
-
-/// Decides what an inbound event means: which conversation it joins or starts (R10), and for a
-/// new conversation who owns it (R1–R3, R5, R6, R8) with the explanation (B2).
-pub fn decide(state: &RouterState, config: &ConfigSnapshot, input: &Envelope) -> Result<Vec<Envelope>, Rejection> {
-    let message = match &input.payload {
-        Some(Payload::InboundMessageReceived(message)) => message,
+/// Decides what one input means. Every command yields at least one event (a decision or
+/// `CommandRejected`), so read models can report having seen it (B6).
+pub fn decide(state: &RouterState, config: &RouterConfig, input: &Envelope) -> Result<Vec<Envelope>, Rejection> {
+    let mut decision = Decision::new(input);
+    match &input.payload {
+        Some(Payload::InboundMessageReceived(message)) => decide_message(state, config, &mut decision, message)?,
+        Some(Payload::ContactConsentReceived(consent)) => decide_consent(state, config, &mut decision, consent)?,
+        Some(Payload::AgentAvailabilityChanged(changed)) => decide_availability(state, config, &mut decision, changed),
+        Some(Payload::ManualAssignmentRequested(request)) => {
+            decide_manual_assignment(state, config, &mut decision, request)
+        }
+        Some(Payload::ConversationCloseRequested(request)) => decide_close(state, config, &mut decision, request),
+        Some(Payload::TicketStageChangeRequested(request)) => {
+            decide_ticket_stage(state, config, &mut decision, request)
+        }
+        Some(Payload::ContactOwnerChangeRequested(request)) => {
+            decide_contact_owner(state, config, &mut decision, request)
+        }
+        // C8 delivery statuses travel on the inbound topic for other consumers; they change no
+        // routing state.
+        Some(Payload::DeliveryStatusReported(_)) => {}
         Some(other) => {
-            return Err(Rejection::NotAnInboundMessage {
-                event_id: input.event_id.clone(),
-                payload: switchboard_runtime::envelope::payload_name(other),
-            });
+            return Err(Rejection::NotARouterInput { event_id: input.event_id.clone(), payload: payload_name(other) });
         }
-        None => return Err(Rejection::NotAnInboundMessage { event_id: input.event_id.clone(), payload: "none" }),
-    };
-    validate_inbound(input, message)?;
+        None => return Err(Rejection::NotARouterInput { event_id: input.event_id.clone(), payload: "none" }),
+    }
+    Ok(decision.events)
+}
 
-    let thread = ThreadKey {
-        account_id: input.account_id.clone(),
-        channel_id: message.channel_id.clone(),
-        thread_key: message.thread_key.clone(),
-    };
-    if let Some(conversation_id) = state.open_conversation_by_thread.get(&thread) {
-        let already_seen = state
-            .conversations
-            .get(conversation_id)
-            .is_some_and(|conversation| conversation.message_ids.contains(&message.message_id));
-        if already_seen {
-            // B1: a provider retry of a message we already threaded changes nothing.
-            return Ok(Vec::new());
-        }
-        // R10: a follow-up joins the open conversation and keeps its assignee.
-        return Ok(vec![derived_from(input, 0, message_appended(conversation_id, input, message))]);
+/// The events decided for one input, with ids derived from it.
+struct Decision<'input> {
+    cause: &'input Envelope,
+    cause_millis: u64,
+    events: Vec<Envelope>,
+}
+
+impl<'input> Decision<'input> {
+    fn new(cause: &'input Envelope) -> Self {
+        Decision { cause, cause_millis: recorded_at_millis(cause), events: Vec::with_capacity(4) }
     }
 
-    let conversation_id = derived_id(input, "conversation").to_string();
-    let started = Payload::ConversationStarted(ConversationStarted {
-        conversation_id: conversation_id.clone(),
-        inbox_id: message.inbox_id.clone(),
-        channel_id: message.channel_id.clone(),
-        channel_type: message.channel_type,
-        thread_key: message.thread_key.clone(),
-        contact: message.sender.clone(),
-        first_message_id: message.message_id.clone(),
-        contact_id: String::new(),
-    });
-    let routing = route_new_conversation(state, config, &input.account_id, &message.channel_id, &conversation_id);
-    Ok(vec![
-        derived_from(input, 0, started),
-        derived_from(input, 1, message_appended(&conversation_id, input, message)),
-        derived_from(input, 2, routing),
-    ])
+    /// A UUIDv7 stamped with the cause's recorded-at whose other bits hash the cause's id and
+    /// `purpose`: the same recipe as `runtime::envelope::derived_id`, without allocating.
+    fn derived_id(&self, purpose: &[&str]) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(self.cause.event_id.as_bytes());
+        hasher.update(b"/");
+        for part in purpose {
+            hasher.update(part.as_bytes());
+        }
+        let digest = hasher.finalize();
+        let mut random_bytes = [0u8; 10];
+        random_bytes.copy_from_slice(&digest[..10]);
+        let uuid = uuid::Builder::from_unix_timestamp_millis(self.cause_millis, &random_bytes).into_uuid();
+        let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid.hyphenated().encode_lower(&mut buffer).to_owned()
+    }
+
+    fn emit(&mut self, payload: Payload) {
+        let index = self.events.len();
+        let mut digits = itoa_buffer();
+        let event_id = self.derived_id(&[format_index(index, &mut digits)]);
+        let cause = self.cause;
+        self.events.push(Envelope {
+            event_id,
+            occurred_at: cause.occurred_at,
+            recorded_at: cause.recorded_at,
+            partition_key: cause.partition_key.clone(),
+            causation_id: cause.event_id.clone(),
+            correlation_id: if cause.correlation_id.is_empty() {
+                cause.event_id.clone()
+            } else {
+                cause.correlation_id.clone()
+            },
+            schema_version: SCHEMA_VERSION,
+            account_id: cause.account_id.clone(),
+            // Set by the shell, which knows where the cause was read; `decide` is offset-agnostic.
+            source_position: None,
+            payload: Some(payload),
+        });
+    }
+
+    fn reject(&mut self, command: &str, request_id: &str, reason: impl Into<String>) {
+        self.emit(Payload::CommandRejected(CommandRejected {
+            request_id: request_id.to_owned(),
+            reason: reason.into(),
+            command: command.to_owned(),
+        }));
+    }
 }
 
-fn validate_inbound(input: &Envelope, message: &InboundMessageReceived) -> Result<(), Rejection> {
+fn itoa_buffer() -> [u8; 20] {
+    [0u8; 20]
+}
+
+fn format_index(mut index: usize, buffer: &mut [u8; 20]) -> &str {
+    let mut position = buffer.len();
+    loop {
+        position -= 1;
+        buffer[position] = b'0' + (index % 10) as u8;
+        index /= 10;
+        if index == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buffer[position..]).expect("ascii digits")
+}
+
+/// What a multi-step decision (C6 release, B3 re-drive) has changed so far and the state does
+/// not show yet. Single-message decisions never copy anything (`track` is false).
+struct Overlay<'state> {
+    agents: Cow<'state, AgentBook>,
+    track: bool,
+    /// Threads opened by this decision: (channel id, thread key, conversation id).
+    new_threads: Vec<(String, String, String)>,
+    /// Tickets created by this decision per contact id.
+    new_tickets_by_contact: Vec<(String, u32)>,
+}
+
+impl<'state> Overlay<'state> {
+    fn untracked(state: &'state RouterState) -> Self {
+        Overlay {
+            agents: Cow::Borrowed(&state.agents),
+            track: false,
+            new_threads: Vec::new(),
+            new_tickets_by_contact: Vec::new(),
+        }
+    }
+
+    fn tracked(state: &'state RouterState) -> Self {
+        Overlay { track: true, ..Overlay::untracked(state) }
+    }
+
+    fn open_conversation<'a>(&'a self, state: &'a RouterState, channel_id: &str, thread_key: &str) -> Option<&'a str> {
+        self.new_threads
+            .iter()
+            .find(|(channel, thread, _)| channel == channel_id && thread == thread_key)
+            .map(|(_, _, conversation_id)| conversation_id.as_str())
+            .or_else(|| state.open_conversation(channel_id, thread_key).map(String::as_str))
+    }
+
+    fn extra_tickets(&self, contact_id: &str) -> u32 {
+        self.new_tickets_by_contact.iter().filter(|(id, _)| id == contact_id).map(|(_, count)| count).sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages: B1, C11, C4, C6, R10, routing, tickets.
+// ---------------------------------------------------------------------------------------------
+
+fn validate_message(input: &Envelope, message: &InboundMessageReceived) -> Result<(), Rejection> {
     let required = [
         ("account_id", input.account_id.as_str()),
         ("channel_id", message.channel_id.as_str()),
@@ -132,7 +226,235 @@ fn validate_inbound(input: &Envelope, message: &InboundMessageReceived) -> Resul
     }
 }
 
-fn message_appended(conversation_id: &str, input: &Envelope, message: &InboundMessageReceived) -> Payload {
+fn decide_message(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    message: &InboundMessageReceived,
+) -> Result<(), Rejection> {
+    let input = decision.cause;
+    validate_message(input, message)?;
+    // B1: a message id already handled (any channel of the partition's accounts, open
+    // conversations, held messages and a recent window) changes nothing.
+    if state.dedup.contains(message_key(&message.message_id)) {
+        return Ok(());
+    }
+    let Some(channel) = config.channel(&input.account_id, &message.channel_id) else {
+        decision.emit(withheld(message, &input.event_id, WithheldReason::UnknownChannel, false));
+        return Ok(());
+    };
+    // C11: a switched-off channel's messages are recorded, never routed or logged to contacts.
+    if !channel.enabled {
+        decision.emit(withheld(message, &input.event_id, WithheldReason::ChannelOff, false));
+        return Ok(());
+    }
+    let external_id = sender_identity(message);
+    // Fast path (most traffic): a follow-up from the conversation's own contact on a channel
+    // without explicit consent joins the open conversation (R10); no contact lookup needed.
+    if !channel.explicit_consent
+        && let Some(conversation_id) = state.open_conversation(&message.channel_id, &message.thread_key)
+        && let Some(conversation) = state.conversations.get(conversation_id)
+        && conversation.contact_external_id == external_id
+    {
+        decision.emit(message_appended(conversation_id, &input.event_id, message, &conversation.contact_id));
+        return Ok(());
+    }
+    let contact_opt = state.contact(&message.channel_id, external_id);
+    let contact_id = match contact_opt {
+        Some(contact) => contact.contact_id.clone(),
+        None => {
+            let contact_id = contact_id_for(&message.channel_id, external_id);
+            decision.emit(contact_created(channel, message, external_id, &contact_id));
+            contact_id
+        }
+    };
+    // C6 explicit consent: held until the sender agrees (consent seen with the message counts).
+    if channel.explicit_consent && !contact_opt.is_some_and(|contact| contact.consent_granted) {
+        let consent_given_now =
+            message.content.as_ref().is_some_and(|content| content.consent == ConsentState::Given as i32);
+        if !consent_given_now {
+            decision.emit(withheld(message, &input.event_id, WithheldReason::AwaitingConsent, true));
+            return Ok(());
+        }
+        decision.emit(Payload::ContactConsentReceived(ContactConsentReceived {
+            channel_id: message.channel_id.clone(),
+            sender_external_id: external_id.to_owned(),
+            granted: true,
+            provider_event_id: message.provider_message_id.clone(),
+        }));
+    }
+    let mut overlay = Overlay::untracked(state);
+    deliver(state, config, decision, &mut overlay, channel, message, &input.event_id, &contact_id, "");
+    Ok(())
+}
+
+/// Puts one accepted message into its conversation (R10) or starts one, routes it (R1–R8) and
+/// creates its ticket (T1, I5, C7, R9, T2). `purpose_suffix` keeps derived ids distinct when one
+/// decision delivers several messages.
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    overlay: &mut Overlay<'_>,
+    channel: &ChannelProfile,
+    message: &InboundMessageReceived,
+    source_event_id: &str,
+    contact_id: &str,
+    purpose_suffix: &str,
+) {
+    if let Some(conversation_id) = overlay.open_conversation(state, &message.channel_id, &message.thread_key) {
+        // R10: a follow-up joins the open conversation and keeps its assignee; never a second
+        // conversation or ticket.
+        let appended = message_appended(conversation_id, source_event_id, message, contact_id);
+        decision.emit(appended);
+        return;
+    }
+    let conversation_id = decision.derived_id(&["conversation", purpose_suffix]);
+    let channel_type = if message.channel_type != 0 { message.channel_type } else { channel.channel_type };
+    decision.emit(Payload::ConversationStarted(ConversationStarted {
+        conversation_id: conversation_id.clone(),
+        inbox_id: if message.inbox_id.is_empty() { channel.inbox_id.clone() } else { message.inbox_id.clone() },
+        channel_id: message.channel_id.clone(),
+        channel_type,
+        thread_key: message.thread_key.clone(),
+        contact: message.sender.clone(),
+        first_message_id: message.message_id.clone(),
+        contact_id: contact_id.to_owned(),
+    }));
+    decision.emit(message_appended(&conversation_id, source_event_id, message, contact_id));
+
+    let owner_opt = state.contact_by_id(contact_id).and_then(|contact| contact.owner_agent_id_opt.as_deref());
+    let routed = route(config, &overlay.agents, channel, channel_type, owner_opt);
+    let assignee_opt = match &routed.outcome {
+        Outcome::Assigned(agent_id) => Some(agent_id.clone()),
+        Outcome::Unassigned(_) => None,
+    };
+    emit_routing(decision, &conversation_id, routed.outcome, routed.explanation);
+    if let Some(owner_agent_id) = routed.notify_owner_opt {
+        // R4: the contact owner is offline; they are told about the new message.
+        decision.emit(Payload::OwnerNotificationRequested(OwnerNotificationRequested {
+            agent_id: owner_agent_id,
+            conversation_id: conversation_id.clone(),
+            message_id: message.message_id.clone(),
+            contact_id: contact_id.to_owned(),
+        }));
+    }
+    if overlay.track {
+        if let Some(agent_id) = &assignee_opt {
+            overlay.agents.to_mut().take(agent_id, &message.channel_id, channel_type, decision.cause_millis);
+        }
+        overlay.new_threads.push((message.channel_id.clone(), message.thread_key.clone(), conversation_id.clone()));
+    }
+    if channel.creates_tickets() {
+        decide_ticket(
+            state,
+            decision,
+            overlay,
+            channel,
+            message,
+            &conversation_id,
+            contact_id,
+            assignee_opt,
+            purpose_suffix,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decide_ticket(
+    state: &RouterState,
+    decision: &mut Decision<'_>,
+    overlay: &mut Overlay<'_>,
+    channel: &ChannelProfile,
+    message: &InboundMessageReceived,
+    conversation_id: &str,
+    contact_id: &str,
+    assignee_opt: Option<String>,
+    purpose_suffix: &str,
+) {
+    let settings = channel.tickets_opt.clone().unwrap_or_default();
+    let tickets_so_far =
+        state.contact_by_id(contact_id).map_or(0, |contact| contact.ticket_count) + overlay.extra_tickets(contact_id);
+    // T2 / C7: a contact at its association limit gets no ticket; the conversation stands.
+    if settings.contact_association_limit > 0 && tickets_so_far >= settings.contact_association_limit {
+        decision.emit(Payload::TicketNotCreated(TicketNotCreated {
+            conversation_id: conversation_id.to_owned(),
+            contact_id: contact_id.to_owned(),
+            reason: TicketNotCreatedReason::ContactAtAssociationLimit as i32,
+            limit: settings.contact_association_limit,
+        }));
+        return;
+    }
+    let content = message.content.clone().unwrap_or_default();
+    let form = content.form_ticket.unwrap_or_default();
+    let first_non_empty =
+        |values: &[&str]| values.iter().find(|value| !value.is_empty()).map(|value| value.to_string());
+    // R9: a fixed owner overrides the conversation's assignee.
+    let (owner_agent_id, owner_source) = if !settings.fixed_owner_agent_id.is_empty() {
+        (settings.fixed_owner_agent_id.clone(), TicketOwnerSource::Fixed)
+    } else if let Some(assignee) = assignee_opt {
+        (assignee, TicketOwnerSource::ConversationAssignee)
+    } else {
+        (String::new(), TicketOwnerSource::None)
+    };
+    let text_title: String = message.text.chars().take(80).collect();
+    let ticket_id = decision.derived_id(&["ticket", purpose_suffix]);
+    decision.emit(Payload::TicketCreated(TicketCreated {
+        ticket_id,
+        conversation_id: conversation_id.to_owned(),
+        contact_id: contact_id.to_owned(),
+        // C7: form ticket fields override the channel's defaults (T1).
+        pipeline: first_non_empty(&[&form.pipeline, &settings.default_pipeline]).unwrap_or(DEFAULT_PIPELINE.into()),
+        stage: first_non_empty(&[&form.stage, &settings.default_stage]).unwrap_or(DEFAULT_STAGE.into()),
+        owner_agent_id,
+        owner_source: owner_source as i32,
+        name: first_non_empty(&[&form.name, &content.subject, &text_title]).unwrap_or_default(),
+        description: first_non_empty(&[&form.description, &message.text]).unwrap_or_default(),
+        channel_id: message.channel_id.clone(),
+        inbox_id: channel.inbox_id.clone(),
+    }));
+    if overlay.track {
+        overlay.new_tickets_by_contact.push((contact_id.to_owned(), 1));
+    }
+}
+
+fn withheld(message: &InboundMessageReceived, source_event_id: &str, reason: WithheldReason, keep: bool) -> Payload {
+    Payload::MessageWithheld(MessageWithheld {
+        message_id: message.message_id.clone(),
+        channel_id: message.channel_id.clone(),
+        reason: reason as i32,
+        thread_key: message.thread_key.clone(),
+        sender: message.sender.clone(),
+        source_event_id: source_event_id.to_owned(),
+        message: keep.then(|| message.clone()),
+    })
+}
+
+fn contact_created(
+    channel: &ChannelProfile,
+    message: &InboundMessageReceived,
+    external_id: &str,
+    contact_id: &str,
+) -> Payload {
+    let sender = message.sender.clone().unwrap_or_default();
+    Payload::ContactCreated(ContactCreated {
+        contact_id: contact_id.to_owned(),
+        channel_id: message.channel_id.clone(),
+        channel_type: if message.channel_type != 0 { message.channel_type } else { channel.channel_type },
+        external_id: external_id.to_owned(),
+        display_name: sender.display_name,
+        email: sender.email,
+        source_message_id: message.message_id.clone(),
+    })
+}
+
+fn message_appended(
+    conversation_id: &str,
+    source_event_id: &str,
+    message: &InboundMessageReceived,
+    contact_id: &str,
+) -> Payload {
     Payload::MessageAppended(MessageAppended {
         conversation_id: conversation_id.to_owned(),
         message_id: message.message_id.clone(),
@@ -140,35 +462,59 @@ fn message_appended(conversation_id: &str, input: &Envelope, message: &InboundMe
         channel_id: message.channel_id.clone(),
         sender: message.sender.clone(),
         text: message.text.clone(),
-        source_event_id: input.event_id.clone(),
+        source_event_id: source_event_id.to_owned(),
         content: message.content.clone(),
-        contact_id: String::new(),
+        contact_id: contact_id.to_owned(),
     })
 }
 
-fn left_unassigned(conversation_id: &str, reason: UnassignedReason, explanation: RoutingExplanation) -> Payload {
-    Payload::ConversationLeftUnassigned(ConversationLeftUnassigned {
-        conversation_id: conversation_id.to_owned(),
-        reason: reason as i32,
-        explanation: Some(explanation),
-    })
+// ---------------------------------------------------------------------------------------------
+// Routing: R1–R8 with the explanation (B2).
+// ---------------------------------------------------------------------------------------------
+
+enum Outcome {
+    Assigned(String),
+    Unassigned(UnassignedReason),
 }
 
-/// Applies the channel's routing rules to a new conversation.
-fn route_new_conversation(
-    state: &RouterState,
-    config: &ConfigSnapshot,
-    account_id: &str,
-    channel_id: &str,
-    conversation_id: &str,
-) -> Payload {
-    let Some(rules) = config.routing_rules.get(channel_id).filter(|rules| rules.account_id == account_id) else {
-        let explanation = RoutingExplanation { channel_id: channel_id.to_owned(), ..Default::default() };
-        return left_unassigned(conversation_id, UnassignedReason::NoRoutingRules, explanation);
+struct Routed {
+    outcome: Outcome,
+    explanation: RoutingExplanation,
+    /// R4: the contact owner to notify because they are offline.
+    notify_owner_opt: Option<String>,
+}
+
+fn emit_routing(decision: &mut Decision<'_>, conversation_id: &str, outcome: Outcome, explanation: RoutingExplanation) {
+    decision.emit(match outcome {
+        Outcome::Assigned(assignee_agent_id) => Payload::ConversationAssigned(ConversationAssigned {
+            conversation_id: conversation_id.to_owned(),
+            assignee_agent_id,
+            explanation: Some(explanation),
+        }),
+        Outcome::Unassigned(reason) => Payload::ConversationLeftUnassigned(ConversationLeftUnassigned {
+            conversation_id: conversation_id.to_owned(),
+            reason: reason as i32,
+            explanation: Some(explanation),
+        }),
+    });
+}
+
+/// Applies the channel's routing rules to a conversation that has no assignee.
+fn route(
+    config: &RouterConfig,
+    agents: &AgentBook,
+    channel: &ChannelProfile,
+    channel_type: i32,
+    contact_owner_opt: Option<&str>,
+) -> Routed {
+    let unassigned =
+        |reason, explanation| Routed { outcome: Outcome::Unassigned(reason), explanation, notify_owner_opt: None };
+    let Some(rules) = &channel.rules_opt else {
+        let explanation = RoutingExplanation { channel_id: channel.channel_id.clone(), ..Default::default() };
+        return unassigned(UnassignedReason::NoRoutingRules, explanation);
     };
-    let rules = &rules.entity;
     let mut explanation = RoutingExplanation {
-        channel_id: channel_id.to_owned(),
+        channel_id: channel.channel_id.clone(),
         rule_version: rules.version,
         target: rules.target,
         strategy: rules.strategy,
@@ -177,164 +523,497 @@ fn route_new_conversation(
     };
     // R1: automatic assignment is off by default; the team triages.
     if !rules.auto_assign {
-        return left_unassigned(conversation_id, UnassignedReason::AutoAssignmentOff, explanation);
+        return unassigned(UnassignedReason::AutoAssignmentOff, explanation);
     }
+    let account_id = &channel.account_id;
     match AssignTarget::try_from(rules.target).unwrap_or(AssignTarget::Nobody) {
-        AssignTarget::Nobody | AssignTarget::Unspecified => {
-            left_unassigned(conversation_id, UnassignedReason::TargetNobody, explanation)
-        }
-        // R4: contacts carry no owner in this version, so the rule can never find one.
+        AssignTarget::Nobody | AssignTarget::Unspecified => unassigned(UnassignedReason::TargetNobody, explanation),
         AssignTarget::ContactOwner => {
-            left_unassigned(conversation_id, UnassignedReason::ContactHasNoOwner, explanation)
-        }
-        AssignTarget::SpecificUsersAndTeams => {
-            let pool = candidate_pool(config, account_id, rules);
-            for agent_id in &pool {
-                match ineligibility(state, config, account_id, rules, agent_id) {
-                    Some(reason) => {
-                        explanation.skipped.push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 })
+            // R4: the contact's owner, if they may take it; offline owners are notified.
+            let Some(owner) = contact_owner_opt else {
+                return unassigned(UnassignedReason::ContactHasNoOwner, explanation);
+            };
+            let profile_opt = config.agent(account_id, owner);
+            let notify_owner_opt =
+                profile_opt.filter(|profile| !is_available(agents, owner, profile)).map(|_| owner.to_owned());
+            match ineligibility(profile_opt, agents, rules, channel_type, owner) {
+                None => {
+                    explanation.eligible_agent_ids.push(owner.to_owned());
+                    Routed { outcome: Outcome::Assigned(owner.to_owned()), explanation, notify_owner_opt }
+                }
+                Some(reason) => {
+                    explanation.skipped.push(SkippedCandidate { agent_id: owner.to_owned(), reason: reason as i32 });
+                    Routed {
+                        outcome: Outcome::Unassigned(UnassignedReason::NoEligibleAgent),
+                        explanation,
+                        notify_owner_opt,
                     }
-                    None => explanation.eligible_agent_ids.push(agent_id.clone()),
                 }
             }
-            match choose(state, rules, channel_id, &pool, &explanation.eligible_agent_ids) {
-                Some(assignee_agent_id) => Payload::ConversationAssigned(ConversationAssigned {
-                    conversation_id: conversation_id.to_owned(),
-                    assignee_agent_id,
-                    explanation: Some(explanation),
-                }),
+        }
+        AssignTarget::SpecificUsersAndTeams => {
+            let pool = &channel.pool;
+            let mut eligible = Vec::with_capacity(pool.len());
+            for (agent_id, profile_opt) in pool.iter().zip(&channel.pool_profiles) {
+                let profile_opt = profile_opt.map(|index| &config.profiles[index as usize]);
+                let reason_opt = ineligibility(profile_opt, agents, rules, channel_type, agent_id);
+                if let Some(reason) = reason_opt {
+                    explanation.skipped.push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 });
+                }
+                eligible.push(reason_opt.is_none());
+            }
+            explanation.eligible_agent_ids =
+                pool.iter().zip(&eligible).filter(|(_, eligible)| **eligible).map(|(id, _)| id.clone()).collect();
+            match choose(agents, rules.strategy, &channel.channel_id, pool, &eligible) {
+                Some(assignee) => {
+                    Routed { outcome: Outcome::Assigned(assignee.clone()), explanation, notify_owner_opt: None }
+                }
                 // R5: nobody eligible (e.g. nobody available) → stays unassigned, with the reasons.
-                None => left_unassigned(conversation_id, UnassignedReason::NoEligibleAgent, explanation),
+                None => unassigned(UnassignedReason::NoEligibleAgent, explanation),
             }
         }
     }
 }
 
-/// R3: the rule's users in their listed order, then members of its teams by agent id; each once.
-fn candidate_pool(config: &ConfigSnapshot, account_id: &str, rules: &RoutingRulesConfigured) -> Vec<String> {
-    let mut pool: Vec<String> = Vec::new();
-    let mut seen = BTreeSet::new();
-    for user_id in &rules.user_ids {
-        if seen.insert(user_id.clone()) {
-            pool.push(user_id.clone());
-        }
+fn is_available(agents: &AgentBook, agent_id: &str, profile: &AgentProfile) -> bool {
+    if agents.availability_by_agent.is_empty() {
+        return profile.available; // no availability command seen yet: skip hashing the id
     }
-    if rules.team_ids.is_empty() {
-        return pool;
-    }
-    for (agent_id, agent) in &config.agents {
-        let in_selected_team = agent.entity.team_ids.iter().any(|team| rules.team_ids.contains(team));
-        if agent.account_id == account_id && in_selected_team && seen.insert(agent_id.clone()) {
-            pool.push(agent_id.clone());
-        }
-    }
-    pool
+    agents.availability_by_agent.get(agent_id).copied().unwrap_or(profile.available)
 }
 
 /// Why `agent_id` may not take the conversation, or `None` if eligible.
 fn ineligibility(
-    state: &RouterState,
-    config: &ConfigSnapshot,
-    account_id: &str,
-    rules: &RoutingRulesConfigured,
+    profile_opt: Option<&AgentProfile>,
+    agents: &AgentBook,
+    rules: &switchboard_proto::events::v1::RoutingRulesConfigured,
+    channel_type: i32,
     agent_id: &str,
 ) -> Option<SkipReason> {
-    let Some(agent) = config.agents.get(agent_id).filter(|agent| agent.account_id == account_id) else {
-        return Some(SkipReason::UnknownAgent);
-    };
-    let agent: &AgentConfigured = &agent.entity;
-    if !agent.paid_seat {
+    let Some(profile) = profile_opt else { return Some(SkipReason::UnknownAgent) };
+    if !profile.paid_seat {
         return Some(SkipReason::NoPaidSeat); // R6
     }
-    if rules.only_available && !agent.available {
+    if rules.only_available && !is_available(agents, agent_id, profile) {
         return Some(SkipReason::Offline); // R5
     }
-    let open_conversations = state.workload_by_agent.get(agent_id).map_or(0, |workload| workload.open_conversations);
-    if agent.max_open_conversations > 0 && open_conversations >= agent.max_open_conversations {
-        return Some(SkipReason::AtCapacity); // R8
+    if !rules.required_skills.iter().all(|skill| profile.skills.contains(skill)) {
+        return Some(SkipReason::MissingSkill); // R7
+    }
+    if let Some(workload) = agents.workload(agent_id) {
+        let overall_full =
+            profile.max_open_conversations > 0 && workload.open_conversations >= profile.max_open_conversations;
+        let slot = crate::state::channel_type_slot(channel_type);
+        let type_limit = profile.max_open_by_channel_type[slot];
+        let type_full = type_limit > 0 && workload.open_by_channel_type[slot] >= type_limit;
+        if overall_full || type_full {
+            return Some(SkipReason::AtCapacity); // R8, overall or per channel type
+        }
     }
     None
 }
 
-/// Picks the assignee among the eligible agents with the rule's strategy.
-fn choose(
-    state: &RouterState,
-    rules: &RoutingRulesConfigured,
+/// Picks the assignee among the eligible pool members with the rule's strategy (R3).
+fn choose<'pool>(
+    agents: &AgentBook,
+    strategy: i32,
     channel_id: &str,
-    pool: &[String],
-    eligible: &[String],
-) -> Option<String> {
-    if eligible.is_empty() {
-        return None;
-    }
-    match AssignmentStrategy::try_from(rules.strategy).unwrap_or(AssignmentStrategy::RoundRobin) {
-        AssignmentStrategy::Balanced => eligible
-            .iter()
-            .min_by_key(|agent_id| {
-                let workload = state.workload_by_agent.get(*agent_id).cloned().unwrap_or_default();
-                // Fewest open conversations; ties go to the agent idle longest (never assigned first),
-                // then to pool order (min_by_key keeps the first of equals).
+    pool: &'pool [String],
+    eligible: &[bool],
+) -> Option<&'pool String> {
+    let eligible_agents = pool.iter().zip(eligible).filter(|(_, eligible)| **eligible).map(|(id, _)| id);
+    match AssignmentStrategy::try_from(strategy).unwrap_or(AssignmentStrategy::RoundRobin) {
+        // Fewest open conversations; ties go to the agent idle longest (never assigned first),
+        // then to pool order (min_by_key keeps the first of equals).
+        AssignmentStrategy::Balanced => eligible_agents.min_by_key(|agent_id| {
+            agents.workload(agent_id).map_or((0, 0), |workload| {
                 (workload.open_conversations, workload.last_assigned_at_millis_opt.map_or(0, |at| at + 1))
             })
-            .cloned(),
+        }),
         AssignmentStrategy::RoundRobin | AssignmentStrategy::Unspecified => {
-            // The next eligible agent after the one this rule assigned last, in pool order.
-            let last_index_opt = state
+            // The next eligible agent after the one this channel assigned last, in pool order.
+            let start = agents
                 .last_round_robin_agent_by_channel
                 .get(channel_id)
-                .and_then(|last_agent_id| pool.iter().position(|agent_id| agent_id == last_agent_id));
-            let start = last_index_opt.map_or(0, |index| index + 1);
-            let eligible: BTreeSet<&String> = eligible.iter().collect();
+                .and_then(|last| pool.iter().position(|agent_id| agent_id == last))
+                .map_or(0, |index| index + 1);
             (0..pool.len())
-                .map(|offset| &pool[(start + offset) % pool.len()])
-                .find(|agent_id| eligible.contains(agent_id))
-                .cloned()
+                .map(|offset| (start + offset) % pool.len())
+                .find(|index| eligible[*index])
+                .map(|index| &pool[index])
         }
     }
 }
 
-/// Applies one event emitted by [`decide`] to the state.
-///
-/// Takes `&mut` rather than returning a new state: the router folds millions of events and
-/// copying maps per event would dominate its cost; the semantics are those of `evolve(S, &E) -> S`.
-pub fn evolve(state: &mut RouterState, event: &Envelope) {
-    match &event.payload {
-        Some(Payload::ConversationStarted(started)) => {
-            let thread = ThreadKey {
-                account_id: event.account_id.clone(),
-                channel_id: started.channel_id.clone(),
-                thread_key: started.thread_key.clone(),
-            };
-            state.open_conversation_by_thread.insert(thread.clone(), started.conversation_id.clone());
-            state.conversations.insert(
-                started.conversation_id.clone(),
-                ConversationState {
-                    thread: Some(thread),
-                    channel_id: started.channel_id.clone(),
-                    ..Default::default()
-                },
-            );
+// ---------------------------------------------------------------------------------------------
+// C6 consent.
+// ---------------------------------------------------------------------------------------------
+
+fn decide_consent(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    consent: &ContactConsentReceived,
+) -> Result<(), Rejection> {
+    let input = decision.cause;
+    for (field, value) in [("channel_id", &consent.channel_id), ("sender_external_id", &consent.sender_external_id)] {
+        if value.is_empty() {
+            return Err(Rejection::MissingField { event_id: input.event_id.clone(), field });
         }
-        Some(Payload::MessageAppended(appended)) => {
-            if let Some(conversation) = state.conversations.get_mut(&appended.conversation_id) {
-                conversation.message_ids.insert(appended.message_id.clone());
+    }
+    let channel_opt = config.channel(&input.account_id, &consent.channel_id);
+    let contact_opt = state.contact(&consent.channel_id, &consent.sender_external_id);
+    if contact_opt.is_none()
+        && let Some(channel) = channel_opt
+    {
+        // Consent can precede the first message: the contact exists from now on, consenting.
+        let contact_id = contact_id_for(&consent.channel_id, &consent.sender_external_id);
+        let sender = InboundMessageReceived { channel_id: consent.channel_id.clone(), ..Default::default() };
+        let mut created = contact_created(channel, &sender, &consent.sender_external_id, &contact_id);
+        if let Payload::ContactCreated(created) = &mut created {
+            created.source_message_id = String::new();
+        }
+        decision.emit(created);
+    }
+    // Echoed onto the output: consent is router state, and the state is a fold of the output.
+    decision.emit(Payload::ContactConsentReceived(consent.clone()));
+    let (Some(contact), Some(channel), true) = (contact_opt, channel_opt, consent.granted) else { return Ok(()) };
+    let Some(held) = state.held_by_contact.get(&contact.contact_id) else { return Ok(()) };
+    // Released in arrival order, as if they had just arrived (C6).
+    let mut overlay = Overlay::tracked(state);
+    for (index, held_message) in held.iter().enumerate() {
+        let mut digits = itoa_buffer();
+        let suffix = format!("/released/{}", format_index(index, &mut digits));
+        deliver(
+            state,
+            config,
+            decision,
+            &mut overlay,
+            channel,
+            &held_message.message,
+            &held_message.source_event_id,
+            &contact.contact_id,
+            &suffix,
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands: availability, manual assignment, close, ticket stage, contact owner.
+// ---------------------------------------------------------------------------------------------
+
+/// A command whose request id was already applied is answered with `CommandRejected` (so the
+/// caller's position is still reached, B6) and changes nothing.
+fn already_applied(state: &RouterState, decision: &mut Decision<'_>, command: &str, request_id: &str) -> bool {
+    if !request_id.is_empty() && state.applied_requests.contains(request_id) {
+        decision.reject(command, request_id, "request already applied");
+        return true;
+    }
+    false
+}
+
+fn decide_availability(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    changed: &AgentAvailabilityChanged,
+) {
+    const COMMAND: &str = "agent_availability_changed";
+    if already_applied(state, decision, COMMAND, &changed.request_id) {
+        return;
+    }
+    if config.agent(&decision.cause.account_id, &changed.agent_id).is_none() {
+        decision.reject(COMMAND, &changed.request_id, format!("unknown agent `{}`", changed.agent_id));
+        return;
+    }
+    // Echoed onto the output: from now on this, not the config, says whether the agent is
+    // available for routing.
+    decision.emit(Payload::AgentAvailabilityChanged(changed.clone()));
+    if changed.available {
+        let mut overlay = Overlay::tracked(state);
+        overlay.agents.to_mut().availability_by_agent.insert(changed.agent_id.clone(), true);
+        redrive(state, config, decision, &mut overlay, &changed.agent_id, None);
+    }
+}
+
+fn decide_manual_assignment(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    request: &ManualAssignmentRequested,
+) {
+    const COMMAND: &str = "manual_assignment_requested";
+    if already_applied(state, decision, COMMAND, &request.request_id) {
+        return;
+    }
+    let Some(conversation) = state.conversations.get(&request.conversation_id) else {
+        decision.reject(
+            COMMAND,
+            &request.request_id,
+            format!("conversation `{}` is not open", request.conversation_id),
+        );
+        return;
+    };
+    let previous_opt = conversation.assignee_agent_id_opt.clone();
+    let mut overlay = Overlay::tracked(state);
+    if request.assignee_agent_id.is_empty() {
+        let Some(previous) = previous_opt else {
+            decision.reject(COMMAND, &request.request_id, "conversation is not assigned");
+            return;
+        };
+        decision.emit(Payload::ConversationUnassigned(ConversationUnassigned {
+            conversation_id: request.conversation_id.clone(),
+            previous_assignee_agent_id: previous.clone(),
+            actor: request.actor.clone(),
+            request_id: request.request_id.clone(),
+        }));
+        overlay.agents.to_mut().release(&previous, conversation.channel_type);
+        redrive(state, config, decision, &mut overlay, &previous, Some(&request.conversation_id));
+        return;
+    }
+    if config.agent(&decision.cause.account_id, &request.assignee_agent_id).is_none() {
+        decision.reject(COMMAND, &request.request_id, format!("unknown agent `{}`", request.assignee_agent_id));
+        return;
+    }
+    if previous_opt.as_deref() == Some(request.assignee_agent_id.as_str()) {
+        decision.reject(COMMAND, &request.request_id, format!("already assigned to `{}`", request.assignee_agent_id));
+        return;
+    }
+    // Manual assignment is a person's decision: capacity and availability do not apply (I4);
+    // the explanation names the channel and the chosen agent, with no rule.
+    decision.emit(Payload::ConversationAssigned(ConversationAssigned {
+        conversation_id: request.conversation_id.clone(),
+        assignee_agent_id: request.assignee_agent_id.clone(),
+        explanation: Some(RoutingExplanation {
+            channel_id: conversation.channel_id.clone(),
+            eligible_agent_ids: vec![request.assignee_agent_id.clone()],
+            ..Default::default()
+        }),
+    }));
+    if let Some(previous) = previous_opt {
+        let agents = overlay.agents.to_mut();
+        agents.release(&previous, conversation.channel_type);
+        agents.take(
+            &request.assignee_agent_id,
+            &conversation.channel_id,
+            conversation.channel_type,
+            decision.cause_millis,
+        );
+        redrive(state, config, decision, &mut overlay, &previous, Some(&request.conversation_id));
+    }
+}
+
+fn decide_close(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    request: &ConversationCloseRequested,
+) {
+    const COMMAND: &str = "conversation_close_requested";
+    if already_applied(state, decision, COMMAND, &request.request_id) {
+        return;
+    }
+    let Some(conversation) = state.conversations.get(&request.conversation_id) else {
+        decision.reject(
+            COMMAND,
+            &request.request_id,
+            format!("conversation `{}` is not open", request.conversation_id),
+        );
+        return;
+    };
+    close(
+        state,
+        config,
+        decision,
+        &request.conversation_id,
+        conversation,
+        CloseReason::Agent,
+        request.actor.clone(),
+        &request.request_id,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn close(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    conversation_id: &str,
+    conversation: &ConversationState,
+    reason: CloseReason,
+    actor: Option<Actor>,
+    request_id: &str,
+) {
+    decision.emit(Payload::ConversationClosed(ConversationClosed {
+        conversation_id: conversation_id.to_owned(),
+        reason: reason as i32,
+        previous_assignee_agent_id: conversation.assignee_agent_id_opt.clone().unwrap_or_default(),
+        actor,
+        request_id: request_id.to_owned(),
+    }));
+    // B3: the assignee has room for one more now.
+    if let Some(previous) = &conversation.assignee_agent_id_opt {
+        let mut overlay = Overlay::tracked(state);
+        overlay.agents.to_mut().release(previous, conversation.channel_type);
+        redrive(state, config, decision, &mut overlay, previous, Some(conversation_id));
+    }
+}
+
+fn decide_ticket_stage(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    request: &TicketStageChangeRequested,
+) {
+    const COMMAND: &str = "ticket_stage_change_requested";
+    if already_applied(state, decision, COMMAND, &request.request_id) {
+        return;
+    }
+    let Some(ticket) = state.tickets.get(&request.ticket_id) else {
+        decision.reject(COMMAND, &request.request_id, format!("ticket `{}` is not open", request.ticket_id));
+        return;
+    };
+    if request.stage.is_empty() && !request.close {
+        decision.reject(COMMAND, &request.request_id, "neither a stage nor close was requested");
+        return;
+    }
+    let stage = if request.stage.is_empty() { ticket.stage.clone() } else { request.stage.clone() };
+    decision.emit(Payload::TicketStageChanged(TicketStageChanged {
+        ticket_id: request.ticket_id.clone(),
+        conversation_id: ticket.conversation_id.clone(),
+        previous_stage: ticket.stage.clone(),
+        stage,
+        closed: request.close,
+        actor: request.actor.clone(),
+        request_id: request.request_id.clone(),
+    }));
+    // T3: closing the ticket closes its conversation.
+    if request.close
+        && let Some(conversation) = state.conversations.get(&ticket.conversation_id)
+    {
+        close(
+            state,
+            config,
+            decision,
+            &ticket.conversation_id,
+            conversation,
+            CloseReason::TicketClosed,
+            request.actor.clone(),
+            "",
+        );
+    }
+}
+
+fn decide_contact_owner(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    request: &ContactOwnerChangeRequested,
+) {
+    const COMMAND: &str = "contact_owner_change_requested";
+    if already_applied(state, decision, COMMAND, &request.request_id) {
+        return;
+    }
+    let Some(contact) = state.contact_by_id(&request.contact_id) else {
+        decision.reject(COMMAND, &request.request_id, format!("unknown contact `{}`", request.contact_id));
+        return;
+    };
+    if !request.owner_agent_id.is_empty() && config.agent(&decision.cause.account_id, &request.owner_agent_id).is_none()
+    {
+        decision.reject(COMMAND, &request.request_id, format!("unknown agent `{}`", request.owner_agent_id));
+        return;
+    }
+    decision.emit(Payload::ContactOwnerChanged(ContactOwnerChanged {
+        contact_id: request.contact_id.clone(),
+        owner_agent_id: request.owner_agent_id.clone(),
+        previous_owner_agent_id: contact.owner_agent_id_opt.clone().unwrap_or_default(),
+        actor: request.actor.clone(),
+        request_id: request.request_id.clone(),
+    }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// B3: backlog re-drive.
+// ---------------------------------------------------------------------------------------------
+
+/// `freed_agent_id` became available or has room again: waiting (open, unassigned)
+/// conversations of the account's opted-in channels whose pool includes the agent (or whose
+/// contact it owns) are routed again, oldest first across channels, with the usual rules and
+/// explanations. A channel whose oldest waiting conversation still finds nobody is done.
+fn redrive(
+    state: &RouterState,
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    overlay: &mut Overlay<'_>,
+    freed_agent_id: &str,
+    exclude_conversation_opt: Option<&str>,
+) {
+    let Some(channel_ids) = config.channel_ids_by_account.get(&decision.cause.account_id) else { return };
+    struct Cursor<'a> {
+        channel: &'a ChannelProfile,
+        owner_target: bool,
+        exhausted: bool,
+        waiting: std::iter::Peekable<Box<dyn Iterator<Item = (u64, &'a String)> + 'a>>,
+    }
+    let mut cursors: Vec<Cursor<'_>> = Vec::new();
+    for channel_id in channel_ids {
+        let Some(channel) = config.channels.get(channel_id) else { continue };
+        let Some(rules) = channel.rules_opt.as_ref().filter(|rules| rules.auto_assign && rules.redrive_backlog) else {
+            continue;
+        };
+        let owner_target = rules.target == AssignTarget::ContactOwner as i32;
+        let in_pool = channel.pool.iter().any(|agent_id| agent_id == freed_agent_id);
+        if !(owner_target || in_pool) || !channel.enabled {
+            continue;
+        }
+        if let Some(waiting) = state.waiting_by_channel.get(channel_id) {
+            let oldest_first: Box<dyn Iterator<Item = (u64, &String)>> = Box::new(waiting.iter());
+            cursors.push(Cursor { channel, owner_target, exhausted: false, waiting: oldest_first.peekable() });
+        }
+    }
+    let mut attempts = 0;
+    while attempts < MAX_REDRIVE_ATTEMPTS {
+        // The oldest head among the channels still being re-driven (ties: channel id order).
+        let mut best_opt: Option<((u64, &String), usize)> = None;
+        for (index, cursor) in cursors.iter_mut().enumerate() {
+            if cursor.exhausted {
+                continue;
             }
-        }
-        Some(Payload::ConversationAssigned(assigned)) => {
-            let Some(conversation) = state.conversations.get_mut(&assigned.conversation_id) else { return };
-            if let Some(previous) = conversation.assignee_agent_id_opt.replace(assigned.assignee_agent_id.clone())
-                && let Some(workload) = state.workload_by_agent.get_mut(&previous)
+            if let Some(head) = cursor.waiting.peek().copied()
+                && best_opt.is_none_or(|(best, _)| head < best)
             {
-                workload.open_conversations = workload.open_conversations.saturating_sub(1);
+                best_opt = Some((head, index));
             }
-            let workload = state.workload_by_agent.entry(assigned.assignee_agent_id.clone()).or_default();
-            workload.open_conversations += 1;
-            workload.last_assigned_at_millis_opt = Some(recorded_at_millis(event));
-            state
-                .last_round_robin_agent_by_channel
-                .insert(conversation.channel_id.clone(), assigned.assignee_agent_id.clone());
         }
-        _ => {}
+        let Some((_, next)) = best_opt else { break };
+        let cursor = &mut cursors[next];
+        let (_, conversation_id) = cursor.waiting.next().expect("peeked");
+        if Some(conversation_id.as_str()) == exclude_conversation_opt {
+            continue;
+        }
+        let Some(conversation) = state.conversations.get(conversation_id) else { continue };
+        let owner_opt =
+            state.contact_by_id(&conversation.contact_id).and_then(|contact| contact.owner_agent_id_opt.as_deref());
+        if cursor.owner_target && owner_opt != Some(freed_agent_id) {
+            continue;
+        }
+        attempts += 1;
+        let routed = route(config, &overlay.agents, cursor.channel, conversation.channel_type, owner_opt);
+        match routed.outcome {
+            Outcome::Assigned(agent_id) => {
+                overlay.agents.to_mut().take(
+                    &agent_id,
+                    &conversation.channel_id,
+                    conversation.channel_type,
+                    decision.cause_millis,
+                );
+                emit_routing(decision, conversation_id, Outcome::Assigned(agent_id), routed.explanation);
+            }
+            Outcome::Unassigned(_) if cursor.owner_target => {}
+            // Nobody in the pool can take this one, so nobody can take a younger one either.
+            Outcome::Unassigned(_) => cursor.exhausted = true,
+        }
     }
 }
 

@@ -3,15 +3,20 @@
 use super::*;
 use chrono::{TimeZone, Utc};
 use proptest::prelude::*;
-use switchboard_proto::events::v1::{ChannelType, Sender};
-use switchboard_runtime::config_store::Owned;
+use switchboard_proto::events::v1::{
+    AgentConfigured, ChannelConfigured, ChannelType, ChannelTypeCapacity, ConsentMode, DeliveryStatusReported,
+    FormTicketFields, InboundContent, InboxConfigured, InboxKind, MessengerSettings, RoutingRulesConfigured, Sender,
+    TicketSettingsConfigured,
+};
+use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::envelope::{new_root, timestamp};
 
 const ACCOUNT: &str = "acct-1";
 const CHANNEL: &str = "chat-1";
+const INBOX: &str = "inbox-1";
 
 struct Given {
-    config: ConfigSnapshot,
+    snapshot: ConfigSnapshot,
     state: RouterState,
     sequence: i64,
 }
@@ -33,72 +38,143 @@ fn rules(auto_assign: bool, target: AssignTarget, users: &[&str]) -> RoutingRule
     }
 }
 
+fn channel(channel_id: &str, channel_type: ChannelType) -> ChannelConfigured {
+    ChannelConfigured {
+        channel_id: channel_id.into(),
+        inbox_id: INBOX.into(),
+        channel_type: channel_type as i32,
+        name: channel_id.into(),
+        enabled: true,
+        ..Default::default()
+    }
+}
+
+fn owned<T>(entity: T) -> Owned<T> {
+    Owned { account_id: ACCOUNT.into(), entity }
+}
+
 impl Given {
+    /// One account with one enabled chat channel (no routing rules yet).
     fn new() -> Self {
-        Given { config: ConfigSnapshot::default(), state: RouterState::default(), sequence: 0 }
+        let mut given = Given { snapshot: ConfigSnapshot::default(), state: RouterState::default(), sequence: 0 };
+        given.snapshot.channels.insert(CHANNEL.into(), owned(channel(CHANNEL, ChannelType::Chat)));
+        given
     }
 
     fn agents(mut self, agents: impl IntoIterator<Item = AgentConfigured>) -> Self {
         for entity in agents {
-            self.config.agents.insert(entity.agent_id.clone(), Owned { account_id: ACCOUNT.into(), entity });
+            self.snapshot.agents.insert(entity.agent_id.clone(), owned(entity));
         }
         self
     }
 
     fn rules(mut self, entity: RoutingRulesConfigured) -> Self {
-        self.config.routing_rules.insert(entity.channel_id.clone(), Owned { account_id: ACCOUNT.into(), entity });
+        self.snapshot.routing_rules.insert(entity.channel_id.clone(), owned(entity));
         self
     }
 
-    fn inbound(&mut self, visitor: &str, provider_message_id: &str) -> Envelope {
+    fn channel(mut self, entity: ChannelConfigured) -> Self {
+        self.snapshot.channels.insert(entity.channel_id.clone(), owned(entity));
+        self
+    }
+
+    fn tickets(mut self, entity: TicketSettingsConfigured) -> Self {
+        self.snapshot.ticket_settings.insert(entity.channel_id.clone(), owned(entity));
+        self
+    }
+
+    fn help_desk_inbox(mut self) -> Self {
+        let inbox = InboxConfigured {
+            inbox_id: INBOX.into(),
+            name: "Help desk".into(),
+            kind: InboxKind::HelpDesk as i32,
+            ..Default::default()
+        };
+        self.snapshot.inboxes.insert(INBOX.into(), owned(inbox));
+        self
+    }
+
+    fn config(&self) -> RouterConfig {
+        RouterConfig::from_snapshot(self.snapshot.clone())
+    }
+
+    /// An input with a sequence-derived id, so two runs of one scenario compare byte for byte.
+    fn input(&mut self, payload: Payload) -> Envelope {
         self.sequence += 1;
-        let mut envelope = new_root(
-            ACCOUNT,
-            ACCOUNT,
-            Utc.timestamp_opt(1_700_000_000 + self.sequence, 0).unwrap(),
-            Payload::InboundMessageReceived(InboundMessageReceived {
-                channel_id: CHANNEL.into(),
-                inbox_id: "inbox-1".into(),
-                channel_type: ChannelType::Chat as i32,
-                provider_message_id: provider_message_id.into(),
-                message_id: switchboard_runtime::ids::message_id_for(CHANNEL, provider_message_id).to_string(),
-                thread_key: visitor.into(),
-                sender: Some(Sender {
-                    external_id: visitor.into(),
-                    display_name: visitor.into(),
-                    email: String::new(),
-                }),
-                text: format!("hello from {visitor}"),
-                ..Default::default()
-            }),
-        );
-        // Ingest gives each event a fresh UUIDv7; here ids come from the sequence so two runs of
-        // one scenario are comparable byte for byte. Event time strictly increases.
+        let at = Utc.timestamp_opt(1_700_000_000 + self.sequence, 0).unwrap();
+        let mut envelope = new_root(ACCOUNT, ACCOUNT, at, payload);
         envelope.event_id = format!("00000000-0000-7000-8000-{:012}", self.sequence);
         envelope.correlation_id = envelope.event_id.clone();
-        envelope.recorded_at = Some(timestamp(Utc.timestamp_opt(1_700_000_000 + self.sequence, 0).unwrap()));
+        envelope.recorded_at = Some(timestamp(at));
         envelope
     }
 
-    /// When `visitor` writes: decide, then evolve the state with what was decided.
-    fn when(&mut self, visitor: &str, provider_message_id: &str) -> Vec<Envelope> {
-        let input = self.inbound(visitor, provider_message_id);
-        let events = decide(&self.state, &self.config, &input).expect("routable");
+    /// A message from `visitor`. Providers' message ids are unique per channel; the visitor is
+    /// part of the id here so that tests can reuse short names like "m1" per visitor.
+    fn message_on(&mut self, channel_id: &str, visitor: &str, provider_message_id: &str) -> InboundMessageReceived {
+        let provider_message_id = format!("{visitor}:{provider_message_id}");
+        InboundMessageReceived {
+            channel_id: channel_id.into(),
+            inbox_id: INBOX.into(),
+            channel_type: ChannelType::Chat as i32,
+            message_id: switchboard_runtime::ids::message_id_for(channel_id, &provider_message_id).to_string(),
+            provider_message_id,
+            thread_key: visitor.into(),
+            sender: Some(Sender { external_id: visitor.into(), display_name: visitor.into(), email: String::new() }),
+            text: format!("hello from {visitor}"),
+            ..Default::default()
+        }
+    }
+
+    fn inbound(&mut self, visitor: &str, provider_message_id: &str) -> Envelope {
+        let message = self.message_on(CHANNEL, visitor, provider_message_id);
+        self.input(Payload::InboundMessageReceived(message))
+    }
+
+    fn when_input(&mut self, input: &Envelope) -> Vec<Envelope> {
+        let events = decide(&self.state, &self.config(), input).expect("routable");
         for event in &events {
             evolve(&mut self.state, event);
         }
         events
     }
 
+    /// When `visitor` writes on the chat channel: decide, then evolve with what was decided.
+    fn when(&mut self, visitor: &str, provider_message_id: &str) -> Vec<Envelope> {
+        let input = self.inbound(visitor, provider_message_id);
+        self.when_input(&input)
+    }
+
+    fn when_message(&mut self, message: InboundMessageReceived) -> Vec<Envelope> {
+        let input = self.input(Payload::InboundMessageReceived(message));
+        self.when_input(&input)
+    }
+
+    fn when_command(&mut self, payload: Payload) -> Vec<Envelope> {
+        let input = self.input(payload);
+        self.when_input(&input)
+    }
+
     fn set_open_conversations(&mut self, agent_id: &str, open_conversations: u32) {
-        self.state.workload_by_agent.entry(agent_id.into()).or_default().open_conversations = open_conversations;
+        self.state.agents.workload_by_agent.entry(agent_id.into()).or_default().open_conversations = open_conversations;
+    }
+
+    fn open_conversations(&self, agent_id: &str) -> u32 {
+        self.state.agents.workload(agent_id).map_or(0, |workload| workload.open_conversations)
     }
 }
 
+fn payloads(events: &[Envelope]) -> Vec<&Payload> {
+    events.iter().filter_map(|event| event.payload.as_ref()).collect()
+}
+
+fn names(events: &[Envelope]) -> Vec<&'static str> {
+    payloads(events).into_iter().map(payload_name).collect()
+}
+
 fn routing_outcome(events: &[Envelope]) -> Option<&Payload> {
-    events
-        .iter()
-        .filter_map(|event| event.payload.as_ref())
+    payloads(events)
+        .into_iter()
         .find(|payload| matches!(payload, Payload::ConversationAssigned(_) | Payload::ConversationLeftUnassigned(_)))
 }
 
@@ -107,6 +183,18 @@ fn assignee(events: &[Envelope]) -> Option<String> {
         Some(Payload::ConversationAssigned(assigned)) => Some(assigned.assignee_agent_id.clone()),
         _ => None,
     }
+}
+
+fn assignees(events: &[Envelope]) -> Vec<(String, String)> {
+    payloads(events)
+        .into_iter()
+        .filter_map(|payload| match payload {
+            Payload::ConversationAssigned(assigned) => {
+                Some((assigned.conversation_id.clone(), assigned.assignee_agent_id.clone()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 fn unassigned_reason(events: &[Envelope]) -> Option<UnassignedReason> {
@@ -132,37 +220,275 @@ fn skipped(events: &[Envelope]) -> Vec<(String, SkipReason)> {
         .collect()
 }
 
-#[test]
-fn r10_follow_up_in_open_conversation_joins_it_and_keeps_its_assignee() {
-    let mut given = Given::new().agents([agent("ana", true, true), agent("bo", true, true)]).rules(rules(
+fn started(events: &[Envelope]) -> Option<ConversationStarted> {
+    payloads(events).into_iter().find_map(|payload| match payload {
+        Payload::ConversationStarted(started) => Some(started.clone()),
+        _ => None,
+    })
+}
+
+fn ticket_created(events: &[Envelope]) -> Option<TicketCreated> {
+    payloads(events).into_iter().find_map(|payload| match payload {
+        Payload::TicketCreated(created) => Some(created.clone()),
+        _ => None,
+    })
+}
+
+fn rejection(events: &[Envelope]) -> Option<String> {
+    payloads(events).into_iter().find_map(|payload| match payload {
+        Payload::CommandRejected(rejected) => Some(rejected.reason.clone()),
+        _ => None,
+    })
+}
+
+fn conversation_of(events: &[Envelope]) -> String {
+    started(events).expect("a conversation started").conversation_id
+}
+
+fn close_request(conversation_id: &str, request_id: &str) -> Payload {
+    Payload::ConversationCloseRequested(ConversationCloseRequested {
+        conversation_id: conversation_id.into(),
+        request_id: request_id.into(),
+        actor: None,
+    })
+}
+
+fn assign_request(conversation_id: &str, assignee: &str, request_id: &str) -> Payload {
+    Payload::ManualAssignmentRequested(ManualAssignmentRequested {
+        conversation_id: conversation_id.into(),
+        assignee_agent_id: assignee.into(),
+        request_id: request_id.into(),
+        actor: None,
+    })
+}
+
+fn availability(agent_id: &str, available: bool, request_id: &str) -> Payload {
+    Payload::AgentAvailabilityChanged(AgentAvailabilityChanged {
+        agent_id: agent_id.into(),
+        available,
+        request_id: request_id.into(),
+        actor: None,
+    })
+}
+
+fn pool_of(agents: &[&str]) -> Given {
+    Given::new().agents(agents.iter().map(|id| agent(id, true, true))).rules(rules(
         true,
         AssignTarget::SpecificUsersAndTeams,
-        &["ana", "bo"],
-    ));
+        agents,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// R10, B1: threading and duplicates.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn r10_follow_up_in_open_conversation_joins_it_and_keeps_its_assignee() {
+    let mut given = pool_of(&["ana", "bo"]);
     let first = given.when("visitor-1", "m1");
-    assert_eq!(first.len(), 3, "started + appended + assigned");
+    assert_eq!(names(&first), ["contact_created", "conversation_started", "message_appended", "conversation_assigned"]);
     assert_eq!(assignee(&first).as_deref(), Some("ana"));
+    let conversation_id = conversation_of(&first);
 
     let follow_up = given.when("visitor-1", "m2");
-    assert_eq!(follow_up.len(), 1);
+    assert_eq!(names(&follow_up), ["message_appended"]);
     let Some(Payload::MessageAppended(appended)) = &follow_up[0].payload else { panic!("{follow_up:?}") };
-    let conversation_id = &given.state.open_conversation_by_thread.values().next().unwrap().clone();
-    assert_eq!(&appended.conversation_id, conversation_id);
+    assert_eq!(appended.conversation_id, conversation_id);
     assert_eq!(given.state.conversations.len(), 1, "never a second conversation");
-    assert_eq!(given.state.conversations[conversation_id].assignee_agent_id_opt.as_deref(), Some("ana"));
-    assert_eq!(given.state.workload_by_agent["ana"].open_conversations, 1, "follow-ups add no workload");
+    assert_eq!(given.state.conversations[&conversation_id].assignee_agent_id_opt.as_deref(), Some("ana"));
+    assert_eq!(given.open_conversations("ana"), 1, "follow-ups add no workload");
+}
+
+#[test]
+fn r10_a_closed_conversation_is_not_rejoined_the_next_message_starts_a_new_one() {
+    let mut given = pool_of(&["ana"]);
+    let first = conversation_of(&given.when("visitor-1", "m1"));
+    given.when_command(close_request(&first, "close-1"));
+    let second = given.when("visitor-1", "m2");
+    assert_ne!(conversation_of(&second), first);
+    assert!(!names(&second).contains(&"contact_created"), "same contact");
 }
 
 #[test]
 fn b1_provider_retry_of_the_same_message_changes_nothing() {
     let mut given = Given::new().rules(rules(false, AssignTarget::Nobody, &[]));
-    assert_eq!(given.when("visitor-1", "m1").len(), 3);
+    assert_eq!(given.when("visitor-1", "m1").len(), 4);
     let state_before = given.state.clone();
     assert!(given.when("visitor-1", "m1").is_empty(), "retry of the first message");
     given.when("visitor-1", "m2");
     assert!(given.when("visitor-1", "m2").is_empty(), "retry of a follow-up");
     assert_eq!(given.state.conversations.len(), state_before.conversations.len());
 }
+
+#[test]
+fn b1_a_message_id_seen_on_any_channel_of_the_account_is_dropped() {
+    let mut given = Given::new().channel(channel("chat-2", ChannelType::Chat));
+    let message = given.message_on(CHANNEL, "visitor-1", "m1");
+    assert!(!given.when_message(message.clone()).is_empty());
+    // Same Switchboard message id, delivered again through another channel's adapter.
+    let redelivered = InboundMessageReceived { channel_id: "chat-2".into(), ..message };
+    assert!(given.when_message(redelivered).is_empty());
+}
+
+#[test]
+fn b1_a_retry_after_its_conversation_closed_is_still_dropped() {
+    let mut given = pool_of(&["ana"]);
+    let conversation_id = conversation_of(&given.when("visitor-1", "m1"));
+    given.when_command(close_request(&conversation_id, "close-1"));
+    assert!(given.when("visitor-1", "m1").is_empty(), "remembered in the recent window");
+    assert!(
+        given
+            .state
+            .dedup
+            .recent
+            .contains(&message_key(&switchboard_runtime::ids::message_id_for(CHANNEL, "visitor-1:m1").to_string()))
+    );
+}
+
+#[test]
+fn b1_the_recent_window_is_bounded_and_forgets_oldest_first() {
+    let mut window = crate::state::RecentSet::with_capacity(3);
+    for key in [1u128, 2, 3, 2, 4] {
+        window.insert(key);
+    }
+    assert!(!window.contains(&1), "oldest evicted");
+    assert!(window.contains(&2) && window.contains(&3) && window.contains(&4));
+    assert_eq!(window.order.len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// C4, C11, C6: contacts, channel status, consent.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn c4_first_message_from_an_unknown_identity_creates_one_contact_with_a_deterministic_id() {
+    let mut given = Given::new();
+    let first = given.when("visitor-1", "m1");
+    let Some(Payload::ContactCreated(created)) = first[0].payload.as_ref() else { panic!("{first:?}") };
+    assert_eq!(created.contact_id, contact_id_for(CHANNEL, "visitor-1"));
+    assert_eq!((created.channel_id.as_str(), created.external_id.as_str()), (CHANNEL, "visitor-1"));
+    assert_eq!(started(&first).unwrap().contact_id, created.contact_id);
+    let follow_up = given.when("visitor-1", "m2");
+    assert_eq!(names(&follow_up), ["message_appended"], "no second contact");
+    let Some(Payload::MessageAppended(appended)) = follow_up[0].payload.as_ref() else { panic!() };
+    assert_eq!(appended.contact_id, created.contact_id);
+    assert_ne!(contact_id_for(CHANNEL, "visitor-2"), created.contact_id);
+}
+
+#[test]
+fn c4_another_sender_writing_in_an_open_thread_gets_their_own_contact() {
+    let mut given = Given::new();
+    let first = given.when("thread-1", "m1");
+    let conversation_id = conversation_of(&first);
+    // An email reply from someone CC'd: same thread, different sender.
+    let mut reply = given.message_on(CHANNEL, "thread-1", "m2");
+    reply.sender = Some(Sender { external_id: "cc@example.com".into(), ..Default::default() });
+    let events = given.when_message(reply);
+    assert_eq!(names(&events), ["contact_created", "message_appended"]);
+    let Some(Payload::MessageAppended(appended)) = events[1].payload.as_ref() else { panic!() };
+    assert_eq!(appended.conversation_id, conversation_id, "R10: same conversation");
+    assert_eq!(appended.contact_id, contact_id_for(CHANNEL, "cc@example.com"));
+}
+
+#[test]
+fn c11_messages_of_a_switched_off_channel_are_withheld_and_create_nothing() {
+    let mut off = channel(CHANNEL, ChannelType::Chat);
+    off.enabled = false;
+    let mut given = pool_of(&["ana"]).channel(off);
+    let events = given.when("visitor-1", "m1");
+    assert_eq!(names(&events), ["message_withheld"]);
+    let Some(Payload::MessageWithheld(withheld)) = events[0].payload.as_ref() else { panic!() };
+    assert_eq!(withheld.reason, WithheldReason::ChannelOff as i32);
+    assert!(withheld.message.is_none(), "a suppressed message is recorded, not kept for release");
+    assert!(given.state.conversations.is_empty() && given.state.contacts.is_empty(), "not logged to contacts");
+    assert!(given.when("visitor-1", "m1").is_empty(), "its retry is a duplicate (B1)");
+}
+
+#[test]
+fn c11_messages_of_an_unknown_or_foreign_channel_are_withheld() {
+    let mut given = Given::new();
+    let message = given.message_on("nowhere", "visitor-1", "m1");
+    let events = given.when_message(message);
+    let Some(Payload::MessageWithheld(withheld)) = events[0].payload.as_ref() else { panic!("{events:?}") };
+    assert_eq!(withheld.reason, WithheldReason::UnknownChannel as i32);
+    given.snapshot.channels.get_mut(CHANNEL).unwrap().account_id = "someone-else".into();
+    let events = given.when("visitor-1", "m2");
+    assert_eq!(names(&events), ["message_withheld"]);
+}
+
+fn messenger_with_explicit_consent() -> ChannelConfigured {
+    let mut messenger = channel("fb-1", ChannelType::FacebookMessenger);
+    messenger.messenger = Some(MessengerSettings { consent_mode: ConsentMode::Explicit as i32, ..Default::default() });
+    messenger
+}
+
+fn consent(external_id: &str, granted: bool) -> Payload {
+    Payload::ContactConsentReceived(ContactConsentReceived {
+        channel_id: "fb-1".into(),
+        sender_external_id: external_id.into(),
+        granted,
+        provider_event_id: format!("optin-{external_id}-{granted}"),
+    })
+}
+
+#[test]
+fn c6_explicit_consent_holds_messages_until_consent_then_releases_them_in_order() {
+    let mut given = Given::new().agents([agent("ana", true, true)]).channel(messenger_with_explicit_consent());
+    let mut messenger_rules = rules(true, AssignTarget::SpecificUsersAndTeams, &["ana"]);
+    messenger_rules.channel_id = "fb-1".into();
+    given = given.rules(messenger_rules);
+    let first = given.message_on("fb-1", "psid-1", "mid-1");
+    let second = given.message_on("fb-1", "psid-1", "mid-2");
+    assert_eq!(names(&given.when_message(first.clone())), ["contact_created", "message_withheld"]);
+    assert_eq!(names(&given.when_message(second.clone())), ["message_withheld"]);
+    assert!(given.when_message(first.clone()).is_empty(), "a retry of a held message is a duplicate (B1)");
+    assert!(given.state.conversations.is_empty(), "nothing reaches the inbox before consent");
+
+    assert_eq!(names(&given.when_command(consent("psid-1", false))), ["contact_consent_received"]);
+    assert!(given.state.conversations.is_empty(), "a refusal keeps holding");
+
+    let released = given.when_command(consent("psid-1", true));
+    assert_eq!(
+        names(&released),
+        [
+            "contact_consent_received",
+            "conversation_started",
+            "message_appended",
+            "conversation_assigned",
+            "message_appended"
+        ]
+    );
+    let appended: Vec<_> = payloads(&released)
+        .into_iter()
+        .filter_map(|payload| match payload {
+            Payload::MessageAppended(appended) => Some(appended.message_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(appended, [first.message_id.clone(), second.message_id.clone()], "arrival order");
+    assert!(given.state.held_by_contact.is_empty());
+    // From now on the contact's messages flow normally.
+    let third = given.message_on("fb-1", "psid-1", "mid-3");
+    assert_eq!(names(&given.when_message(third)), ["message_appended"]);
+    assert!(given.when_message(first).is_empty(), "released messages stay deduplicated");
+}
+
+#[test]
+fn c6_consent_given_with_the_message_lets_it_through() {
+    let mut given = Given::new().channel(messenger_with_explicit_consent());
+    let mut message = given.message_on("fb-1", "psid-9", "mid-1");
+    message.content = Some(InboundContent { consent: ConsentState::Given as i32, ..Default::default() });
+    let events = given.when_message(message);
+    assert_eq!(
+        names(&events)[..4],
+        ["contact_created", "contact_consent_received", "conversation_started", "message_appended"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// R1–R8, B2: assignment.
+// ---------------------------------------------------------------------------------------------
 
 #[test]
 fn r1_automatic_assignment_off_leaves_new_conversations_unassigned() {
@@ -196,12 +522,10 @@ fn r2_assign_to_nobody_and_contact_owner_without_owner_stay_unassigned() {
 
 #[test]
 fn r3_round_robin_cycles_through_the_selected_users_in_order() {
-    let mut given = Given::new()
-        .agents([agent("ana", true, true), agent("bo", true, true), agent("cy", true, true)])
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "bo", "cy"]));
-    let assignees: Vec<_> =
+    let mut given = pool_of(&["ana", "bo", "cy"]);
+    let assigned: Vec<_> =
         (0..7).map(|index| assignee(&given.when(&format!("visitor-{index}"), "m")).unwrap()).collect();
-    assert_eq!(assignees, ["ana", "bo", "cy", "ana", "bo", "cy", "ana"]);
+    assert_eq!(assigned, ["ana", "bo", "cy", "ana", "bo", "cy", "ana"]);
 }
 
 #[test]
@@ -215,6 +539,70 @@ fn r3_members_of_selected_teams_are_candidates() {
     let events = given.when("visitor-1", "m1");
     assert_eq!(assignee(&events).as_deref(), Some("dee"));
     assert_eq!(explanation(&events).eligible_agent_ids, ["dee"]);
+}
+
+fn contact_owner_given(owner_available: bool, only_available: bool) -> (Given, String) {
+    let mut owner_rules = rules(true, AssignTarget::ContactOwner, &[]);
+    owner_rules.only_available = only_available;
+    let mut given =
+        Given::new().agents([agent("ana", true, owner_available), agent("bo", true, true)]).rules(owner_rules);
+    let first = given.when("visitor-1", "m1");
+    let contact_id = started(&first).unwrap().contact_id;
+    let conversation_id = conversation_of(&first);
+    given.when_command(close_request(&conversation_id, "close-1"));
+    let changed = given.when_command(Payload::ContactOwnerChangeRequested(ContactOwnerChangeRequested {
+        contact_id: contact_id.clone(),
+        owner_agent_id: "ana".into(),
+        request_id: "owner-1".into(),
+        actor: None,
+    }));
+    assert_eq!(names(&changed), ["contact_owner_changed"]);
+    (given, contact_id)
+}
+
+#[test]
+fn r4_contact_owner_rule_assigns_the_owner() {
+    let (mut given, _) = contact_owner_given(true, true);
+    let events = given.when("visitor-1", "m2");
+    assert_eq!(assignee(&events).as_deref(), Some("ana"));
+    assert!(!names(&events).contains(&"owner_notification_requested"));
+}
+
+#[test]
+fn r4_offline_contact_owner_is_notified_and_the_conversation_waits() {
+    let (mut given, contact_id) = contact_owner_given(false, true);
+    let events = given.when("visitor-1", "m2");
+    assert_eq!(unassigned_reason(&events), Some(UnassignedReason::NoEligibleAgent));
+    assert_eq!(skipped(&events), [("ana".to_string(), SkipReason::Offline)]);
+    let notification = payloads(&events)
+        .into_iter()
+        .find_map(|payload| match payload {
+            Payload::OwnerNotificationRequested(notification) => Some(notification.clone()),
+            _ => None,
+        })
+        .expect("owner notified");
+    assert_eq!((notification.agent_id.as_str(), notification.contact_id.as_str()), ("ana", contact_id.as_str()));
+    // Availability ignored by the rule: assigned anyway, and still notified.
+    let (mut given, _) = contact_owner_given(false, false);
+    let events = given.when("visitor-1", "m2");
+    assert_eq!(assignee(&events).as_deref(), Some("ana"));
+    assert!(names(&events).contains(&"owner_notification_requested"));
+}
+
+#[test]
+fn r4_owner_change_for_an_unknown_contact_or_agent_is_rejected() {
+    let mut given = Given::new();
+    let contact_id = started(&given.when("visitor-1", "m1")).unwrap().contact_id;
+    let request = |contact: &str, owner: &str, id: &str| {
+        Payload::ContactOwnerChangeRequested(ContactOwnerChangeRequested {
+            contact_id: contact.into(),
+            owner_agent_id: owner.into(),
+            request_id: id.into(),
+            actor: None,
+        })
+    };
+    assert!(rejection(&given.when_command(request("nobody", "ana", "r1"))).unwrap().contains("unknown contact"));
+    assert!(rejection(&given.when_command(request(&contact_id, "ghost", "r2"))).unwrap().contains("unknown agent"));
 }
 
 #[test]
@@ -250,6 +638,19 @@ fn r5_off_ignores_availability() {
 }
 
 #[test]
+fn r5_availability_command_is_authoritative_over_config_once_seen() {
+    let mut given = pool_of(&["ana", "bo"]);
+    assert_eq!(names(&given.when_command(availability("ana", false, "away-1"))), ["agent_availability_changed"]);
+    let events = given.when("visitor-1", "m1");
+    assert_eq!(assignee(&events).as_deref(), Some("bo"));
+    assert_eq!(skipped(&events), [("ana".to_string(), SkipReason::Offline)]);
+    // A config update saying "available" does not override the command.
+    given.snapshot.agents.get_mut("ana").unwrap().entity.available = true;
+    assert_eq!(assignee(&given.when("visitor-2", "m1")).as_deref(), Some("bo"));
+    assert!(rejection(&given.when_command(availability("ghost", true, "x"))).unwrap().contains("unknown agent"));
+}
+
+#[test]
 fn r6_users_without_a_paid_seat_are_never_auto_assigned() {
     let mut given = Given::new().agents([agent("free", false, true), agent("paid", true, true)]).rules(rules(
         true,
@@ -264,6 +665,20 @@ fn r6_users_without_a_paid_seat_are_never_auto_assigned() {
 }
 
 #[test]
+fn r7_members_missing_a_required_skill_are_skipped() {
+    let mut german = agent("ana", true, true);
+    german.skills = vec!["german".into(), "billing".into()];
+    let mut english = agent("bo", true, true);
+    english.skills = vec!["english".into(), "billing".into()];
+    let mut skill_rules = rules(true, AssignTarget::SpecificUsersAndTeams, &["bo", "ana"]);
+    skill_rules.required_skills = vec!["german".into(), "billing".into()];
+    let mut given = Given::new().agents([german, english]).rules(skill_rules);
+    let events = given.when("visitor-1", "m1");
+    assert_eq!(assignee(&events).as_deref(), Some("ana"));
+    assert_eq!(skipped(&events), [("bo".to_string(), SkipReason::MissingSkill)]);
+}
+
+#[test]
 fn r8_agent_at_capacity_is_not_eligible() {
     let mut limited = agent("ana", true, true);
     limited.max_open_conversations = 2;
@@ -273,6 +688,46 @@ fn r8_agent_at_capacity_is_not_eligible() {
     let third = given.when("visitor-3", "m");
     assert_eq!(unassigned_reason(&third), Some(UnassignedReason::NoEligibleAgent));
     assert_eq!(skipped(&third), [("ana".to_string(), SkipReason::AtCapacity)]);
+}
+
+#[test]
+fn r8_capacity_per_channel_type_limits_only_that_type() {
+    let mut limited = agent("ana", true, true);
+    limited.capacity_per_channel_type =
+        vec![ChannelTypeCapacity { channel_type: ChannelType::Chat as i32, max_open: 1 }];
+    let mut email_rules = rules(true, AssignTarget::SpecificUsersAndTeams, &["ana"]);
+    email_rules.channel_id = "email-1".into();
+    let mut given = Given::new()
+        .agents([limited])
+        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana"]))
+        .channel(channel("email-1", ChannelType::TeamEmail))
+        .rules(email_rules);
+    assert_eq!(assignee(&given.when("visitor-1", "m")).as_deref(), Some("ana"));
+    let second_chat = given.when("visitor-2", "m");
+    assert_eq!(skipped(&second_chat), [("ana".to_string(), SkipReason::AtCapacity)]);
+    let mut mail = given.message_on("email-1", "someone@example.com", "<mail-1>");
+    mail.channel_type = ChannelType::TeamEmail as i32;
+    assert_eq!(assignee(&given.when_message(mail)).as_deref(), Some("ana"), "email has no per-type limit");
+    assert_eq!(given.state.agents.workload("ana").unwrap().open_by_channel_type[ChannelType::Chat as usize], 1);
+}
+
+#[test]
+fn r8_workload_follows_assignment_reassignment_unassignment_and_close() {
+    let mut given = pool_of(&["ana", "bo"]);
+    let conversation_id = conversation_of(&given.when("visitor-1", "m1"));
+    assert_eq!((given.open_conversations("ana"), given.open_conversations("bo")), (1, 0));
+    let reassigned = given.when_command(assign_request(&conversation_id, "bo", "move-1"));
+    assert_eq!(assignees(&reassigned), [(conversation_id.clone(), "bo".to_string())]);
+    assert_eq!((given.open_conversations("ana"), given.open_conversations("bo")), (0, 1));
+    let unassigned = given.when_command(assign_request(&conversation_id, "", "unassign-1"));
+    assert_eq!(names(&unassigned), ["conversation_unassigned"]);
+    assert_eq!(given.open_conversations("bo"), 0);
+    given.when_command(assign_request(&conversation_id, "ana", "assign-2"));
+    let closed = given.when_command(close_request(&conversation_id, "close-1"));
+    let Some(Payload::ConversationClosed(closed)) = closed[0].payload.as_ref() else { panic!("{closed:?}") };
+    assert_eq!((closed.reason, closed.previous_assignee_agent_id.as_str()), (CloseReason::Agent as i32, "ana"));
+    assert_eq!(given.open_conversations("ana"), 0);
+    assert!(given.state.conversations.is_empty());
 }
 
 #[test]
@@ -295,9 +750,12 @@ fn balanced_strategy_picks_fewest_open_then_idle_longest() {
 
 #[test]
 fn b2_every_decision_explains_rule_version_strategy_eligible_and_skipped() {
+    let mut full = agent("busy", true, true);
+    full.max_open_conversations = 1;
     let mut given = Given::new()
-        .agents([agent("ana", true, true), agent("off", true, false), agent("free", false, true)])
-        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "off", "free", "ghost"]));
+        .agents([agent("ana", true, true), agent("off", true, false), agent("free", false, true), full])
+        .rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana", "off", "free", "ghost", "busy"]));
+    given.set_open_conversations("busy", 1);
     let events = given.when("visitor-1", "m1");
     let explanation = explanation(&events);
     assert_eq!(explanation.rule_version, 7);
@@ -308,9 +766,49 @@ fn b2_every_decision_explains_rule_version_strategy_eligible_and_skipped() {
         [
             ("off".to_string(), SkipReason::Offline),
             ("free".to_string(), SkipReason::NoPaidSeat),
-            ("ghost".to_string(), SkipReason::UnknownAgent)
+            ("ghost".to_string(), SkipReason::UnknownAgent),
+            ("busy".to_string(), SkipReason::AtCapacity),
         ]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manual commands and B6.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn b6_every_command_yields_at_least_one_event_and_inapplicable_ones_are_rejected() {
+    let mut given = pool_of(&["ana"]);
+    let conversation_id = conversation_of(&given.when("visitor-1", "m1"));
+    let table: Vec<(Payload, Option<&str>)> = vec![
+        (assign_request("no-such-conversation", "ana", "a1"), Some("is not open")),
+        (assign_request(&conversation_id, "ana", "a2"), Some("already assigned")),
+        (assign_request(&conversation_id, "ghost", "a3"), Some("unknown agent")),
+        (close_request(&conversation_id, "c1"), None),
+        (close_request(&conversation_id, "c2"), Some("is not open")),
+        (close_request(&conversation_id, "c1"), Some("request already applied")),
+        (
+            Payload::TicketStageChangeRequested(TicketStageChangeRequested {
+                ticket_id: "no-ticket".into(),
+                stage: "done".into(),
+                close: false,
+                request_id: "t1".into(),
+                actor: None,
+            }),
+            Some("is not open"),
+        ),
+        (availability("ana", false, "v1"), None),
+        (availability("ana", false, "v1"), Some("request already applied")),
+    ];
+    for (command, expected_rejection) in table {
+        let name = payload_name(&command);
+        let events = given.when_command(command);
+        assert!(!events.is_empty(), "{name} produced no event");
+        assert_eq!(rejection(&events).is_some(), expected_rejection.is_some(), "{name}: {events:?}");
+        if let Some(expected) = expected_rejection {
+            assert!(rejection(&events).unwrap().contains(expected), "{name}: {events:?}");
+        }
+    }
 }
 
 #[test]
@@ -318,25 +816,213 @@ fn inputs_that_are_not_routable_are_rejected_not_panicked_on() {
     let mut given = Given::new();
     let mut no_thread = given.inbound("", "m1");
     assert!(matches!(
-        decide(&given.state, &given.config, &no_thread),
+        decide(&given.state, &given.config(), &no_thread),
         Err(Rejection::MissingField { field: "thread_key", .. })
     ));
     no_thread.payload = Some(Payload::AgentConfigured(agent("ana", true, true)));
-    assert!(matches!(decide(&given.state, &given.config, &no_thread), Err(Rejection::NotAnInboundMessage { .. })));
+    assert!(matches!(decide(&given.state, &given.config(), &no_thread), Err(Rejection::NotARouterInput { .. })));
+    let status = given.input(Payload::DeliveryStatusReported(DeliveryStatusReported::default()));
+    assert_eq!(decide(&given.state, &given.config(), &status), Ok(vec![]), "C8 statuses are not routing inputs");
 }
 
-/// One step of a random scenario: a message from one of a few visitors, or an agent's
-/// availability flipping (a config change between messages).
+// ---------------------------------------------------------------------------------------------
+// T1–T3, R9, C7, I5: tickets.
+// ---------------------------------------------------------------------------------------------
+
+fn ticket_settings(limit: u32, fixed_owner: &str) -> TicketSettingsConfigured {
+    TicketSettingsConfigured {
+        channel_id: CHANNEL.into(),
+        treat_as_tickets: true,
+        default_pipeline: "support".into(),
+        default_stage: "open".into(),
+        fixed_owner_agent_id: fixed_owner.into(),
+        contact_association_limit: limit,
+        version: 1,
+    }
+}
+
+#[test]
+fn t1_r9_treat_as_tickets_creates_a_ticket_owned_by_the_conversation_assignee() {
+    let mut given = pool_of(&["ana"]).tickets(ticket_settings(0, ""));
+    let events = given.when("visitor-1", "m1");
+    let ticket = ticket_created(&events).expect("ticket");
+    assert_eq!((ticket.pipeline.as_str(), ticket.stage.as_str()), ("support", "open"));
+    assert_eq!(
+        (ticket.owner_agent_id.as_str(), ticket.owner_source),
+        ("ana", TicketOwnerSource::ConversationAssignee as i32)
+    );
+    assert_eq!(ticket.conversation_id, conversation_of(&events));
+    assert_eq!(ticket.name, "hello from visitor-1");
+    assert!(ticket_created(&given.when("visitor-1", "m2")).is_none(), "R10: a follow-up never makes a second ticket");
+}
+
+#[test]
+fn r9_a_fixed_owner_overrides_the_assignee_and_unassigned_conversations_have_no_owner() {
+    let mut given = pool_of(&["ana"]).tickets(ticket_settings(0, "lead"));
+    let ticket = ticket_created(&given.when("visitor-1", "m1")).unwrap();
+    assert_eq!((ticket.owner_agent_id.as_str(), ticket.owner_source), ("lead", TicketOwnerSource::Fixed as i32));
+    let mut given = Given::new().tickets(ticket_settings(0, ""));
+    let ticket = ticket_created(&given.when("visitor-1", "m1")).unwrap();
+    assert_eq!((ticket.owner_agent_id.as_str(), ticket.owner_source), ("", TicketOwnerSource::None as i32));
+}
+
+#[test]
+fn i5_help_desk_inbox_always_creates_tickets() {
+    let mut given = Given::new().help_desk_inbox();
+    let ticket = ticket_created(&given.when("visitor-1", "m1")).expect("help desk makes tickets without settings");
+    assert_eq!((ticket.pipeline.as_str(), ticket.stage.as_str()), (DEFAULT_PIPELINE, DEFAULT_STAGE));
+    let mut plain = Given::new();
+    assert!(ticket_created(&plain.when("visitor-1", "m1")).is_none(), "conversations inbox without T1: no ticket");
+}
+
+#[test]
+fn c7_form_ticket_fields_override_name_description_pipeline_and_stage() {
+    let mut given = Given::new().tickets(ticket_settings(0, ""));
+    let mut submission = given.message_on(CHANNEL, "form-visitor", "sub-1");
+    submission.content = Some(InboundContent {
+        form_ticket: Some(FormTicketFields {
+            name: "Broken invoice".into(),
+            description: "Invoice 42 is wrong".into(),
+            pipeline: "billing".into(),
+            stage: "triage".into(),
+        }),
+        ..Default::default()
+    });
+    let ticket = ticket_created(&given.when_message(submission)).unwrap();
+    assert_eq!(
+        (ticket.name.as_str(), ticket.description.as_str(), ticket.pipeline.as_str(), ticket.stage.as_str()),
+        ("Broken invoice", "Invoice 42 is wrong", "billing", "triage")
+    );
+}
+
+#[test]
+fn t2_c7_a_contact_at_its_association_limit_gets_no_ticket_but_the_conversation_exists() {
+    let mut given = pool_of(&["ana"]).tickets(ticket_settings(1, ""));
+    let first = given.when("visitor-1", "m1");
+    given.when_command(close_request(&conversation_of(&first), "close-1"));
+    let second = given.when("visitor-1", "m2");
+    assert!(started(&second).is_some(), "the conversation itself is created");
+    let not_created = payloads(&second)
+        .into_iter()
+        .find_map(|payload| match payload {
+            Payload::TicketNotCreated(not_created) => Some(not_created.clone()),
+            _ => None,
+        })
+        .expect("the event says why");
+    assert_eq!((not_created.reason, not_created.limit), (TicketNotCreatedReason::ContactAtAssociationLimit as i32, 1));
+    assert!(ticket_created(&given.when("visitor-2", "m3")).is_some(), "other contacts are not limited");
+}
+
+#[test]
+fn t3_ticket_stage_changes_and_closing_it_closes_the_conversation() {
+    let mut given = pool_of(&["ana"]).tickets(ticket_settings(0, ""));
+    let ticket = ticket_created(&given.when("visitor-1", "m1")).unwrap();
+    let stage_request = |stage: &str, close: bool, request_id: &str| {
+        Payload::TicketStageChangeRequested(TicketStageChangeRequested {
+            ticket_id: ticket.ticket_id.clone(),
+            stage: stage.into(),
+            close,
+            request_id: request_id.into(),
+            actor: None,
+        })
+    };
+    let moved = given.when_command(stage_request("waiting-on-customer", false, "s1"));
+    let Some(Payload::TicketStageChanged(changed)) = moved[0].payload.as_ref() else { panic!("{moved:?}") };
+    assert_eq!(
+        (changed.previous_stage.as_str(), changed.stage.as_str(), changed.closed),
+        ("open", "waiting-on-customer", false)
+    );
+    let closed = given.when_command(stage_request("done", true, "s2"));
+    assert_eq!(names(&closed), ["ticket_stage_changed", "conversation_closed"]);
+    let Some(Payload::ConversationClosed(conversation_closed)) = closed[1].payload.as_ref() else { panic!() };
+    assert_eq!(conversation_closed.reason, CloseReason::TicketClosed as i32);
+    assert_eq!(given.open_conversations("ana"), 0);
+    assert!(
+        rejection(&given.when_command(stage_request("reopened", false, "s3"))).is_some(),
+        "closed tickets stay closed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// B3: backlog re-drive.
+// ---------------------------------------------------------------------------------------------
+
+fn redrive_given(redrive_backlog: bool) -> Given {
+    let mut limited = agent("ana", true, true);
+    limited.max_open_conversations = 1;
+    let mut redrive_rules = rules(true, AssignTarget::SpecificUsersAndTeams, &["ana"]);
+    redrive_rules.redrive_backlog = redrive_backlog;
+    Given::new().agents([limited]).rules(redrive_rules)
+}
+
+#[test]
+fn b3_closing_frees_capacity_and_the_oldest_waiting_conversation_is_assigned() {
+    let mut given = redrive_given(true);
+    let first = conversation_of(&given.when("visitor-1", "m1"));
+    let waiting_older = given.when("visitor-2", "m1");
+    assert_eq!(unassigned_reason(&waiting_older), Some(UnassignedReason::NoEligibleAgent));
+    let waiting_younger = given.when("visitor-3", "m1");
+    let closed = given.when_command(close_request(&first, "close-1"));
+    assert_eq!(names(&closed), ["conversation_closed", "conversation_assigned"]);
+    assert_eq!(assignees(&closed), [(conversation_of(&waiting_older), "ana".to_string())], "oldest first");
+    assert!(explanation(&closed).rule_version == 7, "re-drive decisions are explained like any other");
+    assert!(given.state.waiting_by_channel[CHANNEL].iter().any(|(_, id)| *id == conversation_of(&waiting_younger)));
+}
+
+#[test]
+fn b3_an_agent_coming_online_takes_waiting_conversations_up_to_capacity() {
+    let mut given = redrive_given(true);
+    given.snapshot.agents.get_mut("ana").unwrap().entity.max_open_conversations = 2;
+    given.when_command(availability("ana", false, "away"));
+    let waiting: Vec<String> =
+        (0..3).map(|index| conversation_of(&given.when(&format!("visitor-{index}"), "m1"))).collect();
+    let online = given.when_command(availability("ana", true, "back"));
+    assert_eq!(
+        assignees(&online),
+        [(waiting[0].clone(), "ana".to_string()), (waiting[1].clone(), "ana".to_string())],
+        "oldest first, never beyond capacity"
+    );
+    assert_eq!(given.open_conversations("ana"), 2);
+}
+
+#[test]
+fn b3_channels_that_do_not_opt_in_are_not_redriven() {
+    let mut given = redrive_given(false);
+    let first = conversation_of(&given.when("visitor-1", "m1"));
+    given.when("visitor-2", "m1");
+    assert_eq!(names(&given.when_command(close_request(&first, "close-1"))), ["conversation_closed"]);
+}
+
+#[test]
+fn b3_an_unassigned_conversation_is_not_handed_straight_back() {
+    let mut given = redrive_given(true);
+    let first = conversation_of(&given.when("visitor-1", "m1"));
+    let waiting = conversation_of(&given.when("visitor-2", "m1"));
+    let unassigned = given.when_command(assign_request(&first, "", "unassign-1"));
+    assert_eq!(assignees(&unassigned), [(waiting, "ana".to_string())]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// B4: determinism, rebuild from output, snapshots.
+// ---------------------------------------------------------------------------------------------
+
+/// One step of a random scenario.
 #[derive(Debug, Clone)]
 enum Step {
     Message { visitor: u8, message: u8 },
     ToggleAvailability { agent: u8 },
+    Close { visitor: u8 },
+    Reassign { visitor: u8, agent: u8 },
+    CloseTicket { visitor: u8 },
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
     prop_oneof![
-        4 => (0u8..30, 0u8..4).prop_map(|(visitor, message)| Step::Message { visitor, message }),
+        8 => (0u8..30, 0u8..4).prop_map(|(visitor, message)| Step::Message { visitor, message }),
         1 => (0u8..4).prop_map(|agent| Step::ToggleAvailability { agent }),
+        2 => (0u8..30).prop_map(|visitor| Step::Close { visitor }),
+        1 => (0u8..30, 0u8..5).prop_map(|(visitor, agent)| Step::Reassign { visitor, agent }),
+        1 => (0u8..30).prop_map(|visitor| Step::CloseTicket { visitor }),
     ]
 }
 
@@ -350,18 +1036,50 @@ fn run(steps: &[Step], strategy: AssignmentStrategy) -> (Vec<Envelope>, RouterSt
     let mut pool_rules =
         rules(true, AssignTarget::SpecificUsersAndTeams, &["agent-0", "agent-1", "agent-2", "agent-3"]);
     pool_rules.strategy = strategy as i32;
-    let mut given = Given::new().agents(agents).rules(pool_rules);
+    pool_rules.redrive_backlog = true;
+    let mut given = Given::new().agents(agents).rules(pool_rules).tickets(ticket_settings(2, ""));
     let mut emitted = Vec::new();
-    for step in steps {
-        match step {
-            Step::Message { visitor, message } => {
-                emitted.extend(given.when(&format!("v{visitor}"), &format!("m{message}")))
-            }
+    let mut availability_by_agent = [true; 4];
+    for (index, step) in steps.iter().enumerate() {
+        let request_id = format!("request-{index}");
+        let conversation_of_visitor = |given: &Given, visitor: u8| {
+            given.state.open_conversation(CHANNEL, &format!("v{visitor}")).cloned().unwrap_or_default()
+        };
+        let events = match step {
+            Step::Message { visitor, message } => given.when(&format!("v{visitor}"), &format!("m{message}")),
             Step::ToggleAvailability { agent } => {
-                let entity = &mut given.config.agents.get_mut(&format!("agent-{agent}")).unwrap().entity;
-                entity.available = !entity.available;
+                let available = &mut availability_by_agent[*agent as usize];
+                *available = !*available;
+                let available = *available;
+                given.when_command(availability(&format!("agent-{agent}"), available, &request_id))
             }
-        }
+            Step::Close { visitor } => {
+                let conversation_id = conversation_of_visitor(&given, *visitor);
+                given.when_command(close_request(&conversation_id, &request_id))
+            }
+            Step::Reassign { visitor, agent } => {
+                let conversation_id = conversation_of_visitor(&given, *visitor);
+                let assignee = if *agent == 4 { String::new() } else { format!("agent-{agent}") };
+                given.when_command(assign_request(&conversation_id, &assignee, &request_id))
+            }
+            Step::CloseTicket { visitor } => {
+                let conversation_id = conversation_of_visitor(&given, *visitor);
+                let ticket_id = given
+                    .state
+                    .conversations
+                    .get(&conversation_id)
+                    .and_then(|conversation| conversation.ticket_id_opt.clone())
+                    .unwrap_or_default();
+                given.when_command(Payload::TicketStageChangeRequested(TicketStageChangeRequested {
+                    ticket_id,
+                    stage: "done".into(),
+                    close: true,
+                    request_id,
+                    actor: None,
+                }))
+            }
+        };
+        emitted.extend(events);
     }
     (emitted, given.state)
 }
@@ -369,10 +1087,11 @@ fn run(steps: &[Step], strategy: AssignmentStrategy) -> (Vec<Envelope>, RouterSt
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
-    /// B4: the same inputs always give the same decisions, and the state rebuilt by folding
-    /// the emitted events (what a restarted router does) equals the live state.
+    /// B4: the same inputs always give the same decisions; the state rebuilt by folding the
+    /// emitted events (what a restarted router does) equals the live state; and a snapshot
+    /// decodes to exactly the state it was taken of.
     #[test]
-    fn b4_decisions_are_deterministic_and_state_is_rebuilt_from_output(
+    fn b4_decisions_are_deterministic_and_state_is_rebuilt_from_output_and_snapshots(
         steps in proptest::collection::vec(step_strategy(), 0..120),
         balanced in any::<bool>(),
     ) {
@@ -386,18 +1105,41 @@ proptest! {
             evolve(&mut rebuilt, event);
         }
         prop_assert_eq!(&rebuilt, &first_state);
+
+        let restored = crate::snapshot::decode_state(&crate::snapshot::encode_state(&first_state)).unwrap();
+        prop_assert_eq!(&restored, &first_state);
     }
 
-    /// R8, R6, R10 invariants hold for any sequence: nobody over capacity, no seatless agent
-    /// assigned, one conversation per thread.
+    /// R8, R6, R10, T2 invariants hold for any sequence: nobody over capacity at any point, no
+    /// seatless agent auto-assigned, one open conversation per thread, no contact over its
+    /// ticket limit, workload equal to the open conversations assigned.
     #[test]
-    fn r8_r6_r10_invariants_hold_for_any_sequence(steps in proptest::collection::vec(step_strategy(), 0..200)) {
+    fn r8_r6_r10_t2_invariants_hold_for_any_sequence(steps in proptest::collection::vec(step_strategy(), 0..200)) {
         let (events, state) = run(&steps, AssignmentStrategy::RoundRobin);
-        for workload in state.workload_by_agent.values() {
-            prop_assert!(workload.open_conversations <= 3);
+        let mut replayed = RouterState::default();
+        for event in &events {
+            evolve(&mut replayed, event);
+            if let Some(Payload::ConversationAssigned(assigned)) = &event.payload
+                && assigned.explanation.as_ref().is_some_and(|explanation| explanation.rule_version != 0)
+            {
+                prop_assert!(replayed.agents.workload(&assigned.assignee_agent_id).unwrap().open_conversations <= 3);
+                prop_assert_ne!(assigned.assignee_agent_id.as_str(), "agent-3", "agent-3 has no paid seat");
+            }
         }
-        prop_assert!(!state.workload_by_agent.contains_key("agent-3"), "agent-3 has no paid seat");
-        let started = events.iter().filter(|event| matches!(event.payload, Some(Payload::ConversationStarted(_)))).count();
-        prop_assert_eq!(started, state.open_conversation_by_thread.len());
+        for (agent_id, workload) in &state.agents.workload_by_agent {
+            let assigned = state
+                .conversations
+                .values()
+                .filter(|conversation| conversation.assignee_agent_id_opt.as_deref() == Some(agent_id.as_str()))
+                .count() as u32;
+            prop_assert_eq!(workload.open_conversations, assigned, "{}", agent_id);
+        }
+        let open_threads: usize = state.open_conversation_by_thread.values().map(|threads| threads.len()).sum();
+        prop_assert_eq!(open_threads, state.conversations.len());
+        for contacts in state.contacts.values() {
+            for contact in contacts.values() {
+                prop_assert!(contact.ticket_count <= 2);
+            }
+        }
     }
 }

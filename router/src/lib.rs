@@ -1,8 +1,15 @@
-//! The router: where inbound messages become conversations and assignments.
+//! The router: where inbound messages and commands become conversations, contacts, tickets and
+//! assignments.
 //!
 //! - Input enters in [`shell`] (Kafka consumer of the inbound topic).
-//! - Decisions are made in [`core`] (`decide` / `evolve`, pure and deterministic).
-//! - Output leaves in [`shell`] (transactional producer to the conversations topic).
+//! - Decisions are made in [`core`] (`decide`, pure and deterministic) over the state in
+//!   [`state`] (`evolve` folds the router's own output) and the compiled config in [`config`].
+//! - Output leaves in [`shell`] (transactional producer to the conversations topic, with
+//!   periodic state snapshots from [`snapshot`] in the same transactions).
 
+pub mod config;
 pub mod core;
+pub mod fast_hash;
 pub mod shell;
+pub mod snapshot;
+pub mod state;

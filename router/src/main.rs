@@ -17,6 +17,12 @@ struct Args {
     /// Stable identity of this instance (its transactional id derives from it).
     #[arg(long, env = "SWITCHBOARD_INSTANCE_ID", default_value = "router-0")]
     instance_id: String,
+    /// Snapshot a partition's routing state after this many routed inputs (restart cost bound).
+    #[arg(long, env = "SWITCHBOARD_ROUTER_SNAPSHOT_EVERY_RECORDS", default_value_t = 200_000)]
+    snapshot_every_records: u64,
+    /// ...or after this many seconds with at least one routed input.
+    #[arg(long, env = "SWITCHBOARD_ROUTER_SNAPSHOT_EVERY_SECONDS", default_value_t = 300)]
+    snapshot_every_seconds: u64,
 }
 
 #[tokio::main]
@@ -27,7 +33,9 @@ async fn main() -> anyhow::Result<()> {
     ensure_topics(&args.kafka_brokers, &topics).await?;
     let config =
         ConfigStore::start(&args.kafka_brokers, &topics.config, &format!("router-{}", args.instance_id)).await?;
-    let settings = RouterSettings::new(&args.kafka_brokers, topics, &args.instance_id);
+    let mut settings = RouterSettings::new(&args.kafka_brokers, topics, &args.instance_id);
+    settings.snapshot_every_records = args.snapshot_every_records.max(1);
+    settings.snapshot_every = std::time::Duration::from_secs(args.snapshot_every_seconds.max(1));
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut router = tokio::task::spawn_blocking({

@@ -19,7 +19,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use switchboard_proto::events::v1::Envelope;
+use switchboard_proto::events::v1::{Envelope, KafkaPosition};
 use switchboard_runtime::config_store::ConfigStore;
 use switchboard_runtime::envelope;
 use switchboard_runtime::kafka::{self, header};
@@ -27,7 +27,8 @@ use switchboard_runtime::telemetry::{adopt_trace_context, trace_context_headers}
 use switchboard_runtime::topics::Topics;
 use tracing::{info, info_span, warn};
 
-use crate::core::{self, RouterState};
+use crate::core::{self, RouterConfig, RouterState};
+use crate::snapshot::{self, Manifest};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -41,6 +42,11 @@ pub struct RouterSettings {
     pub instance_id: String,
     pub max_batch_records: usize,
     pub batch_linger: Duration,
+    /// A partition's state is snapshotted (in the batch's transaction) once this many inputs
+    /// were routed since its last snapshot...
+    pub snapshot_every_records: u64,
+    /// ...or this much time passed with at least one input routed.
+    pub snapshot_every: Duration,
 }
 
 impl RouterSettings {
@@ -50,10 +56,32 @@ impl RouterSettings {
             group_id: format!("{}router", topics.prefix),
             topics,
             instance_id: instance_id.to_owned(),
-            max_batch_records: 2_000,
+            // Only reached with a backlog (a batch ends when the consumer has nothing more within
+            // `batch_linger`); large batches amortise the ~100 ms transaction commit.
+            max_batch_records: 20_000,
             batch_linger: Duration::from_millis(5),
+            snapshot_every_records: 200_000,
+            snapshot_every: Duration::from_secs(300),
         }
     }
+
+    /// The compacted topic holding router state snapshots (`deploy/topics.txt`), one partition
+    /// per input partition.
+    pub fn snapshot_topic(&self) -> String {
+        format!("{}{}", self.topics.prefix, SNAPSHOT_TOPIC)
+    }
+}
+
+/// Base name of the snapshot topic (declared in `deploy/topics.txt`).
+pub const SNAPSHOT_TOPIC: &str = "router-snapshots.v1";
+
+/// The routing state of one input partition, with its snapshot bookkeeping.
+pub struct PartitionState {
+    pub state: RouterState,
+    records_since_snapshot: u64,
+    last_snapshot_at: Instant,
+    /// Chunk count of the latest snapshot: keys beyond a smaller new snapshot get tombstones.
+    last_chunk_count: u32,
 }
 
 /// Remembers partitions taken away by a rebalance, so their state is dropped (and rebuilt from
@@ -131,8 +159,9 @@ fn route_until_failure(
         .context("failed to subscribe to inbound topic")
         .map_err(TransactionFailure::Fatal)?;
 
-    let mut state_by_partition: HashMap<i32, RouterState> = HashMap::new();
+    let mut state_by_partition: HashMap<i32, PartitionState> = HashMap::new();
     let mut stats = Throughput::new();
+    let mut compiled: Option<(std::sync::Arc<switchboard_runtime::config_store::ConfigSnapshot>, RouterConfig)> = None;
     while !shutdown.load(Ordering::Relaxed) {
         let batch = poll_batch(&consumer, settings.max_batch_records, settings.batch_linger);
         for partition in consumer.context().revoked_partitions.lock().expect("lock poisoned").drain(..) {
@@ -141,21 +170,40 @@ fn route_until_failure(
         if batch.is_empty() {
             continue;
         }
-        let config_snapshot = config.snapshot();
+        // The config is compiled for routing once per change, not per decision.
+        let snapshot_now = config.snapshot();
+        if compiled.as_ref().is_none_or(|(source, _)| !std::sync::Arc::ptr_eq(source, &snapshot_now)) {
+            compiled = Some((snapshot_now.clone(), RouterConfig::new(snapshot_now)));
+        }
+        let router_config = &compiled.as_ref().expect("compiled above").1;
         producer.begin_transaction().map_err(classify)?;
-        let mut next_offsets = TopicPartitionList::new();
+        // Next offset per partition, turned into the offsets list once per batch (adding to
+        // a TopicPartitionList per record is a linear search in librdkafka: quadratic).
+        let mut next_offset_by_partition: HashMap<i32, i64> = HashMap::new();
         let mut produced = 0usize;
+        let mut snapshotted: Vec<i32> = Vec::new();
         for record in &batch {
             let partition = record.partition();
-            let state = match state_by_partition.entry(partition) {
+            let partition_state = match state_by_partition.entry(partition) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
                     entry.insert(load_partition_state(settings, partition).map_err(TransactionFailure::AbortAndRewind)?)
                 }
             };
-            produced += route_record(settings, producer, state, &config_snapshot, record)?;
+            // The snapshot holds the state before this batch's first record of the partition:
+            // exactly what the committed output below the current end describes.
+            if !snapshotted.contains(&partition) && snapshot_due(settings, partition_state) {
+                write_snapshot(settings, producer, partition, record.offset(), partition_state)?;
+                snapshotted.push(partition);
+            }
+            partition_state.records_since_snapshot += 1;
+            produced += route_record(settings, producer, &mut partition_state.state, router_config, record)?;
+            next_offset_by_partition.insert(partition, record.offset() + 1);
+        }
+        let mut next_offsets = TopicPartitionList::new();
+        for (partition, next_offset) in &next_offset_by_partition {
             next_offsets
-                .add_partition_offset(record.topic(), partition, Offset::Offset(record.offset() + 1))
+                .add_partition_offset(&settings.topics.inbound, *partition, Offset::Offset(*next_offset))
                 .map_err(|error| TransactionFailure::Fatal(error.into()))?;
         }
         let group_metadata =
@@ -167,12 +215,104 @@ fn route_until_failure(
     Ok(())
 }
 
+fn snapshot_due(settings: &RouterSettings, partition_state: &PartitionState) -> bool {
+    partition_state.records_since_snapshot >= settings.snapshot_every_records
+        || (partition_state.records_since_snapshot > 0
+            && partition_state.last_snapshot_at.elapsed() >= settings.snapshot_every)
+}
+
+/// Writes the partition's state as chunks plus a manifest to the snapshot topic, inside the
+/// open transaction: if the batch aborts, so does the snapshot.
+fn write_snapshot(
+    settings: &RouterSettings,
+    producer: &BaseProducer,
+    partition: i32,
+    input_next_offset: i64,
+    partition_state: &mut PartitionState,
+) -> Result<(), TransactionFailure> {
+    let started = Instant::now();
+    // Everything committed so far in the output partition is below its high watermark; this
+    // instance is the partition's only writer and its earlier transactions are committed.
+    let (_, output_next_offset) = producer
+        .client()
+        .fetch_watermarks(&settings.topics.conversations, partition, KAFKA_TIMEOUT)
+        .context("failed to read the output partition's end for a snapshot")
+        .map_err(TransactionFailure::AbortAndRewind)?;
+    let bytes = snapshot::encode_state(&partition_state.state);
+    let chunks = snapshot::split_into_chunks(&bytes);
+    let topic = settings.snapshot_topic();
+    let no_headers = OwnedHeaders::new;
+    for (index, chunk) in chunks.iter().enumerate() {
+        let value = snapshot::chunk_value(input_next_offset, index as u32, chunk);
+        send_with_backpressure(
+            producer,
+            &topic,
+            partition,
+            snapshot::chunk_key(index as u32).as_bytes(),
+            &value,
+            no_headers(),
+        )?;
+    }
+    let chunk_count = chunks.len() as u32;
+    let stale_chunks = partition_state.last_chunk_count.saturating_sub(chunk_count);
+    for index in chunk_count..partition_state.last_chunk_count {
+        send_tombstone(producer, &topic, partition, snapshot::chunk_key(index).as_bytes())?;
+    }
+    let manifest = Manifest {
+        input_next_offset,
+        output_next_offset,
+        chunk_count,
+        records_before_manifest: chunk_count + stale_chunks,
+        state_bytes: bytes.len() as u64,
+    };
+    send_with_backpressure(
+        producer,
+        &topic,
+        partition,
+        snapshot::MANIFEST_KEY.as_bytes(),
+        &manifest.encode(),
+        no_headers(),
+    )?;
+    partition_state.last_chunk_count = chunk_count;
+    partition_state.records_since_snapshot = 0;
+    partition_state.last_snapshot_at = Instant::now();
+    info!(
+        partition,
+        input_next_offset,
+        output_next_offset,
+        chunk_count,
+        state_bytes = bytes.len(),
+        conversations = partition_state.state.conversations.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "router state snapshot written"
+    );
+    Ok(())
+}
+
+fn send_tombstone(producer: &BaseProducer, topic: &str, partition: i32, key: &[u8]) -> Result<(), TransactionFailure> {
+    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(partition).key(key);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                producer.poll(Duration::from_millis(10));
+                record = returned;
+            }
+            Err((error, _)) => {
+                return Err(TransactionFailure::AbortAndRewind(
+                    anyhow::Error::new(error).context("failed to enqueue tombstone"),
+                ));
+            }
+        }
+    }
+}
+
 /// Routes one record: decide, evolve, produce. Returns how many events it produced.
 fn route_record(
     settings: &RouterSettings,
     producer: &BaseProducer,
     state: &mut RouterState,
-    config: &switchboard_runtime::config_store::ConfigSnapshot,
+    config: &RouterConfig,
     record: &BorrowedMessage<'_>,
 ) -> Result<usize, TransactionFailure> {
     let span =
@@ -189,11 +329,19 @@ fn route_record(
         Ok(decided) => decided,
         Err(rejection) => return dead_letter(settings, producer, record, &rejection.to_string()).map(|()| 0),
     };
-    for event in &decided {
-        core::evolve(state, event);
-        produce(producer, &settings.topics.conversations, record.partition(), event, &span)?;
+    // B6: every decision says where its cause was read (topic without the environment prefix).
+    let source_topic = record.topic().strip_prefix(settings.topics.prefix.as_str()).unwrap_or(record.topic());
+    let count = decided.len();
+    for mut event in decided {
+        core::evolve(state, &event);
+        event.source_position = Some(KafkaPosition {
+            topic: source_topic.to_owned(),
+            partition: record.partition(),
+            offset: record.offset(),
+        });
+        produce(producer, &settings.topics.conversations, record.partition(), &event, &span)?;
     }
-    Ok(decided.len())
+    Ok(count)
 }
 
 fn produce(
@@ -313,24 +461,94 @@ fn poll_batch<'consumer>(
     batch
 }
 
-/// Rebuilds one partition's routing state by folding the router's own committed output.
-pub fn load_partition_state(settings: &RouterSettings, partition: i32) -> anyhow::Result<RouterState> {
+/// How a partition's state was recovered (logged, and reported by the restart benchmark).
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryStats {
+    pub snapshot_bytes: u64,
+    pub snapshot_read: Duration,
+    pub tail_events: u64,
+    pub total: Duration,
+}
+
+/// Recovers one partition's routing state: the latest snapshot (if any), then the router's own
+/// committed output written after it, folded with `evolve` (nothing is re-decided).
+pub fn load_partition_state(settings: &RouterSettings, partition: i32) -> anyhow::Result<PartitionState> {
+    let (state, stats, last_chunk_count) = recover_partition_state(settings, partition, RecoverFrom::LatestSnapshot)?;
+    info!(
+        partition,
+        snapshot_bytes = stats.snapshot_bytes,
+        snapshot_read_ms = stats.snapshot_read.as_millis() as u64,
+        tail_events = stats.tail_events,
+        elapsed_ms = stats.total.as_millis() as u64,
+        "router partition state recovered"
+    );
+    Ok(PartitionState { state, records_since_snapshot: 0, last_snapshot_at: Instant::now(), last_chunk_count })
+}
+
+/// Where recovery starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoverFrom {
+    /// The latest snapshot plus the output written after it (what the router does).
+    LatestSnapshot,
+    /// The whole output partition (the fallback; the restart benchmark compares both).
+    Beginning,
+}
+
+/// The recovery itself, without bookkeeping: (state, stats, chunk count of the snapshot used).
+pub fn recover_partition_state(
+    settings: &RouterSettings,
+    partition: i32,
+    from: RecoverFrom,
+) -> anyhow::Result<(RouterState, RecoveryStats, u32)> {
     let started = Instant::now();
     let reader: BaseConsumer<kafka::ReaderContext> =
         kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id))
             .create_with_context(kafka::ReaderContext)
             .context("failed to create state reader")?;
+    let mut stats = RecoveryStats::default();
+    let latest_opt = match from {
+        RecoverFrom::LatestSnapshot => read_latest_snapshot(settings, &reader, partition),
+        RecoverFrom::Beginning => Ok(None),
+    };
+    let (mut state, tail_from, skip_inputs_below, chunk_count) = match latest_opt {
+        Ok(Some((manifest, bytes))) => match snapshot::decode_state(&bytes) {
+            Ok(state) => {
+                stats.snapshot_bytes = bytes.len() as u64;
+                (state, Offset::Offset(manifest.output_next_offset), manifest.input_next_offset, manifest.chunk_count)
+            }
+            Err(error) => {
+                warn!(%error, partition, "undecodable router snapshot; rebuilding from the whole output");
+                (RouterState::default(), Offset::Beginning, 0, manifest.chunk_count)
+            }
+        },
+        Ok(None) => (RouterState::default(), Offset::Beginning, 0, 0),
+        Err(error) => {
+            warn!(
+                error = format!("{error:#}"),
+                partition, "cannot read router snapshot; rebuilding from the whole output"
+            );
+            (RouterState::default(), Offset::Beginning, 0, 0)
+        }
+    };
+    stats.snapshot_read = started.elapsed();
+
     let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(&settings.topics.conversations, partition, Offset::Beginning)?;
+    assignment.add_partition_offset(&settings.topics.conversations, partition, tail_from)?;
     reader.assign(&assignment).context("failed to assign state partition")?;
-    let mut state = RouterState::default();
-    let mut events = 0u64;
     loop {
         match reader.poll(KAFKA_TIMEOUT) {
             Some(Ok(record)) => match envelope::decode(record.payload()) {
                 Ok(event) => {
-                    core::evolve(&mut state, &event);
-                    events += 1;
+                    // Belt and braces: an event caused by an input the snapshot already covers
+                    // is never applied twice, whatever the output offset said.
+                    let covered = event
+                        .source_position
+                        .as_ref()
+                        .is_some_and(|source| source.partition == partition && source.offset < skip_inputs_below);
+                    if !covered {
+                        core::evolve(&mut state, &event);
+                        stats.tail_events += 1;
+                    }
                 }
                 Err(error) => warn!(%error, offset = record.offset(), "skipping undecodable router output record"),
             },
@@ -339,8 +557,96 @@ pub fn load_partition_state(settings: &RouterSettings, partition: i32) -> anyhow
             None => anyhow::bail!("timed out rebuilding router state of partition {partition}"),
         }
     }
-    info!(partition, events, elapsed_ms = started.elapsed().as_millis() as u64, "router partition state rebuilt");
-    Ok(state)
+    stats.total = started.elapsed();
+    Ok((state, stats, chunk_count))
+}
+
+/// A record of the snapshot topic as the reader needs it.
+struct SnapshotRecord {
+    offset: i64,
+    key: Vec<u8>,
+    value_opt: Option<Vec<u8>>,
+}
+
+/// Reads committed records of one partition from `start` to its end.
+fn read_to_end(
+    reader: &BaseConsumer<kafka::ReaderContext>,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    mut keep: impl FnMut(&SnapshotRecord) -> bool,
+) -> anyhow::Result<Vec<SnapshotRecord>> {
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    reader.assign(&assignment).context("failed to assign snapshot partition")?;
+    let mut records = Vec::new();
+    loop {
+        match reader.poll(KAFKA_TIMEOUT) {
+            Some(Ok(record)) => {
+                let record = SnapshotRecord {
+                    offset: record.offset(),
+                    key: record.key().unwrap_or_default().to_vec(),
+                    value_opt: record.payload().map(<[u8]>::to_vec),
+                };
+                if keep(&record) {
+                    records.push(record);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
+            Some(Err(error)) => warn!(%error, "snapshot reader error (librdkafka retries)"),
+            None => anyhow::bail!("timed out reading the snapshot topic"),
+        }
+    }
+}
+
+/// Finds the newest committed manifest near the end of the partition's snapshot topic (looking
+/// further back only if needed), then reads just the chunks written before it.
+fn read_latest_snapshot(
+    settings: &RouterSettings,
+    reader: &BaseConsumer<kafka::ReaderContext>,
+    partition: i32,
+) -> anyhow::Result<Option<(Manifest, Vec<u8>)>> {
+    let topic = settings.snapshot_topic();
+    let (low, high) =
+        reader.fetch_watermarks(&topic, partition, KAFKA_TIMEOUT).context("failed to read snapshot watermarks")?;
+    if high <= low {
+        return Ok(None);
+    }
+    let mut window = 64i64;
+    let (manifest_offset, manifest) = loop {
+        let start = (high - window).max(low);
+        let manifests = read_to_end(reader, &topic, partition, start, |record| {
+            record.key == snapshot::MANIFEST_KEY.as_bytes() && record.value_opt.is_some()
+        })?;
+        if let Some(record) = manifests.last() {
+            let manifest = Manifest::decode(record.value_opt.as_deref().unwrap_or_default())
+                .context("undecodable snapshot manifest")?;
+            break (record.offset, manifest);
+        }
+        if start == low {
+            return Ok(None);
+        }
+        window *= 8;
+    };
+    let chunks_start = (manifest_offset - manifest.records_before_manifest as i64).max(low);
+    let mut chunks: Vec<Option<Vec<u8>>> = vec![None; manifest.chunk_count as usize];
+    for record in read_to_end(reader, &topic, partition, chunks_start, |record| {
+        record.offset < manifest_offset && record.key.starts_with(b"chunk/")
+    })? {
+        let Some(value) = &record.value_opt else { continue };
+        let (input_next_offset, index, bytes) = snapshot::parse_chunk(value)?;
+        if input_next_offset == manifest.input_next_offset
+            && let Some(slot) = chunks.get_mut(index as usize)
+        {
+            *slot = Some(bytes.to_vec());
+        }
+    }
+    let mut bytes = Vec::with_capacity(manifest.state_bytes as usize);
+    for (index, chunk) in chunks.into_iter().enumerate() {
+        let chunk = chunk.with_context(|| format!("snapshot chunk {index} of {} is missing", manifest.chunk_count))?;
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Some((manifest, bytes)))
 }
 
 /// Logs routed throughput every 10 seconds.

@@ -1,4 +1,5 @@
-//! The in-memory view of the compacted config topic: inboxes, channels, routing rules, agents.
+//! The in-memory view of the compacted config topic: inboxes, channels, routing rules, agents,
+//! ticket settings.
 //!
 //! Each config record carries its entity's whole current state under a key such as
 //! `channel/<id>`, so the latest record per key is the truth and a tombstone deletes it.
@@ -15,7 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    AgentConfigured, ChannelConfigured, Envelope, InboxConfigured, RoutingRulesConfigured,
+    AgentConfigured, ChannelConfigured, Envelope, InboxConfigured, RoutingRulesConfigured, TicketSettingsConfigured,
 };
 use tokio::sync::watch;
 
@@ -36,6 +37,8 @@ pub struct ConfigSnapshot {
     /// Routing rules by channel id.
     pub routing_rules: Entities<RoutingRulesConfigured>,
     pub agents: Entities<AgentConfigured>,
+    /// Ticket settings by channel id (T1, R9, T2).
+    pub ticket_settings: Entities<TicketSettingsConfigured>,
 }
 
 /// Compaction key of a config event: one key per entity.
@@ -45,6 +48,7 @@ pub fn config_key(payload: &Payload) -> Option<String> {
         Payload::ChannelConfigured(channel) => Some(format!("channel/{}", channel.channel_id)),
         Payload::RoutingRulesConfigured(rules) => Some(format!("rules/{}", rules.channel_id)),
         Payload::AgentConfigured(agent) => Some(format!("agent/{}", agent.agent_id)),
+        Payload::TicketSettingsConfigured(settings) => Some(format!("tickets/{}", settings.channel_id)),
         _ => None,
     }
 }
@@ -66,6 +70,9 @@ impl ConfigSnapshot {
             Some(Payload::AgentConfigured(entity)) => {
                 self.agents.insert(entity.agent_id.clone(), Owned { account_id, entity });
             }
+            Some(Payload::TicketSettingsConfigured(entity)) => {
+                self.ticket_settings.insert(entity.channel_id.clone(), Owned { account_id, entity });
+            }
             _ => {}
         }
     }
@@ -77,6 +84,7 @@ impl ConfigSnapshot {
             Some(("channel", id)) => drop(self.channels.remove(id)),
             Some(("rules", id)) => drop(self.routing_rules.remove(id)),
             Some(("agent", id)) => drop(self.agents.remove(id)),
+            Some(("tickets", id)) => drop(self.ticket_settings.remove(id)),
             _ => {}
         }
     }
@@ -209,5 +217,21 @@ mod tests {
         assert_eq!(config_key(agent("x").payload.as_ref().unwrap()).as_deref(), Some("agent/a1"));
         snapshot.apply_tombstone("agent/a1");
         assert!(snapshot.agents.is_empty());
+
+        let tickets = crate::envelope::new_root(
+            "acct",
+            "tickets/form-1",
+            Utc::now(),
+            Payload::TicketSettingsConfigured(TicketSettingsConfigured {
+                channel_id: "form-1".into(),
+                treat_as_tickets: true,
+                ..Default::default()
+            }),
+        );
+        assert_eq!(config_key(tickets.payload.as_ref().unwrap()).as_deref(), Some("tickets/form-1"));
+        snapshot.apply(&tickets);
+        assert!(snapshot.ticket_settings["form-1"].entity.treat_as_tickets);
+        snapshot.apply_tombstone("tickets/form-1");
+        assert!(snapshot.ticket_settings.is_empty());
     }
 }

@@ -28,6 +28,7 @@ use tonic::transport::Channel;
 
 pub mod api_seed;
 pub mod demo;
+pub mod router_fixtures;
 
 /// HS256 secret of the API started by tests (and by scripts/demo, see `API_JWT_SECRET`).
 pub const TEST_JWT_SECRET: &str = "switchboard-demo-secret-not-for-production-use";
@@ -379,8 +380,12 @@ async fn delete_topics(brokers: &str, topics: &Topics) {
     else {
         return;
     };
-    let names = [&topics.inbound, &topics.conversations, &topics.config, &topics.deadletter];
-    let names: Vec<&str> = names.iter().map(|name| name.as_str()).collect();
+    // Every declared topic of the environment (router snapshots included).
+    let names: Vec<String> = switchboard_runtime::topics::topic_specs()
+        .iter()
+        .map(|spec| format!("{}{}", topics.prefix, spec.base_name))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
 }
 
@@ -434,4 +439,70 @@ pub struct Pipeline {
     pub ingest_url: String,
     pub api: ApiClient,
     pub http: reqwest::Client,
+}
+
+impl TestEnv {
+    /// Starts the router binary as a child process with extra environment (e.g. snapshot cadence).
+    pub fn spawn_router_process_with(&self, instance_id: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Child> {
+        let mut command = Command::new(binary_path("router")?);
+        command
+            .env("KAFKA_BROKERS", &self.brokers)
+            .env("SWITCHBOARD_TOPIC_PREFIX", &self.topics.prefix)
+            .env("SWITCHBOARD_INSTANCE_ID", instance_id)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (name, value) in extra_env {
+            command.env(name, value);
+        }
+        command.spawn().context("failed to start the router binary")
+    }
+
+    /// Produces envelopes with their keys to a topic (partitioned by key, as services do) and
+    /// waits until every one is acknowledged.
+    pub async fn produce_envelopes(&self, topic: &str, records: &[(String, Envelope)]) -> anyhow::Result<()> {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer =
+            switchboard_runtime::kafka::idempotent_producer_config(&self.brokers, "test-envelopes", 60_000).create()?;
+        // Bounded in-flight sends: a few thousand at a time.
+        for chunk in records.chunks(5_000) {
+            let deliveries = chunk.iter().map(|(key, envelope)| {
+                let payload = switchboard_runtime::envelope::encode(envelope);
+                let producer = &producer;
+                async move {
+                    producer
+                        .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(60))
+                        .await
+                        .map_err(|(error, _)| anyhow::Error::new(error))
+                }
+            });
+            futures::future::try_join_all(deliveries).await?;
+        }
+        Ok(())
+    }
+
+    /// How many records of `topic` the consumer group has not committed yet (all partitions).
+    pub fn group_lag(&self, group_id: &str, topic: &str) -> anyhow::Result<i64> {
+        let partitions = self.topics.declared_partitions(topic).context("unknown topic")?;
+        let consumer: BaseConsumer<switchboard_runtime::kafka::ReaderContext> =
+            switchboard_runtime::kafka::client_config(&self.brokers, "test-lag")
+                .set("group.id", group_id)
+                .set("enable.auto.commit", "false")
+                .create_with_context(switchboard_runtime::kafka::ReaderContext)?;
+        let mut wanted = TopicPartitionList::new();
+        for partition in 0..partitions {
+            wanted.add_partition(topic, partition);
+        }
+        let committed = consumer.committed_offsets(wanted, Duration::from_secs(10))?;
+        let mut lag = 0;
+        for element in committed.elements() {
+            let (_, high) = consumer.fetch_watermarks(topic, element.partition(), Duration::from_secs(10))?;
+            let committed_offset = match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => 0,
+            };
+            lag += (high - committed_offset).max(0);
+        }
+        Ok(lag)
+    }
 }

@@ -177,6 +177,7 @@ fn conversation_log(first: usize, count: usize, partitions: i32) -> (Vec<(String
                     thread_key: visitor.external_id.clone(),
                     sender: Some(visitor.clone()),
                     source_event_id: id(index, 31),
+                    message: None,
                 }));
                 expected.contacts += 1;
                 expected.tickets += 1;

@@ -1,0 +1,190 @@
+//! The router's compiled view of the configuration: what `decide` needs, indexed for lookup.
+//!
+//! Built once per config change (not per decision) from the compacted config topic's snapshot:
+//! every channel with its account, inbox kind, routing rules, resolved candidate pool (R3) and
+//! ticket settings; every agent with seat, availability, skills and capacity limits.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use switchboard_proto::events::v1::{
+    AssignTarget, ConsentMode, InboxKind, RoutingRulesConfigured, TicketSettingsConfigured,
+};
+use switchboard_runtime::config_store::ConfigSnapshot;
+
+use crate::fast_hash::FastMap;
+use crate::state::{CHANNEL_TYPE_SLOTS, channel_type_slot};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentProfile {
+    pub account_id: String,
+    pub paid_seat: bool,
+    /// The configured availability; `AgentAvailabilityChanged` overrides it once seen.
+    pub available: bool,
+    pub skills: BTreeSet<String>,
+    /// 0 = no limit.
+    pub max_open_conversations: u32,
+    /// R8 per channel type; 0 = no limit.
+    pub max_open_by_channel_type: [u32; CHANNEL_TYPE_SLOTS],
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelProfile {
+    pub channel_id: String,
+    pub account_id: String,
+    pub inbox_id: String,
+    pub channel_type: i32,
+    /// C11.
+    pub enabled: bool,
+    /// C6: Messenger with explicit consent.
+    pub explicit_consent: bool,
+    /// I5: the channel's inbox is a help desk (every conversation becomes a ticket).
+    pub help_desk: bool,
+    /// Routing rules of the same account, if any.
+    pub rules_opt: Option<RoutingRulesConfigured>,
+    /// R3: the rule's users in their listed order, then members of its teams by agent id.
+    pub pool: Vec<String>,
+    /// For each pool member, its index in [`RouterConfig::profiles`] if it is an agent of the
+    /// channel's account (resolved once here instead of a lookup per decision).
+    pub pool_profiles: Vec<Option<u32>>,
+    pub tickets_opt: Option<TicketSettingsConfigured>,
+}
+
+impl ChannelProfile {
+    pub fn creates_tickets(&self) -> bool {
+        self.help_desk || self.tickets_opt.as_ref().is_some_and(|settings| settings.treat_as_tickets)
+    }
+}
+
+/// The config as `decide` reads it.
+#[derive(Debug, Clone, Default)]
+pub struct RouterConfig {
+    pub snapshot: Arc<ConfigSnapshot>,
+    pub agents: FastMap<String, AgentProfile>,
+    /// The same profiles by index (pool members refer to them by index).
+    pub profiles: Vec<AgentProfile>,
+    pub channels: FastMap<String, ChannelProfile>,
+    /// Channel ids per account, sorted (B3 re-drive visits an account's channels in order).
+    pub channel_ids_by_account: FastMap<String, Vec<String>>,
+}
+
+impl RouterConfig {
+    pub fn new(snapshot: Arc<ConfigSnapshot>) -> RouterConfig {
+        let mut agents = FastMap::default();
+        for (agent_id, owned) in &snapshot.agents {
+            let agent = &owned.entity;
+            let mut max_open_by_channel_type = [0u32; CHANNEL_TYPE_SLOTS];
+            for limit in &agent.capacity_per_channel_type {
+                max_open_by_channel_type[channel_type_slot(limit.channel_type)] = limit.max_open;
+            }
+            agents.insert(
+                agent_id.clone(),
+                AgentProfile {
+                    account_id: owned.account_id.clone(),
+                    paid_seat: agent.paid_seat,
+                    available: agent.available,
+                    skills: agent.skills.iter().cloned().collect(),
+                    max_open_conversations: agent.max_open_conversations,
+                    max_open_by_channel_type,
+                },
+            );
+        }
+        let mut profiles: Vec<AgentProfile> = Vec::with_capacity(agents.len());
+        let mut profile_index_by_agent: FastMap<&str, u32> = FastMap::default();
+        for agent_id in snapshot.agents.keys() {
+            profile_index_by_agent.insert(agent_id.as_str(), profiles.len() as u32);
+            profiles.push(agents[agent_id.as_str()].clone());
+        }
+        let mut channels = FastMap::default();
+        let mut channel_ids_by_account: FastMap<String, Vec<String>> = FastMap::default();
+        for (channel_id, owned) in &snapshot.channels {
+            let channel = &owned.entity;
+            let account_id = &owned.account_id;
+            let same_account = |entity_account: &String| entity_account == account_id;
+            let rules_opt = snapshot
+                .routing_rules
+                .get(channel_id)
+                .filter(|rules| same_account(&rules.account_id))
+                .map(|rules| rules.entity.clone());
+            let pool = rules_opt.as_ref().map(|rules| candidate_pool(&snapshot, account_id, rules)).unwrap_or_default();
+            let pool_profiles = pool
+                .iter()
+                .map(|agent_id| {
+                    let index = profile_index_by_agent.get(agent_id.as_str()).copied()?;
+                    (profiles[index as usize].account_id == *account_id).then_some(index)
+                })
+                .collect();
+            let help_desk = snapshot
+                .inboxes
+                .get(&channel.inbox_id)
+                .filter(|inbox| same_account(&inbox.account_id))
+                .is_some_and(|inbox| inbox.entity.kind == InboxKind::HelpDesk as i32);
+            let explicit_consent = channel
+                .messenger
+                .as_ref()
+                .is_some_and(|messenger| messenger.consent_mode == ConsentMode::Explicit as i32);
+            channels.insert(
+                channel_id.clone(),
+                ChannelProfile {
+                    channel_id: channel_id.clone(),
+                    account_id: account_id.clone(),
+                    inbox_id: channel.inbox_id.clone(),
+                    channel_type: channel.channel_type,
+                    enabled: channel.enabled,
+                    explicit_consent,
+                    help_desk,
+                    rules_opt,
+                    pool,
+                    pool_profiles,
+                    tickets_opt: snapshot
+                        .ticket_settings
+                        .get(channel_id)
+                        .filter(|settings| same_account(&settings.account_id))
+                        .map(|settings| settings.entity.clone()),
+                },
+            );
+            channel_ids_by_account.entry(account_id.clone()).or_default().push(channel_id.clone());
+        }
+        // BTreeMap iteration already gave sorted channel ids per account.
+        drop(profile_index_by_agent);
+        RouterConfig { snapshot: snapshot.clone(), agents, profiles, channels, channel_ids_by_account }
+    }
+
+    pub fn from_snapshot(snapshot: ConfigSnapshot) -> RouterConfig {
+        RouterConfig::new(Arc::new(snapshot))
+    }
+
+    /// The channel, if it exists and belongs to `account_id`.
+    pub fn channel(&self, account_id: &str, channel_id: &str) -> Option<&ChannelProfile> {
+        self.channels.get(channel_id).filter(|channel| channel.account_id == account_id)
+    }
+
+    /// The agent, if it exists and belongs to `account_id`.
+    pub fn agent(&self, account_id: &str, agent_id: &str) -> Option<&AgentProfile> {
+        self.agents.get(agent_id).filter(|agent| agent.account_id == account_id)
+    }
+}
+
+/// R3: the rule's users in their listed order, then members of its teams by agent id; each once.
+fn candidate_pool(snapshot: &ConfigSnapshot, account_id: &str, rules: &RoutingRulesConfigured) -> Vec<String> {
+    if rules.target != AssignTarget::SpecificUsersAndTeams as i32 {
+        return Vec::new();
+    }
+    let mut pool: Vec<String> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for user_id in &rules.user_ids {
+        if seen.insert(user_id.clone()) {
+            pool.push(user_id.clone());
+        }
+    }
+    if rules.team_ids.is_empty() {
+        return pool;
+    }
+    for (agent_id, agent) in &snapshot.agents {
+        let in_selected_team = agent.entity.team_ids.iter().any(|team| rules.team_ids.contains(team));
+        if agent.account_id == account_id && in_selected_team && seen.insert(agent_id.clone()) {
+            pool.push(agent_id.clone());
+        }
+    }
+    pool
+}
