@@ -625,8 +625,10 @@ async fn watch_streams_visible_changes_resumes_and_ends_on_schema_switch() -> an
          CREATE TABLE rm_test.conversations (LIKE public.conversations INCLUDING ALL);
          CREATE TABLE rm_test.inboxes (LIKE public.inboxes INCLUDING ALL);
          INSERT INTO rm_test.inboxes SELECT * FROM public.inboxes;
-         CREATE TABLE public.read_model_control (active_schema text NOT NULL, previous_schema text, switched_at timestamptz);
-         INSERT INTO public.read_model_control VALUES ('rm_test', 'public', now());
+         INSERT INTO public.read_model_control (active_schema, previous_schema, switched_at)
+             VALUES ('rm_test', 'public', now())
+             ON CONFLICT (singleton) DO UPDATE SET active_schema = EXCLUDED.active_schema,
+                 previous_schema = EXCLUDED.previous_schema, switched_at = EXCLUDED.switched_at;
          NOTIFY read_model_switch;",
     )
     .execute(&pool)
