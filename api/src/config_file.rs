@@ -5,7 +5,7 @@
 //! entities whose state differs from the config topic are published, and a routing rule's
 //! version increases exactly when its rule changes (B2 records that version).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, bail};
 use chrono::Utc;
@@ -14,8 +14,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, InboxAccessMode,
-    InboxConfigured, RoutingRulesConfigured,
+    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, ChannelTypeCapacity,
+    ChatHoursRange, ChatSettings, ConsentMode, EmailSettings, InboxAccessMode, InboxConfigured, InboxKind,
+    MessengerSettings, RoutingRulesConfigured, TicketSettingsConfigured, WhatsAppSettings,
 };
 use switchboard_runtime::config_store::{ConfigSnapshot, config_key};
 use switchboard_runtime::{envelope, kafka};
@@ -44,6 +45,13 @@ pub struct InboxDecl {
     pub access_users: Vec<String>,
     #[serde(default)]
     pub access_teams: Vec<String>,
+    /// I5: `conversations` (default) or `help_desk` (every conversation becomes a ticket).
+    #[serde(default = "default_inbox_kind")]
+    pub kind: String,
+}
+
+fn default_inbox_kind() -> String {
+    "conversations".into()
 }
 
 fn default_access() -> String {
@@ -62,6 +70,134 @@ pub struct ChannelDecl {
     pub enabled: bool,
     #[serde(default)]
     pub routing: RoutingDecl,
+    /// T1/R9/T2: ticket creation for this channel (absent: no tickets unless the inbox is a
+    /// help desk).
+    pub tickets: Option<TicketsDecl>,
+    /// Type-specific settings; only the one matching `type` may be given.
+    pub email: Option<EmailDecl>,
+    pub chat: Option<ChatDecl>,
+    pub messenger: Option<MessengerDecl>,
+    pub whatsapp: Option<WhatsAppDecl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketsDecl {
+    #[serde(default = "yes")]
+    pub treat_as_tickets: bool,
+    pub pipeline: String,
+    pub stage: String,
+    /// R9: a fixed owner instead of the conversation's assignee.
+    #[serde(default)]
+    pub fixed_owner: String,
+    /// T2/C7: tickets a contact may be associated with; 0 = no limit.
+    #[serde(default)]
+    pub contact_association_limit: u32,
+}
+
+/// C1-C3. Secrets never go here (see docs/channels.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailDecl {
+    pub team_address: String,
+    /// C2: `agent_and_company` (default) or `company`.
+    #[serde(default = "default_from_name_mode")]
+    pub from_name_mode: String,
+    #[serde(default)]
+    pub from_address: String,
+    #[serde(default)]
+    pub signature: String,
+    #[serde(default)]
+    pub signature_is_html: bool,
+    /// C3: log forwarded mail to the forwarder instead of the original sender.
+    #[serde(default)]
+    pub log_forwarded_to_forwarder: bool,
+}
+
+fn default_from_name_mode() -> String {
+    "agent_and_company".into()
+}
+
+/// C5: what the website widget shows.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatDecl {
+    #[serde(default)]
+    pub accent_colour: String,
+    #[serde(default)]
+    pub welcome_message: String,
+    #[serde(default)]
+    pub pop_open_welcome: bool,
+    /// `user_availability` (default), `chat_hours` or `always`.
+    #[serde(default = "default_availability_mode")]
+    pub availability_mode: String,
+    /// IANA time zone of `hours`, e.g. `Europe/Berlin`.
+    #[serde(default)]
+    pub time_zone: String,
+    #[serde(default)]
+    pub hours: Vec<ChatHoursDecl>,
+    #[serde(default)]
+    pub typical_reply_time: String,
+    #[serde(default)]
+    pub away_message: String,
+    /// `show_return_time`, `away_message` (default) or `hide_launcher`.
+    #[serde(default = "default_offline_behaviour")]
+    pub offline_behaviour: String,
+    /// `waiting_message`, `hide_launcher` or `nothing` (default).
+    #[serde(default = "default_at_capacity_behaviour")]
+    pub at_capacity_behaviour: String,
+    #[serde(default)]
+    pub at_capacity_message: String,
+}
+
+fn default_availability_mode() -> String {
+    "user_availability".into()
+}
+
+fn default_offline_behaviour() -> String {
+    "away_message".into()
+}
+
+fn default_at_capacity_behaviour() -> String {
+    "nothing".into()
+}
+
+/// One opening range: `weekday` 0 = Monday .. 6 = Sunday, `from`/`until` as `HH:MM` local time.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatHoursDecl {
+    pub weekday: u32,
+    pub from: String,
+    pub until: String,
+}
+
+/// C6.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessengerDecl {
+    pub page_id: String,
+    /// `implicit` (default) or `explicit`.
+    #[serde(default = "default_consent_mode")]
+    pub consent_mode: String,
+    #[serde(default)]
+    pub consent_text: String,
+    #[serde(default)]
+    pub greeting: String,
+    #[serde(default)]
+    pub instant_reply: String,
+}
+
+fn default_consent_mode() -> String {
+    "implicit".into()
+}
+
+/// C8.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhatsAppDecl {
+    pub phone_number_id: String,
+    #[serde(default)]
+    pub display_phone_number: String,
 }
 
 fn yes() -> bool {
@@ -87,6 +223,12 @@ pub struct RoutingDecl {
     /// `round_robin` or `balanced`.
     #[serde(default = "default_strategy")]
     pub strategy: String,
+    /// R7: only members holding every listed skill are eligible.
+    #[serde(default)]
+    pub required_skills: Vec<String>,
+    /// B3: assign waiting unassigned conversations when an agent frees up.
+    #[serde(default)]
+    pub redrive_backlog: bool,
 }
 
 impl Default for RoutingDecl {
@@ -98,6 +240,8 @@ impl Default for RoutingDecl {
             teams: Vec::new(),
             only_available: true,
             strategy: default_strategy(),
+            required_skills: Vec::new(),
+            redrive_backlog: false,
         }
     }
 }
@@ -128,6 +272,118 @@ pub struct AgentDecl {
     /// 0: no limit.
     #[serde(default)]
     pub max_open_conversations: u32,
+    /// R8: per-channel-type limits, e.g. `{ chat = 3, team_email = 10 }`.
+    #[serde(default)]
+    pub capacity: BTreeMap<String, u32>,
+    /// I3: `agent` (default), `admin` or `super_admin`.
+    #[serde(default = "default_role")]
+    pub role: String,
+}
+
+fn default_role() -> String {
+    "agent".into()
+}
+
+/// `HH:MM` → minutes since midnight (24:00 allowed as the end of the day).
+fn minutes_of_day(text: &str) -> anyhow::Result<u32> {
+    let (hours, minutes) = text.split_once(':').with_context(|| format!("`{text}` is not HH:MM"))?;
+    let hours: u32 = hours.parse().with_context(|| format!("`{text}` is not HH:MM"))?;
+    let minutes: u32 = minutes.parse().with_context(|| format!("`{text}` is not HH:MM"))?;
+    if minutes >= 60 || hours > 24 || (hours == 24 && minutes != 0) {
+        bail!("`{text}` is not a time of day");
+    }
+    Ok(hours * 60 + minutes)
+}
+
+impl ChannelDecl {
+    /// The type-specific settings sub-messages, checked against the channel's type.
+    fn settings(&self, channel_type: ChannelType) -> anyhow::Result<ChannelConfigured> {
+        let given = [
+            ("email", self.email.is_some(), ChannelType::TeamEmail),
+            ("chat", self.chat.is_some(), ChannelType::Chat),
+            ("messenger", self.messenger.is_some(), ChannelType::FacebookMessenger),
+            ("whatsapp", self.whatsapp.is_some(), ChannelType::Whatsapp),
+        ];
+        for (section, present, for_type) in given {
+            if present && for_type != channel_type {
+                bail!("channel `{}`: `[{section}]` settings do not fit a `{}` channel", self.id, self.channel_type);
+            }
+        }
+        let mut channel = ChannelConfigured::default();
+        if let Some(email) = &self.email {
+            if !email.team_address.contains('@') {
+                bail!("channel `{}`: team_address `{}` is not an email address", self.id, email.team_address);
+            }
+            if !matches!(email.from_name_mode.as_str(), "agent_and_company" | "company") {
+                bail!("channel `{}`: unknown from_name_mode `{}`", self.id, email.from_name_mode);
+            }
+            channel.email = Some(EmailSettings {
+                team_address: email.team_address.trim().to_lowercase(),
+                from_name_mode: email.from_name_mode.clone(),
+                from_address: email.from_address.clone(),
+                signature: email.signature.clone(),
+                signature_is_html: email.signature_is_html,
+                log_forwarded_to_forwarder: email.log_forwarded_to_forwarder,
+            });
+        }
+        if let Some(chat) = &self.chat {
+            if !matches!(chat.availability_mode.as_str(), "user_availability" | "chat_hours" | "always") {
+                bail!("channel `{}`: unknown availability_mode `{}`", self.id, chat.availability_mode);
+            }
+            if !matches!(chat.offline_behaviour.as_str(), "show_return_time" | "away_message" | "hide_launcher") {
+                bail!("channel `{}`: unknown offline_behaviour `{}`", self.id, chat.offline_behaviour);
+            }
+            if !matches!(chat.at_capacity_behaviour.as_str(), "waiting_message" | "hide_launcher" | "nothing") {
+                bail!("channel `{}`: unknown at_capacity_behaviour `{}`", self.id, chat.at_capacity_behaviour);
+            }
+            if chat.availability_mode == "chat_hours" && (chat.time_zone.is_empty() || chat.hours.is_empty()) {
+                bail!("channel `{}`: chat_hours needs a time_zone and at least one [[channels.chat.hours]]", self.id);
+            }
+            let mut chat_hours = Vec::with_capacity(chat.hours.len());
+            for range in &chat.hours {
+                let start_minute = minutes_of_day(&range.from).with_context(|| format!("channel `{}`", self.id))?;
+                let end_minute = minutes_of_day(&range.until).with_context(|| format!("channel `{}`", self.id))?;
+                if range.weekday > 6 || start_minute >= end_minute {
+                    bail!("channel `{}`: chat hours need weekday 0-6 and from < until", self.id);
+                }
+                chat_hours.push(ChatHoursRange { weekday: range.weekday, start_minute, end_minute });
+            }
+            channel.chat = Some(ChatSettings {
+                accent_colour: chat.accent_colour.clone(),
+                welcome_message: chat.welcome_message.clone(),
+                pop_open_welcome: chat.pop_open_welcome,
+                availability_mode: chat.availability_mode.clone(),
+                time_zone: chat.time_zone.clone(),
+                chat_hours,
+                typical_reply_time: chat.typical_reply_time.clone(),
+                away_message: chat.away_message.clone(),
+                offline_behaviour: chat.offline_behaviour.clone(),
+                at_capacity_behaviour: chat.at_capacity_behaviour.clone(),
+                at_capacity_message: chat.at_capacity_message.clone(),
+            });
+        }
+        if let Some(messenger) = &self.messenger {
+            let consent_mode = match messenger.consent_mode.as_str() {
+                "implicit" => ConsentMode::Implicit,
+                "explicit" => ConsentMode::Explicit,
+                other => bail!("channel `{}`: unknown consent_mode `{other}`", self.id),
+            };
+            channel.messenger = Some(MessengerSettings {
+                page_id: messenger.page_id.clone(),
+                consent_mode: consent_mode as i32,
+                consent_text: messenger.consent_text.clone(),
+                greeting: messenger.greeting.clone(),
+                instant_reply: messenger.instant_reply.clone(),
+            });
+        }
+        if let Some(whatsapp) = &self.whatsapp {
+            channel.whatsapp = Some(WhatsAppSettings {
+                phone_number_id: whatsapp.phone_number_id.clone(),
+                display_phone_number: whatsapp.display_phone_number.clone(),
+            });
+        }
+        Ok(channel)
+    }
 }
 
 fn channel_type(name: &str) -> anyhow::Result<ChannelType> {
@@ -161,6 +417,12 @@ impl ConfigFile {
                 bail!("channel `{}` names unknown inbox `{}`", channel.id, channel.inbox);
             }
             channel_type(&channel.channel_type).with_context(|| format!("channel `{}`", channel.id))?;
+            if let Some(tickets) = &channel.tickets
+                && !tickets.fixed_owner.is_empty()
+                && !agent_ids.contains(tickets.fixed_owner.as_str())
+            {
+                bail!("tickets of channel `{}` name unknown fixed owner `{}`", channel.id, tickets.fixed_owner);
+            }
             for user in &channel.routing.users {
                 if !agent_ids.contains(user.as_str()) {
                     bail!("routing rules of channel `{}` name unknown agent `{user}`", channel.id);
@@ -186,7 +448,11 @@ impl ConfigFile {
                 access_mode: access_mode as i32,
                 access_user_ids: inbox.access_users.clone(),
                 access_team_ids: inbox.access_teams.clone(),
-                ..Default::default()
+                kind: match inbox.kind.as_str() {
+                    "conversations" => InboxKind::Conversations,
+                    "help_desk" => InboxKind::HelpDesk,
+                    other => bail!("inbox `{}`: unknown kind `{other}`", inbox.id),
+                } as i32,
             }));
         }
         for agent in &self.agents {
@@ -199,18 +465,54 @@ impl ConfigFile {
                 team_ids: agent.teams.clone(),
                 skills: agent.skills.clone(),
                 max_open_conversations: agent.max_open_conversations,
-                ..Default::default()
+                capacity_per_channel_type: agent
+                    .capacity
+                    .iter()
+                    .map(|(type_name, max_open)| {
+                        let channel_type = channel_type(type_name).with_context(|| format!("agent `{}`", agent.id))?;
+                        Ok(ChannelTypeCapacity { channel_type: channel_type as i32, max_open: *max_open })
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+                role: match agent.role.as_str() {
+                    role @ ("agent" | "admin" | "super_admin") => role.to_owned(),
+                    other => bail!("agent `{}`: unknown role `{other}`", agent.id),
+                },
             }));
         }
         for channel in &self.channels {
+            let declared_type = channel_type(&channel.channel_type)?;
             payloads.push(Payload::ChannelConfigured(ChannelConfigured {
                 channel_id: channel.id.clone(),
                 inbox_id: channel.inbox.clone(),
-                channel_type: channel_type(&channel.channel_type)? as i32,
+                channel_type: declared_type as i32,
                 name: channel.name.clone(),
                 enabled: channel.enabled,
-                ..Default::default()
+                ..channel.settings(declared_type)?
             }));
+            if let Some(tickets) = &channel.tickets {
+                if tickets.pipeline.trim().is_empty() || tickets.stage.trim().is_empty() {
+                    bail!("channel `{}`: tickets need a pipeline and a stage (T1)", channel.id);
+                }
+                let mut settings = TicketSettingsConfigured {
+                    channel_id: channel.id.clone(),
+                    treat_as_tickets: tickets.treat_as_tickets,
+                    default_pipeline: tickets.pipeline.trim().to_owned(),
+                    default_stage: tickets.stage.trim().to_owned(),
+                    fixed_owner_agent_id: tickets.fixed_owner.clone(),
+                    contact_association_limit: tickets.contact_association_limit,
+                    version: 0,
+                };
+                settings.version = match current.ticket_settings.get(&channel.id) {
+                    Some(existing)
+                        if TicketSettingsConfigured { version: 0, ..existing.entity.clone() } == settings =>
+                    {
+                        existing.entity.version
+                    }
+                    Some(existing) => existing.entity.version + 1,
+                    None => 1,
+                };
+                payloads.push(Payload::TicketSettingsConfigured(settings));
+            }
             let routing = &channel.routing;
             let target = match routing.assign_to.as_str() {
                 "nobody" => AssignTarget::Nobody,
@@ -232,7 +534,8 @@ impl ConfigFile {
                 team_ids: routing.teams.clone(),
                 only_available: routing.only_available,
                 strategy: strategy as i32,
-                ..Default::default()
+                required_skills: routing.required_skills.clone(),
+                redrive_backlog: routing.redrive_backlog,
             };
             rules.version = match current.routing_rules.get(&channel.id) {
                 Some(existing) if RoutingRulesConfigured { version: 0, ..existing.entity.clone() } == rules => {
@@ -263,6 +566,10 @@ fn is_current(current: &ConfigSnapshot, account_id: &str, payload: &Payload) -> 
         Payload::AgentConfigured(agent) => {
             current.agents.get(&agent.agent_id).is_some_and(|c| same(&c.account_id) && &c.entity == agent)
         }
+        Payload::TicketSettingsConfigured(settings) => current
+            .ticket_settings
+            .get(&settings.channel_id)
+            .is_some_and(|c| same(&c.account_id) && &c.entity == settings),
         _ => false,
     }
 }
@@ -320,6 +627,66 @@ mod tests {
         assert!(rules.auto_assign);
         assert_eq!(rules.version, 1);
         assert_eq!(rules.user_ids.len(), 3);
+    }
+
+    #[test]
+    fn the_demo_email_channel_declares_settings_tickets_skills_and_capacity() {
+        let file = ConfigFile::parse(DEMO).unwrap();
+        let payloads = file.to_payloads(&ConfigSnapshot::default()).unwrap();
+        let email = payloads
+            .iter()
+            .find_map(|payload| match payload {
+                Payload::ChannelConfigured(channel) if channel.channel_id == "team-email" => channel.email.clone(),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(email.team_address, "support@demo.example");
+        let tickets = payloads
+            .iter()
+            .find_map(|payload| match payload {
+                Payload::TicketSettingsConfigured(settings) => Some(settings.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(tickets.treat_as_tickets);
+        assert_eq!(
+            (tickets.default_pipeline.as_str(), tickets.default_stage.as_str(), tickets.version),
+            ("support", "new", 1)
+        );
+        let ana = payloads
+            .iter()
+            .find_map(|payload| match payload {
+                Payload::AgentConfigured(agent) if agent.agent_id == "ana" => Some(agent.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(ana.skills, ["english"]);
+        assert_eq!(ana.capacity_per_channel_type.len(), 2);
+        assert_eq!(ana.role, "agent");
+    }
+
+    #[test]
+    fn settings_that_do_not_fit_the_channel_or_are_malformed_are_refused() {
+        let base = "account_id = \"a\"\n[[inboxes]]\nid = \"i\"\nname = \"I\"\n[[channels]]\nid = \"c\"\ninbox = \"i\"\nname = \"C\"\n";
+        let wrong_type = format!("{base}type = \"chat\"\n[channels.email]\nteam_address = \"a@b.c\"\n");
+        assert!(ConfigFile::parse(&wrong_type).unwrap().to_payloads(&ConfigSnapshot::default()).is_err());
+        let bad_hours = format!(
+            "{base}type = \"chat\"\n[channels.chat]\navailability_mode = \"chat_hours\"\ntime_zone = \"UTC\"\n\
+             [[channels.chat.hours]]\nweekday = 0\nfrom = \"18:00\"\nuntil = \"09:00\"\n"
+        );
+        assert!(ConfigFile::parse(&bad_hours).unwrap().to_payloads(&ConfigSnapshot::default()).is_err());
+        let good_hours = bad_hours.replace("\"18:00\"", "\"08:30\"").replace("\"09:00\"", "\"17:00\"");
+        let payloads = ConfigFile::parse(&good_hours).unwrap().to_payloads(&ConfigSnapshot::default()).unwrap();
+        let chat = payloads
+            .iter()
+            .find_map(|payload| match payload {
+                Payload::ChannelConfigured(channel) => channel.chat.clone(),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!((chat.chat_hours[0].start_minute, chat.chat_hours[0].end_minute), (510, 1020));
+        let unknown_field = format!("{base}type = \"chat\"\nsurprise = 1\n");
+        assert!(ConfigFile::parse(&unknown_field).is_err());
     }
 
     #[test]

@@ -33,6 +33,26 @@ enum Command {
         #[arg(long, env = "API_KEYS_FILE")]
         api_keys_file: Option<std::path::PathBuf>,
     },
+    /// Print a bearer JWT signed with API_JWT_SECRET, for operators and the demo (production
+    /// tokens come from the identity provider that shares the secret).
+    MintToken {
+        #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: String,
+        /// The user (agent) id the token names.
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        account: String,
+        /// agent, admin or super_admin.
+        #[arg(long, default_value = "agent")]
+        role: String,
+        /// Comma-separated team ids.
+        #[arg(long, value_delimiter = ',')]
+        teams: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+    },
     /// Publish a declarative config file (inboxes, channels, rules, agents) as config events.
     ApplyConfig {
         file: std::path::PathBuf,
@@ -70,6 +90,19 @@ async fn main() -> anyhow::Result<()> {
             ensure_topics(&kafka_brokers, &topics).await?;
             let settings = switchboard_api::ApiSettings { pool, authenticator, brokers: kafka_brokers, topics };
             switchboard_api::serve(listener, settings, switchboard_runtime::shutdown_signal()).await
+        }
+        Command::MintToken { jwt_secret, user, account, role, teams, ttl_seconds } => {
+            let role = switchboard_api::auth::Role::parse(&role)
+                .with_context(|| format!("unknown role `{role}` (agent, admin or super_admin)"))?;
+            let identity =
+                switchboard_api::auth::Identity { user_id: user, account_id: account, role, team_ids: teams };
+            let token = switchboard_api::auth::mint_token(
+                jwt_secret.as_bytes(),
+                &identity,
+                std::time::Duration::from_secs(ttl_seconds),
+            )?;
+            println!("{token}");
+            Ok(())
         }
         Command::ApplyConfig { file, kafka_brokers, topic_prefix } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read {}", file.display()))?;
