@@ -661,7 +661,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(ana.skills, ["english"]);
-        assert_eq!(ana.capacity_per_channel_type.len(), 2);
+        assert_eq!(ana.capacity_per_channel_type.len(), 1);
         assert_eq!(ana.role, "agent");
     }
 
