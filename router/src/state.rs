@@ -297,12 +297,7 @@ impl RouterState {
     }
 
     fn stop_waiting(&mut self, conversation_id: &str, channel_id: &str, started_at_millis: u64) {
-        if let Some(waiting) = self.waiting_by_channel.get_mut(channel_id) {
-            waiting.remove(started_at_millis, conversation_id);
-            if waiting.is_empty() {
-                self.waiting_by_channel.remove(channel_id);
-            }
-        }
+        stop_waiting(&mut self.waiting_by_channel, conversation_id, channel_id, started_at_millis);
     }
 
     fn start_waiting(&mut self, conversation_id: &str, channel_id: &str, started_at_millis: u64) {
@@ -327,6 +322,22 @@ impl RouterState {
         }
         for key in conversation.message_keys {
             self.dedup.retire(key);
+        }
+    }
+}
+
+/// Removes a conversation from its channel's backlog (B3); a free function so callers can keep
+/// other fields of the state borrowed.
+fn stop_waiting(
+    waiting_by_channel: &mut FastMap<String, Backlog>,
+    conversation_id: &str,
+    channel_id: &str,
+    started_at_millis: u64,
+) {
+    if let Some(waiting) = waiting_by_channel.get_mut(channel_id) {
+        waiting.remove(started_at_millis, conversation_id);
+        if waiting.is_empty() {
+            waiting_by_channel.remove(channel_id);
         }
     }
 }
@@ -434,15 +445,25 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         }
         Some(Payload::ConversationAssigned(assigned)) => {
             let at_millis = recorded_at_millis(event);
+            // Field-wise borrows: the conversation stays borrowed while the agents' book and the
+            // backlog change, so nothing is cloned (this runs for every assignment).
             let Some(conversation) = state.conversations.get_mut(&assigned.conversation_id) else { return };
-            let previous_opt = conversation.assignee_agent_id_opt.replace(assigned.assignee_agent_id.clone());
-            let (channel_id, channel_type, started_at_millis) =
-                (conversation.channel_id.clone(), conversation.channel_type, conversation.started_at_millis);
-            match previous_opt {
-                Some(previous) => state.agents.release(&previous, channel_type),
-                None => state.stop_waiting(&assigned.conversation_id, &channel_id, started_at_millis),
+            match &mut conversation.assignee_agent_id_opt {
+                Some(previous) => {
+                    state.agents.release(previous, conversation.channel_type);
+                    assigned.assignee_agent_id.clone_into(previous);
+                }
+                None => {
+                    stop_waiting(
+                        &mut state.waiting_by_channel,
+                        &assigned.conversation_id,
+                        &conversation.channel_id,
+                        conversation.started_at_millis,
+                    );
+                    conversation.assignee_agent_id_opt = Some(assigned.assignee_agent_id.clone());
+                }
             }
-            state.agents.take(&assigned.assignee_agent_id, &channel_id, channel_type, at_millis);
+            state.agents.take(&assigned.assignee_agent_id, &conversation.channel_id, conversation.channel_type, at_millis);
         }
         Some(Payload::ConversationUnassigned(unassigned)) => {
             state.remember_request(&unassigned.request_id);
