@@ -10,9 +10,8 @@ use prost::Message;
 use switchboard_proto::events::v1::InboundMessageReceived;
 
 use crate::state::{
-    AgentKey,
-    AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, RouterState, TicketState,
-    message_key,
+    AgentKey, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, RouterState,
+    TicketState, message_key,
 };
 
 const MAGIC: &[u8; 4] = b"SBRS";

@@ -547,7 +547,12 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                     conversation.assignee_agent_id_opt = Some(assigned.assignee_agent_id.clone());
                 }
             }
-            state.agents.take(&assigned.assignee_agent_id, &conversation.channel_id, conversation.channel_type, at_millis);
+            state.agents.take(
+                &assigned.assignee_agent_id,
+                &conversation.channel_id,
+                conversation.channel_type,
+                at_millis,
+            );
         }
         Some(Payload::ConversationUnassigned(unassigned)) => {
             state.remember_request(&unassigned.request_id);
