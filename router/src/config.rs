@@ -47,6 +47,9 @@ pub struct ChannelProfile {
     /// For each pool member, its index in [`RouterConfig::profiles`] if it is an agent of the
     /// channel's account (resolved once here instead of a lookup per decision).
     pub pool_profiles: Vec<Option<u32>>,
+    /// Each pool member's position in `pool`: round robin resumes after the last assignee
+    /// without scanning the pool (members are unique, see [`candidate_pool`]).
+    pub pool_position: FastMap<String, u32>,
     pub tickets_opt: Option<TicketSettingsConfigured>,
 }
 
@@ -134,6 +137,11 @@ impl RouterConfig {
                     explicit_consent,
                     help_desk,
                     rules_opt,
+                    pool_position: pool
+                        .iter()
+                        .enumerate()
+                        .map(|(position, agent_id)| (agent_id.clone(), position as u32))
+                        .collect(),
                     pool,
                     pool_profiles,
                     tickets_opt: snapshot

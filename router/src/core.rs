@@ -536,7 +536,7 @@ fn route(
             let profile_opt = config.agent(account_id, owner);
             let notify_owner_opt =
                 profile_opt.filter(|profile| !is_available(agents, owner, profile)).map(|_| owner.to_owned());
-            match ineligibility(profile_opt, agents, rules, channel_type, owner) {
+            match ineligibility(profile_opt, agents, rules, channel_type, owner, agents.workload(owner)) {
                 None => {
                     explanation.eligible_agent_ids.push(owner.to_owned());
                     Routed { outcome: Outcome::Assigned(owner.to_owned()), explanation, notify_owner_opt }
@@ -553,20 +553,57 @@ fn route(
         }
         AssignTarget::SpecificUsersAndTeams => {
             let pool = &channel.pool;
-            let mut eligible = Vec::with_capacity(pool.len());
-            for (agent_id, profile_opt) in pool.iter().zip(&channel.pool_profiles) {
-                let profile_opt = profile_opt.map(|index| &config.profiles[index as usize]);
-                let reason_opt = ineligibility(profile_opt, agents, rules, channel_type, agent_id);
-                if let Some(reason) = reason_opt {
+            let strategy = AssignmentStrategy::try_from(rules.strategy).unwrap_or(AssignmentStrategy::RoundRobin);
+            let balanced = strategy == AssignmentStrategy::Balanced;
+            // Round robin: the next eligible agent after the one this channel assigned last, in
+            // pool order (wrapping). The position comes from the channel's index, not a scan.
+            let round_robin_start = if balanced {
+                0
+            } else {
+                agents
+                    .last_round_robin_agent_by_channel
+                    .get(channel.channel_id.as_str())
+                    .and_then(|last| channel.pool_position.get(last.as_str()))
+                    .map_or(0, |position| *position as usize + 1)
+            };
+            // One pass over the pool: each member's workload is looked up once and serves both
+            // the eligibility check (R5–R8) and the strategy (R3).
+            explanation.eligible_agent_ids.reserve_exact(pool.len());
+            let mut balanced_best_opt: Option<((u32, u64), usize)> = None;
+            let mut round_robin_after_start_opt: Option<usize> = None;
+            let mut round_robin_first_opt: Option<usize> = None;
+            for (index, (agent_id, profile_opt)) in pool.iter().zip(&channel.pool_profiles).enumerate() {
+                let profile_opt = profile_opt.map(|profile_index| &config.profiles[profile_index as usize]);
+                let workload_opt = agents.workload(agent_id);
+                if let Some(reason) = ineligibility(profile_opt, agents, rules, channel_type, agent_id, workload_opt) {
                     explanation.skipped.push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 });
+                    continue;
                 }
-                eligible.push(reason_opt.is_none());
+                explanation.eligible_agent_ids.push(agent_id.clone());
+                if balanced {
+                    // Fewest open conversations; ties go to the agent idle longest (never
+                    // assigned first), then to pool order (the first of equals is kept).
+                    let key = workload_opt.map_or((0, 0), |workload| {
+                        (workload.open_conversations, workload.last_assigned_at_millis_opt.map_or(0, |at| at + 1))
+                    });
+                    if balanced_best_opt.is_none_or(|(best, _)| key < best) {
+                        balanced_best_opt = Some((key, index));
+                    }
+                } else {
+                    round_robin_first_opt.get_or_insert(index);
+                    if index >= round_robin_start && round_robin_after_start_opt.is_none() {
+                        round_robin_after_start_opt = Some(index);
+                    }
+                }
             }
-            explanation.eligible_agent_ids =
-                pool.iter().zip(&eligible).filter(|(_, eligible)| **eligible).map(|(id, _)| id.clone()).collect();
-            match choose(agents, rules.strategy, &channel.channel_id, pool, &eligible) {
-                Some(assignee) => {
-                    Routed { outcome: Outcome::Assigned(assignee.clone()), explanation, notify_owner_opt: None }
+            let chosen_opt = if balanced {
+                balanced_best_opt.map(|(_, index)| index)
+            } else {
+                round_robin_after_start_opt.or(round_robin_first_opt)
+            };
+            match chosen_opt {
+                Some(index) => {
+                    Routed { outcome: Outcome::Assigned(pool[index].clone()), explanation, notify_owner_opt: None }
                 }
                 // R5: nobody eligible (e.g. nobody available) → stays unassigned, with the reasons.
                 None => unassigned(UnassignedReason::NoEligibleAgent, explanation),
@@ -589,6 +626,7 @@ fn ineligibility(
     rules: &switchboard_proto::events::v1::RoutingRulesConfigured,
     channel_type: i32,
     agent_id: &str,
+    workload_opt: Option<&crate::state::AgentWorkload>,
 ) -> Option<SkipReason> {
     let Some(profile) = profile_opt else { return Some(SkipReason::UnknownAgent) };
     if !profile.paid_seat {
@@ -600,7 +638,7 @@ fn ineligibility(
     if !rules.required_skills.iter().all(|skill| profile.skills.contains(skill)) {
         return Some(SkipReason::MissingSkill); // R7
     }
-    if let Some(workload) = agents.workload(agent_id) {
+    if let Some(workload) = workload_opt {
         let overall_full =
             profile.max_open_conversations > 0 && workload.open_conversations >= profile.max_open_conversations;
         let slot = crate::state::channel_type_slot(channel_type);
@@ -611,38 +649,6 @@ fn ineligibility(
         }
     }
     None
-}
-
-/// Picks the assignee among the eligible pool members with the rule's strategy (R3).
-fn choose<'pool>(
-    agents: &AgentBook,
-    strategy: i32,
-    channel_id: &str,
-    pool: &'pool [String],
-    eligible: &[bool],
-) -> Option<&'pool String> {
-    let eligible_agents = pool.iter().zip(eligible).filter(|(_, eligible)| **eligible).map(|(id, _)| id);
-    match AssignmentStrategy::try_from(strategy).unwrap_or(AssignmentStrategy::RoundRobin) {
-        // Fewest open conversations; ties go to the agent idle longest (never assigned first),
-        // then to pool order (min_by_key keeps the first of equals).
-        AssignmentStrategy::Balanced => eligible_agents.min_by_key(|agent_id| {
-            agents.workload(agent_id).map_or((0, 0), |workload| {
-                (workload.open_conversations, workload.last_assigned_at_millis_opt.map_or(0, |at| at + 1))
-            })
-        }),
-        AssignmentStrategy::RoundRobin | AssignmentStrategy::Unspecified => {
-            // The next eligible agent after the one this channel assigned last, in pool order.
-            let start = agents
-                .last_round_robin_agent_by_channel
-                .get(channel_id)
-                .and_then(|last| pool.iter().position(|agent_id| agent_id == last))
-                .map_or(0, |index| index + 1);
-            (0..pool.len())
-                .map(|offset| (start + offset) % pool.len())
-                .find(|index| eligible[*index])
-                .map(|index| &pool[index])
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -963,7 +969,7 @@ fn redrive(
             continue;
         };
         let owner_target = rules.target == AssignTarget::ContactOwner as i32;
-        let in_pool = channel.pool.iter().any(|agent_id| agent_id == freed_agent_id);
+        let in_pool = channel.pool_position.contains_key(freed_agent_id);
         if !(owner_target || in_pool) || !channel.enabled {
             continue;
         }

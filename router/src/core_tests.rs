@@ -529,6 +529,35 @@ fn r3_round_robin_cycles_through_the_selected_users_in_order() {
 }
 
 #[test]
+fn r3_round_robin_resumes_after_the_last_assignee_skipping_ineligible_and_wrapping() {
+    let mut given = pool_of(&["ana", "bo", "cy"]);
+    // The pool position of the last assignee comes from the channel's index: after "bo" comes
+    // "cy", but "cy" is at capacity, so the turn wraps around to "ana".
+    assert_eq!(assignee(&given.when("visitor-0", "m")).as_deref(), Some("ana"));
+    assert_eq!(assignee(&given.when("visitor-1", "m")).as_deref(), Some("bo"));
+    given.snapshot.agents.get_mut("cy").expect("configured").entity.max_open_conversations = 1;
+    given.set_open_conversations("cy", 1);
+    let events = given.when("visitor-2", "m");
+    assert_eq!(assignee(&events).as_deref(), Some("ana"));
+    assert_eq!(skipped(&events), [("cy".to_owned(), SkipReason::AtCapacity)]);
+    assert_eq!(explanation(&events).eligible_agent_ids, ["ana", "bo"]);
+}
+
+#[test]
+fn r8_workload_is_tracked_for_agent_ids_of_any_length() {
+    // Short ids are stored inline in the workload map, long ones on the heap; both are the same
+    // agent for lookups by `&str`.
+    let long_id = "agent-with-a-rather-long-identifier-0001";
+    let mut given = pool_of(&["ana", long_id]);
+    given.when("visitor-0", "m");
+    given.when("visitor-1", "m");
+    assert_eq!(given.open_conversations("ana"), 1);
+    assert_eq!(given.open_conversations(long_id), 1);
+    let keys: Vec<String> = given.state.agents.workload_by_agent.keys().map(|key| key.to_string()).collect();
+    assert!(keys.contains(&long_id.to_owned()) && keys.contains(&"ana".to_owned()), "{keys:?}");
+}
+
+#[test]
 fn r3_members_of_selected_teams_are_candidates() {
     let mut team_member = agent("dee", true, true);
     team_member.team_ids = vec!["tier-2".into()];

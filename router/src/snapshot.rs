@@ -10,8 +10,8 @@ use prost::Message;
 use switchboard_proto::events::v1::InboundMessageReceived;
 
 use crate::state::{
-    AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, RouterState, TicketState,
-    message_key,
+    AgentKey, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, RouterState,
+    TicketState, message_key,
 };
 
 const MAGIC: &[u8; 4] = b"SBRS";
@@ -142,7 +142,7 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
     let agents = &state.agents;
     out.len(agents.workload_by_agent.len());
     for (agent_id, workload) in &agents.workload_by_agent {
-        out.str(agent_id);
+        out.str(agent_id.as_str());
         out.u64(workload.open_conversations as u64);
         for open in workload.open_by_channel_type {
             out.u64(open as u64);
@@ -245,7 +245,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
             workload.open_by_channel_type[slot] = input.u32()?;
         }
         workload.last_assigned_at_millis_opt = input.opt_u64()?;
-        state.agents.workload_by_agent.insert(agent_id, workload);
+        state.agents.workload_by_agent.insert(AgentKey::new(&agent_id), workload);
     }
     for _ in 0..input.len()? {
         let agent_id = input.string()?;

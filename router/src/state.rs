@@ -80,6 +80,90 @@ pub struct TicketState {
     pub stage: String,
 }
 
+/// An agent id as a workload-map key, stored inline when it is short (agent ids usually are).
+/// Routing a new conversation looks up the workload of every pool member (B2 explains each
+/// one); with inline keys the comparison reads the table's own memory instead of chasing one
+/// heap pointer per member, which was a fifth of a new conversation's cost (docs/router.md).
+/// Hashes and compares as the id's bytes, so maps are queried with `agent_id.as_bytes()`.
+#[derive(Clone)]
+pub enum AgentKey {
+    Inline { len: u8, bytes: [u8; AgentKey::INLINE] },
+    Heap(Box<str>),
+}
+
+impl AgentKey {
+    const INLINE: usize = 22;
+
+    pub fn new(agent_id: &str) -> AgentKey {
+        if agent_id.len() <= AgentKey::INLINE {
+            let mut bytes = [0u8; AgentKey::INLINE];
+            bytes[..agent_id.len()].copy_from_slice(agent_id.as_bytes());
+            AgentKey::Inline { len: agent_id.len() as u8, bytes }
+        } else {
+            AgentKey::Heap(agent_id.into())
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            AgentKey::Inline { len, bytes } => &bytes[..*len as usize],
+            AgentKey::Heap(agent_id) => agent_id.as_bytes(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Built from a `&str` prefix of the same length, so always valid UTF-8.
+            AgentKey::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            AgentKey::Heap(agent_id) => agent_id,
+        }
+    }
+}
+
+impl PartialEq for AgentKey {
+    fn eq(&self, other: &AgentKey) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for AgentKey {}
+
+impl std::hash::Hash for AgentKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for AgentKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for AgentKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), formatter)
+    }
+}
+
+impl std::fmt::Display for AgentKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for AgentKey {
+    fn from(agent_id: &str) -> AgentKey {
+        AgentKey::new(agent_id)
+    }
+}
+
+impl From<String> for AgentKey {
+    fn from(agent_id: String) -> AgentKey {
+        AgentKey::new(&agent_id)
+    }
+}
+
 /// Per-agent bookkeeping the strategies and capacity limits need.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentWorkload {
@@ -94,7 +178,7 @@ pub struct AgentWorkload {
 /// so a decision that makes several assignments (B3 re-drive, C6 release) can work on a copy.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentBook {
-    pub workload_by_agent: FastMap<String, AgentWorkload>,
+    pub workload_by_agent: FastMap<AgentKey, AgentWorkload>,
     /// Availability from `AgentAvailabilityChanged`: authoritative once seen; before that the
     /// configured `AgentConfigured.available` applies.
     pub availability_by_agent: FastMap<String, bool>,
@@ -104,13 +188,13 @@ pub struct AgentBook {
 
 impl AgentBook {
     pub fn workload(&self, agent_id: &str) -> Option<&AgentWorkload> {
-        self.workload_by_agent.get(agent_id)
+        self.workload_by_agent.get(agent_id.as_bytes())
     }
 
     pub fn take(&mut self, agent_id: &str, channel_id: &str, channel_type: i32, at_millis: u64) {
-        let workload = match self.workload_by_agent.get_mut(agent_id) {
+        let workload = match self.workload_by_agent.get_mut(agent_id.as_bytes()) {
             Some(workload) => workload,
-            None => self.workload_by_agent.entry(agent_id.to_owned()).or_default(),
+            None => self.workload_by_agent.entry(AgentKey::new(agent_id)).or_default(),
         };
         workload.open_conversations += 1;
         workload.open_by_channel_type[channel_type_slot(channel_type)] += 1;
@@ -123,7 +207,7 @@ impl AgentBook {
     }
 
     pub fn release(&mut self, agent_id: &str, channel_type: i32) {
-        if let Some(workload) = self.workload_by_agent.get_mut(agent_id) {
+        if let Some(workload) = self.workload_by_agent.get_mut(agent_id.as_bytes()) {
             workload.open_conversations = workload.open_conversations.saturating_sub(1);
             let slot = &mut workload.open_by_channel_type[channel_type_slot(channel_type)];
             *slot = slot.saturating_sub(1);
@@ -297,12 +381,7 @@ impl RouterState {
     }
 
     fn stop_waiting(&mut self, conversation_id: &str, channel_id: &str, started_at_millis: u64) {
-        if let Some(waiting) = self.waiting_by_channel.get_mut(channel_id) {
-            waiting.remove(started_at_millis, conversation_id);
-            if waiting.is_empty() {
-                self.waiting_by_channel.remove(channel_id);
-            }
-        }
+        stop_waiting(&mut self.waiting_by_channel, conversation_id, channel_id, started_at_millis);
     }
 
     fn start_waiting(&mut self, conversation_id: &str, channel_id: &str, started_at_millis: u64) {
@@ -327,6 +406,22 @@ impl RouterState {
         }
         for key in conversation.message_keys {
             self.dedup.retire(key);
+        }
+    }
+}
+
+/// Removes a conversation from its channel's backlog (B3); a free function so callers can keep
+/// other fields of the state borrowed.
+fn stop_waiting(
+    waiting_by_channel: &mut FastMap<String, Backlog>,
+    conversation_id: &str,
+    channel_id: &str,
+    started_at_millis: u64,
+) {
+    if let Some(waiting) = waiting_by_channel.get_mut(channel_id) {
+        waiting.remove(started_at_millis, conversation_id);
+        if waiting.is_empty() {
+            waiting_by_channel.remove(channel_id);
         }
     }
 }
@@ -434,15 +529,30 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         }
         Some(Payload::ConversationAssigned(assigned)) => {
             let at_millis = recorded_at_millis(event);
+            // Field-wise borrows: the conversation stays borrowed while the agents' book and the
+            // backlog change, so nothing is cloned (this runs for every assignment).
             let Some(conversation) = state.conversations.get_mut(&assigned.conversation_id) else { return };
-            let previous_opt = conversation.assignee_agent_id_opt.replace(assigned.assignee_agent_id.clone());
-            let (channel_id, channel_type, started_at_millis) =
-                (conversation.channel_id.clone(), conversation.channel_type, conversation.started_at_millis);
-            match previous_opt {
-                Some(previous) => state.agents.release(&previous, channel_type),
-                None => state.stop_waiting(&assigned.conversation_id, &channel_id, started_at_millis),
+            match &mut conversation.assignee_agent_id_opt {
+                Some(previous) => {
+                    state.agents.release(previous, conversation.channel_type);
+                    assigned.assignee_agent_id.clone_into(previous);
+                }
+                None => {
+                    stop_waiting(
+                        &mut state.waiting_by_channel,
+                        &assigned.conversation_id,
+                        &conversation.channel_id,
+                        conversation.started_at_millis,
+                    );
+                    conversation.assignee_agent_id_opt = Some(assigned.assignee_agent_id.clone());
+                }
             }
-            state.agents.take(&assigned.assignee_agent_id, &channel_id, channel_type, at_millis);
+            state.agents.take(
+                &assigned.assignee_agent_id,
+                &conversation.channel_id,
+                conversation.channel_type,
+                at_millis,
+            );
         }
         Some(Payload::ConversationUnassigned(unassigned)) => {
             state.remember_request(&unassigned.request_id);
