@@ -492,6 +492,53 @@ impl WorkspaceService for Workspace {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn get_projection_status(
+        &self,
+        request: Request<GetProjectionStatusRequest>,
+    ) -> Result<Response<ProjectionStatus>, Status> {
+        // Any authenticated caller may ask: positions and lag reveal no account's data.
+        Identity::of(&request)?;
+        let mut connection = self.read.connection().await?;
+        let active_schema: String =
+            sqlx::query_scalar("SELECT current_schema()").fetch_one(&mut *connection).await.map_err(ApiError::from)?;
+        let positions: Vec<(String, String, i32, i64)> = sqlx::query_as(
+            "SELECT projection, topic, partition, next_offset FROM projector_positions ORDER BY topic, partition",
+        )
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(ApiError::from)?;
+        let lag: Vec<(String, i32, i64, i64, i64, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT topic, partition, next_offset, end_offset, lag, measured_at FROM projector_lag \
+             ORDER BY topic, partition",
+        )
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(ApiError::from)?;
+        Ok(Response::new(ProjectionStatus {
+            active_schema,
+            positions: positions
+                .into_iter()
+                .map(|(_projection, topic, partition, next_offset)| PartitionProgress {
+                    topic,
+                    partition,
+                    next_offset,
+                    ..Default::default()
+                })
+                .collect(),
+            lag: lag
+                .into_iter()
+                .map(|(topic, partition, next_offset, end_offset, lag, measured_at)| PartitionProgress {
+                    topic,
+                    partition,
+                    next_offset,
+                    end_offset,
+                    lag,
+                    measured_at: Some(timestamp(measured_at)),
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_routing_audit(
         &self,
         request: Request<ListRoutingAuditRequest>,

@@ -353,3 +353,47 @@ async fn kafka_unavailable_gets_503_with_retry_after() -> anyhow::Result<()> {
     assert_eq!(body["error"]["code"], "log_unavailable");
     Ok(())
 }
+
+/// B6 / issue 5: how far the read models are is visible through the API, per partition: the
+/// positions a command's position is compared with, and the live projector's lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b6_projection_positions_and_lag_are_served_by_the_api() -> anyhow::Result<()> {
+    use switchboard_proto::api::v1::GetProjectionStatusRequest;
+    use switchboard_proto::api::v1::workspace_service_client::WorkspaceServiceClient;
+
+    let env = TestEnv::new().await?;
+    let mut pipeline = env.start_pipeline().await?;
+    let accepted = post_chat(&pipeline.http, &pipeline.ingest_url, CHANNEL, "zoe", "zoe-1", "Status?").await?;
+    wait_visible(&mut pipeline.api, &accepted.message_id, VISIBLE_WITHIN).await?;
+
+    let url = env.start_api_server().await?;
+    let channel = tonic::transport::Channel::from_shared(url)?.connect().await?;
+    let token = switchboard_tests::BearerToken::for_identity(&switchboard_tests::demo_admin())?;
+    let mut workspace = WorkspaceServiceClient::with_interceptor(channel, token);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = workspace.get_projection_status(GetProjectionStatusRequest {}).await?.into_inner();
+        // The projector measures lag about once a second; wait for its first measurement.
+        if status.lag.iter().any(|progress| progress.topic == "conversations.v1") {
+            break status;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no lag measurement served: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status.active_schema, "public");
+    let applied_inbound: i64 = status
+        .positions
+        .iter()
+        .filter(|progress| progress.topic == "inbound.v1")
+        .map(|progress| progress.next_offset)
+        .sum();
+    assert!(applied_inbound >= 1, "the message's inbound position is reflected: {status:?}");
+    assert!(status.positions.iter().any(|progress| progress.topic == "conversations.v1" && progress.next_offset > 0));
+    for progress in status.lag.iter().filter(|progress| progress.topic == "conversations.v1") {
+        assert_eq!(progress.lag, progress.end_offset - progress.next_offset);
+        assert!(progress.lag >= 0);
+        assert!(progress.measured_at.is_some());
+    }
+    env.cleanup().await;
+    Ok(())
+}
