@@ -864,6 +864,14 @@ async fn write_changes(
     if changes.is_empty() {
         return Ok(());
     }
+    // Watchers resume from the highest change id they saw, so ids must become visible in id
+    // order. Batches run in parallel transactions; without this lock a transaction holding
+    // lower ids could commit after one holding higher ids, and a watcher would skip its rows.
+    // Held until commit (transaction-scoped), per schema so a replay does not wait on the live
+    // projector.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.conversation_changes'))")
+        .execute(&mut **transaction)
+        .await?;
     sqlx::query(
         "INSERT INTO conversation_changes (account_id, inbox_id, conversation_id, kind, event_id, at) \
          SELECT u.account_id, u.inbox_id, u.conversation_id, u.kind, u.event_id, u.at \
