@@ -773,13 +773,10 @@ impl AdminService for Admin {
                 redrive_backlog: body.redrive_backlog,
             };
             // As apply-config: the version moves exactly when the rule changes (B2).
-            rules.version = match snapshot.routing_rules.get(&body.channel_id) {
-                Some(existing) if RoutingRulesConfigured { version: 0, ..existing.entity.clone() } == rules => {
-                    existing.entity.version
-                }
-                Some(existing) => existing.entity.version + 1,
-                None => 1,
-            };
+            rules.version = crate::config_file::next_version(
+                snapshot.routing_rules.get(&body.channel_id).map(|existing| &existing.entity),
+                &rules,
+            );
             Ok(vec![self.publish_config(&identity, Payload::RoutingRulesConfigured(rules)).await?])
         })
     }

@@ -502,15 +502,8 @@ impl ConfigFile {
                     contact_association_limit: tickets.contact_association_limit,
                     version: 0,
                 };
-                settings.version = match current.ticket_settings.get(&channel.id) {
-                    Some(existing)
-                        if TicketSettingsConfigured { version: 0, ..existing.entity.clone() } == settings =>
-                    {
-                        existing.entity.version
-                    }
-                    Some(existing) => existing.entity.version + 1,
-                    None => 1,
-                };
+                settings.version =
+                    next_version(current.ticket_settings.get(&channel.id).map(|existing| &existing.entity), &settings);
                 payloads.push(Payload::TicketSettingsConfigured(settings));
             }
             let routing = &channel.routing;
@@ -537,16 +530,45 @@ impl ConfigFile {
                 required_skills: routing.required_skills.clone(),
                 redrive_backlog: routing.redrive_backlog,
             };
-            rules.version = match current.routing_rules.get(&channel.id) {
-                Some(existing) if RoutingRulesConfigured { version: 0, ..existing.entity.clone() } == rules => {
-                    existing.entity.version
-                }
-                Some(existing) => existing.entity.version + 1,
-                None => 1,
-            };
+            rules.version =
+                next_version(current.routing_rules.get(&channel.id).map(|existing| &existing.entity), &rules);
             payloads.push(Payload::RoutingRulesConfigured(rules));
         }
         Ok(payloads)
+    }
+}
+
+/// Config entities whose version is recorded in decisions (B2).
+pub trait Versioned: Clone + PartialEq {
+    fn version(&self) -> u64;
+    fn with_version(self, version: u64) -> Self;
+}
+
+impl Versioned for RoutingRulesConfigured {
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn with_version(self, version: u64) -> Self {
+        RoutingRulesConfigured { version, ..self }
+    }
+}
+
+impl Versioned for TicketSettingsConfigured {
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn with_version(self, version: u64) -> Self {
+        TicketSettingsConfigured { version, ..self }
+    }
+}
+
+/// The version `candidate` (built with version 0) gets: the existing one when nothing else
+/// changed, the next one when something did, 1 for a new entity.
+pub fn next_version<T: Versioned>(existing_opt: Option<&T>, candidate: &T) -> u64 {
+    match existing_opt {
+        Some(existing) if &existing.clone().with_version(candidate.version()) == candidate => existing.version(),
+        Some(existing) => existing.version() + 1,
+        None => 1,
     }
 }
 
