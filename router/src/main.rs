@@ -7,6 +7,10 @@ use switchboard_router::shell::{RouterSettings, run_router};
 use switchboard_runtime::config_store::ConfigStore;
 use switchboard_runtime::topics::{Topics, ensure_topics};
 
+/// mimalloc: the router allocates per event (decoded inputs, protobuf outputs), see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Switchboard router: threads and assigns inbound messages, exactly once.
 #[derive(Parser)]
 struct Args {

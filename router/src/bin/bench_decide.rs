@@ -18,6 +18,10 @@ use switchboard_router::core::{RouterConfig, RouterState, decide, evolve};
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::envelope::{new_root, timestamp};
 
+/// The router binary's allocator, so the figures are the production ones (see Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ACCOUNT: &str = "bench";
 const AGENTS: usize = 1_000;
 const CHANNELS: usize = 20;

@@ -24,6 +24,10 @@ use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore, Owned};
 use switchboard_runtime::envelope::{encode, new_root};
 use switchboard_runtime::topics::{Topics, ensure_topics};
 
+/// mimalloc: the router allocates per event (decoded inputs, protobuf outputs), see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ACCOUNTS: usize = 24;
 const AGENTS_PER_ACCOUNT: usize = 20;
 

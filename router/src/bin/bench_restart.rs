@@ -28,6 +28,10 @@ use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::envelope::{encode, new_root, timestamp};
 use switchboard_runtime::topics::{Topics, ensure_topics};
 
+/// mimalloc: the router allocates per event (decoded inputs, protobuf outputs), see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ACCOUNT: &str = "bench";
 const AGENTS: usize = 200;
 const PARTITION: i32 = 0;
