@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use switchboard_proto::events::v1::{
     AssignTarget, ConsentMode, InboxKind, RoutingRulesConfigured, TicketSettingsConfigured,
@@ -66,6 +67,12 @@ pub struct RouterConfig {
     pub agents: FastMap<String, AgentProfile>,
     /// The same profiles by index (pool members refer to them by index).
     pub profiles: Vec<AgentProfile>,
+    /// The agent id of each profile, by the same index.
+    pub profile_agent_ids: Vec<String>,
+    /// Identifies this compilation's profile numbering: an [`crate::state::AgentBook`]
+    /// aligned with it reads a pool member's workload at the member's profile index.
+    /// Unique per compilation within the process; never part of a decision.
+    pub agent_table_id: u64,
     pub channels: FastMap<String, ChannelProfile>,
     /// Channel ids per account, sorted (B3 re-drive visits an account's channels in order).
     pub channel_ids_by_account: FastMap<String, Vec<String>>,
@@ -93,10 +100,12 @@ impl RouterConfig {
             );
         }
         let mut profiles: Vec<AgentProfile> = Vec::with_capacity(agents.len());
+        let mut profile_agent_ids: Vec<String> = Vec::with_capacity(agents.len());
         let mut profile_index_by_agent: FastMap<&str, u32> = FastMap::default();
         for agent_id in snapshot.agents.keys() {
             profile_index_by_agent.insert(agent_id.as_str(), profiles.len() as u32);
             profiles.push(agents[agent_id.as_str()].clone());
+            profile_agent_ids.push(agent_id.clone());
         }
         let mut channels = FastMap::default();
         let mut channel_ids_by_account: FastMap<String, Vec<String>> = FastMap::default();
@@ -155,7 +164,16 @@ impl RouterConfig {
         }
         // BTreeMap iteration already gave sorted channel ids per account.
         drop(profile_index_by_agent);
-        RouterConfig { snapshot: snapshot.clone(), agents, profiles, channels, channel_ids_by_account }
+        static NEXT_AGENT_TABLE_ID: AtomicU64 = AtomicU64::new(1);
+        RouterConfig {
+            snapshot: snapshot.clone(),
+            agents,
+            profiles,
+            profile_agent_ids,
+            agent_table_id: NEXT_AGENT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
+            channels,
+            channel_ids_by_account,
+        }
     }
 
     pub fn from_snapshot(snapshot: ConfigSnapshot) -> RouterConfig {

@@ -29,7 +29,7 @@ use switchboard_runtime::envelope::{SCHEMA_VERSION, payload_name, recorded_at_mi
 
 pub use crate::config::RouterConfig;
 use crate::config::{AgentProfile, ChannelProfile};
-use crate::state::{AgentBook, ConversationState, message_key, sender_identity};
+use crate::state::{AgentBook, AgentSlot, ConversationState, message_key, sender_identity};
 pub use crate::state::{RouterState, evolve};
 
 /// Upper bound of routing attempts one re-drive makes (B3): keeps the latency of a single
@@ -61,6 +61,13 @@ pub fn contact_id_for(channel_id: &str, external_id: &str) -> String {
     name.push('\n');
     name.push_str(external_id);
     uuid::Uuid::new_v5(&CONTACT_NAMESPACE, name.as_bytes()).hyphenated().to_string()
+}
+
+/// Lines the state's indexes up with a compiled config (agent workloads by profile index, see
+/// [`crate::state::AgentBook`]). Decisions are the same without it, only slower; it returns at
+/// once when already aligned, so shells call it before every decision.
+pub fn align_state(state: &mut RouterState, config: &RouterConfig) {
+    state.agents.align(config.agent_table_id, &config.profile_agent_ids);
 }
 
 /// Decides what one input means. Every command yields at least one event (a decision or
@@ -196,12 +203,16 @@ impl<'state> Overlay<'state> {
         Overlay { track: true, ..Overlay::untracked(state) }
     }
 
-    fn open_conversation<'a>(&'a self, state: &'a RouterState, channel_id: &str, thread_key: &str) -> Option<&'a str> {
+    /// The id of the thread's open conversation, including those this decision opened.
+    fn open_conversation(&self, state: &RouterState, channel_id: &str, thread_key: &str) -> Option<String> {
         self.new_threads
             .iter()
             .find(|(channel, thread, _)| channel == channel_id && thread == thread_key)
-            .map(|(_, _, conversation_id)| conversation_id.as_str())
-            .or_else(|| state.open_conversation(channel_id, thread_key).map(String::as_str))
+            .map(|(_, _, conversation_id)| conversation_id.clone())
+            .or_else(|| {
+                let key = state.open_conversation(channel_id, thread_key)?;
+                state.conversations.get(&key).map(|conversation| conversation.id(key))
+            })
     }
 
     fn extra_tickets(&self, contact_id: &str) -> u32 {
@@ -252,11 +263,11 @@ fn decide_message(
     // Fast path (most traffic): a follow-up from the conversation's own contact on a channel
     // without explicit consent joins the open conversation (R10); no contact lookup needed.
     if !channel.explicit_consent
-        && let Some(conversation_id) = state.open_conversation(&message.channel_id, &message.thread_key)
-        && let Some(conversation) = state.conversations.get(conversation_id)
-        && conversation.contact_external_id == external_id
+        && let Some(key) = state.open_conversation(&message.channel_id, &message.thread_key)
+        && let Some(conversation) = state.conversations.get(&key)
+        && conversation.contact_external_id == *external_id
     {
-        decision.emit(message_appended(conversation_id, &input.event_id, message, &conversation.contact_id));
+        decision.emit(message_appended(conversation.id(key), &input.event_id, message, &conversation.contact_id));
         return Ok(());
     }
     let contact_opt = state.contact(&message.channel_id, external_id);
@@ -322,7 +333,7 @@ fn deliver(
         first_message_id: message.message_id.clone(),
         contact_id: contact_id.to_owned(),
     }));
-    decision.emit(message_appended(&conversation_id, source_event_id, message, contact_id));
+    decision.emit(message_appended(conversation_id.clone(), source_event_id, message, contact_id));
 
     let owner_opt = state.contact_by_id(contact_id).and_then(|contact| contact.owner_agent_id_opt.as_deref());
     let routed = route(config, &overlay.agents, channel, channel_type, owner_opt);
@@ -450,13 +461,13 @@ fn contact_created(
 }
 
 fn message_appended(
-    conversation_id: &str,
+    conversation_id: String,
     source_event_id: &str,
     message: &InboundMessageReceived,
     contact_id: &str,
 ) -> Payload {
     Payload::MessageAppended(MessageAppended {
-        conversation_id: conversation_id.to_owned(),
+        conversation_id,
         message_id: message.message_id.clone(),
         provider_message_id: message.provider_message_id.clone(),
         channel_id: message.channel_id.clone(),
@@ -534,9 +545,10 @@ fn route(
                 return unassigned(UnassignedReason::ContactHasNoOwner, explanation);
             };
             let profile_opt = config.agent(account_id, owner);
+            let slot_opt = agents.slot(owner);
             let notify_owner_opt =
-                profile_opt.filter(|profile| !is_available(agents, owner, profile)).map(|_| owner.to_owned());
-            match ineligibility(profile_opt, agents, rules, channel_type, owner, agents.workload(owner)) {
+                profile_opt.filter(|profile| !is_available(slot_opt, profile)).map(|_| owner.to_owned());
+            match ineligibility(profile_opt, slot_opt, rules, channel_type) {
                 None => {
                     explanation.eligible_agent_ids.push(owner.to_owned());
                     Routed { outcome: Outcome::Assigned(owner.to_owned()), explanation, notify_owner_opt }
@@ -573,9 +585,14 @@ fn route(
             let mut round_robin_after_start_opt: Option<usize> = None;
             let mut round_robin_first_opt: Option<usize> = None;
             for (index, (agent_id, profile_opt)) in pool.iter().zip(&channel.pool_profiles).enumerate() {
-                let profile_opt = profile_opt.map(|profile_index| &config.profiles[profile_index as usize]);
-                let workload_opt = agents.workload(agent_id);
-                if let Some(reason) = ineligibility(profile_opt, agents, rules, channel_type, agent_id, workload_opt) {
+                let (profile_opt, slot_opt) = match profile_opt {
+                    Some(profile_index) => (
+                        Some(&config.profiles[*profile_index as usize]),
+                        agents.slot_for_profile(config.agent_table_id, *profile_index, agent_id),
+                    ),
+                    None => (None, agents.slot(agent_id)),
+                };
+                if let Some(reason) = ineligibility(profile_opt, slot_opt, rules, channel_type) {
                     explanation.skipped.push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 });
                     continue;
                 }
@@ -583,7 +600,8 @@ fn route(
                 if balanced {
                     // Fewest open conversations; ties go to the agent idle longest (never
                     // assigned first), then to pool order (the first of equals is kept).
-                    let key = workload_opt.map_or((0, 0), |workload| {
+                    let key = slot_opt.map_or((0, 0), |slot| {
+                        let workload = &slot.workload;
                         (workload.open_conversations, workload.last_assigned_at_millis_opt.map_or(0, |at| at + 1))
                     });
                     if balanced_best_opt.is_none_or(|(best, _)| key < best) {
@@ -612,33 +630,30 @@ fn route(
     }
 }
 
-fn is_available(agents: &AgentBook, agent_id: &str, profile: &AgentProfile) -> bool {
-    if agents.availability_by_agent.is_empty() {
-        return profile.available; // no availability command seen yet: skip hashing the id
-    }
-    agents.availability_by_agent.get(agent_id).copied().unwrap_or(profile.available)
+/// An availability command, once seen, overrides the configured availability (R5).
+fn is_available(slot_opt: Option<&AgentSlot>, profile: &AgentProfile) -> bool {
+    slot_opt.and_then(|slot| slot.availability_opt).unwrap_or(profile.available)
 }
 
-/// Why `agent_id` may not take the conversation, or `None` if eligible.
+/// Why the agent of `profile_opt` (with its recorded `slot_opt`) may not take the
+/// conversation, or `None` if eligible.
 fn ineligibility(
     profile_opt: Option<&AgentProfile>,
-    agents: &AgentBook,
+    slot_opt: Option<&AgentSlot>,
     rules: &switchboard_proto::events::v1::RoutingRulesConfigured,
     channel_type: i32,
-    agent_id: &str,
-    workload_opt: Option<&crate::state::AgentWorkload>,
 ) -> Option<SkipReason> {
     let Some(profile) = profile_opt else { return Some(SkipReason::UnknownAgent) };
     if !profile.paid_seat {
         return Some(SkipReason::NoPaidSeat); // R6
     }
-    if rules.only_available && !is_available(agents, agent_id, profile) {
+    if rules.only_available && !is_available(slot_opt, profile) {
         return Some(SkipReason::Offline); // R5
     }
     if !rules.required_skills.iter().all(|skill| profile.skills.contains(skill)) {
         return Some(SkipReason::MissingSkill); // R7
     }
-    if let Some(workload) = workload_opt {
+    if let Some(workload) = slot_opt.map(|slot| &slot.workload) {
         let overall_full =
             profile.max_open_conversations > 0 && workload.open_conversations >= profile.max_open_conversations;
         let slot = crate::state::channel_type_slot(channel_type);
@@ -738,7 +753,7 @@ fn decide_availability(
     decision.emit(Payload::AgentAvailabilityChanged(changed.clone()));
     if changed.available {
         let mut overlay = Overlay::tracked(state);
-        overlay.agents.to_mut().availability_by_agent.insert(changed.agent_id.clone(), true);
+        overlay.agents.to_mut().set_availability(&changed.agent_id, true);
         redrive(state, config, decision, &mut overlay, &changed.agent_id, None);
     }
 }
@@ -753,7 +768,7 @@ fn decide_manual_assignment(
     if already_applied(state, decision, COMMAND, &request.request_id) {
         return;
     }
-    let Some(conversation) = state.conversations.get(&request.conversation_id) else {
+    let Some((key, conversation)) = state.conversation(&request.conversation_id) else {
         decision.reject(
             COMMAND,
             &request.request_id,
@@ -761,7 +776,7 @@ fn decide_manual_assignment(
         );
         return;
     };
-    let previous_opt = conversation.assignee_agent_id_opt.clone();
+    let previous_opt = conversation.assignee();
     let mut overlay = Overlay::tracked(state);
     if request.assignee_agent_id.is_empty() {
         let Some(previous) = previous_opt else {
@@ -769,27 +784,27 @@ fn decide_manual_assignment(
             return;
         };
         decision.emit(Payload::ConversationUnassigned(ConversationUnassigned {
-            conversation_id: request.conversation_id.clone(),
-            previous_assignee_agent_id: previous.clone(),
+            conversation_id: conversation.id(key),
+            previous_assignee_agent_id: previous.to_owned(),
             actor: request.actor.clone(),
             request_id: request.request_id.clone(),
         }));
-        overlay.agents.to_mut().release(&previous, conversation.channel_type);
-        redrive(state, config, decision, &mut overlay, &previous, Some(&request.conversation_id));
+        overlay.agents.to_mut().release(previous, conversation.channel_type);
+        redrive(state, config, decision, &mut overlay, previous, Some(key));
         return;
     }
     if config.agent(&decision.cause.account_id, &request.assignee_agent_id).is_none() {
         decision.reject(COMMAND, &request.request_id, format!("unknown agent `{}`", request.assignee_agent_id));
         return;
     }
-    if previous_opt.as_deref() == Some(request.assignee_agent_id.as_str()) {
+    if previous_opt == Some(request.assignee_agent_id.as_str()) {
         decision.reject(COMMAND, &request.request_id, format!("already assigned to `{}`", request.assignee_agent_id));
         return;
     }
     // Manual assignment is a person's decision: capacity and availability do not apply (I4);
     // the explanation names the channel and the chosen agent, with no rule.
     decision.emit(Payload::ConversationAssigned(ConversationAssigned {
-        conversation_id: request.conversation_id.clone(),
+        conversation_id: conversation.id(key),
         assignee_agent_id: request.assignee_agent_id.clone(),
         explanation: Some(RoutingExplanation {
             channel_id: conversation.channel_id.clone(),
@@ -799,14 +814,14 @@ fn decide_manual_assignment(
     }));
     if let Some(previous) = previous_opt {
         let agents = overlay.agents.to_mut();
-        agents.release(&previous, conversation.channel_type);
+        agents.release(previous, conversation.channel_type);
         agents.take(
             &request.assignee_agent_id,
             &conversation.channel_id,
             conversation.channel_type,
             decision.cause_millis,
         );
-        redrive(state, config, decision, &mut overlay, &previous, Some(&request.conversation_id));
+        redrive(state, config, decision, &mut overlay, previous, Some(key));
     }
 }
 
@@ -820,7 +835,7 @@ fn decide_close(
     if already_applied(state, decision, COMMAND, &request.request_id) {
         return;
     }
-    let Some(conversation) = state.conversations.get(&request.conversation_id) else {
+    let Some((key, conversation)) = state.conversation(&request.conversation_id) else {
         decision.reject(
             COMMAND,
             &request.request_id,
@@ -832,7 +847,7 @@ fn decide_close(
         state,
         config,
         decision,
-        &request.conversation_id,
+        key,
         conversation,
         CloseReason::Agent,
         request.actor.clone(),
@@ -845,24 +860,24 @@ fn close(
     state: &RouterState,
     config: &RouterConfig,
     decision: &mut Decision<'_>,
-    conversation_id: &str,
+    key: u128,
     conversation: &ConversationState,
     reason: CloseReason,
     actor: Option<Actor>,
     request_id: &str,
 ) {
     decision.emit(Payload::ConversationClosed(ConversationClosed {
-        conversation_id: conversation_id.to_owned(),
+        conversation_id: conversation.id(key),
         reason: reason as i32,
-        previous_assignee_agent_id: conversation.assignee_agent_id_opt.clone().unwrap_or_default(),
+        previous_assignee_agent_id: conversation.assignee().unwrap_or_default().to_owned(),
         actor,
         request_id: request_id.to_owned(),
     }));
     // B3: the assignee has room for one more now.
-    if let Some(previous) = &conversation.assignee_agent_id_opt {
+    if let Some(previous) = conversation.assignee() {
         let mut overlay = Overlay::tracked(state);
         overlay.agents.to_mut().release(previous, conversation.channel_type);
-        redrive(state, config, decision, &mut overlay, previous, Some(conversation_id));
+        redrive(state, config, decision, &mut overlay, previous, Some(key));
     }
 }
 
@@ -896,13 +911,13 @@ fn decide_ticket_stage(
     }));
     // T3: closing the ticket closes its conversation.
     if request.close
-        && let Some(conversation) = state.conversations.get(&ticket.conversation_id)
+        && let Some((key, conversation)) = state.conversation(&ticket.conversation_id)
     {
         close(
             state,
             config,
             decision,
-            &ticket.conversation_id,
+            key,
             conversation,
             CloseReason::TicketClosed,
             request.actor.clone(),
@@ -953,14 +968,14 @@ fn redrive(
     decision: &mut Decision<'_>,
     overlay: &mut Overlay<'_>,
     freed_agent_id: &str,
-    exclude_conversation_opt: Option<&str>,
+    exclude_conversation_opt: Option<u128>,
 ) {
     let Some(channel_ids) = config.channel_ids_by_account.get(&decision.cause.account_id) else { return };
     struct Cursor<'a> {
         channel: &'a ChannelProfile,
         owner_target: bool,
         exhausted: bool,
-        waiting: std::iter::Peekable<Box<dyn Iterator<Item = (u64, &'a String)> + 'a>>,
+        waiting: std::iter::Peekable<Box<dyn Iterator<Item = (u64, u128)> + 'a>>,
     }
     let mut cursors: Vec<Cursor<'_>> = Vec::new();
     for channel_id in channel_ids {
@@ -974,14 +989,14 @@ fn redrive(
             continue;
         }
         if let Some(waiting) = state.waiting_by_channel.get(channel_id) {
-            let oldest_first: Box<dyn Iterator<Item = (u64, &String)>> = Box::new(waiting.iter());
+            let oldest_first: Box<dyn Iterator<Item = (u64, u128)>> = Box::new(waiting.iter());
             cursors.push(Cursor { channel, owner_target, exhausted: false, waiting: oldest_first.peekable() });
         }
     }
     let mut attempts = 0;
     while attempts < MAX_REDRIVE_ATTEMPTS {
         // The oldest head among the channels still being re-driven (ties: channel id order).
-        let mut best_opt: Option<((u64, &String), usize)> = None;
+        let mut best_opt: Option<((u64, u128), usize)> = None;
         for (index, cursor) in cursors.iter_mut().enumerate() {
             if cursor.exhausted {
                 continue;
@@ -994,11 +1009,11 @@ fn redrive(
         }
         let Some((_, next)) = best_opt else { break };
         let cursor = &mut cursors[next];
-        let (_, conversation_id) = cursor.waiting.next().expect("peeked");
-        if Some(conversation_id.as_str()) == exclude_conversation_opt {
+        let (_, key) = cursor.waiting.next().expect("peeked");
+        if Some(key) == exclude_conversation_opt {
             continue;
         }
-        let Some(conversation) = state.conversations.get(conversation_id) else { continue };
+        let Some(conversation) = state.conversations.get(&key) else { continue };
         let owner_opt =
             state.contact_by_id(&conversation.contact_id).and_then(|contact| contact.owner_agent_id_opt.as_deref());
         if cursor.owner_target && owner_opt != Some(freed_agent_id) {
@@ -1014,7 +1029,7 @@ fn redrive(
                     conversation.channel_type,
                     decision.cause_millis,
                 );
-                emit_routing(decision, conversation_id, Outcome::Assigned(agent_id), routed.explanation);
+                emit_routing(decision, &conversation.id(key), Outcome::Assigned(agent_id), routed.explanation);
             }
             Outcome::Unassigned(_) if cursor.owner_target => {}
             // Nobody in the pool can take this one, so nobody can take a younger one either.

@@ -325,6 +325,7 @@ fn route_record(
         Err(error) => return dead_letter(settings, producer, record, &error.to_string()).map(|()| 0),
     };
     span.record("event_id", input.event_id.as_str());
+    core::align_state(state, config);
     let decided = match core::decide(state, config, &input) {
         Ok(decided) => decided,
         Err(rejection) => return dead_letter(settings, producer, record, &rejection.to_string()).map(|()| 0),

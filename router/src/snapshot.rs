@@ -10,8 +10,8 @@ use prost::Message;
 use switchboard_proto::events::v1::InboundMessageReceived;
 
 use crate::state::{
-    AgentKey, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, RouterState,
-    TicketState, message_key,
+    AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, InlineStr,
+    RouterState, TicketState, conversation_key, message_key,
 };
 
 const MAGIC: &[u8; 4] = b"SBRS";
@@ -96,14 +96,14 @@ impl Manifest {
 pub fn encode_state(state: &RouterState) -> Vec<u8> {
     let mut out = Writer::with_magic();
     out.len(state.conversations.len());
-    for (conversation_id, conversation) in &state.conversations {
-        out.str(conversation_id);
+    for (key, conversation) in &state.conversations {
+        out.str(&conversation.id(*key));
         out.str(&conversation.channel_id);
         out.i64(conversation.channel_type as i64);
         out.str(&conversation.thread_key);
         out.str(&conversation.contact_id);
         out.str(&conversation.contact_external_id);
-        out.opt_str(conversation.assignee_agent_id_opt.as_deref());
+        out.opt_str(conversation.assignee());
         out.u64(conversation.started_at_millis);
         out.len(conversation.message_keys.len());
         for key in &conversation.message_keys {
@@ -140,19 +140,26 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.str(&ticket.stage);
     }
     let agents = &state.agents;
-    out.len(agents.workload_by_agent.len());
-    for (agent_id, workload) in &agents.workload_by_agent {
-        out.str(agent_id.as_str());
+    let with_workload: Vec<&AgentSlot> =
+        agents.recorded().filter(|slot| slot.workload != AgentWorkload::default()).collect();
+    out.len(with_workload.len());
+    for slot in with_workload {
+        let workload = &slot.workload;
+        out.str(&slot.agent_id);
         out.u64(workload.open_conversations as u64);
         for open in workload.open_by_channel_type {
             out.u64(open as u64);
         }
         out.opt_u64(workload.last_assigned_at_millis_opt);
     }
-    out.len(agents.availability_by_agent.len());
-    for (agent_id, available) in &agents.availability_by_agent {
+    let with_availability: Vec<(&str, bool)> = agents
+        .recorded()
+        .filter_map(|slot| slot.availability_opt.map(|available| (slot.agent_id.as_str(), available)))
+        .collect();
+    out.len(with_availability.len());
+    for (agent_id, available) in with_availability {
         out.str(agent_id);
-        out.bool(*available);
+        out.bool(available);
     }
     out.len(agents.last_round_robin_agent_by_channel.len());
     for (channel_id, agent_id) in &agents.last_round_robin_agent_by_channel {
@@ -176,13 +183,15 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
     let mut state = RouterState::default();
     for _ in 0..input.len()? {
         let conversation_id = input.string()?;
+        let key = conversation_key(&conversation_id);
         let mut conversation = ConversationState {
+            noncanonical_id_opt: None,
             channel_id: input.string()?,
             channel_type: input.i64()? as i32,
-            thread_key: input.string()?,
+            thread_key: input.string()?.into(),
             contact_id: input.string()?,
-            contact_external_id: input.string()?,
-            assignee_agent_id_opt: input.opt_string()?,
+            contact_external_id: input.string()?.into(),
+            assignee_agent_id_opt: input.opt_string()?.map(InlineStr::from),
             started_at_millis: input.u64()?,
             ..Default::default()
         };
@@ -198,15 +207,18 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
             .open_conversation_by_thread
             .entry(conversation.channel_id.clone())
             .or_default()
-            .insert(conversation.thread_key.clone(), conversation_id.clone());
+            .insert(conversation.thread_key.clone(), key);
         if conversation.assignee_agent_id_opt.is_none() {
             state
                 .waiting_by_channel
                 .entry(conversation.channel_id.clone())
                 .or_default()
-                .insert(conversation.started_at_millis, &conversation_id);
+                .insert(conversation.started_at_millis, key);
         }
-        state.conversations.insert(conversation_id, conversation);
+        if conversation.id(key) != conversation_id {
+            conversation.noncanonical_id_opt = Some(conversation_id.into());
+        }
+        state.conversations.insert(key, conversation);
     }
     for _ in 0..input.len()? {
         let channel_id = input.string()?;
@@ -245,15 +257,15 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
             workload.open_by_channel_type[slot] = input.u32()?;
         }
         workload.last_assigned_at_millis_opt = input.opt_u64()?;
-        state.agents.workload_by_agent.insert(AgentKey::new(&agent_id), workload);
+        state.agents.restore_workload(&agent_id, workload);
     }
     for _ in 0..input.len()? {
         let agent_id = input.string()?;
-        state.agents.availability_by_agent.insert(agent_id, input.bool()?);
+        state.agents.set_availability(&agent_id, input.bool()?);
     }
     for _ in 0..input.len()? {
         let channel_id = input.string()?;
-        state.agents.last_round_robin_agent_by_channel.insert(channel_id, input.string()?);
+        state.agents.last_round_robin_agent_by_channel.insert(channel_id, input.string()?.into());
     }
     for _ in 0..input.len()? {
         state.dedup.recent.insert(input.u128()?);

@@ -39,21 +39,58 @@ pub fn channel_type_slot(channel_type: i32) -> usize {
     (channel_type.max(0) as usize).min(CHANNEL_TYPE_SLOTS - 1)
 }
 
+/// A conversation id as a map key: router-made conversation ids are UUIDs, so the key is the
+/// UUID itself (anything else is hashed like a message id, see [`message_key`]). A 16-byte key
+/// stored in the table makes the lookups of every follow-up compare in place instead of
+/// chasing a heap string (docs/router.md, "state layout").
+pub fn conversation_key(conversation_id: &str) -> u128 {
+    message_key(conversation_id)
+}
+
+/// Whether `id` is a UUID in its canonical text form (lowercase, hyphenated): then the key alone
+/// gives the id back.
+fn is_canonical_uuid(id: &str) -> bool {
+    uuid::Uuid::try_parse(id).is_ok_and(|uuid| {
+        let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid.hyphenated().encode_lower(&mut buffer).as_bytes() == id.as_bytes()
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConversationState {
+    /// The id as written when it is not a canonical UUID (router-made ids always are, so this
+    /// is `None` in practice and the id is printed from the key).
+    pub noncanonical_id_opt: Option<Box<str>>,
     pub channel_id: String,
     pub channel_type: i32,
-    pub thread_key: String,
+    pub thread_key: InlineStr,
     pub contact_id: String,
     /// The contact's channel-scoped identity: a follow-up from the same sender needs no
     /// contact lookup (the contact is this one).
-    pub contact_external_id: String,
-    pub assignee_agent_id_opt: Option<String>,
+    pub contact_external_id: InlineStr,
+    pub assignee_agent_id_opt: Option<InlineStr>,
     /// Recorded-at of the ConversationStarted event: the backlog is re-driven oldest first (B3).
     pub started_at_millis: u64,
     /// Message ids in the conversation; retired into the recent window when it closes (B1).
     pub message_keys: Vec<u128>,
     pub ticket_id_opt: Option<String>,
+}
+
+impl ConversationState {
+    /// The conversation's id, given its key.
+    pub fn id(&self, key: u128) -> String {
+        match &self.noncanonical_id_opt {
+            Some(id) => id.to_string(),
+            None => {
+                let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                uuid::Uuid::from_u128(key).hyphenated().encode_lower(&mut buffer).to_owned()
+            }
+        }
+    }
+
+    pub fn assignee(&self) -> Option<&str> {
+        self.assignee_agent_id_opt.as_ref().map(InlineStr::as_str)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -80,87 +117,106 @@ pub struct TicketState {
     pub stage: String,
 }
 
-/// An agent id as a workload-map key, stored inline when it is short (agent ids usually are).
-/// Routing a new conversation looks up the workload of every pool member (B2 explains each
-/// one); with inline keys the comparison reads the table's own memory instead of chasing one
-/// heap pointer per member, which was a fifth of a new conversation's cost (docs/router.md).
-/// Hashes and compares as the id's bytes, so maps are queried with `agent_id.as_bytes()`.
+/// A short string stored inline (agent ids, thread keys, sender ids usually fit): hash tables
+/// keyed or valued by it compare in the table's own memory instead of chasing one heap pointer
+/// per probe, which was a large share of routing's cost (docs/router.md, "state layout").
+/// Hashes and compares as the string's bytes, so maps are queried with `key.as_bytes()`.
 #[derive(Clone)]
-pub enum AgentKey {
-    Inline { len: u8, bytes: [u8; AgentKey::INLINE] },
+pub enum InlineStr {
+    Inline { len: u8, bytes: [u8; InlineStr::INLINE] },
     Heap(Box<str>),
 }
 
-impl AgentKey {
-    const INLINE: usize = 22;
+impl InlineStr {
+    const INLINE: usize = 38;
 
-    pub fn new(agent_id: &str) -> AgentKey {
-        if agent_id.len() <= AgentKey::INLINE {
-            let mut bytes = [0u8; AgentKey::INLINE];
-            bytes[..agent_id.len()].copy_from_slice(agent_id.as_bytes());
-            AgentKey::Inline { len: agent_id.len() as u8, bytes }
+    pub fn new(text: &str) -> InlineStr {
+        if text.len() <= InlineStr::INLINE {
+            let mut bytes = [0u8; InlineStr::INLINE];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            InlineStr::Inline { len: text.len() as u8, bytes }
         } else {
-            AgentKey::Heap(agent_id.into())
+            InlineStr::Heap(text.into())
         }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
         match self {
-            AgentKey::Inline { len, bytes } => &bytes[..*len as usize],
-            AgentKey::Heap(agent_id) => agent_id.as_bytes(),
+            InlineStr::Inline { len, bytes } => &bytes[..*len as usize],
+            InlineStr::Heap(text) => text.as_bytes(),
         }
     }
 
     pub fn as_str(&self) -> &str {
         match self {
             // Built from a `&str` prefix of the same length, so always valid UTF-8.
-            AgentKey::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
-            AgentKey::Heap(agent_id) => agent_id,
+            InlineStr::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            InlineStr::Heap(text) => text,
         }
     }
 }
 
-impl PartialEq for AgentKey {
-    fn eq(&self, other: &AgentKey) -> bool {
+impl std::ops::Deref for InlineStr {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Default for InlineStr {
+    fn default() -> Self {
+        InlineStr::new("")
+    }
+}
+
+impl PartialEq for InlineStr {
+    fn eq(&self, other: &InlineStr) -> bool {
         self.as_bytes() == other.as_bytes()
     }
 }
 
-impl Eq for AgentKey {}
+impl Eq for InlineStr {}
 
-impl std::hash::Hash for AgentKey {
+impl PartialEq<str> for InlineStr {
+    fn eq(&self, other: &str) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl std::hash::Hash for InlineStr {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.as_bytes().hash(state);
     }
 }
 
-impl std::borrow::Borrow<[u8]> for AgentKey {
+impl std::borrow::Borrow<[u8]> for InlineStr {
     fn borrow(&self) -> &[u8] {
         self.as_bytes()
     }
 }
 
-impl std::fmt::Debug for AgentKey {
+impl std::fmt::Debug for InlineStr {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(self.as_str(), formatter)
     }
 }
 
-impl std::fmt::Display for AgentKey {
+impl std::fmt::Display for InlineStr {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.write_str(self.as_str())
     }
 }
 
-impl From<&str> for AgentKey {
-    fn from(agent_id: &str) -> AgentKey {
-        AgentKey::new(agent_id)
+impl From<&str> for InlineStr {
+    fn from(text: &str) -> InlineStr {
+        InlineStr::new(text)
     }
 }
 
-impl From<String> for AgentKey {
-    fn from(agent_id: String) -> AgentKey {
-        AgentKey::new(&agent_id)
+impl From<String> for InlineStr {
+    fn from(text: String) -> InlineStr {
+        InlineStr::new(&text)
     }
 }
 
@@ -174,40 +230,159 @@ pub struct AgentWorkload {
     pub last_assigned_at_millis_opt: Option<u64>,
 }
 
-/// The agents' side of the state: workload, availability, round-robin positions. Kept apart
-/// so a decision that makes several assignments (B3 re-drive, C6 release) can work on a copy.
+/// One agent's entry in the [`AgentBook`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AgentBook {
-    pub workload_by_agent: FastMap<AgentKey, AgentWorkload>,
+pub struct AgentSlot {
+    pub agent_id: InlineStr,
+    pub workload: AgentWorkload,
     /// Availability from `AgentAvailabilityChanged`: authoritative once seen; before that the
     /// configured `AgentConfigured.available` applies.
-    pub availability_by_agent: FastMap<String, bool>,
+    pub availability_opt: Option<bool>,
+}
+
+impl AgentSlot {
+    /// Nothing recorded: the same as an agent the book has never seen.
+    fn is_blank(&self) -> bool {
+        self.workload == AgentWorkload::default() && self.availability_opt.is_none()
+    }
+}
+
+/// The agents' side of the state: workload, availability, round-robin positions. Kept apart
+/// so a decision that makes several assignments (B3 re-drive, C6 release) can work on a copy.
+///
+/// Agents live in slots. After [`AgentBook::align`] with a compiled config, slot *i* is the
+/// config's agent profile *i*, so routing reads a pool member's workload by the profile index
+/// the config already resolved, with no hashing (50 candidates per new conversation). Slots
+/// are an index only: which slot an agent has never changes a decision, and equality and
+/// snapshots see agents by id.
+#[derive(Debug, Clone, Default)]
+pub struct AgentBook {
+    slot_by_agent: FastMap<InlineStr, u32>,
+    slots: Vec<AgentSlot>,
+    /// The agent table ([`crate::config::RouterConfig::agent_table_id`]) slots are aligned with.
+    aligned_table_opt: Option<u64>,
+    /// Slots whose availability a command set (zero: the configured availability applies to
+    /// everyone, no lookup needed).
+    availability_overrides: usize,
     /// Round-robin position per channel: the agent assigned last in it.
-    pub last_round_robin_agent_by_channel: FastMap<String, String>,
+    pub last_round_robin_agent_by_channel: FastMap<String, InlineStr>,
+}
+
+impl PartialEq for AgentBook {
+    fn eq(&self, other: &AgentBook) -> bool {
+        fn recorded_by_id(book: &AgentBook) -> Vec<&AgentSlot> {
+            let mut slots: Vec<&AgentSlot> = book.recorded().collect();
+            slots.sort_by(|left, right| left.agent_id.as_bytes().cmp(right.agent_id.as_bytes()));
+            slots
+        }
+        recorded_by_id(self) == recorded_by_id(other)
+            && self.last_round_robin_agent_by_channel == other.last_round_robin_agent_by_channel
+    }
 }
 
 impl AgentBook {
+    pub fn slot(&self, agent_id: &str) -> Option<&AgentSlot> {
+        let index = *self.slot_by_agent.get(agent_id.as_bytes())?;
+        self.slots.get(index as usize)
+    }
+
+    fn slot_mut(&mut self, agent_id: &str) -> &mut AgentSlot {
+        let index = match self.slot_by_agent.get(agent_id.as_bytes()) {
+            Some(index) => *index as usize,
+            None => {
+                let index = self.slots.len();
+                self.slots.push(AgentSlot { agent_id: InlineStr::new(agent_id), ..Default::default() });
+                self.slot_by_agent.insert(InlineStr::new(agent_id), index as u32);
+                index
+            }
+        };
+        &mut self.slots[index]
+    }
+
+    /// The agent's slot, found by the index of its profile in the compiled config when the
+    /// book is aligned with that config (no hashing), else by id.
+    pub fn slot_for_profile(&self, agent_table_id: u64, profile_index: u32, agent_id: &str) -> Option<&AgentSlot> {
+        if self.aligned_table_opt == Some(agent_table_id) {
+            let slot = self.slots.get(profile_index as usize);
+            debug_assert!(slot.is_some_and(|slot| slot.agent_id == *agent_id), "aligned slot {profile_index}");
+            return slot;
+        }
+        self.slot(agent_id)
+    }
+
+    /// Renumbers the slots so that slot *i* is `agent_ids[i]` (the compiled config's profiles,
+    /// see [`crate::config::RouterConfig::agent_table_id`]); agents outside the config keep
+    /// slots after them. Routing is correct without it, only slower.
+    pub fn align(&mut self, agent_table_id: u64, agent_ids: &[String]) {
+        if self.aligned_table_opt == Some(agent_table_id) {
+            return;
+        }
+        let mut previous: Vec<Option<AgentSlot>> = std::mem::take(&mut self.slots).into_iter().map(Some).collect();
+        let mut slots = Vec::with_capacity(agent_ids.len().max(previous.len()));
+        for agent_id in agent_ids {
+            let slot = self
+                .slot_by_agent
+                .get(agent_id.as_bytes())
+                .and_then(|index| previous[*index as usize].take())
+                .unwrap_or_else(|| AgentSlot { agent_id: InlineStr::new(agent_id), ..Default::default() });
+            slots.push(slot);
+        }
+        slots.extend(previous.into_iter().flatten());
+        self.slot_by_agent =
+            slots.iter().enumerate().map(|(index, slot)| (slot.agent_id.clone(), index as u32)).collect();
+        self.slots = slots;
+        self.aligned_table_opt = Some(agent_table_id);
+    }
+
     pub fn workload(&self, agent_id: &str) -> Option<&AgentWorkload> {
-        self.workload_by_agent.get(agent_id.as_bytes())
+        self.slot(agent_id).map(|slot| &slot.workload)
+    }
+
+    /// The availability a command set for the agent, if any.
+    pub fn availability(&self, agent_id: &str) -> Option<bool> {
+        if self.availability_overrides == 0 {
+            return None;
+        }
+        self.slot(agent_id).and_then(|slot| slot.availability_opt)
+    }
+
+    pub fn has_availability_overrides(&self) -> bool {
+        self.availability_overrides > 0
+    }
+
+    pub fn set_availability(&mut self, agent_id: &str, available: bool) {
+        let slot = self.slot_mut(agent_id);
+        let was_set = slot.availability_opt.replace(available).is_some();
+        if !was_set {
+            self.availability_overrides += 1;
+        }
+    }
+
+    /// Agents with something recorded (workload or availability), for snapshots.
+    pub fn recorded(&self) -> impl Iterator<Item = &AgentSlot> + '_ {
+        self.slots.iter().filter(|slot| !slot.is_blank())
+    }
+
+    /// Restores an agent's recorded workload (snapshots).
+    pub fn restore_workload(&mut self, agent_id: &str, workload: AgentWorkload) {
+        self.slot_mut(agent_id).workload = workload;
     }
 
     pub fn take(&mut self, agent_id: &str, channel_id: &str, channel_type: i32, at_millis: u64) {
-        let workload = match self.workload_by_agent.get_mut(agent_id.as_bytes()) {
-            Some(workload) => workload,
-            None => self.workload_by_agent.entry(AgentKey::new(agent_id)).or_default(),
-        };
+        let workload = &mut self.slot_mut(agent_id).workload;
         workload.open_conversations += 1;
         workload.open_by_channel_type[channel_type_slot(channel_type)] += 1;
         workload.last_assigned_at_millis_opt = Some(at_millis);
         match self.last_round_robin_agent_by_channel.get_mut(channel_id) {
-            Some(last) if last == agent_id => {}
-            Some(last) => agent_id.clone_into(last),
-            None => drop(self.last_round_robin_agent_by_channel.insert(channel_id.to_owned(), agent_id.to_owned())),
+            Some(last) if *last == *agent_id => {}
+            Some(last) => *last = InlineStr::new(agent_id),
+            None => drop(self.last_round_robin_agent_by_channel.insert(channel_id.to_owned(), InlineStr::new(agent_id))),
         }
     }
 
     pub fn release(&mut self, agent_id: &str, channel_type: i32) {
-        if let Some(workload) = self.workload_by_agent.get_mut(agent_id.as_bytes()) {
+        if let Some(index) = self.slot_by_agent.get(agent_id.as_bytes()) {
+            let workload = &mut self.slots[*index as usize].workload;
             workload.open_conversations = workload.open_conversations.saturating_sub(1);
             let slot = &mut workload.open_by_channel_type[channel_type_slot(channel_type)];
             *slot = slot.saturating_sub(1);
@@ -278,20 +453,20 @@ impl MessageDedup {
 /// start time so removing one needs no allocated key (it happens on every assignment).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Backlog {
-    by_started_at: BTreeMap<u64, Vec<String>>,
+    by_started_at: BTreeMap<u64, Vec<u128>>,
 }
 
 impl Backlog {
-    pub fn insert(&mut self, started_at_millis: u64, conversation_id: &str) {
+    pub fn insert(&mut self, started_at_millis: u64, conversation_key: u128) {
         let same_time = self.by_started_at.entry(started_at_millis).or_default();
-        if let Err(position) = same_time.binary_search_by(|id| id.as_str().cmp(conversation_id)) {
-            same_time.insert(position, conversation_id.to_owned());
+        if let Err(position) = same_time.binary_search(&conversation_key) {
+            same_time.insert(position, conversation_key);
         }
     }
 
-    pub fn remove(&mut self, started_at_millis: u64, conversation_id: &str) {
+    pub fn remove(&mut self, started_at_millis: u64, conversation_key: u128) {
         if let Some(same_time) = self.by_started_at.get_mut(&started_at_millis)
-            && let Ok(position) = same_time.binary_search_by(|id| id.as_str().cmp(conversation_id))
+            && let Ok(position) = same_time.binary_search(&conversation_key)
         {
             same_time.remove(position);
             if same_time.is_empty() {
@@ -304,24 +479,24 @@ impl Backlog {
         self.by_started_at.is_empty()
     }
 
-    pub fn contains(&self, conversation_id: &str) -> bool {
-        self.iter().any(|(_, id)| id == conversation_id)
+    pub fn contains(&self, conversation_key: u128) -> bool {
+        self.iter().any(|(_, key)| key == conversation_key)
     }
 
-    /// Oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &String)> + '_ {
-        self.by_started_at.iter().flat_map(|(started_at, ids)| ids.iter().map(move |id| (*started_at, id)))
+    /// Oldest first; ties in conversation-key order (the UUID's order, so the id's order).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u128)> + '_ {
+        self.by_started_at.iter().flat_map(|(started_at, keys)| keys.iter().map(move |key| (*started_at, *key)))
     }
 }
 
 /// Everything the router remembers for one input partition, derived only from its output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterState {
-    /// R10: the open conversation of each thread, by channel id then thread key (channel ids
-    /// are unique across accounts; two levels let lookups borrow `&str` without allocating).
-    pub open_conversation_by_thread: FastMap<String, FastMap<String, String>>,
-    /// Open conversations by id (closed ones are forgotten, see `dedup`).
-    pub conversations: FastMap<String, ConversationState>,
+    /// R10: the open conversation (its key) of each thread, by channel id then thread key
+    /// (channel ids are unique across accounts; two levels let lookups borrow `&str`).
+    pub open_conversation_by_thread: FastMap<String, FastMap<InlineStr, u128>>,
+    /// Open conversations by [`conversation_key`] (closed ones are forgotten, see `dedup`).
+    pub conversations: FastMap<u128, ConversationState>,
     /// C4: contacts by channel id then the sender's channel-scoped external id.
     pub contacts: FastMap<String, FastMap<String, ContactState>>,
     /// Contact id → (channel id, external id), for commands that name a contact.
@@ -331,7 +506,7 @@ pub struct RouterState {
     /// Open tickets by id.
     pub tickets: FastMap<String, TicketState>,
     pub agents: AgentBook,
-    /// B3: open, unassigned conversations per channel, oldest first (started-at, id).
+    /// B3: open, unassigned conversations per channel, oldest first (started-at, key).
     pub waiting_by_channel: FastMap<String, Backlog>,
     pub dedup: MessageDedup,
     /// Request ids of applied (or rejected) commands.
@@ -356,8 +531,21 @@ impl Default for RouterState {
 }
 
 impl RouterState {
-    pub fn open_conversation(&self, channel_id: &str, thread_key: &str) -> Option<&String> {
-        self.open_conversation_by_thread.get(channel_id).and_then(|threads| threads.get(thread_key))
+    /// R10: the key of the thread's open conversation.
+    pub fn open_conversation(&self, channel_id: &str, thread_key: &str) -> Option<u128> {
+        self.open_conversation_by_thread.get(channel_id).and_then(|threads| threads.get(thread_key.as_bytes())).copied()
+    }
+
+    /// R10: the id of the thread's open conversation.
+    pub fn open_conversation_id(&self, channel_id: &str, thread_key: &str) -> Option<String> {
+        let key = self.open_conversation(channel_id, thread_key)?;
+        self.conversations.get(&key).map(|conversation| conversation.id(key))
+    }
+
+    /// An open conversation by id, with its key.
+    pub fn conversation(&self, conversation_id: &str) -> Option<(u128, &ConversationState)> {
+        let key = conversation_key(conversation_id);
+        self.conversations.get(&key).map(|conversation| (key, conversation))
     }
 
     pub fn contact(&self, channel_id: &str, external_id: &str) -> Option<&ContactState> {
@@ -380,29 +568,30 @@ impl RouterState {
         }
     }
 
-    fn stop_waiting(&mut self, conversation_id: &str, channel_id: &str, started_at_millis: u64) {
-        stop_waiting(&mut self.waiting_by_channel, conversation_id, channel_id, started_at_millis);
+    fn stop_waiting(&mut self, conversation_key: u128, channel_id: &str, started_at_millis: u64) {
+        stop_waiting(&mut self.waiting_by_channel, conversation_key, channel_id, started_at_millis);
     }
 
-    fn start_waiting(&mut self, conversation_id: &str, channel_id: &str, started_at_millis: u64) {
+    fn start_waiting(&mut self, conversation_key: u128, channel_id: &str, started_at_millis: u64) {
         let waiting = match self.waiting_by_channel.get_mut(channel_id) {
             Some(waiting) => waiting,
             None => self.waiting_by_channel.entry(channel_id.to_owned()).or_default(),
         };
-        waiting.insert(started_at_millis, conversation_id);
+        waiting.insert(started_at_millis, conversation_key);
     }
 
     fn close_conversation(&mut self, conversation_id: &str) {
-        let Some(conversation) = self.conversations.remove(conversation_id) else { return };
+        let key = conversation_key(conversation_id);
+        let Some(conversation) = self.conversations.remove(&key) else { return };
         if let Some(threads) = self.open_conversation_by_thread.get_mut(&conversation.channel_id) {
-            threads.remove(&conversation.thread_key);
+            threads.remove(conversation.thread_key.as_bytes());
             if threads.is_empty() {
                 self.open_conversation_by_thread.remove(&conversation.channel_id);
             }
         }
         match &conversation.assignee_agent_id_opt {
-            Some(agent_id) => self.agents.release(agent_id, conversation.channel_type),
-            None => self.stop_waiting(conversation_id, &conversation.channel_id, conversation.started_at_millis),
+            Some(agent_id) => self.agents.release(agent_id.as_str(), conversation.channel_type),
+            None => self.stop_waiting(key, &conversation.channel_id, conversation.started_at_millis),
         }
         for key in conversation.message_keys {
             self.dedup.retire(key);
@@ -414,12 +603,12 @@ impl RouterState {
 /// other fields of the state borrowed.
 fn stop_waiting(
     waiting_by_channel: &mut FastMap<String, Backlog>,
-    conversation_id: &str,
+    conversation_key: u128,
     channel_id: &str,
     started_at_millis: u64,
 ) {
     if let Some(waiting) = waiting_by_channel.get_mut(channel_id) {
-        waiting.remove(started_at_millis, conversation_id);
+        waiting.remove(started_at_millis, conversation_key);
         if waiting.is_empty() {
             waiting_by_channel.remove(channel_id);
         }
@@ -493,18 +682,23 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                 Some(threads) => threads,
                 None => state.open_conversation_by_thread.entry(started.channel_id.clone()).or_default(),
             };
-            threads.insert(started.thread_key.clone(), started.conversation_id.clone());
+            let key = conversation_key(&started.conversation_id);
+            threads.insert(InlineStr::new(&started.thread_key), key);
             state.conversations.insert(
-                started.conversation_id.clone(),
+                key,
                 ConversationState {
+                    noncanonical_id_opt: (!is_canonical_uuid(&started.conversation_id))
+                        .then(|| started.conversation_id.as_str().into()),
                     channel_id: started.channel_id.clone(),
                     channel_type: started.channel_type,
-                    thread_key: started.thread_key.clone(),
+                    thread_key: InlineStr::new(&started.thread_key),
                     contact_id: started.contact_id.clone(),
-                    contact_external_id: match started.contact.as_ref().map(|sender| sender.external_id.as_str()) {
-                        Some(external_id) if !external_id.is_empty() => external_id.to_owned(),
-                        _ => started.thread_key.clone(),
-                    },
+                    contact_external_id: InlineStr::new(
+                        match started.contact.as_ref().map(|sender| sender.external_id.as_str()) {
+                            Some(external_id) if !external_id.is_empty() => external_id,
+                            _ => &started.thread_key,
+                        },
+                    ),
                     started_at_millis,
                     ..Default::default()
                 },
@@ -513,15 +707,16 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         Some(Payload::ConversationLeftUnassigned(left)) => {
             // Open and unassigned: it waits for an agent (B3). Every new conversation gets its
             // routing decision in the same decision as its start.
-            if let Some(conversation) = state.conversations.get(&left.conversation_id)
+            let key = conversation_key(&left.conversation_id);
+            if let Some(conversation) = state.conversations.get(&key)
                 && conversation.assignee_agent_id_opt.is_none()
             {
                 let (channel_id, started_at_millis) = (conversation.channel_id.clone(), conversation.started_at_millis);
-                state.start_waiting(&left.conversation_id, &channel_id, started_at_millis);
+                state.start_waiting(key, &channel_id, started_at_millis);
             }
         }
         Some(Payload::MessageAppended(appended)) => {
-            if let Some(conversation) = state.conversations.get_mut(&appended.conversation_id) {
+            if let Some(conversation) = state.conversations.get_mut(&conversation_key(&appended.conversation_id)) {
                 let key = message_key(&appended.message_id);
                 conversation.message_keys.push(key);
                 state.dedup.open.insert(key);
@@ -531,20 +726,21 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             let at_millis = recorded_at_millis(event);
             // Field-wise borrows: the conversation stays borrowed while the agents' book and the
             // backlog change, so nothing is cloned (this runs for every assignment).
-            let Some(conversation) = state.conversations.get_mut(&assigned.conversation_id) else { return };
+            let key = conversation_key(&assigned.conversation_id);
+            let Some(conversation) = state.conversations.get_mut(&key) else { return };
             match &mut conversation.assignee_agent_id_opt {
                 Some(previous) => {
-                    state.agents.release(previous, conversation.channel_type);
-                    assigned.assignee_agent_id.clone_into(previous);
+                    state.agents.release(previous.as_str(), conversation.channel_type);
+                    *previous = InlineStr::new(&assigned.assignee_agent_id);
                 }
                 None => {
                     stop_waiting(
                         &mut state.waiting_by_channel,
-                        &assigned.conversation_id,
+                        key,
                         &conversation.channel_id,
                         conversation.started_at_millis,
                     );
-                    conversation.assignee_agent_id_opt = Some(assigned.assignee_agent_id.clone());
+                    conversation.assignee_agent_id_opt = Some(InlineStr::new(&assigned.assignee_agent_id));
                 }
             }
             state.agents.take(
@@ -556,19 +752,20 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         }
         Some(Payload::ConversationUnassigned(unassigned)) => {
             state.remember_request(&unassigned.request_id);
-            let Some(conversation) = state.conversations.get_mut(&unassigned.conversation_id) else { return };
+            let key = conversation_key(&unassigned.conversation_id);
+            let Some(conversation) = state.conversations.get_mut(&key) else { return };
             let Some(previous) = conversation.assignee_agent_id_opt.take() else { return };
             let (channel_id, channel_type, started_at_millis) =
                 (conversation.channel_id.clone(), conversation.channel_type, conversation.started_at_millis);
-            state.agents.release(&previous, channel_type);
-            state.start_waiting(&unassigned.conversation_id, &channel_id, started_at_millis);
+            state.agents.release(previous.as_str(), channel_type);
+            state.start_waiting(key, &channel_id, started_at_millis);
         }
         Some(Payload::ConversationClosed(closed)) => {
             state.remember_request(&closed.request_id);
             state.close_conversation(&closed.conversation_id);
         }
         Some(Payload::TicketCreated(created)) => {
-            if let Some(conversation) = state.conversations.get_mut(&created.conversation_id) {
+            if let Some(conversation) = state.conversations.get_mut(&conversation_key(&created.conversation_id)) {
                 conversation.ticket_id_opt = Some(created.ticket_id.clone());
             }
             if let Some(contact) = state.contact_by_id_mut(&created.contact_id) {
@@ -593,7 +790,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         }
         Some(Payload::AgentAvailabilityChanged(changed)) => {
             state.remember_request(&changed.request_id);
-            state.agents.availability_by_agent.insert(changed.agent_id.clone(), changed.available);
+            state.agents.set_availability(&changed.agent_id, changed.available);
         }
         Some(Payload::CommandRejected(rejected)) => state.remember_request(&rejected.request_id),
         // Notifications and TicketNotCreated change nothing the router needs.

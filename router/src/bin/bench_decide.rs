@@ -14,7 +14,7 @@ use switchboard_proto::events::v1::{
     AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, Envelope,
     InboundMessageReceived, RoutingRulesConfigured, Sender,
 };
-use switchboard_router::core::{RouterConfig, RouterState, decide, evolve};
+use switchboard_router::core::{RouterConfig, RouterState, align_state, decide, evolve};
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::envelope::{new_root, timestamp};
 
@@ -113,6 +113,17 @@ fn thread_cpu_nanos() -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
+/// With `PERF_CTL_FIFO` set (`perf record --delay=-1 --control fifo:$PERF_CTL_FIFO ...`), perf
+/// samples only the timed loop, not building the state and the inputs.
+fn profiler_control(command: &str) {
+    if let Some(fifo) = std::env::var_os("PERF_CTL_FIFO") {
+        use std::io::Write;
+        if let Ok(mut control) = std::fs::OpenOptions::new().write(true).open(fifo) {
+            let _ = writeln!(control, "{command}");
+        }
+    }
+}
+
 /// A deterministic pseudo-random sequence (no dependency, reproducible runs).
 fn next_random(seed: &mut u64) -> u64 {
     *seed ^= *seed << 13;
@@ -126,6 +137,7 @@ fn main() {
     let new_share = argument("--new-share", 0.2);
     let config = config();
     let mut state = RouterState::default();
+    align_state(&mut state, &config);
     let mut sequence = 0u64;
     let setup_started = Instant::now();
     for visitor in 0..OPEN_CONVERSATIONS as u64 {
@@ -159,6 +171,7 @@ fn main() {
         })
         .collect();
 
+    profiler_control("enable");
     let started = Instant::now();
     let cpu_started_opt = thread_cpu_nanos();
     let mut emitted = 0usize;
@@ -170,6 +183,7 @@ fn main() {
         emitted += events.len();
     }
     let elapsed = started.elapsed();
+    profiler_control("disable");
     let cpu_seconds_opt = cpu_started_opt.zip(thread_cpu_nanos()).map(|(start, end)| (end - start) as f64 / 1e9);
     println!("inputs: {inputs} ({:.0}% new conversations), events emitted: {emitted}", new_share * 100.0);
     println!(

@@ -21,7 +21,7 @@ use switchboard_proto::events::v1::{
     AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, ConversationCloseRequested,
     Envelope, InboundMessageReceived, KafkaPosition, RoutingRulesConfigured, Sender,
 };
-use switchboard_router::core::{RouterConfig, RouterState, decide, evolve};
+use switchboard_router::core::{RouterConfig, RouterState, align_state, decide, evolve};
 use switchboard_router::shell::{RecoverFrom, RouterSettings, recover_partition_state};
 use switchboard_router::snapshot::{self, Manifest};
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
@@ -99,6 +99,7 @@ impl History {
 
     fn route(&mut self, payload: Payload) -> anyhow::Result<()> {
         let input = self.input(payload);
+        align_state(&mut self.state, &self.config);
         let decided = decide(&self.state, &self.config, &input).context("bench input not routable")?;
         for mut event in decided {
             evolve(&mut self.state, &event);
@@ -141,7 +142,7 @@ impl History {
     }
 
     fn close(&mut self, visitor: u64) -> anyhow::Result<()> {
-        let conversation_id = self.state.open_conversation("chat", &format!("visitor-{visitor}")).cloned();
+        let conversation_id = self.state.open_conversation_id("chat", &format!("visitor-{visitor}"));
         let Some(conversation_id) = conversation_id else { return Ok(()) };
         self.route(Payload::ConversationCloseRequested(ConversationCloseRequested {
             conversation_id,
