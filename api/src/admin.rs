@@ -383,7 +383,7 @@ fn config_contains(snapshot: &ConfigSnapshot, account_id: &str, payload: &Payloa
             snapshot.inboxes.get(&inbox.inbox_id).is_some_and(|c| same(&c.account_id) && &c.entity == inbox)
         }
         Payload::ChannelConfigured(channel) => {
-            snapshot.channels.get(&channel.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == channel)
+            snapshot.channels.get(&channel.channel_id).is_some_and(|c| same(&c.account_id) && c.entity == **channel)
         }
         Payload::RoutingRulesConfigured(rules) => {
             snapshot.routing_rules.get(&rules.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == rules)
@@ -679,7 +679,7 @@ impl AdminService for Admin {
             if snapshot.channels.contains_key(&body.channel_id) {
                 return Err(ApiError::AlreadyExists { what: "channel", id: body.channel_id.clone() });
             }
-            Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(channel)).await?])
+            Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(Box::new(channel))).await?])
         })
     }
 
@@ -698,7 +698,7 @@ impl AdminService for Admin {
             }
             apply_settings(&mut violations, &mut channel, body.settings.as_ref());
             violations.into_result()?;
-            Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(channel)).await?])
+            Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(Box::new(channel))).await?])
         })
     }
 
@@ -711,7 +711,7 @@ impl AdminService for Admin {
             let _guard = self.config_lock.lock().await;
             let (mut channel, _) = self.channel_of(&self.snapshot(), &identity, &body.channel_id)?;
             channel.enabled = body.enabled;
-            Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(channel)).await?])
+            Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(Box::new(channel))).await?])
         })
     }
 

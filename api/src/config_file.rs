@@ -481,14 +481,14 @@ impl ConfigFile {
         }
         for channel in &self.channels {
             let declared_type = channel_type(&channel.channel_type)?;
-            payloads.push(Payload::ChannelConfigured(ChannelConfigured {
+            payloads.push(Payload::ChannelConfigured(Box::new(ChannelConfigured {
                 channel_id: channel.id.clone(),
                 inbox_id: channel.inbox.clone(),
                 channel_type: declared_type as i32,
                 name: channel.name.clone(),
                 enabled: channel.enabled,
                 ..channel.settings(declared_type)?
-            }));
+            })));
             if let Some(tickets) = &channel.tickets {
                 if tickets.pipeline.trim().is_empty() || tickets.stage.trim().is_empty() {
                     bail!("channel `{}`: tickets need a pipeline and a stage (T1)", channel.id);
@@ -580,7 +580,7 @@ fn is_current(current: &ConfigSnapshot, account_id: &str, payload: &Payload) -> 
             current.inboxes.get(&inbox.inbox_id).is_some_and(|c| same(&c.account_id) && &c.entity == inbox)
         }
         Payload::ChannelConfigured(channel) => {
-            current.channels.get(&channel.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == channel)
+            current.channels.get(&channel.channel_id).is_some_and(|c| same(&c.account_id) && c.entity == **channel)
         }
         Payload::RoutingRulesConfigured(rules) => {
             current.routing_rules.get(&rules.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == rules)

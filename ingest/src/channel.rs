@@ -112,7 +112,7 @@ pub fn inbound_event(channel: &Owned<ChannelConfigured>, extracted: Extracted, r
         thread_key,
         sender: Some(sender),
         text,
-        content: Some(content),
+        content: Some(Box::new(content)),
         // C11: a switched-off channel's messages are still recorded, marked as such.
         channel_disabled_at_ingest: !entity.enabled,
     };

@@ -438,7 +438,7 @@ fn withheld(message: &InboundMessageReceived, source_event_id: &str, reason: Wit
         thread_key: message.thread_key.clone(),
         sender: message.sender.clone(),
         source_event_id: source_event_id.to_owned(),
-        message: keep.then(|| message.clone()),
+        message: keep.then(|| Box::new(message.clone())),
     })
 }
 

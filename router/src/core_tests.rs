@@ -488,7 +488,7 @@ fn c6_explicit_consent_holds_messages_until_consent_then_releases_them_in_order(
 fn c6_consent_given_with_the_message_lets_it_through() {
     let mut given = Given::new().channel(messenger_with_explicit_consent());
     let mut message = given.message_on("fb-1", "psid-9", "mid-1");
-    message.content = Some(InboundContent { consent: ConsentState::Given as i32, ..Default::default() });
+    message.content = Some(Box::new(InboundContent { consent: ConsentState::Given as i32, ..Default::default() }));
     let events = given.when_message(message);
     assert_eq!(
         names(&events)[..4],
@@ -918,7 +918,7 @@ fn i5_help_desk_inbox_always_creates_tickets() {
 fn c7_form_ticket_fields_override_name_description_pipeline_and_stage() {
     let mut given = Given::new().tickets(ticket_settings(0, ""));
     let mut submission = given.message_on(CHANNEL, "form-visitor", "sub-1");
-    submission.content = Some(InboundContent {
+    submission.content = Some(Box::new(InboundContent {
         form_ticket: Some(FormTicketFields {
             name: "Broken invoice".into(),
             description: "Invoice 42 is wrong".into(),
@@ -926,7 +926,7 @@ fn c7_form_ticket_fields_override_name_description_pipeline_and_stage() {
             stage: "triage".into(),
         }),
         ..Default::default()
-    });
+    }));
     let ticket = ticket_created(&given.when_message(submission)).unwrap();
     assert_eq!(
         (ticket.name.as_str(), ticket.description.as_str(), ticket.pipeline.as_str(), ticket.stage.as_str()),

@@ -671,7 +671,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                     .held_by_contact
                     .entry(contact_id)
                     .or_default()
-                    .push(HeldMessage { message: message.clone(), source_event_id: withheld.source_event_id.clone() });
+                    .push(HeldMessage { message: (**message).clone(), source_event_id: withheld.source_event_id.clone() });
             } else {
                 state.dedup.retire(key);
             }

@@ -62,7 +62,7 @@ impl ConfigSnapshot {
                 self.inboxes.insert(entity.inbox_id.clone(), Owned { account_id, entity });
             }
             Some(Payload::ChannelConfigured(entity)) => {
-                self.channels.insert(entity.channel_id.clone(), Owned { account_id, entity });
+                self.channels.insert(entity.channel_id.clone(), Owned { account_id, entity: *entity });
             }
             Some(Payload::RoutingRulesConfigured(entity)) => {
                 self.routing_rules.insert(entity.channel_id.clone(), Owned { account_id, entity });

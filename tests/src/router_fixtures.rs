@@ -32,14 +32,14 @@ pub fn account_config(account: &str, capacity: u32, treat_as_tickets: bool) -> V
         ),
         config_event(
             account,
-            Payload::ChannelConfigured(ChannelConfigured {
+            Payload::ChannelConfigured(Box::new(ChannelConfigured {
                 channel_id: channel_id.clone(),
                 inbox_id: format!("{account}-inbox"),
                 channel_type: ChannelType::Chat as i32,
                 name: "Chat".into(),
                 enabled: true,
                 ..Default::default()
-            }),
+            })),
         ),
         config_event(
             account,

@@ -27,9 +27,13 @@ fn channel(channel_id: &str, channel_type: ChannelType, enabled: bool) -> Channe
     }
 }
 
+fn channel_configured(channel: ChannelConfigured) -> Payload {
+    Payload::ChannelConfigured(Box::new(channel))
+}
+
 fn config_payloads() -> Vec<Payload> {
     let email = |channel_id: &str, address: &str, enabled: bool| {
-        Payload::ChannelConfigured(ChannelConfigured {
+        channel_configured(ChannelConfigured {
             email: Some(EmailSettings { team_address: address.into(), ..Default::default() }),
             ..channel(channel_id, ChannelType::TeamEmail, enabled)
         })
@@ -44,7 +48,7 @@ fn config_payloads() -> Vec<Payload> {
         }),
         email("team-mail", "support@acme.example", true),
         email("old-mail", "old@acme.example", false),
-        Payload::ChannelConfigured(ChannelConfigured {
+        channel_configured(ChannelConfigured {
             messenger: Some(MessengerSettings {
                 page_id: "104212345678901".into(),
                 consent_mode: ConsentMode::Implicit as i32,
@@ -52,16 +56,16 @@ fn config_payloads() -> Vec<Payload> {
             }),
             ..channel("fb", ChannelType::FacebookMessenger, true)
         }),
-        Payload::ChannelConfigured(ChannelConfigured {
+        channel_configured(ChannelConfigured {
             whatsapp: Some(WhatsAppSettings {
                 phone_number_id: "106540352242922".into(),
                 display_phone_number: "15550783881".into(),
             }),
             ..channel("wa", ChannelType::Whatsapp, true)
         }),
-        Payload::ChannelConfigured(channel("contact-form", ChannelType::Forms, true)),
-        Payload::ChannelConfigured(channel("phone", ChannelType::Calling, true)),
-        Payload::ChannelConfigured(channel("telegram", ChannelType::Custom, true)),
+        channel_configured(channel("contact-form", ChannelType::Forms, true)),
+        channel_configured(channel("phone", ChannelType::Calling, true)),
+        channel_configured(channel("telegram", ChannelType::Custom, true)),
     ]
 }
 

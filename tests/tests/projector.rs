@@ -85,7 +85,7 @@ fn conversation_log(first: usize, count: usize, partitions: i32) -> (Vec<(String
                 sender: Some(visitor.clone()),
                 text: format!("message {message} of conversation {index}"),
                 source_event_id: id(index, 10 + message),
-                content: Some(InboundContent {
+                content: Some(Box::new(InboundContent {
                     kind: MessageKind::FormSubmission as i32,
                     subject: format!("Subject {index}"),
                     form_fields: vec![
@@ -93,7 +93,7 @@ fn conversation_log(first: usize, count: usize, partitions: i32) -> (Vec<(String
                         FormField { name: "utm_campaign".into(), value: "spring".into(), hidden: true },
                     ],
                     ..Default::default()
-                }),
+                })),
                 contact_id: contact_id.clone(),
             }));
         }
@@ -239,7 +239,7 @@ fn config_log() -> Vec<(String, Envelope)> {
         ),
         envelope(
             "channel/messenger-1",
-            Payload::ChannelConfigured(ChannelConfigured {
+            Payload::ChannelConfigured(Box::new(ChannelConfigured {
                 channel_id: "messenger-1".into(),
                 inbox_id: "support".into(),
                 channel_type: ChannelType::FacebookMessenger as i32,
@@ -247,7 +247,7 @@ fn config_log() -> Vec<(String, Envelope)> {
                 enabled: true,
                 messenger: Some(MessengerSettings { page_id: "page-9".into(), consent_mode: 2, ..Default::default() }),
                 ..Default::default()
-            }),
+            })),
         ),
         envelope(
             "rules/messenger-1",

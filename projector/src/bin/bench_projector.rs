@@ -227,14 +227,14 @@ fn produce(args: &Args, topics: &Topics, partitions: i32) -> anyhow::Result<(usi
             access_mode: 1,
             ..Default::default()
         });
-        let channel = Payload::ChannelConfigured(ChannelConfigured {
+        let channel = Payload::ChannelConfigured(Box::new(ChannelConfigured {
             channel_id: format!("chan-{index}"),
             inbox_id: format!("inbox-{index}"),
             channel_type: channel_type(index) as i32,
             name: format!("Channel {index}"),
             enabled: true,
             ..Default::default()
-        });
+        }));
         let rules = Payload::RoutingRulesConfigured(RoutingRulesConfigured {
             channel_id: format!("chan-{index}"),
             version: 1,

@@ -73,21 +73,21 @@ async fn main() -> anyhow::Result<()> {
             name: "Support".into(),
             ..Default::default()
         }),
-        Payload::ChannelConfigured(ChannelConfigured {
+        Payload::ChannelConfigured(Box::new(ChannelConfigured {
             channel_id: "web".into(),
             inbox_id: "support".into(),
             channel_type: ChannelType::Chat as i32,
             enabled: true,
             ..Default::default()
-        }),
-        Payload::ChannelConfigured(ChannelConfigured {
+        })),
+        Payload::ChannelConfigured(Box::new(ChannelConfigured {
             channel_id: "wa".into(),
             inbox_id: "support".into(),
             channel_type: ChannelType::Whatsapp as i32,
             enabled: true,
             whatsapp: Some(WhatsAppSettings { phone_number_id: "106540352242922".into(), ..Default::default() }),
             ..Default::default()
-        }),
+        })),
     ];
     for payload in config_payloads {
         let key = config_key(&payload).context("config payload")?;
