@@ -218,7 +218,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         if conversation.id(key) != conversation_id {
             conversation.noncanonical_id_opt = Some(conversation_id.into());
         }
-        state.conversations.insert(key, conversation);
+        state.conversations.insert(key, Box::new(conversation));
     }
     for _ in 0..input.len()? {
         let channel_id = input.string()?;
