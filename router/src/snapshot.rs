@@ -229,8 +229,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
             consent_granted: input.bool()?,
             ticket_count: input.u32()?,
         };
-        state.contact_identity_by_id.insert(contact.contact_id.clone(), (channel_id.clone(), external_id.clone()));
-        state.contacts.entry(channel_id).or_default().insert(external_id, contact);
+        state.insert_contact(&channel_id, &external_id, contact);
     }
     for _ in 0..input.len()? {
         let contact_id = input.string()?;

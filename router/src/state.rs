@@ -500,9 +500,10 @@ pub struct RouterState {
     /// a few MB instead of stalling routing to copy ~70 MB of inline states.
     pub conversations: FastMap<u128, Box<ConversationState>>,
     /// C4: contacts by channel id then the sender's channel-scoped external id.
-    pub contacts: FastMap<String, FastMap<String, ContactState>>,
-    /// Contact id → (channel id, external id), for commands that name a contact.
-    pub contact_identity_by_id: FastMap<String, (String, String)>,
+    pub contacts: FastMap<String, FastMap<InlineStr, ContactState>>,
+    /// Contact id (as a [`conversation_key`]-style 128-bit key: contact ids are UUIDs) →
+    /// (channel id, external id), for commands that name a contact.
+    pub contact_identity_by_key: FastMap<u128, (String, InlineStr)>,
     /// C6: messages held for consent, by contact id, in arrival order.
     pub held_by_contact: FastMap<String, Vec<HeldMessage>>,
     /// Open tickets by id.
@@ -521,7 +522,7 @@ impl Default for RouterState {
             open_conversation_by_thread: FastMap::default(),
             conversations: FastMap::default(),
             contacts: FastMap::default(),
-            contact_identity_by_id: FastMap::default(),
+            contact_identity_by_key: FastMap::default(),
             held_by_contact: FastMap::default(),
             tickets: FastMap::default(),
             agents: AgentBook::default(),
@@ -551,17 +552,31 @@ impl RouterState {
     }
 
     pub fn contact(&self, channel_id: &str, external_id: &str) -> Option<&ContactState> {
-        self.contacts.get(channel_id).and_then(|contacts| contacts.get(external_id))
+        self.contacts.get(channel_id).and_then(|contacts| contacts.get(external_id.as_bytes()))
     }
 
     pub fn contact_by_id(&self, contact_id: &str) -> Option<&ContactState> {
-        let (channel_id, external_id) = self.contact_identity_by_id.get(contact_id)?;
-        self.contact(channel_id, external_id)
+        let (channel_id, external_id) = self.contact_identity_by_key.get(&message_key(contact_id))?;
+        self.contact(channel_id, external_id).filter(|contact| contact.contact_id == contact_id)
     }
 
     fn contact_by_id_mut(&mut self, contact_id: &str) -> Option<&mut ContactState> {
-        let (channel_id, external_id) = self.contact_identity_by_id.get(contact_id)?;
-        self.contacts.get_mut(channel_id.as_str()).and_then(|contacts| contacts.get_mut(external_id.as_str()))
+        let (channel_id, external_id) = self.contact_identity_by_key.get(&message_key(contact_id))?;
+        self.contacts
+            .get_mut(channel_id.as_str())
+            .and_then(|contacts| contacts.get_mut(external_id.as_bytes()))
+            .filter(|contact| contact.contact_id == contact_id)
+    }
+
+    /// Records a contact under its channel-scoped identity (C4) and its id.
+    pub fn insert_contact(&mut self, channel_id: &str, external_id: &str, contact: ContactState) {
+        self.contact_identity_by_key
+            .insert(message_key(&contact.contact_id), (channel_id.to_owned(), InlineStr::new(external_id)));
+        let contacts = match self.contacts.get_mut(channel_id) {
+            Some(contacts) => contacts,
+            None => self.contacts.entry(channel_id.to_owned()).or_default(),
+        };
+        contacts.insert(InlineStr::new(external_id), contact);
     }
 
     fn remember_request(&mut self, request_id: &str) {
@@ -624,22 +639,17 @@ fn stop_waiting(
 pub fn evolve(state: &mut RouterState, event: &Envelope) {
     match &event.payload {
         Some(Payload::ContactCreated(created)) => {
-            let contacts = match state.contacts.get_mut(created.channel_id.as_str()) {
-                Some(contacts) => contacts,
-                None => state.contacts.entry(created.channel_id.clone()).or_default(),
-            };
-            contacts
-                .entry(created.external_id.clone())
-                .or_insert_with(|| ContactState { contact_id: created.contact_id.clone(), ..Default::default() });
-            state
-                .contact_identity_by_id
-                .insert(created.contact_id.clone(), (created.channel_id.clone(), created.external_id.clone()));
+            // A contact is created once per identity; a repeated event changes nothing.
+            if state.contact(&created.channel_id, &created.external_id).is_none() {
+                let contact = ContactState { contact_id: created.contact_id.clone(), ..Default::default() };
+                state.insert_contact(&created.channel_id, &created.external_id, contact);
+            }
         }
         Some(Payload::ContactConsentReceived(consent)) => {
             if let Some(contact) = state
                 .contacts
                 .get_mut(consent.channel_id.as_str())
-                .and_then(|contacts| contacts.get_mut(consent.sender_external_id.as_str()))
+                .and_then(|contacts| contacts.get_mut(consent.sender_external_id.as_bytes()))
             {
                 contact.consent_granted = consent.granted;
                 if consent.granted {
