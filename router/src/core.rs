@@ -501,6 +501,7 @@ fn emit_routing(decision: &mut Decision<'_>, conversation_id: &str, outcome: Out
             conversation_id: conversation_id.to_owned(),
             assignee_agent_id,
             explanation: Some(explanation),
+            ..Default::default()
         }),
         Outcome::Unassigned(reason) => Payload::ConversationLeftUnassigned(ConversationLeftUnassigned {
             conversation_id: conversation_id.to_owned(),
@@ -811,6 +812,8 @@ fn decide_manual_assignment(
             eligible_agent_ids: vec![request.assignee_agent_id.clone()],
             ..Default::default()
         }),
+        actor: request.actor.clone(),
+        request_id: request.request_id.clone(),
     }));
     if let Some(previous) = previous_opt {
         let agents = overlay.agents.to_mut();
@@ -843,16 +846,7 @@ fn decide_close(
         );
         return;
     };
-    close(
-        state,
-        config,
-        decision,
-        key,
-        conversation,
-        CloseReason::Agent,
-        request.actor.clone(),
-        &request.request_id,
-    );
+    close(state, config, decision, key, conversation, CloseReason::Agent, request.actor.clone(), &request.request_id);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -913,16 +907,7 @@ fn decide_ticket_stage(
     if request.close
         && let Some((key, conversation)) = state.conversation(&ticket.conversation_id)
     {
-        close(
-            state,
-            config,
-            decision,
-            key,
-            conversation,
-            CloseReason::TicketClosed,
-            request.actor.clone(),
-            "",
-        );
+        close(state, config, decision, key, conversation, CloseReason::TicketClosed, request.actor.clone(), "");
     }
 }
 

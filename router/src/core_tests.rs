@@ -816,6 +816,22 @@ fn b2_every_decision_explains_rule_version_strategy_eligible_and_skipped() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+fn i4_a_retried_manual_assignment_is_recognised_even_after_a_later_reassignment() {
+    let mut given = pool_of(&["ana", "bo"]);
+    let conversation_id = conversation_of(&given.when("visitor-1", "m1"));
+    let first = given.when_command(assign_request(&conversation_id, "bo", "assign-to-bo"));
+    assert_eq!(assignees(&first), [(conversation_id.clone(), "bo".to_string())]);
+    let Some(Payload::ConversationAssigned(assigned)) = &first[0].payload else { panic!("{first:?}") };
+    assert_eq!(assigned.request_id, "assign-to-bo", "the decision names the request it answers");
+    given.when_command(assign_request(&conversation_id, "ana", "assign-to-ana"));
+    // The API retries its first request after a timeout: it must not take the conversation back.
+    let retried = given.when_command(assign_request(&conversation_id, "bo", "assign-to-bo"));
+    assert_eq!(names(&retried), ["command_rejected"]);
+    assert_eq!(given.open_conversations("ana"), 1);
+    assert_eq!(given.open_conversations("bo"), 0);
+}
+
+#[test]
 fn b6_every_command_yields_at_least_one_event_and_inapplicable_ones_are_rejected() {
     let mut given = pool_of(&["ana"]);
     let conversation_id = conversation_of(&given.when("visitor-1", "m1"));
@@ -1005,7 +1021,10 @@ fn b3_closing_frees_capacity_and_the_oldest_waiting_conversation_is_assigned() {
     assert_eq!(names(&closed), ["conversation_closed", "conversation_assigned"]);
     assert_eq!(assignees(&closed), [(conversation_of(&waiting_older), "ana".to_string())], "oldest first");
     assert!(explanation(&closed).rule_version == 7, "re-drive decisions are explained like any other");
-    assert!(given.state.waiting_by_channel[CHANNEL].contains(crate::state::conversation_key(&conversation_of(&waiting_younger))));
+    assert!(
+        given.state.waiting_by_channel[CHANNEL]
+            .contains(crate::state::conversation_key(&conversation_of(&waiting_younger)))
+    );
 }
 
 #[test]

@@ -10,8 +10,8 @@ use prost::Message;
 use switchboard_proto::events::v1::InboundMessageReceived;
 
 use crate::state::{
-    AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, InlineStr,
-    RouterState, TicketState, conversation_key, message_key,
+    AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, InlineStr, RouterState,
+    TicketState, conversation_key, message_key,
 };
 
 const MAGIC: &[u8; 4] = b"SBRS";

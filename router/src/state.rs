@@ -376,7 +376,9 @@ impl AgentBook {
         match self.last_round_robin_agent_by_channel.get_mut(channel_id) {
             Some(last) if *last == *agent_id => {}
             Some(last) => *last = InlineStr::new(agent_id),
-            None => drop(self.last_round_robin_agent_by_channel.insert(channel_id.to_owned(), InlineStr::new(agent_id))),
+            None => {
+                drop(self.last_round_robin_agent_by_channel.insert(channel_id.to_owned(), InlineStr::new(agent_id)))
+            }
         }
     }
 
@@ -679,11 +681,10 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             {
                 let contact_id = contact.contact_id.clone();
                 state.dedup.open.insert(key);
-                state
-                    .held_by_contact
-                    .entry(contact_id)
-                    .or_default()
-                    .push(HeldMessage { message: (**message).clone(), source_event_id: withheld.source_event_id.clone() });
+                state.held_by_contact.entry(contact_id).or_default().push(HeldMessage {
+                    message: (**message).clone(),
+                    source_event_id: withheld.source_event_id.clone(),
+                });
             } else {
                 state.dedup.retire(key);
             }
@@ -735,6 +736,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             }
         }
         Some(Payload::ConversationAssigned(assigned)) => {
+            state.remember_request(&assigned.request_id);
             let at_millis = recorded_at_millis(event);
             // Field-wise borrows: the conversation stays borrowed while the agents' book and the
             // backlog change, so nothing is cloned (this runs for every assignment).

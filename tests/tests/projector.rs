@@ -214,6 +214,7 @@ fn assigned(conversation_id: &str, agent: &str, explanation: &RoutingExplanation
         conversation_id: conversation_id.into(),
         assignee_agent_id: agent.into(),
         explanation: Some(explanation.clone()),
+        ..Default::default()
     })
 }
 

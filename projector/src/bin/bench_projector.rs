@@ -336,6 +336,7 @@ fn produce(args: &Args, topics: &Topics, partitions: i32) -> anyhow::Result<(usi
                     conversation_id: conversation_id.clone(),
                     assignee_agent_id: format!("agent-{}", (channel_index * 10 + index % 10) % AGENTS),
                     explanation: explanation.clone(),
+                    ..Default::default()
                 }));
             }
             if slot == 3 {
