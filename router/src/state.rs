@@ -640,12 +640,12 @@ fn stop_waiting(
 /// copying maps per event would dominate its cost; the semantics are those of `evolve(S, &E) -> S`.
 pub fn evolve(state: &mut RouterState, event: &Envelope) {
     match &event.payload {
-        Some(Payload::ContactCreated(created)) => {
-            // A contact is created once per identity; a repeated event changes nothing.
-            if state.contact(&created.channel_id, &created.external_id).is_none() {
-                let contact = ContactState { contact_id: created.contact_id.clone(), ..Default::default() };
-                state.insert_contact(&created.channel_id, &created.external_id, contact);
-            }
+        // A contact is created once per identity; a repeated event changes nothing.
+        Some(Payload::ContactCreated(created))
+            if state.contact(&created.channel_id, &created.external_id).is_none() =>
+        {
+            let contact = ContactState { contact_id: created.contact_id.clone(), ..Default::default() };
+            state.insert_contact(&created.channel_id, &created.external_id, contact);
         }
         Some(Payload::ContactConsentReceived(consent)) => {
             if let Some(contact) = state
