@@ -22,14 +22,14 @@ use switchboard_proto::events::v1::{
     ConversationCloseRequested, ConversationClosed, ConversationLeftUnassigned, ConversationStarted,
     ConversationUnassigned, Envelope, InboundMessageReceived, ManualAssignmentRequested, MessageAppended,
     MessageWithheld, OwnerNotificationRequested, RoutingExplanation, SkipReason, SkippedCandidate, TicketCreated,
-    TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource, TicketStageChangeRequested, TicketStageChanged,
-    UnassignedReason, WithheldReason,
+    TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource, TicketSettingsConfigured, TicketStageChangeRequested,
+    TicketStageChanged, UnassignedReason, WithheldReason,
 };
 use switchboard_runtime::envelope::{SCHEMA_VERSION, payload_name, recorded_at_millis};
 
 pub use crate::config::RouterConfig;
 use crate::config::{AgentProfile, ChannelProfile};
-use crate::state::{AgentBook, AgentSlot, ConversationState, message_key, sender_identity};
+use crate::state::{AgentBook, AgentSlot, ContactState, ConversationState, message_key, sender_identity};
 pub use crate::state::{RouterState, evolve};
 
 /// Upper bound of routing attempts one re-drive makes (B3): keeps the latency of a single
@@ -295,7 +295,7 @@ fn decide_message(
         }));
     }
     let mut overlay = Overlay::untracked(state);
-    deliver(state, config, decision, &mut overlay, channel, message, &input.event_id, &contact_id, "");
+    deliver(state, config, decision, &mut overlay, channel, message, &input.event_id, &contact_id, contact_opt, "");
     Ok(())
 }
 
@@ -312,6 +312,8 @@ fn deliver(
     message: &InboundMessageReceived,
     source_event_id: &str,
     contact_id: &str,
+    // The contact's recorded state, if it existed before this decision (the caller looked it up).
+    contact_opt: Option<&ContactState>,
     purpose_suffix: &str,
 ) {
     if let Some(conversation_id) = overlay.open_conversation(state, &message.channel_id, &message.thread_key) {
@@ -335,7 +337,7 @@ fn deliver(
     }));
     decision.emit(message_appended(conversation_id.clone(), source_event_id, message, contact_id));
 
-    let owner_opt = state.contact_by_id(contact_id).and_then(|contact| contact.owner_agent_id_opt.as_deref());
+    let owner_opt = contact_opt.and_then(|contact| contact.owner_agent_id_opt.as_deref());
     let routed = route(config, &overlay.agents, channel, channel_type, owner_opt);
     let assignee_opt = match &routed.outcome {
         Outcome::Assigned(agent_id) => Some(agent_id.clone()),
@@ -359,13 +361,13 @@ fn deliver(
     }
     if channel.creates_tickets() {
         decide_ticket(
-            state,
             decision,
             overlay,
             channel,
             message,
             &conversation_id,
             contact_id,
+            contact_opt,
             assignee_opt,
             purpose_suffix,
         );
@@ -374,19 +376,19 @@ fn deliver(
 
 #[allow(clippy::too_many_arguments)]
 fn decide_ticket(
-    state: &RouterState,
     decision: &mut Decision<'_>,
     overlay: &mut Overlay<'_>,
     channel: &ChannelProfile,
     message: &InboundMessageReceived,
     conversation_id: &str,
     contact_id: &str,
+    contact_opt: Option<&ContactState>,
     assignee_opt: Option<String>,
     purpose_suffix: &str,
 ) {
-    let settings = channel.tickets_opt.clone().unwrap_or_default();
-    let tickets_so_far =
-        state.contact_by_id(contact_id).map_or(0, |contact| contact.ticket_count) + overlay.extra_tickets(contact_id);
+    let no_settings = TicketSettingsConfigured::default();
+    let settings = channel.tickets_opt.as_ref().unwrap_or(&no_settings);
+    let tickets_so_far = contact_opt.map_or(0, |contact| contact.ticket_count) + overlay.extra_tickets(contact_id);
     // T2 / C7: a contact at its association limit gets no ticket; the conversation stands.
     if settings.contact_association_limit > 0 && tickets_so_far >= settings.contact_association_limit {
         decision.emit(Payload::TicketNotCreated(TicketNotCreated {
@@ -715,6 +717,7 @@ fn decide_consent(
             &held_message.message,
             &held_message.source_event_id,
             &contact.contact_id,
+            Some(contact),
             &suffix,
         );
     }
