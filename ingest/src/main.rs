@@ -9,6 +9,10 @@ use switchboard_ingest::{IngestSettings, serve_all};
 use switchboard_runtime::config_store::ConfigStore;
 use switchboard_runtime::topics::{Topics, ensure_topics};
 
+/// mimalloc: ingest allocates per request (bodies, parsed JSON, protobuf events), see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Switchboard ingest: channel adapters that publish inbound messages to Kafka.
 #[derive(Parser)]
 struct Args {

@@ -21,6 +21,10 @@ use switchboard_runtime::config_store::{ConfigStore, config_key};
 use switchboard_runtime::topics::{Topics, ensure_topics};
 use switchboard_tests::demo::percentile;
 
+/// The same allocator as the ingest binary (ingest runs in-process here), see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// `chat`, `whatsapp` or `mixed` (alternating).
