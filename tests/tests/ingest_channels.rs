@@ -542,3 +542,122 @@ async fn b1_kafka_down_answers_503_over_http_and_451_over_smtp() -> anyhow::Resu
     assert_eq!(sent["code"], 451);
     Ok(())
 }
+
+/// C5 at capacity: ana is the only member of the chat channel's rules, with room for one chat.
+const AT_CAPACITY_CONFIG: &str = r#"
+account_id = "acme"
+
+[[inboxes]]
+id = "support"
+name = "Support"
+
+[[channels]]
+id = "site-chat"
+inbox = "support"
+type = "chat"
+name = "Website chat"
+
+[channels.chat]
+availability_mode = "user_availability"
+welcome_message = "Hi! How can we help?"
+typical_reply_time = "a few minutes"
+away_message = "We're away right now"
+at_capacity_behaviour = "waiting_message"
+at_capacity_message = "All our agents are busy; we'll be with you shortly"
+
+[channels.routing]
+auto_assign = true
+assign_to = "specific_users_and_teams"
+users = ["ana"]
+
+[[agents]]
+id = "ana"
+name = "Ana Alvarez"
+paid_seat = true
+available = true
+capacity = { chat = 1, team_email = 10 }
+"#;
+
+/// Polls the widget endpoint until `done` holds for its answer (or a minute passes).
+async fn widget_until(
+    http: &reqwest::Client,
+    url: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = http.get(url).send().await?;
+        assert_eq!(response.status().as_u16(), 200);
+        let shown: serde_json::Value = response.json().await?;
+        if done(&shown) {
+            return Ok(shown);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "widget never showed {what}: last answer {shown}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c5_r8_widget_says_at_capacity_once_the_only_agent_is_full_and_recovers_when_she_frees_up() -> anyhow::Result<()>
+{
+    use switchboard_api::auth::Role;
+    use switchboard_proto::api::v1::CloseConversationRequest;
+    use switchboard_tests::api_seed::{clients_for, identity};
+    use switchboard_tests::demo::{post_chat, wait_visible};
+
+    let env = TestEnv::new().await?;
+    // Through apply-config: the at-capacity behaviour and the per-type capacity travel as the
+    // config file declares them.
+    env.apply_config(AT_CAPACITY_CONFIG).await?;
+    let ingest_url = env.start_ingest_reading_workload(&env.database_url).await?;
+    env.start_router("router-0").await?;
+    env.start_projector().await?;
+    let api_url = env.start_api_server().await?;
+    let mut clients = clients_for(&api_url, &identity("acme-admin", Role::Admin, &[])).await?;
+    let http = reqwest::Client::new();
+    let widget_url = format!("{ingest_url}/v1/channels/site-chat/chat/widget");
+
+    let free = widget_until(&http, &widget_url, "room", |shown| shown["capacity"] == "has_room").await?;
+    assert_eq!(free["state"], "available");
+    assert_eq!(free["message"], "a few minutes");
+    assert_eq!(free["welcome_message"], "Hi! How can we help?");
+
+    // A visitor writes in; the router assigns the conversation to ana, the projector counts it.
+    let accepted = post_chat(&http, &ingest_url, "site-chat", "vera", "vera-1", "Where is my parcel?").await?;
+    let message = wait_visible(&mut clients.conversations, &accepted.message_id, Duration::from_secs(60)).await?;
+    let full = widget_until(&http, &widget_url, "at_capacity", |shown| shown["state"] == "at_capacity").await?;
+    assert_eq!(full["capacity"], "at_capacity");
+    assert_eq!(full["message"], "All our agents are busy; we'll be with you shortly");
+    assert_eq!(full["show_launcher"], true, "waiting_message keeps the launcher");
+
+    // Ana closes the conversation: she has room again, and the widget says so.
+    clients
+        .admin
+        .close_conversation(CloseConversationRequest {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            conversation_id: message.conversation_id.clone(),
+        })
+        .await?;
+    let freed = widget_until(&http, &widget_url, "room again", |shown| shown["capacity"] == "has_room").await?;
+    assert_eq!(freed["state"], "available");
+
+    let metrics = http.get(format!("{ingest_url}/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("switchboard_ingest_workload_fresh 1"), "{metrics}");
+    assert!(
+        metrics.contains("switchboard_ingest_widget_answers_total{state=\"at_capacity\",capacity=\"at_capacity\"}")
+    );
+
+    // Degraded: an ingest whose database is unreachable answers from the settings, says the
+    // capacity is unknown, and never fails the request.
+    let unreachable = env.start_ingest_reading_workload("postgres://switchboard:switchboard@127.0.0.1:1/none").await?;
+    let degraded_url = format!("{unreachable}/v1/channels/site-chat/chat/widget");
+    let degraded = widget_until(&http, &degraded_url, "an answer", |_| true).await?;
+    assert_eq!(degraded["state"], "available");
+    assert_eq!(degraded["capacity"], "unknown");
+    let metrics = http.get(format!("{unreachable}/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("switchboard_ingest_workload_fresh 0"), "{metrics}");
+    assert!(metrics.contains("switchboard_ingest_widget_answers_total{state=\"available\",capacity=\"unknown\"}"));
+    env.cleanup().await;
+    Ok(())
+}
