@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::error::IngestError;
 use crate::intake::{Intake, Published};
-use crate::publisher::Publisher;
+use crate::publisher::{LogPosition, Publisher};
 use crate::secrets::Secrets;
 use crate::workload::{WorkloadCache, WorkloadSettings};
 use crate::{calls, chat, custom, email, forms, meta, smtp, widget, workload};
@@ -210,22 +210,31 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
-/// The success answer: the first event's ids at the top level (single-message channels), every
-/// event in `events`.
+/// The success answer's body: the first event's ids at the top level (single-message
+/// channels), every event in `events`.
+#[derive(serde::Serialize)]
+struct AcceptedBody<'p> {
+    message_id: &'p str,
+    event_id: &'p str,
+    position: Option<LogPosition>,
+    duplicate: bool,
+    trace_id: String,
+    events: &'p [Published],
+}
+
+/// The success answer. Serialized straight from [`AcceptedBody`] (not through a
+/// `serde_json::Value` tree): this runs once per accepted request.
 fn accepted(status: StatusCode, published: &[Published]) -> Response {
     let first = published.first();
-    (
-        status,
-        Json(json!({
-            "message_id": first.map(|p| p.id.as_str()).unwrap_or_default(),
-            "event_id": first.map(|p| p.event_id.as_str()).unwrap_or_default(),
-            "position": first.map(|p| p.position),
-            "duplicate": first.is_some_and(|p| p.duplicate),
-            "trace_id": trace_id_of(&tracing::Span::current()),
-            "events": published,
-        })),
-    )
-        .into_response()
+    let body = AcceptedBody {
+        message_id: first.map(|p| p.id.as_str()).unwrap_or_default(),
+        event_id: first.map(|p| p.event_id.as_str()).unwrap_or_default(),
+        position: first.map(|p| p.position),
+        duplicate: first.is_some_and(|p| p.duplicate),
+        trace_id: trace_id_of(&tracing::Span::current()),
+        events: published,
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn post_chat_message(
