@@ -243,7 +243,12 @@ async fn delete_topics(brokers: &str, topics: &Topics) {
     else {
         return;
     };
-    let names =
-        [topics.inbound.as_str(), topics.conversations.as_str(), topics.config.as_str(), topics.deadletter.as_str()];
+    // Every topic `ensure_topics` created (router snapshots included, which a fixed list of
+    // four names used to leave behind on the shared broker after every run).
+    let names: Vec<String> = switchboard_runtime::topics::topic_specs()
+        .iter()
+        .map(|spec| format!("{}{}", topics.prefix, spec.base_name))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
 }
