@@ -512,6 +512,15 @@ fn apply_settings(
             if !["", "user_availability", "chat_hours", "always"].contains(&chat.availability_mode.as_str()) {
                 violations.add("settings.chat.availability_mode", "must be user_availability, chat_hours or always");
             }
+            if !["", "show_return_time", "away_message", "hide_launcher"].contains(&chat.offline_behaviour.as_str()) {
+                violations
+                    .add("settings.chat.offline_behaviour", "must be show_return_time, away_message or hide_launcher");
+            }
+            // C5: what the widget does when every member is at capacity (ingest's widget endpoint).
+            if !["", "waiting_message", "hide_launcher", "nothing"].contains(&chat.at_capacity_behaviour.as_str()) {
+                violations
+                    .add("settings.chat.at_capacity_behaviour", "must be waiting_message, hide_launcher or nothing");
+            }
             for (index, range) in chat.chat_hours.iter().enumerate() {
                 if range.weekday > 6 || range.start_minute >= range.end_minute || range.end_minute > 24 * 60 {
                     violations.add(
@@ -1181,6 +1190,28 @@ mod tests {
         apply_settings(&mut violations, &mut team_email, Some(&email));
         assert!(violations.into_result().is_ok());
         assert_eq!(team_email.email.unwrap().team_address, "support@acme.test");
+    }
+
+    #[test]
+    fn c5_chat_behaviours_must_be_ones_the_widget_knows() {
+        let chat_settings = |offline_behaviour: &str, at_capacity_behaviour: &str| ChannelSettings {
+            settings: Some(Settings::Chat(switchboard_proto::events::v1::ChatSettings {
+                offline_behaviour: offline_behaviour.into(),
+                at_capacity_behaviour: at_capacity_behaviour.into(),
+                ..Default::default()
+            })),
+        };
+        let mut chat = ChannelConfigured { channel_type: ChannelType::Chat as i32, ..Default::default() };
+        let mut violations = Violations::default();
+        apply_settings(&mut violations, &mut chat, Some(&chat_settings("hide_launcher", "waiting_message")));
+        assert!(violations.into_result().is_ok());
+        assert_eq!(chat.chat.unwrap().at_capacity_behaviour, "waiting_message");
+        let mut chat = ChannelConfigured { channel_type: ChannelType::Chat as i32, ..Default::default() };
+        let mut violations = Violations::default();
+        apply_settings(&mut violations, &mut chat, Some(&chat_settings("vanish", "queue")));
+        let Err(ApiError::InvalidArgument(found)) = violations.into_result() else { panic!("expected violations") };
+        let fields: Vec<&str> = found.iter().map(|violation| violation.field.as_str()).collect();
+        assert_eq!(fields, ["settings.chat.offline_behaviour", "settings.chat.at_capacity_behaviour"]);
     }
 
     #[test]

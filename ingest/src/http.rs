@@ -24,9 +24,10 @@ use tracing::Instrument;
 
 use crate::error::IngestError;
 use crate::intake::{Intake, Published};
-use crate::publisher::Publisher;
+use crate::publisher::{LogPosition, Publisher};
 use crate::secrets::Secrets;
-use crate::{calls, chat, custom, email, forms, meta, smtp, widget};
+use crate::workload::{WorkloadCache, WorkloadSettings};
+use crate::{calls, chat, custom, email, forms, meta, smtp, widget, workload};
 
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
@@ -45,6 +46,9 @@ pub struct IngestSettings {
     pub secrets: Secrets,
     /// How many recently published ids to remember for skipping retries (B1).
     pub recently_published_capacity: usize,
+    /// Where to read open-conversation counts for the chat widget's at-capacity answer (C5);
+    /// `None`: the widget answers from channel settings alone (`"capacity": "not_configured"`).
+    pub workload_opt: Option<WorkloadSettings>,
 }
 
 impl IngestSettings {
@@ -61,6 +65,7 @@ impl IngestSettings {
             smtp_max_message_bytes: 25 * 1024 * 1024,
             secrets: Secrets::default(),
             recently_published_capacity: 100_000,
+            workload_opt: None,
         }
     }
 }
@@ -78,6 +83,8 @@ pub struct AppState {
     pub intake: Intake,
     pub secrets: Arc<Secrets>,
     pub max_body_bytes: usize,
+    /// Open-conversation counts for the chat widget (refreshed in the background).
+    pub workload: WorkloadCache,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -126,16 +133,21 @@ pub async fn serve_all(
 ) -> anyhow::Result<()> {
     let publisher = Publisher::new(&settings.brokers, &settings.inbound_topic, settings.delivery_timeout)?;
     let intake = Intake::new(publisher, settings.recently_published_capacity);
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let workload = match &settings.workload_opt {
+        Some(workload_settings) => workload::spawn_refresher(workload_settings, stop.clone())?,
+        None => WorkloadCache::not_configured(),
+    };
     let state = AppState {
         config: config.clone(),
         intake: intake.clone(),
         secrets: Arc::new(settings.secrets.clone()),
         max_body_bytes: settings.max_body_bytes,
+        workload,
     };
     let listener =
         TcpListener::bind(settings.listen).await.with_context(|| format!("failed to bind {}", settings.listen))?;
     let http_address = listener.local_addr()?;
-    let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let smtp_address = match settings.smtp_listen {
         Some(smtp_listen) => {
             let smtp_listener =
@@ -198,22 +210,31 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
-/// The success answer: the first event's ids at the top level (single-message channels), every
-/// event in `events`.
+/// The success answer's body: the first event's ids at the top level (single-message
+/// channels), every event in `events`.
+#[derive(serde::Serialize)]
+struct AcceptedBody<'p> {
+    message_id: &'p str,
+    event_id: &'p str,
+    position: Option<LogPosition>,
+    duplicate: bool,
+    trace_id: String,
+    events: &'p [Published],
+}
+
+/// The success answer. Serialized straight from [`AcceptedBody`] (not through a
+/// `serde_json::Value` tree): this runs once per accepted request.
 fn accepted(status: StatusCode, published: &[Published]) -> Response {
     let first = published.first();
-    (
-        status,
-        Json(json!({
-            "message_id": first.map(|p| p.id.as_str()).unwrap_or_default(),
-            "event_id": first.map(|p| p.event_id.as_str()).unwrap_or_default(),
-            "position": first.map(|p| p.position),
-            "duplicate": first.is_some_and(|p| p.duplicate),
-            "trace_id": trace_id_of(&tracing::Span::current()),
-            "events": published,
-        })),
-    )
-        .into_response()
+    let body = AcceptedBody {
+        message_id: first.map(|p| p.id.as_str()).unwrap_or_default(),
+        event_id: first.map(|p| p.event_id.as_str()).unwrap_or_default(),
+        position: first.map(|p| p.position),
+        duplicate: first.is_some_and(|p| p.duplicate),
+        trace_id: trace_id_of(&tracing::Span::current()),
+        events: published,
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn post_chat_message(
@@ -236,7 +257,10 @@ async fn post_chat_message(
 async fn get_chat_widget(State(state): State<AppState>, Path(channel_id): Path<String>) -> Response {
     let span = tracing::info_span!("ingest_chat_widget", %channel_id);
     instrumented(&state, "chat_widget", span, async {
-        let shown = widget::widget_state(&state.config.snapshot(), &channel_id, Utc::now())?;
+        // The counts come from the background refresh; no database round trip here.
+        let knowledge = state.workload.knowledge(std::time::Instant::now());
+        let shown = widget::widget_state(&state.config.snapshot(), &channel_id, Utc::now(), &knowledge)?;
+        state.intake.metrics.widget_answer(shown.state, shown.capacity.label());
         Ok(Json(shown).into_response())
     })
     .await
@@ -370,5 +394,7 @@ async fn post_custom_message(
 }
 
 async fn metrics(State(state): State<AppState>) -> String {
-    state.intake.metrics.render()
+    let mut text = state.intake.metrics.render();
+    state.workload.render_metrics(&mut text, std::time::Instant::now());
+    text
 }

@@ -1,6 +1,7 @@
 //! Channel adapters. Input enters over HTTP ([`http`]) or SMTP ([`smtp`]); each channel module
 //! turns its provider's wire format into events, purely ([`email`], [`chat`], [`messenger`],
-//! [`whatsapp`], [`forms`], [`calls`], [`custom`]; [`widget`] answers the chat widget); output
+//! [`whatsapp`], [`forms`], [`calls`], [`custom`]; [`widget`] answers the chat widget, with
+//! open-conversation counts that [`workload`] reads from the read models in the background); output
 //! leaves through [`intake`] and [`publisher`], which answer only once Kafka has made the
 //! events durable.
 
@@ -24,5 +25,6 @@ pub mod signature;
 pub mod smtp;
 pub mod whatsapp;
 pub mod widget;
+pub mod workload;
 
 pub use http::{BoundAddresses, IngestSettings, serve, serve_all};

@@ -5,9 +5,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use switchboard_ingest::secrets::Secrets;
+use switchboard_ingest::workload::WorkloadSettings;
 use switchboard_ingest::{IngestSettings, serve_all};
 use switchboard_runtime::config_store::ConfigStore;
 use switchboard_runtime::topics::{Topics, ensure_topics};
+
+/// mimalloc: ingest allocates per request (bodies, parsed JSON, protobuf events), see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Switchboard ingest: channel adapters that publish inbound messages to Kafka.
 #[derive(Parser)]
@@ -33,6 +38,17 @@ struct Args {
     /// How many recently published message ids to remember to skip provider retries.
     #[arg(long, env = "INGEST_RECENT_CAPACITY", default_value_t = 100_000)]
     recently_published_capacity: usize,
+    /// PostgreSQL with the read models: the chat widget reads agents' open-conversation counts
+    /// from it to say when the team is at capacity (C5). Unset: the widget answers from channel
+    /// settings alone.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// How often the open-conversation counts are re-read (in the background, never per request).
+    #[arg(long, env = "INGEST_WORKLOAD_REFRESH_MS", default_value_t = 1_000)]
+    workload_refresh_ms: u64,
+    /// Counts older than this are not used: the widget answers without capacity ("unknown").
+    #[arg(long, env = "INGEST_WORKLOAD_STALE_MS", default_value_t = 5_000)]
+    workload_stale_ms: u64,
 }
 
 #[tokio::main]
@@ -46,6 +62,22 @@ async fn main() -> anyhow::Result<()> {
             Secrets::default()
         }
     };
+    if args.workload_stale_ms <= args.workload_refresh_ms {
+        anyhow::bail!(
+            "INGEST_WORKLOAD_STALE_MS ({}) must be longer than INGEST_WORKLOAD_REFRESH_MS ({}), or counts would \
+             always be stale",
+            args.workload_stale_ms,
+            args.workload_refresh_ms
+        );
+    }
+    if args.database_url.is_none() {
+        tracing::warn!("DATABASE_URL not set: the chat widget cannot tell when the team is at capacity");
+    }
+    let workload_opt = args.database_url.map(|database_url| WorkloadSettings {
+        database_url,
+        refresh_interval: Duration::from_millis(args.workload_refresh_ms.max(1)),
+        stale_after: Duration::from_millis(args.workload_stale_ms),
+    });
     let topics = Topics::with_prefix(&args.topic_prefix);
     ensure_topics(&args.kafka_brokers, &topics).await?;
     let config = ConfigStore::start(&args.kafka_brokers, &topics.config, "ingest").await?;
@@ -56,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
         delivery_timeout: Duration::from_millis(args.delivery_timeout_ms),
         secrets,
         recently_published_capacity: args.recently_published_capacity,
+        workload_opt,
         ..IngestSettings::new(args.listen, &args.kafka_brokers, &topics.inbound)
     };
     let (bound, _) = tokio::sync::oneshot::channel();

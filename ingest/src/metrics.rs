@@ -24,6 +24,8 @@ struct ChannelMetrics {
 #[derive(Default)]
 pub struct Metrics {
     by_channel_type: Mutex<BTreeMap<&'static str, ChannelMetrics>>,
+    /// Chat widget answers by (state, capacity).
+    widget_answers: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 impl Metrics {
@@ -65,6 +67,12 @@ impl Metrics {
         });
     }
 
+    /// The chat widget endpoint answered `state` knowing `capacity` (C5).
+    pub fn widget_answer(&self, state: &'static str, capacity: &'static str) {
+        let mut widget_answers = self.widget_answers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *widget_answers.entry((state, capacity)).or_default() += 1;
+    }
+
     pub fn render(&self) -> String {
         let by_channel_type = self.by_channel_type.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut out = String::new();
@@ -100,6 +108,16 @@ impl Metrics {
             let _ = writeln!(out, "{name}_sum{{channel_type=\"{channel_type}\"}} {}", metrics.latency_sum_seconds);
             let _ = writeln!(out, "{name}_count{{channel_type=\"{channel_type}\"}} {}", metrics.latency_count);
         }
+        drop(by_channel_type);
+        let widget_answers = self.widget_answers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let name = "switchboard_ingest_widget_answers_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Chat widget answers, by state shown and what was known about capacity.\n# TYPE {name} counter"
+        );
+        for ((state, capacity), count) in widget_answers.iter() {
+            let _ = writeln!(out, "{name}{{state=\"{state}\",capacity=\"{capacity}\"}} {count}");
+        }
         out
     }
 }
@@ -116,6 +134,9 @@ mod tests {
         metrics.duplicates("whatsapp", 1);
         metrics.rejected("whatsapp", "signature_mismatch");
         metrics.publish_latency("whatsapp", Duration::from_millis(3));
+        metrics.widget_answer("at_capacity", "at_capacity");
+        metrics.widget_answer("available", "unknown");
+        metrics.widget_answer("available", "unknown");
         let text = metrics.render();
         assert!(text.contains("switchboard_ingest_accepted_total{channel_type=\"whatsapp\"} 2"));
         assert!(text.contains("switchboard_ingest_duplicates_total{channel_type=\"whatsapp\"} 1"));
@@ -123,5 +144,9 @@ mod tests {
         assert!(text.contains("le=\"0.0025\"} 0"));
         assert!(text.contains("le=\"0.005\"} 1"));
         assert!(text.contains("switchboard_ingest_publish_latency_seconds_count{channel_type=\"whatsapp\"} 1"));
+        assert!(
+            text.contains("switchboard_ingest_widget_answers_total{state=\"at_capacity\",capacity=\"at_capacity\"} 1")
+        );
+        assert!(text.contains("switchboard_ingest_widget_answers_total{state=\"available\",capacity=\"unknown\"} 2"));
     }
 }

@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
     Attachment, ChannelConfigured, ChannelType, DeliveryStatusReported, Envelope, GeoLocation, InboundContent,
@@ -19,24 +19,29 @@ use crate::error::IngestError;
 use crate::meta;
 use crate::secrets::Secrets;
 
+/// The delivery, decoded in one pass: each change's `value` is only delimited here (Meta sends
+/// `value` before `field`, so its shape is not known yet) and decoded once its `field` says
+/// it is `messages`; other fields are skipped without being decoded at all.
 #[derive(Debug, Deserialize)]
-struct Webhook {
+struct Webhook<'b> {
     object: String,
-    entry: Vec<Entry>,
+    #[serde(borrow)]
+    entry: Vec<Entry<'b>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct Entry {
+struct Entry<'b> {
     #[serde(default)]
     id: String,
-    #[serde(default)]
-    changes: Vec<Change>,
+    #[serde(default, borrow)]
+    changes: Vec<Change<'b>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct Change {
+struct Change<'b> {
     field: String,
-    value: Value,
+    #[serde(borrow)]
+    value: &'b RawValue,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,12 +92,42 @@ struct WhatsAppMessage {
     #[serde(default)]
     button: Option<Button>,
     #[serde(default)]
-    context: Option<Value>,
+    context: Option<Context>,
     #[serde(default)]
     errors: Vec<ErrorDetail>,
-    /// The media object of image / video / audio / document / sticker messages (keyed by type).
-    #[serde(flatten)]
-    typed: serde_json::Map<String, Value>,
+    /// The media object of the message's type (image / video / audio / document / sticker).
+    #[serde(default)]
+    image: Option<Media>,
+    #[serde(default)]
+    video: Option<Media>,
+    #[serde(default)]
+    audio: Option<Media>,
+    #[serde(default)]
+    document: Option<Media>,
+    #[serde(default)]
+    sticker: Option<Media>,
+}
+
+/// `context`: the message this one replies to.
+#[derive(Debug, Deserialize)]
+struct Context {
+    #[serde(default)]
+    id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Media {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    mime_type: String,
+    /// Base64 (WhatsApp's encoding), or hex.
+    #[serde(default)]
+    sha256: String,
+    #[serde(default)]
+    caption: String,
+    #[serde(default)]
+    filename: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,12 +188,11 @@ struct ErrorDetail {
     title: String,
 }
 
-fn media_attachment(media: &Value) -> Attachment {
-    let text = |key: &str| media.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
-    let sha256 = text("sha256");
+fn media_attachment(media: &Media) -> Attachment {
+    let sha256 = &media.sha256;
     Attachment {
-        file_name: text("filename"),
-        content_type: text("mime_type"),
+        file_name: media.filename.clone(),
+        content_type: media.mime_type.clone(),
         size_bytes: 0,
         // Attachment.sha256 is lower-case hex; WhatsApp sends base64, which stays in the
         // provider attributes instead of being mislabelled.
@@ -167,7 +201,7 @@ fn media_attachment(media: &Value) -> Attachment {
         } else {
             String::new()
         },
-        provider_ref: text("id"),
+        provider_ref: media.id.clone(),
         content_id: String::new(),
     }
 }
@@ -200,7 +234,7 @@ pub fn to_events(
                 // Account/template/quality updates are not conversations.
                 continue;
             }
-            let value: MessagesValue = serde_json::from_value(change.value)
+            let value: MessagesValue = serde_json::from_str(change.value.get())
                 .map_err(|error| IngestError::MalformedBody(format!("entry[].changes[].value: {error}")))?;
             let phone_number_id = value.metadata.phone_number_id.clone();
             let channel = channel::find_by(config, ChannelType::Whatsapp, |channel| {
@@ -274,8 +308,8 @@ fn message_event(
     content.provider_attributes.insert("phone_number_id".into(), metadata.phone_number_id.clone());
     content.provider_attributes.insert("display_phone_number".into(), metadata.display_phone_number.clone());
     content.provider_attributes.insert("business_account_id".into(), business_account_id.to_owned());
-    if let Some(replied_to) = message.context.as_ref().and_then(|context| context.get("id")).and_then(Value::as_str) {
-        content.provider_attributes.insert("context_message_id".into(), replied_to.to_owned());
+    if let Some(context) = message.context.filter(|context| !context.id.is_empty()) {
+        content.provider_attributes.insert("context_message_id".into(), context.id);
     }
     let mut text = String::new();
     let kind = match message.kind.as_str() {
@@ -284,23 +318,22 @@ fn message_event(
             MessageKind::Text
         }
         media_kind @ ("image" | "video" | "audio" | "document" | "sticker") => {
-            if let Some(media) = message.typed.get(media_kind) {
-                text = media.get("caption").and_then(Value::as_str).unwrap_or_default().to_owned();
-                let attachment = media_attachment(media);
-                if let Some(sha256) = media.get("sha256").and_then(Value::as_str)
-                    && attachment.sha256.is_empty()
-                {
-                    content.provider_attributes.insert("media_sha256".into(), sha256.to_owned());
+            let (media_opt, kind) = match media_kind {
+                "image" => (message.image, MessageKind::Image),
+                "video" => (message.video, MessageKind::Video),
+                "audio" => (message.audio, MessageKind::Audio),
+                "document" => (message.document, MessageKind::Document),
+                _ => (message.sticker, MessageKind::Sticker),
+            };
+            if let Some(media) = media_opt {
+                let attachment = media_attachment(&media);
+                if attachment.sha256.is_empty() && !media.sha256.is_empty() {
+                    content.provider_attributes.insert("media_sha256".into(), media.sha256);
                 }
+                text = media.caption;
                 content.attachments.push(attachment);
             }
-            match media_kind {
-                "image" => MessageKind::Image,
-                "video" => MessageKind::Video,
-                "audio" => MessageKind::Audio,
-                "document" => MessageKind::Document,
-                _ => MessageKind::Sticker,
-            }
+            kind
         }
         "location" => {
             if let Some(location) = message.location {
@@ -460,6 +493,30 @@ pub(crate) mod tests {
         let Some(Payload::DeliveryStatusReported(failed)) = &events[6].payload else { panic!() };
         assert_eq!(failed.status, "failed");
         assert_eq!(failed.error, "131047 Re-engagement message");
+    }
+
+    /// Meta's real key order (`value` before `field`), a reply with `context`, a document with
+    /// WhatsApp's base64 hash, and other change fields whose values have other shapes.
+    #[test]
+    fn c8_value_before_field_replies_documents_and_other_fields_are_handled_in_one_pass() {
+        let (config, secrets) = whatsapp_config();
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[
+          {"value":{"event":"APPROVED","message_template_id":594425479261596,"reason":null},"field":"message_template_status_update"},
+          {"value":"an account update of a shape nobody documented","field":"account_update"},
+          {"value":{"messaging_product":"whatsapp","metadata":{"display_phone_number":"15550783881","phone_number_id":"106540352242922"},
+            "messages":[{"context":{"from":"15550783881","id":"wamid.OUT7"},"from":"16505551234","id":"wamid.DOC2","timestamp":"1749416390",
+              "type":"document","document":{"caption":"the invoice","filename":"invoice.pdf","mime_type":"application/pdf",
+              "sha256":"EtaEIKDkRSuoeOJRsZJThNJY1jMa9uB0Zc+Jq9dAi3c=","id":"1003383421387256"}}]},"field":"messages"}]}]}"#;
+        let events = to_events(&config, &secrets, Some(&sign(body)), body, Utc::now()).unwrap();
+        assert_eq!(events.len(), 1, "only the messages change yields events");
+        let Some(Payload::InboundMessageReceived(document)) = &events[0].payload else { panic!("{:?}", events[0]) };
+        let content = document.content.as_ref().unwrap();
+        assert_eq!(content.kind, MessageKind::Document as i32);
+        assert_eq!(document.text, "the invoice");
+        assert_eq!(content.attachments[0].file_name, "invoice.pdf");
+        assert_eq!(content.attachments[0].sha256, "", "base64 is not mislabelled as hex");
+        assert_eq!(content.provider_attributes["media_sha256"], "EtaEIKDkRSuoeOJRsZJThNJY1jMa9uB0Zc+Jq9dAi3c=");
+        assert_eq!(content.provider_attributes["context_message_id"], "wamid.OUT7");
     }
 
     #[test]

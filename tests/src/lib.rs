@@ -151,6 +151,29 @@ impl TestEnv {
         Ok(format!("http://{address}"))
     }
 
+    /// Starts ingest in-process with its chat widget reading open-conversation counts (C5) from
+    /// `database_url` every 100 ms (as `DATABASE_URL` makes the binary do every second); returns
+    /// its base URL.
+    pub async fn start_ingest_reading_workload(&self, database_url: &str) -> anyhow::Result<String> {
+        let config = self.config_store("test-ingest").await?;
+        let settings = switchboard_ingest::IngestSettings {
+            max_body_bytes: 64 * 1024,
+            workload_opt: Some(switchboard_ingest::workload::WorkloadSettings {
+                database_url: database_url.to_owned(),
+                refresh_interval: Duration::from_millis(100),
+                stale_after: Duration::from_secs(2),
+            }),
+            ..switchboard_ingest::IngestSettings::new("127.0.0.1:0".parse()?, &self.brokers, &self.topics.inbound)
+        };
+        let (bound_sender, bound) = tokio::sync::oneshot::channel();
+        let mut shutdown = self.shutdown_sender.subscribe();
+        tokio::spawn(switchboard_ingest::serve(settings, config, bound_sender, async move {
+            let _ = shutdown.changed().await;
+        }));
+        let address: SocketAddr = bound.await.context("ingest did not start")?;
+        Ok(format!("http://{address}"))
+    }
+
     /// Publishes config events as they are (for settings the config file does not express).
     pub async fn publish_config_events(
         &self,

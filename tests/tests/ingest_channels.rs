@@ -187,6 +187,7 @@ Cc: carl@customer.example\r\n\
 async fn c1_c3_team_email_over_http_and_smtp_reaches_the_log_and_a_conversation() -> anyhow::Result<()> {
     let (env, bound) = setup(true).await?;
     env.start_router("router-0").await?;
+    env.start_projector().await?;
     let http = reqwest::Client::new();
 
     // An inbound-mail relay posting the raw message.
@@ -230,24 +231,18 @@ async fn c1_c3_team_email_over_http_and_smtp_reaches_the_log_and_a_conversation(
     assert!(forwarded.text.contains("\n.My order arrived broken"), "dot-unstuffed: {}", forwarded.text);
     assert!(events.iter().all(|event| event.partition_key == ACCOUNT));
 
-    // The router puts both mails into conversations (the read models are the projector's; at
-    // the time of writing its 0002 schema port is in progress, so this stops at the router).
-    let expected = [http_message_id.clone(), forwarded.message_id.clone()];
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let decisions = env.read_committed_events(&env.topics.conversations)?;
-        let appended: Vec<&str> = decisions
-            .iter()
-            .filter_map(|event| match &event.payload {
-                Some(Payload::MessageAppended(appended)) => Some(appended.message_id.as_str()),
-                _ => None,
-            })
-            .collect();
-        if expected.iter().all(|message_id| appended.contains(&message_id.as_str())) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "router did not append both mails: {appended:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both mails, over HTTP and over SMTP, become conversations visible through the API.
+    let api_url = env.start_api_server().await?;
+    let mut clients = switchboard_tests::api_seed::clients_for(
+        &api_url,
+        &switchboard_tests::api_seed::identity("acme-admin", switchboard_api::auth::Role::Admin, &[]),
+    )
+    .await?;
+    for message_id in [&http_message_id, &forwarded.message_id] {
+        let message =
+            switchboard_tests::demo::wait_visible(&mut clients.conversations, message_id, Duration::from_secs(60))
+                .await?;
+        assert_eq!(message.kind, "email");
     }
     env.cleanup().await;
     Ok(())
@@ -544,5 +539,324 @@ async fn b1_kafka_down_answers_503_over_http_and_451_over_smtp() -> anyhow::Resu
     .await??;
     assert_eq!(sent["error"], "SMTPDataError");
     assert_eq!(sent["code"], 451);
+    Ok(())
+}
+
+/// C5 at capacity: ana is the only member of the chat channel's rules, with room for one chat.
+const AT_CAPACITY_CONFIG: &str = r#"
+account_id = "acme"
+
+[[inboxes]]
+id = "support"
+name = "Support"
+
+[[channels]]
+id = "site-chat"
+inbox = "support"
+type = "chat"
+name = "Website chat"
+
+[channels.chat]
+availability_mode = "user_availability"
+welcome_message = "Hi! How can we help?"
+typical_reply_time = "a few minutes"
+away_message = "We're away right now"
+at_capacity_behaviour = "waiting_message"
+at_capacity_message = "All our agents are busy; we'll be with you shortly"
+
+[channels.routing]
+auto_assign = true
+assign_to = "specific_users_and_teams"
+users = ["ana"]
+
+[[agents]]
+id = "ana"
+name = "Ana Alvarez"
+paid_seat = true
+available = true
+capacity = { chat = 1, team_email = 10 }
+"#;
+
+/// Polls the widget endpoint until `done` holds for its answer (or a minute passes).
+async fn widget_until(
+    http: &reqwest::Client,
+    url: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = http.get(url).send().await?;
+        assert_eq!(response.status().as_u16(), 200);
+        let shown: serde_json::Value = response.json().await?;
+        if done(&shown) {
+            return Ok(shown);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "widget never showed {what}: last answer {shown}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c5_r8_widget_says_at_capacity_once_the_only_agent_is_full_and_recovers_when_she_frees_up() -> anyhow::Result<()>
+{
+    use switchboard_api::auth::Role;
+    use switchboard_proto::api::v1::CloseConversationRequest;
+    use switchboard_tests::api_seed::{clients_for, identity};
+    use switchboard_tests::demo::{post_chat, wait_visible};
+
+    let env = TestEnv::new().await?;
+    // Through apply-config: the at-capacity behaviour and the per-type capacity travel as the
+    // config file declares them.
+    env.apply_config(AT_CAPACITY_CONFIG).await?;
+    let ingest_url = env.start_ingest_reading_workload(&env.database_url).await?;
+    env.start_router("router-0").await?;
+    env.start_projector().await?;
+    let api_url = env.start_api_server().await?;
+    let mut clients = clients_for(&api_url, &identity("acme-admin", Role::Admin, &[])).await?;
+    let http = reqwest::Client::new();
+    let widget_url = format!("{ingest_url}/v1/channels/site-chat/chat/widget");
+
+    let free = widget_until(&http, &widget_url, "room", |shown| shown["capacity"] == "has_room").await?;
+    assert_eq!(free["state"], "available");
+    assert_eq!(free["message"], "a few minutes");
+    assert_eq!(free["welcome_message"], "Hi! How can we help?");
+
+    // A visitor writes in; the router assigns the conversation to ana, the projector counts it.
+    let accepted = post_chat(&http, &ingest_url, "site-chat", "vera", "vera-1", "Where is my parcel?").await?;
+    let message = wait_visible(&mut clients.conversations, &accepted.message_id, Duration::from_secs(60)).await?;
+    let full = widget_until(&http, &widget_url, "at_capacity", |shown| shown["state"] == "at_capacity").await?;
+    assert_eq!(full["capacity"], "at_capacity");
+    assert_eq!(full["message"], "All our agents are busy; we'll be with you shortly");
+    assert_eq!(full["show_launcher"], true, "waiting_message keeps the launcher");
+
+    // Ana closes the conversation: she has room again, and the widget says so.
+    clients
+        .admin
+        .close_conversation(CloseConversationRequest {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            conversation_id: message.conversation_id.clone(),
+        })
+        .await?;
+    let freed = widget_until(&http, &widget_url, "room again", |shown| shown["capacity"] == "has_room").await?;
+    assert_eq!(freed["state"], "available");
+
+    let metrics = http.get(format!("{ingest_url}/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("switchboard_ingest_workload_fresh 1"), "{metrics}");
+    assert!(
+        metrics.contains("switchboard_ingest_widget_answers_total{state=\"at_capacity\",capacity=\"at_capacity\"}")
+    );
+
+    // Degraded: an ingest whose database is unreachable answers from the settings, says the
+    // capacity is unknown, and never fails the request.
+    let unreachable = env.start_ingest_reading_workload("postgres://switchboard:switchboard@127.0.0.1:1/none").await?;
+    let degraded_url = format!("{unreachable}/v1/channels/site-chat/chat/widget");
+    let degraded = widget_until(&http, &degraded_url, "an answer", |_| true).await?;
+    assert_eq!(degraded["state"], "available");
+    assert_eq!(degraded["capacity"], "unknown");
+    let metrics = http.get(format!("{unreachable}/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("switchboard_ingest_workload_fresh 0"), "{metrics}");
+    assert!(metrics.contains("switchboard_ingest_widget_answers_total{state=\"available\",capacity=\"unknown\"}"));
+    env.cleanup().await;
+    Ok(())
+}
+
+/// One provider delivery as the provider sends it: method-less POST to `path` with headers.
+struct Delivery {
+    channel: &'static str,
+    path: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+}
+
+/// Message ids of the inbound messages an accepted answer lists.
+fn accepted_message_ids(answer: &serde_json::Value) -> Vec<String> {
+    answer["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|event| event["event_type"] == "inbound_message_received")
+        .map(|event| event["id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+async fn deliver(http: &reqwest::Client, base: &str, delivery: &Delivery) -> anyhow::Result<serde_json::Value> {
+    let mut request = http.post(format!("{base}{}", delivery.path)).body(delivery.body.clone());
+    for (name, value) in &delivery.headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await?;
+    anyhow::ensure!(status.is_success(), "{} refused: {status} {answer}", delivery.channel);
+    Ok(answer)
+}
+
+/// Issue 3's "done means" for every HTTP channel at once: a realistic fixture goes through
+/// ingest, Kafka, the router and the projector and is visible through the gRPC API; the same
+/// deliveries retried through a second ingest instance (which has not seen them, so it
+/// publishes them again) add no message and no conversation (B1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b1_every_channels_fixture_becomes_a_visible_conversation_once_even_when_retried_elsewhere()
+-> anyhow::Result<()> {
+    use switchboard_api::auth::Role;
+    use switchboard_proto::api::v1::GetConversationRequest;
+    use switchboard_tests::api_seed::{clients_for, identity};
+    use switchboard_tests::demo::wait_visible;
+
+    let (env, bound) = setup(false).await?;
+    env.start_router("router-0").await?;
+    env.start_projector().await?;
+    let api_url = env.start_api_server().await?;
+    let mut clients = clients_for(&api_url, &identity("acme-admin", Role::Admin, &[])).await?;
+    let http = reqwest::Client::new();
+    let first_instance = format!("http://{}", bound.http);
+
+    let meta_signature = |secret: &[u8], body: &str| format!("sha256={}", sign_hex(secret, &[body.as_bytes()]));
+    let json = |value: serde_json::Value| serde_json::to_vec(&value).unwrap();
+    let custom_body = br#"{"message_id":"tg-1","thread_id":"tg-chat-9","sender":{"id":"tg-user-1","name":"Kim"},"text":"Hi from Telegram"}"#;
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let custom_signature = format!("v1={}", sign_hex(b"tg-key", &[timestamp.as_bytes(), b".", custom_body]));
+    let deliveries = vec![
+        Delivery {
+            channel: "team_email",
+            path: "/v1/email/inbound",
+            headers: vec![("content-type", "message/rfc822".into())],
+            body: MIME_MAIL.as_bytes().to_vec(),
+        },
+        Delivery {
+            channel: "facebook_messenger",
+            path: "/v1/webhooks/messenger",
+            headers: vec![("x-hub-signature-256", meta_signature(b"fb-app-secret", MESSENGER_DELIVERY))],
+            body: MESSENGER_DELIVERY.as_bytes().to_vec(),
+        },
+        Delivery {
+            channel: "whatsapp",
+            path: "/v1/webhooks/whatsapp",
+            headers: vec![("x-hub-signature-256", meta_signature(b"wa-app-secret", WHATSAPP_DELIVERY))],
+            body: WHATSAPP_DELIVERY.as_bytes().to_vec(),
+        },
+        Delivery {
+            channel: "forms",
+            path: "/v1/channels/contact-form/forms/submissions",
+            headers: vec![("content-type", "application/json".into())],
+            body: json(serde_json::json!({"submission_id": "sub-81f2", "form_id": "contact-us",
+                "submitted_at": "2026-03-03T10:00:00Z", "fields": [
+                {"name": "email", "value": "kim@example.org"}, {"name": "name", "value": "Kim"},
+                {"name": "message", "value": "Please call me back"},
+                {"name": "utm_source", "value": "newsletter-secret-campaign", "hidden": true}]})),
+        },
+        Delivery {
+            channel: "calling",
+            path: "/v1/channels/phone/calls/events",
+            headers: vec![("content-type", "application/json".into())],
+            body: json(serde_json::json!({"event_id": "evt-9", "call_id": "CA5f1e", "state": "completed",
+                "direction": "inbound", "from": "+4930123456", "to": "+4930999999", "duration_seconds": 184,
+                "recording_url": "https://recordings.example/rec.mp3", "occurred_at": "2026-03-03T10:03:04Z",
+                "caller_name": "Kim"})),
+        },
+        Delivery {
+            channel: "custom",
+            path: "/v1/channels/telegram/custom/messages",
+            headers: vec![
+                ("x-switchboard-timestamp", timestamp.clone()),
+                ("x-switchboard-signature", custom_signature),
+            ],
+            body: custom_body.to_vec(),
+        },
+    ];
+
+    // Channel type the conversation must have, and how many messages it holds, per delivery.
+    let expected =
+        [("team_email", 1), ("facebook_messenger", 1), ("whatsapp", 3), ("forms", 1), ("calling", 1), ("custom", 1)];
+    let mut conversation_by_channel = BTreeMap::new();
+    for (delivery, (channel_type, message_count)) in deliveries.iter().zip(expected) {
+        let answer = deliver(&http, &first_instance, delivery).await?;
+        let message_ids = accepted_message_ids(&answer);
+        assert_eq!(message_ids.len(), message_count, "{}: {answer}", delivery.channel);
+        let mut conversation_ids = std::collections::BTreeSet::new();
+        for message_id in &message_ids {
+            let message = wait_visible(&mut clients.conversations, message_id, Duration::from_secs(60)).await?;
+            conversation_ids.insert(message.conversation_id);
+        }
+        assert_eq!(conversation_ids.len(), 1, "{}: one conversation per thread", delivery.channel);
+        let conversation_id = conversation_ids.into_iter().next().unwrap();
+        let response = clients
+            .conversations
+            .get_conversation(GetConversationRequest { conversation_id: conversation_id.clone(), ..Default::default() })
+            .await?
+            .into_inner();
+        let conversation = response.conversation.unwrap();
+        assert_eq!(conversation.channel_type, channel_type);
+        assert_eq!(conversation.inbox_id, "support");
+        assert_eq!(conversation.message_count as usize, message_count, "{}", delivery.channel);
+        if delivery.channel == "forms" {
+            // C7: the hidden field is kept, but never shown in the inbox view.
+            assert!(!format!("{:?}", response.messages).contains("newsletter-secret-campaign"));
+        }
+        if delivery.channel == "team_email" {
+            assert_eq!(response.messages[0].text, "Die Rechnung für März fehlt.");
+        }
+        conversation_by_channel.insert(delivery.channel, (conversation_id, message_count));
+    }
+
+    // Every provider retries everything, through another ingest instance.
+    let second_instance = format!("http://{}", env.start_ingest_with(secrets(), false).await?.http);
+    for delivery in &deliveries {
+        let answer = deliver(&http, &second_instance, delivery).await?;
+        assert_eq!(answer["duplicate"], false, "a fresh instance publishes again; the router deduplicates");
+    }
+    // A later message in the custom thread, after the retries in the same partition (every
+    // event is keyed by the account): once it is visible, the retries have been routed too.
+    let later_body =
+        br#"{"message_id":"tg-2","thread_id":"tg-chat-9","sender":{"id":"tg-user-1"},"text":"Still there?"}"#;
+    let later = Delivery {
+        channel: "custom",
+        path: "/v1/channels/telegram/custom/messages",
+        headers: vec![
+            ("x-switchboard-timestamp", timestamp.clone()),
+            (
+                "x-switchboard-signature",
+                format!("v1={}", sign_hex(b"tg-key", &[timestamp.as_bytes(), b".", later_body])),
+            ),
+        ],
+        body: later_body.to_vec(),
+    };
+    let later_answer = deliver(&http, &second_instance, &later).await?;
+    let later_message =
+        wait_visible(&mut clients.conversations, &accepted_message_ids(&later_answer)[0], Duration::from_secs(60))
+            .await?;
+    assert_eq!(
+        later_message.conversation_id, conversation_by_channel["custom"].0,
+        "R10: same thread, same conversation"
+    );
+
+    for (channel, (conversation_id, message_count)) in &conversation_by_channel {
+        let conversation = clients
+            .conversations
+            .get_conversation(GetConversationRequest { conversation_id: conversation_id.clone(), ..Default::default() })
+            .await?
+            .into_inner()
+            .conversation
+            .unwrap();
+        let expected_count = message_count + usize::from(*channel == "custom");
+        assert_eq!(conversation.message_count as usize, expected_count, "{channel}: the retry added no message");
+    }
+    let listed = clients
+        .conversations
+        .list_conversations(switchboard_proto::api::v1::ListConversationsRequest {
+            inbox_id: "support".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(listed.conversations.len(), conversation_by_channel.len(), "the retries added no conversation");
+    // The retries really reached the log: the router, not ingest's cache, kept them out.
+    let republished = inbound_messages(&env.read_committed_events(&env.topics.inbound)?)
+        .iter()
+        .filter(|message| message.provider_message_id == "wamid.TEXT1")
+        .count();
+    assert_eq!(republished, 2);
+    env.cleanup().await;
     Ok(())
 }

@@ -5,7 +5,8 @@
 //!
 //! `cargo build --release -p switchboard-tests --bin bench-ingest`
 //! `eval "$(scripts/stack env)" && target/release/bench-ingest --mode mixed --messages 200000 --concurrency 256`
-//! `… --rate 5000` paces requests to measure latency at a fixed load.
+//! `… --rate 5000` paces requests to measure latency at a fixed load; `--telemetry` adds the
+//! ingest binary's tracing/OpenTelemetry setup (off by default).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +21,10 @@ use switchboard_proto::events::v1::{ChannelConfigured, ChannelType, InboxConfigu
 use switchboard_runtime::config_store::{ConfigStore, config_key};
 use switchboard_runtime::topics::{Topics, ensure_topics};
 use switchboard_tests::demo::percentile;
+
+/// The same allocator as the ingest binary (ingest runs in-process here), see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 struct Args {
@@ -40,6 +45,11 @@ struct Args {
     rate: Option<f64>,
     #[arg(long, env = "KAFKA_BROKERS")]
     kafka_brokers: String,
+    /// Initialise telemetry as the ingest binary does (every request span is also an
+    /// OpenTelemetry span, trace context in Kafka headers; logs filtered by RUST_LOG). Off by
+    /// default, as in the figures recorded before this flag existed.
+    #[arg(long)]
+    telemetry: bool,
 }
 
 const APP_SECRET: &str = "bench-app-secret";
@@ -62,6 +72,8 @@ fn whatsapp_body(run: &str, first: usize, count: usize) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _telemetry_opt =
+        if args.telemetry { Some(switchboard_runtime::telemetry::init_telemetry("switchboard-ingest")?) } else { None };
     let run = uuid::Uuid::now_v7().simple().to_string()[20..].to_owned();
     let topics = Topics::with_prefix(&format!("bench.{run}."));
     ensure_topics(&args.kafka_brokers, &topics).await?;
@@ -137,13 +149,14 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(plan)
     };
     println!(
-        "bench-ingest: {} messages in {} requests, mode {}, {} connections, whatsapp batch {}, rate {}",
+        "bench-ingest: {} messages in {} requests, mode {}, {} connections, whatsapp batch {}, rate {}, telemetry {}",
         args.messages,
         plan.len(),
         args.mode,
         args.concurrency,
         args.whatsapp_batch,
-        args.rate.map_or("unlimited".to_owned(), |rate| format!("{rate}/s"))
+        args.rate.map_or("unlimited".to_owned(), |rate| format!("{rate}/s")),
+        if args.telemetry { "on" } else { "off" }
     );
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -230,7 +243,12 @@ async fn delete_topics(brokers: &str, topics: &Topics) {
     else {
         return;
     };
-    let names =
-        [topics.inbound.as_str(), topics.conversations.as_str(), topics.config.as_str(), topics.deadletter.as_str()];
+    // Every topic `ensure_topics` created (router snapshots included, which a fixed list of
+    // four names used to leave behind on the shared broker after every run).
+    let names: Vec<String> = switchboard_runtime::topics::topic_specs()
+        .iter()
+        .map(|spec| format!("{}{}", topics.prefix, spec.base_name))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
 }
