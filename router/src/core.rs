@@ -39,10 +39,6 @@ pub const MAX_REDRIVE_ATTEMPTS: usize = 1_000;
 pub const DEFAULT_PIPELINE: &str = "default";
 pub const DEFAULT_STAGE: &str = "new";
 
-/// Namespace of contact ids: UUIDv5(namespace, "<channel id>\n<external id>") (C4). A fixed
-/// random UUID; never change it.
-const CONTACT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3c1f_0b2a_6d4e_4a71_9e5b_c0d8_17f2_a964);
-
 /// Why an input cannot be routed at all. Such inputs go to the dead-letter topic; they are
 /// never retried, because retrying a deterministic function cannot change its answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,11 +52,7 @@ pub enum Rejection {
 /// The deterministic contact id of a channel identity (C4): the same sender on the same
 /// channel is the same contact, also after a state loss.
 pub fn contact_id_for(channel_id: &str, external_id: &str) -> String {
-    let mut name = String::with_capacity(channel_id.len() + external_id.len() + 1);
-    name.push_str(channel_id);
-    name.push('\n');
-    name.push_str(external_id);
-    uuid::Uuid::new_v5(&CONTACT_NAMESPACE, name.as_bytes()).hyphenated().to_string()
+    crate::state::contact_uuid_for(channel_id, external_id).hyphenated().to_string()
 }
 
 /// Lines the state's indexes up with a compiled config (agent workloads by profile index, see
@@ -270,11 +262,12 @@ fn decide_message(
         decision.emit(message_appended(conversation.id(key), &input.event_id, message, &conversation.contact_id));
         return Ok(());
     }
-    let contact_opt = state.contact(&message.channel_id, external_id);
+    let contact_uuid = crate::state::contact_uuid_for(&message.channel_id, external_id);
+    let contact_opt = state.contact_with_uuid(contact_uuid, &message.channel_id, external_id);
     let contact_id = match contact_opt {
         Some(contact) => contact.contact_id.clone(),
         None => {
-            let contact_id = contact_id_for(&message.channel_id, external_id);
+            let contact_id = contact_uuid.hyphenated().to_string();
             decision.emit(contact_created(channel, message, external_id, &contact_id));
             contact_id
         }

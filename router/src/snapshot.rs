@@ -111,17 +111,14 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         }
         out.opt_str(conversation.ticket_id_opt.as_deref());
     }
-    let contact_count: usize = state.contacts.values().map(|contacts| contacts.len()).sum();
-    out.len(contact_count);
-    for (channel_id, contacts) in &state.contacts {
-        for (external_id, contact) in contacts {
-            out.str(channel_id);
-            out.str(external_id);
-            out.str(&contact.contact_id);
-            out.opt_str(contact.owner_agent_id_opt.as_deref());
-            out.bool(contact.consent_granted);
-            out.u64(contact.ticket_count as u64);
-        }
+    out.len(state.contacts.len());
+    for contact in state.contacts.values() {
+        out.str(&contact.channel_id);
+        out.str(&contact.external_id);
+        out.str(&contact.contact_id);
+        out.opt_str(contact.owner_agent_id_opt.as_deref());
+        out.bool(contact.consent_granted);
+        out.u64(contact.ticket_count as u64);
     }
     out.len(state.held_by_contact.len());
     for (contact_id, held) in &state.held_by_contact {
@@ -225,11 +222,13 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         let external_id = input.string()?;
         let contact = ContactState {
             contact_id: input.string()?,
+            channel_id,
+            external_id: external_id.into(),
             owner_agent_id_opt: input.opt_string()?,
             consent_granted: input.bool()?,
             ticket_count: input.u32()?,
         };
-        state.insert_contact(&channel_id, &external_id, contact);
+        state.insert_contact(contact);
     }
     for _ in 0..input.len()? {
         let contact_id = input.string()?;

@@ -93,9 +93,26 @@ impl ConversationState {
     }
 }
 
+/// Namespace of contact ids: UUIDv5(namespace, "<channel id>\n<external id>") (C4). A fixed
+/// random UUID; never change it.
+const CONTACT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3c1f_0b2a_6d4e_4a71_9e5b_c0d8_17f2_a964);
+
+/// The deterministic contact id of a channel identity (C4): the same sender on the same
+/// channel is the same contact, also after a state loss.
+pub fn contact_uuid_for(channel_id: &str, external_id: &str) -> uuid::Uuid {
+    let mut name = Vec::with_capacity(channel_id.len() + external_id.len() + 1);
+    name.extend_from_slice(channel_id.as_bytes());
+    name.push(b'\n');
+    name.extend_from_slice(external_id.as_bytes());
+    uuid::Uuid::new_v5(&CONTACT_NAMESPACE, &name)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ContactState {
     pub contact_id: String,
+    /// The channel-scoped identity the contact was created for (C4).
+    pub channel_id: String,
+    pub external_id: InlineStr,
     pub owner_agent_id_opt: Option<String>,
     /// C6 explicit consent: set once the sender agreed (or withdrawn).
     pub consent_granted: bool,
@@ -501,11 +518,10 @@ pub struct RouterState {
     /// Boxed so the table holds 24-byte entries: growing it past 100k+ conversations copies
     /// a few MB instead of stalling routing to copy ~70 MB of inline states.
     pub conversations: FastMap<u128, Box<ConversationState>>,
-    /// C4: contacts by channel id then the sender's channel-scoped external id.
-    pub contacts: FastMap<String, FastMap<InlineStr, ContactState>>,
-    /// Contact id (as a [`conversation_key`]-style 128-bit key: contact ids are UUIDs) →
-    /// (channel id, external id), for commands that name a contact.
-    pub contact_identity_by_key: FastMap<u128, (String, InlineStr)>,
+    /// C4: contacts by their id as a 128-bit key. Contact ids are the UUIDv5 of their channel
+    /// identity ([`contact_uuid_for`]), so one table serves lookups by id (commands) and by
+    /// identity (messages) without a second index. Boxed: small entries, cheap growth.
+    pub contacts: FastMap<u128, Box<ContactState>>,
     /// C6: messages held for consent, by contact id, in arrival order.
     pub held_by_contact: FastMap<String, Vec<HeldMessage>>,
     /// Open tickets by id.
@@ -524,7 +540,6 @@ impl Default for RouterState {
             open_conversation_by_thread: FastMap::default(),
             conversations: FastMap::default(),
             contacts: FastMap::default(),
-            contact_identity_by_key: FastMap::default(),
             held_by_contact: FastMap::default(),
             tickets: FastMap::default(),
             agents: AgentBook::default(),
@@ -553,32 +568,42 @@ impl RouterState {
         self.conversations.get(&key).map(|conversation| (key, &**conversation))
     }
 
+    /// The contact of a channel identity (C4).
     pub fn contact(&self, channel_id: &str, external_id: &str) -> Option<&ContactState> {
-        self.contacts.get(channel_id).and_then(|contacts| contacts.get(external_id.as_bytes()))
+        self.contact_with_uuid(contact_uuid_for(channel_id, external_id), channel_id, external_id)
+    }
+
+    /// [`RouterState::contact`] when the caller already computed [`contact_uuid_for`].
+    pub fn contact_with_uuid(&self, uuid: uuid::Uuid, channel_id: &str, external_id: &str) -> Option<&ContactState> {
+        self.contacts
+            .get(&uuid.as_u128())
+            .map(|contact| &**contact)
+            .filter(|contact| contact.channel_id == channel_id && contact.external_id == *external_id)
+    }
+
+    fn contact_mut(&mut self, channel_id: &str, external_id: &str) -> Option<&mut ContactState> {
+        self.contacts
+            .get_mut(&contact_uuid_for(channel_id, external_id).as_u128())
+            .map(|contact| &mut **contact)
+            .filter(|contact| contact.channel_id == channel_id && contact.external_id == *external_id)
     }
 
     pub fn contact_by_id(&self, contact_id: &str) -> Option<&ContactState> {
-        let (channel_id, external_id) = self.contact_identity_by_key.get(&message_key(contact_id))?;
-        self.contact(channel_id, external_id).filter(|contact| contact.contact_id == contact_id)
+        self.contacts.get(&message_key(contact_id)).map(|contact| &**contact).filter(|c| c.contact_id == contact_id)
     }
 
     fn contact_by_id_mut(&mut self, contact_id: &str) -> Option<&mut ContactState> {
-        let (channel_id, external_id) = self.contact_identity_by_key.get(&message_key(contact_id))?;
         self.contacts
-            .get_mut(channel_id.as_str())
-            .and_then(|contacts| contacts.get_mut(external_id.as_bytes()))
+            .get_mut(&message_key(contact_id))
+            .map(|contact| &mut **contact)
             .filter(|contact| contact.contact_id == contact_id)
     }
 
-    /// Records a contact under its channel-scoped identity (C4) and its id.
-    pub fn insert_contact(&mut self, channel_id: &str, external_id: &str, contact: ContactState) {
-        self.contact_identity_by_key
-            .insert(message_key(&contact.contact_id), (channel_id.to_owned(), InlineStr::new(external_id)));
-        let contacts = match self.contacts.get_mut(channel_id) {
-            Some(contacts) => contacts,
-            None => self.contacts.entry(channel_id.to_owned()).or_default(),
-        };
-        contacts.insert(InlineStr::new(external_id), contact);
+    /// Records a contact (C4). Its id is the UUIDv5 of its identity, as the router makes it; a
+    /// contact recorded under another id is still found by id, and by identity the next
+    /// message simply creates the recipe's contact.
+    pub fn insert_contact(&mut self, contact: ContactState) {
+        self.contacts.insert(message_key(&contact.contact_id), Box::new(contact));
     }
 
     fn remember_request(&mut self, request_id: &str) {
@@ -641,18 +666,16 @@ fn stop_waiting(
 pub fn evolve(state: &mut RouterState, event: &Envelope) {
     match &event.payload {
         // A contact is created once per identity; a repeated event changes nothing.
-        Some(Payload::ContactCreated(created))
-            if state.contact(&created.channel_id, &created.external_id).is_none() =>
-        {
-            let contact = ContactState { contact_id: created.contact_id.clone(), ..Default::default() };
-            state.insert_contact(&created.channel_id, &created.external_id, contact);
+        Some(Payload::ContactCreated(created)) if state.contact_by_id(&created.contact_id).is_none() => {
+            state.insert_contact(ContactState {
+                contact_id: created.contact_id.clone(),
+                channel_id: created.channel_id.clone(),
+                external_id: InlineStr::new(&created.external_id),
+                ..Default::default()
+            });
         }
         Some(Payload::ContactConsentReceived(consent)) => {
-            if let Some(contact) = state
-                .contacts
-                .get_mut(consent.channel_id.as_str())
-                .and_then(|contacts| contacts.get_mut(consent.sender_external_id.as_bytes()))
-            {
+            if let Some(contact) = state.contact_mut(&consent.channel_id, &consent.sender_external_id) {
                 contact.consent_granted = consent.granted;
                 if consent.granted {
                     // The held messages are released by the events that follow this one.
