@@ -203,7 +203,7 @@ fn route_until_failure(
         let mut produced = 0usize;
         let mut snapshotted: Vec<i32> = Vec::new();
         let load_started = Instant::now();
-        recover_missing_states(settings, &consumer, &batch, &mut state_by_partition)
+        recover_missing_states(settings, &batch, &mut state_by_partition)
             .map_err(TransactionFailure::AbortAndRewind)?;
         let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
         for record in &batch {
@@ -536,12 +536,16 @@ fn poll_batch<'consumer>(
 /// At most this many partitions are recovered at once (each recovery has its own reader).
 const MAX_PARALLEL_RECOVERIES: usize = 16;
 
-/// Makes sure every partition of `batch` has its routing state. When one lacks it, every other
-/// assigned partition without state is recovered too, all in parallel: a recovery mostly
-/// waits on the broker, and the first batches after an assignment rarely hold every partition.
+/// Makes sure every partition of `batch` has its routing state, recovering the missing ones in
+/// parallel (a recovery mostly waits on the broker).
+///
+/// Only partitions with a record in the batch: the consumer hands out a partition's records
+/// only once its committed offset is stable (`read_committed` fetches it with require_stable),
+/// that is once a previous owner's transaction covering it has completed, so the output that
+/// recovery folds includes that transaction. Recovering other assigned partitions earlier could
+/// miss it.
 fn recover_missing_states(
     settings: &RouterSettings,
-    consumer: &BaseConsumer<RebalanceTracker>,
     batch: &[BorrowedMessage<'_>],
     state_by_partition: &mut HashMap<i32, PartitionState>,
 ) -> anyhow::Result<()> {
@@ -553,14 +557,6 @@ fn recover_missing_states(
     if missing.is_empty() {
         return Ok(());
     }
-    let assignment = consumer.assignment().context("failed to read the consumer's assignment")?;
-    missing.extend(
-        assignment
-            .elements_for_topic(&settings.topics.inbound)
-            .iter()
-            .map(|element| element.partition())
-            .filter(|partition| !state_by_partition.contains_key(partition)),
-    );
     missing.sort_unstable();
     missing.dedup();
     for wave in missing.chunks(MAX_PARALLEL_RECOVERIES) {
@@ -636,10 +632,12 @@ pub fn recover_partition_state(
     from: RecoverFrom,
 ) -> anyhow::Result<(RouterState, RecoveryStats, u32)> {
     let started = Instant::now();
+    let mut reader_config = kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id));
+    // Manual assignment needs no group, and without one dropping the reader does not wait for a
+    // group close (rust-rdkafka polls that in 100 ms steps).
+    reader_config.remove("group.id");
     let reader: BaseConsumer<kafka::ReaderContext> =
-        kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id))
-            .create_with_context(kafka::ReaderContext)
-            .context("failed to create state reader")?;
+        reader_config.create_with_context(kafka::ReaderContext).context("failed to create state reader")?;
     let mut stats = RecoveryStats::default();
     let latest_opt = match from {
         RecoverFrom::LatestSnapshot => read_latest_snapshot(settings, &reader, partition),
