@@ -233,6 +233,9 @@ fn main() -> anyhow::Result<()> {
     let mut settings = RouterSettings::new(&brokers, topics.clone(), "bench-kafka");
     settings.producer_overrides = key_values("--producer");
     settings.consumer_overrides = key_values("--consumer");
+    if std::env::args().any(|argument| argument == "--snapshot-every-records") {
+        settings.snapshot_every_records = argument("--snapshot-every-records", 200_000.0) as u64;
+    }
     if let Some(max_batch_records) =
         std::env::args().any(|argument| argument == "--max-batch").then(|| argument("--max-batch", 20_000.0))
     {
