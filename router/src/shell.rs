@@ -23,7 +23,7 @@ use switchboard_proto::events::v1::{Envelope, KafkaPosition};
 use switchboard_runtime::config_store::ConfigStore;
 use switchboard_runtime::envelope;
 use switchboard_runtime::kafka::{self, header};
-use switchboard_runtime::telemetry::{adopt_trace_context, trace_context_headers};
+use switchboard_runtime::telemetry::{TraceContextHeaders, adopt_trace_context};
 use switchboard_runtime::topics::Topics;
 use tracing::{info, info_span, warn};
 
@@ -47,6 +47,11 @@ pub struct RouterSettings {
     pub snapshot_every_records: u64,
     /// ...or this much time passed with at least one input routed.
     pub snapshot_every: Duration,
+    /// Raw librdkafka settings applied over the router's producer config
+    /// (`kafka::transactional_producer_config`), e.g. for benchmarks of client tuning.
+    pub producer_overrides: Vec<(String, String)>,
+    /// Raw librdkafka settings applied over the inbound consumer's config.
+    pub consumer_overrides: Vec<(String, String)>,
 }
 
 impl RouterSettings {
@@ -62,6 +67,8 @@ impl RouterSettings {
             batch_linger: Duration::from_millis(5),
             snapshot_every_records: 200_000,
             snapshot_every: Duration::from_secs(300),
+            producer_overrides: Vec::new(),
+            consumer_overrides: Vec::new(),
         }
     }
 
@@ -113,13 +120,15 @@ enum TransactionFailure {
 /// Runs the router until `shutdown` is set. Blocking: call it on a dedicated thread.
 pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &AtomicBool) -> anyhow::Result<()> {
     let transactional_id = format!("{}-{}", settings.group_id, settings.instance_id);
-    let producer: BaseProducer = kafka::transactional_producer_config(
+    let mut producer_config = kafka::transactional_producer_config(
         &settings.brokers,
         &format!("router-{}", settings.instance_id),
         &transactional_id,
-    )
-    .create()
-    .context("failed to create transactional producer")?;
+    );
+    for (key, value) in &settings.producer_overrides {
+        producer_config.set(key, value);
+    }
+    let producer: BaseProducer = producer_config.create().context("failed to create transactional producer")?;
     producer.init_transactions(KAFKA_TIMEOUT).context("failed to initialise kafka transactions")?;
     info!(transactional_id, "router producer ready");
 
@@ -146,14 +155,18 @@ fn route_until_failure(
     producer: &BaseProducer,
     shutdown: &AtomicBool,
 ) -> Result<(), TransactionFailure> {
-    let consumer: BaseConsumer<RebalanceTracker> = kafka::group_consumer_config(
+    let mut consumer_config = kafka::group_consumer_config(
         &settings.brokers,
         &format!("router-{}", settings.instance_id),
         &settings.group_id,
-    )
-    .create_with_context(RebalanceTracker::default())
-    .context("failed to create inbound consumer")
-    .map_err(TransactionFailure::Fatal)?;
+    );
+    for (key, value) in &settings.consumer_overrides {
+        consumer_config.set(key, value);
+    }
+    let consumer: BaseConsumer<RebalanceTracker> = consumer_config
+        .create_with_context(RebalanceTracker::default())
+        .context("failed to create inbound consumer")
+        .map_err(TransactionFailure::Fatal)?;
     consumer
         .subscribe(&[&settings.topics.inbound])
         .context("failed to subscribe to inbound topic")
@@ -162,8 +175,15 @@ fn route_until_failure(
     let mut state_by_partition: HashMap<i32, PartitionState> = HashMap::new();
     let mut stats = Throughput::new();
     let mut compiled: Option<(std::sync::Arc<switchboard_runtime::config_store::ConfigSnapshot>, RouterConfig)> = None;
+    // Reused across batches: the records of one batch, and one output's encoding.
+    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(settings.max_batch_records);
+    let mut encode_buffer: Vec<u8> = Vec::with_capacity(4096);
     while !shutdown.load(Ordering::Relaxed) {
-        let batch = poll_batch(&consumer, settings.max_batch_records, settings.batch_linger);
+        // Empty unless the previous batch failed part-way.
+        batch.clear();
+        let poll_started = Instant::now();
+        poll_batch(&consumer, &mut batch, settings.max_batch_records, settings.batch_linger);
+        let route_started = Instant::now();
         for partition in consumer.context().revoked_partitions.lock().expect("lock poisoned").drain(..) {
             state_by_partition.remove(&partition);
         }
@@ -182,14 +202,16 @@ fn route_until_failure(
         let mut next_offset_by_partition: HashMap<i32, i64> = HashMap::new();
         let mut produced = 0usize;
         let mut snapshotted: Vec<i32> = Vec::new();
-        for record in &batch {
+        let load_started = Instant::now();
+        recover_missing_states(settings, &batch, &mut state_by_partition)
+            .map_err(TransactionFailure::AbortAndRewind)?;
+        let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
+        let record_count = batch.len();
+        // Each record is released to librdkafka right after it is routed (drain), which lets
+        // the allocator reuse its memory (and its parsed headers') for the next one.
+        for record in batch.drain(..) {
             let partition = record.partition();
-            let partition_state = match state_by_partition.entry(partition) {
-                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-                std::collections::hash_map::Entry::Vacant(entry) => {
-                    entry.insert(load_partition_state(settings, partition).map_err(TransactionFailure::AbortAndRewind)?)
-                }
-            };
+            let partition_state = state_by_partition.get_mut(&partition).expect("state recovered before the batch");
             // The snapshot holds the state before this batch's first record of the partition:
             // exactly what the committed output below the current end describes.
             if !snapshotted.contains(&partition) && snapshot_due(settings, partition_state) {
@@ -197,7 +219,14 @@ fn route_until_failure(
                 snapshotted.push(partition);
             }
             partition_state.records_since_snapshot += 1;
-            produced += route_record(settings, producer, &mut partition_state.state, router_config, record)?;
+            produced += route_record(
+                settings,
+                producer,
+                &mut partition_state.state,
+                router_config,
+                &record,
+                &mut encode_buffer,
+            )?;
             next_offset_by_partition.insert(partition, record.offset() + 1);
         }
         let mut next_offsets = TopicPartitionList::new();
@@ -208,9 +237,24 @@ fn route_until_failure(
         }
         let group_metadata =
             consumer.group_metadata().context("consumer has no group metadata").map_err(TransactionFailure::Fatal)?;
+        let offsets_started = Instant::now();
         producer.send_offsets_to_transaction(&next_offsets, &group_metadata, KAFKA_TIMEOUT).map_err(classify)?;
+        let acks_started = Instant::now();
+        await_deliveries(producer, KAFKA_TIMEOUT)?;
+        let commit_started = Instant::now();
         commit_with_retries(producer)?;
-        stats.record(batch.len(), produced);
+        tracing::debug!(
+            records = record_count,
+            produced,
+            poll_ms = (route_started - poll_started).as_secs_f64() * 1e3,
+            route_ms = (offsets_started - route_started).as_secs_f64() * 1e3,
+            acks_ms = (commit_started - acks_started).as_secs_f64() * 1e3,
+            offsets_ms = (acks_started - offsets_started).as_secs_f64() * 1e3,
+            commit_ms = commit_started.elapsed().as_secs_f64() * 1e3,
+            load_ms,
+            "batch committed"
+        );
+        stats.record(record_count, produced);
     }
     Ok(())
 }
@@ -314,24 +358,32 @@ fn route_record(
     state: &mut RouterState,
     config: &RouterConfig,
     record: &BorrowedMessage<'_>,
+    encode_buffer: &mut Vec<u8>,
 ) -> Result<usize, TransactionFailure> {
     let span =
         info_span!("route", partition = record.partition(), offset = record.offset(), event_id = tracing::field::Empty);
     adopt_trace_context(&span, record.headers());
-    let _entered = span.enter();
+    // The span is not entered: nothing below logs on the routing path (the core is pure), and
+    // entering/leaving costs two clock reads and registry lookups per record. The dead-letter
+    // path logs inside it.
 
     let input = match envelope::decode(record.payload()) {
         Ok(input) => input,
-        Err(error) => return dead_letter(settings, producer, record, &error.to_string()).map(|()| 0),
+        Err(error) => return dead_letter(settings, producer, record, &span, &error.to_string()).map(|()| 0),
     };
     span.record("event_id", input.event_id.as_str());
     core::align_state(state, config);
     let decided = match core::decide(state, config, &input) {
         Ok(decided) => decided,
-        Err(rejection) => return dead_letter(settings, producer, record, &rejection.to_string()).map(|()| 0),
+        Err(rejection) => return dead_letter(settings, producer, record, &span, &rejection.to_string()).map(|()| 0),
     };
+    if decided.is_empty() {
+        return Ok(0);
+    }
     // B6: every decision says where its cause was read (topic without the environment prefix).
     let source_topic = record.topic().strip_prefix(settings.topics.prefix.as_str()).unwrap_or(record.topic());
+    // Every output of this input carries the route span's trace context: computed once.
+    let trace_headers = TraceContextHeaders::of(&span);
     let count = decided.len();
     for mut event in decided {
         core::evolve(state, &event);
@@ -340,7 +392,7 @@ fn route_record(
             partition: record.partition(),
             offset: record.offset(),
         });
-        produce(producer, &settings.topics.conversations, record.partition(), &event, &span)?;
+        produce(producer, &settings.topics.conversations, record.partition(), &event, &trace_headers, encode_buffer)?;
     }
     Ok(count)
 }
@@ -350,12 +402,15 @@ fn produce(
     topic: &str,
     partition: i32,
     event: &Envelope,
-    span: &tracing::Span,
+    trace_headers: &TraceContextHeaders,
+    encode_buffer: &mut Vec<u8>,
 ) -> Result<(), TransactionFailure> {
-    let payload = envelope::encode(event);
+    // librdkafka copies the payload on send, so one buffer serves every output.
+    encode_buffer.clear();
+    envelope::encode_into(event, encode_buffer);
     let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
-    let headers = trace_context_headers(span).insert(Header { key: header::EVENT_TYPE, value: Some(event_type) });
-    send_with_backpressure(producer, topic, partition, event.partition_key.as_bytes(), &payload, headers)
+    let headers = trace_headers.to_kafka_headers(1).insert(Header { key: header::EVENT_TYPE, value: Some(event_type) });
+    send_with_backpressure(producer, topic, partition, event.partition_key.as_bytes(), encode_buffer, headers)
 }
 
 /// A record that cannot be routed goes to the dead-letter topic, in the same transaction, with
@@ -364,9 +419,12 @@ fn dead_letter(
     settings: &RouterSettings,
     producer: &BaseProducer,
     record: &BorrowedMessage<'_>,
+    span: &tracing::Span,
     reason: &str,
 ) -> Result<(), TransactionFailure> {
-    warn!(reason, partition = record.partition(), offset = record.offset(), "dead-lettering inbound record");
+    span.in_scope(|| {
+        warn!(reason, partition = record.partition(), offset = record.offset(), "dead-lettering inbound record");
+    });
     let source = format!("{}/{}/{}", record.topic(), record.partition(), record.offset());
     let headers = kafka::copy_headers(
         record.headers(),
@@ -410,6 +468,29 @@ fn send_with_backpressure(
     }
 }
 
+/// Waits until every record produced so far is acknowledged, in 1 ms steps.
+///
+/// `commit_transaction` flushes first anyway, but rust-rdkafka's `flush` polls in fixed
+/// 100 ms steps once anything is in flight (its `poll` runs to its deadline even after an
+/// event): a 100 ms floor on every transaction. Each short `flush` here also tells librdkafka
+/// to send what it holds back for `linger.ms`. After this the commit's own flush finds nothing
+/// in flight. A failed delivery is not lost: librdkafka makes the transaction abortable, so
+/// the commit fails.
+fn await_deliveries(producer: &BaseProducer, timeout: Duration) -> Result<(), TransactionFailure> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match producer.flush(Duration::from_millis(1)) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) if Instant::now() < deadline => {}
+            Err(error) => {
+                return Err(TransactionFailure::AbortAndRewind(
+                    anyhow::Error::new(error).context("produced records were not acknowledged"),
+                ));
+            }
+        }
+    }
+}
+
 fn commit_with_retries(producer: &BaseProducer) -> Result<(), TransactionFailure> {
     let mut attempts = 0;
     loop {
@@ -434,13 +515,13 @@ fn classify(error: KafkaError) -> TransactionFailure {
     }
 }
 
-/// Polls up to `max_records`, waiting at most `linger` after the first one.
+/// Polls up to `max_records` into `batch`, waiting at most `linger` after the first one.
 fn poll_batch<'consumer>(
     consumer: &'consumer BaseConsumer<RebalanceTracker>,
+    batch: &mut Vec<BorrowedMessage<'consumer>>,
     max_records: usize,
     linger: Duration,
-) -> Vec<BorrowedMessage<'consumer>> {
-    let mut batch = Vec::new();
+) {
     let mut deadline_opt: Option<Instant> = None;
     while batch.len() < max_records {
         let timeout = match deadline_opt {
@@ -459,7 +540,65 @@ fn poll_batch<'consumer>(
             None => break,
         }
     }
-    batch
+}
+
+/// At most this many partitions are recovered at once (each recovery has its own reader).
+const MAX_PARALLEL_RECOVERIES: usize = 16;
+
+/// Makes sure every partition of `batch` has its routing state, recovering the missing ones in
+/// parallel (a recovery mostly waits on the broker).
+///
+/// Only partitions with a record in the batch: the consumer hands out a partition's records
+/// only once its committed offset is stable (`read_committed` fetches it with require_stable),
+/// that is once a previous owner's transaction covering it has completed, so the output that
+/// recovery folds includes that transaction. Recovering other assigned partitions earlier could
+/// miss it.
+fn recover_missing_states(
+    settings: &RouterSettings,
+    batch: &[BorrowedMessage<'_>],
+    state_by_partition: &mut HashMap<i32, PartitionState>,
+) -> anyhow::Result<()> {
+    let mut missing: Vec<i32> = batch
+        .iter()
+        .map(|record| record.partition())
+        .filter(|partition| !state_by_partition.contains_key(partition))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    missing.sort_unstable();
+    missing.dedup();
+    for wave in missing.chunks(MAX_PARALLEL_RECOVERIES) {
+        let recovered: Vec<(i32, anyhow::Result<PartitionState>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = wave
+                .iter()
+                .map(|&partition| {
+                    let handle = std::thread::Builder::new()
+                        .name(format!("router-recover-{partition}"))
+                        .spawn_scoped(scope, move || load_partition_state(settings, partition));
+                    (partition, handle)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(partition, handle)| {
+                    let result = match handle {
+                        Ok(handle) => handle
+                            .join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("recovery of partition {partition} panicked"))),
+                        Err(error) => Err(anyhow::Error::new(error).context("failed to start a recovery thread")),
+                    };
+                    (partition, result)
+                })
+                .collect()
+        });
+        for (partition, result) in recovered {
+            let partition_state =
+                result.with_context(|| format!("failed to recover the routing state of partition {partition}"))?;
+            state_by_partition.insert(partition, partition_state);
+        }
+    }
+    Ok(())
 }
 
 /// How a partition's state was recovered (logged, and reported by the restart benchmark).
@@ -502,10 +641,12 @@ pub fn recover_partition_state(
     from: RecoverFrom,
 ) -> anyhow::Result<(RouterState, RecoveryStats, u32)> {
     let started = Instant::now();
+    let mut reader_config = kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id));
+    // Manual assignment needs no group, and without one dropping the reader does not wait for a
+    // group close (rust-rdkafka polls that in 100 ms steps).
+    reader_config.remove("group.id");
     let reader: BaseConsumer<kafka::ReaderContext> =
-        kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id))
-            .create_with_context(kafka::ReaderContext)
-            .context("failed to create state reader")?;
+        reader_config.create_with_context(kafka::ReaderContext).context("failed to create state reader")?;
     let mut stats = RecoveryStats::default();
     let latest_opt = match from {
         RecoverFrom::LatestSnapshot => read_latest_snapshot(settings, &reader, partition),
@@ -533,8 +674,36 @@ pub fn recover_partition_state(
     };
     stats.snapshot_read = started.elapsed();
 
+    // The output partition's bounds. Asking for them also gives the reader the topic's
+    // metadata, so the assignment below fetches at once: a logical offset (`Beginning`) assigned
+    // before the reader knows the partition's leader waits for librdkafka's 500 ms offset-query
+    // retry. With nothing after the start there is nothing to read (no wait for an EOF).
+    let (output_low, output_high) = reader
+        .fetch_watermarks(&settings.topics.conversations, partition, KAFKA_TIMEOUT)
+        .context("failed to read the output partition's bounds")?;
+    let tail_start = match tail_from {
+        Offset::Offset(offset) => offset.max(output_low),
+        _ => output_low,
+    };
+    if tail_start < output_high {
+        fold_output_tail(settings, &reader, partition, tail_start, skip_inputs_below, &mut state, &mut stats)?;
+    }
+    stats.total = started.elapsed();
+    Ok((state, stats, chunk_count))
+}
+
+/// Folds the router's committed output of `partition` from `start` to its end into `state`.
+fn fold_output_tail(
+    settings: &RouterSettings,
+    reader: &BaseConsumer<kafka::ReaderContext>,
+    partition: i32,
+    start: i64,
+    skip_inputs_below: i64,
+    state: &mut RouterState,
+    stats: &mut RecoveryStats,
+) -> anyhow::Result<()> {
     let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(&settings.topics.conversations, partition, tail_from)?;
+    assignment.add_partition_offset(&settings.topics.conversations, partition, Offset::Offset(start))?;
     reader.assign(&assignment).context("failed to assign state partition")?;
     loop {
         match reader.poll(KAFKA_TIMEOUT) {
@@ -547,19 +716,17 @@ pub fn recover_partition_state(
                         .as_ref()
                         .is_some_and(|source| source.partition == partition && source.offset < skip_inputs_below);
                     if !covered {
-                        core::evolve(&mut state, &event);
+                        core::evolve(state, &event);
                         stats.tail_events += 1;
                     }
                 }
                 Err(error) => warn!(%error, offset = record.offset(), "skipping undecodable router output record"),
             },
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
             Some(Err(error)) => warn!(%error, "state reader error (librdkafka retries)"),
             None => anyhow::bail!("timed out rebuilding router state of partition {partition}"),
         }
     }
-    stats.total = started.elapsed();
-    Ok((state, stats, chunk_count))
 }
 
 /// A record of the snapshot topic as the reader needs it.

@@ -33,6 +33,12 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
     envelope.encode_to_vec()
 }
 
+/// Appends the encoding of `envelope` to `buffer` (hot paths reuse one buffer).
+pub fn encode_into(envelope: &Envelope, buffer: &mut Vec<u8>) {
+    buffer.reserve(envelope.encoded_len());
+    envelope.encode_raw(buffer);
+}
+
 /// An envelope for an event entering the system (no cause): fresh UUIDv7, correlation id = its
 /// own id, recorded now.
 pub fn new_root(account_id: &str, partition_key: &str, occurred_at: DateTime<Utc>, payload: Payload) -> Envelope {

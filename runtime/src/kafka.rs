@@ -39,7 +39,14 @@ pub fn transactional_producer_config(brokers: &str, client_id: &str, transaction
     let mut config = idempotent_producer_config(brokers, client_id, 30_000);
     // A crashed instance's open transaction blocks its partitions' readers (LSO) until it times
     // out or a successor with the same transactional id fences it; keep the timeout short.
-    config.set("transactional.id", transactional_id).set("transaction.timeout.ms", "30000");
+    config
+        .set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", "30000")
+        // Acknowledged records are freed by librdkafka's own threads instead of being handed
+        // back to the producing thread as delivery reports (tens of thousands per transaction
+        // on the router's hot thread). A failed delivery is still reported, and it makes the
+        // transaction abortable anyway, so its commit fails.
+        .set("delivery.report.only.error", "true");
     config
 }
 

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -81,10 +81,60 @@ pub fn trace_context_headers(span: &tracing::Span) -> OwnedHeaders {
 /// Makes `span` a child of the trace whose context a consumed record carries (if any).
 pub fn adopt_trace_context(span: &tracing::Span, headers: Option<&BorrowedHeaders>) {
     let Some(headers) = headers else { return };
-    let carrier = KafkaHeaderCarrier::new(headers);
+    // Only the two W3C headers matter; they are looked up directly (per record on hot paths:
+    // no map of every header, no copies).
+    let carrier = W3cHeaderCarrier::from_headers(headers);
+    if carrier.traceparent_opt.is_none() {
+        return;
+    }
     let parent = TraceContextPropagator::new().extract(&carrier);
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
+    }
+}
+
+/// The W3C trace context of one span as header values, computed once and put on every record
+/// the span produces (a router input produces one to four outputs). `trace_context_headers`
+/// gives the same headers but computes them per call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceContextHeaders {
+    traceparent_opt: Option<String>,
+    tracestate_opt: Option<String>,
+}
+
+impl TraceContextHeaders {
+    pub fn of(span: &tracing::Span) -> Self {
+        let mut headers = TraceContextHeaders::default();
+        TraceContextPropagator::new().inject_context(&span.context(), &mut headers);
+        headers
+    }
+
+    /// Kafka headers holding the trace context, with room for `extra` more.
+    pub fn to_kafka_headers(&self, extra: usize) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new_with_capacity(2 + extra);
+        if let Some(traceparent) = &self.traceparent_opt {
+            headers =
+                headers.insert(Header { key: crate::kafka::header::TRACEPARENT, value: Some(traceparent.as_bytes()) });
+        }
+        if let Some(tracestate) = &self.tracestate_opt {
+            headers =
+                headers.insert(Header { key: crate::kafka::header::TRACESTATE, value: Some(tracestate.as_bytes()) });
+        }
+        headers
+    }
+}
+
+impl Injector for TraceContextHeaders {
+    fn set(&mut self, key: &str, value: String) {
+        // An empty `tracestate` is legal but useless on every record: leave it out.
+        if value.is_empty() {
+            return;
+        }
+        if key.eq_ignore_ascii_case(crate::kafka::header::TRACEPARENT) {
+            self.traceparent_opt = Some(value);
+        } else if key.eq_ignore_ascii_case(crate::kafka::header::TRACESTATE) {
+            self.tracestate_opt = Some(value);
+        }
     }
 }
 
@@ -103,36 +153,107 @@ pub fn trace_id_from_traceparent(traceparent: &str) -> Option<&str> {
     (trace_id.len() == 32).then_some(trace_id)
 }
 
-struct KafkaHeaderCarrier {
-    values: HashMap<String, String>,
+/// The W3C trace context headers of a consumed record, borrowed (header names compared
+/// case-insensitively, as HTTP's are).
+struct W3cHeaderCarrier<'a> {
+    traceparent_opt: Option<&'a str>,
+    tracestate_opt: Option<&'a str>,
 }
 
-impl KafkaHeaderCarrier {
-    fn new(headers: &BorrowedHeaders) -> Self {
-        let values = headers
-            .iter()
-            .filter_map(|header| {
-                let value = std::str::from_utf8(header.value?).ok()?;
-                Some((header.key.to_ascii_lowercase(), value.to_owned()))
-            })
-            .collect();
-        KafkaHeaderCarrier { values }
+impl<'a> W3cHeaderCarrier<'a> {
+    fn from_headers(headers: &'a BorrowedHeaders) -> Self {
+        let mut carrier = W3cHeaderCarrier { traceparent_opt: None, tracestate_opt: None };
+        for header in headers.iter() {
+            let Some(value) = header.value.and_then(|value| std::str::from_utf8(value).ok()) else { continue };
+            if header.key.eq_ignore_ascii_case(crate::kafka::header::TRACEPARENT) {
+                carrier.traceparent_opt = Some(value);
+            } else if header.key.eq_ignore_ascii_case(crate::kafka::header::TRACESTATE) {
+                carrier.tracestate_opt = Some(value);
+            }
+        }
+        carrier
     }
 }
 
-impl Extractor for KafkaHeaderCarrier {
+impl Extractor for W3cHeaderCarrier<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.values.get(&key.to_ascii_lowercase()).map(String::as_str)
+        if key.eq_ignore_ascii_case(crate::kafka::header::TRACEPARENT) {
+            self.traceparent_opt
+        } else if key.eq_ignore_ascii_case(crate::kafka::header::TRACESTATE) {
+            self.tracestate_opt
+        } else {
+            None
+        }
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.values.keys().map(String::as_str).collect()
+        let mut keys = Vec::with_capacity(2);
+        if self.traceparent_opt.is_some() {
+            keys.push(crate::kafka::header::TRACEPARENT);
+        }
+        if self.tracestate_opt.is_some() {
+            keys.push(crate::kafka::header::TRACESTATE);
+        }
+        keys
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `check` with a subscriber whose spans are OpenTelemetry spans (as `init_telemetry`
+    /// sets up, without an exporter).
+    fn with_otel_subscriber(check: impl FnOnce()) {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, check);
+    }
+
+    #[test]
+    fn a_span_adopted_from_record_headers_passes_the_trace_on_once_computed() {
+        with_otel_subscriber(|| {
+            let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+            let consumed = OwnedHeaders::new()
+                .insert(Header { key: "sb-event-type", value: Some("inbound_message_received") })
+                .insert(Header { key: "TraceParent", value: Some(incoming) })
+                .insert(Header { key: "tracestate", value: Some("vendor=value") });
+            let span = tracing::info_span!("route");
+            adopt_trace_context(&span, Some(consumed.as_borrowed()));
+
+            let once = TraceContextHeaders::of(&span);
+            let traceparent = once.traceparent_opt.as_deref().expect("a traceparent");
+            assert_eq!(trace_id_from_traceparent(traceparent), trace_id_from_traceparent(incoming));
+            assert_ne!(traceparent, incoming, "the route span is a new child span of the incoming one");
+            assert_eq!(once.tracestate_opt.as_deref(), Some("vendor=value"));
+            // The same headers as the per-call function, in the same order.
+            let per_call = trace_context_headers(&span);
+            let header_pairs = |headers: &OwnedHeaders| -> Vec<(String, Vec<u8>)> {
+                let mut pairs: Vec<_> = headers
+                    .iter()
+                    .map(|header| (header.key.to_owned(), header.value.unwrap_or_default().to_vec()))
+                    .collect();
+                pairs.sort();
+                pairs
+            };
+            assert_eq!(header_pairs(&once.to_kafka_headers(0)), header_pairs(&per_call));
+        });
+    }
+
+    #[test]
+    fn records_without_trace_context_start_no_trace_of_theirs() {
+        with_otel_subscriber(|| {
+            let consumed = OwnedHeaders::new().insert(Header { key: "sb-event-type", value: Some("x") });
+            let span = tracing::info_span!("route");
+            adopt_trace_context(&span, Some(consumed.as_borrowed()));
+            adopt_trace_context(&span, None);
+            // The span is a root of its own: still a valid trace context to pass on.
+            let headers = TraceContextHeaders::of(&span);
+            assert_eq!(headers.traceparent_opt.as_deref().map(str::len), Some(55));
+            assert_eq!(headers.tracestate_opt, None);
+        });
+    }
 
     #[test]
     fn traceparent_trace_id_is_parsed() {
