@@ -641,12 +641,13 @@ pub fn recover_partition_state(
     from: RecoverFrom,
 ) -> anyhow::Result<(RouterState, RecoveryStats, u32)> {
     let started = Instant::now();
-    let mut reader_config = kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id));
-    // Manual assignment needs no group, and without one dropping the reader does not wait for a
-    // group close (rust-rdkafka polls that in 100 ms steps).
-    reader_config.remove("group.id");
+    // (The reader keeps its group id: librdkafka's assign() fails with "Unknown group" without
+    // one. Dropping it costs rust-rdkafka's group close, polled in 100 ms steps; recoveries run in
+    // parallel, so that is paid once per wave.)
     let reader: BaseConsumer<kafka::ReaderContext> =
-        reader_config.create_with_context(kafka::ReaderContext).context("failed to create state reader")?;
+        kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id))
+            .create_with_context(kafka::ReaderContext)
+            .context("failed to create state reader")?;
     let mut stats = RecoveryStats::default();
     let latest_opt = match from {
         RecoverFrom::LatestSnapshot => read_latest_snapshot(settings, &reader, partition),

@@ -51,11 +51,15 @@ async fn b1_b4_r8_kill_9_at_random_points_keeps_everything_exactly_once_and_with
         inputs.push(record);
     }
 
+    // Half of the inputs are waiting before the router starts: a router that keeps up with the
+    // producer would otherwise leave no backlog to be killed in the middle of.
+    let (backlog, live) = inputs.split_at(MESSAGES / 2);
+    env.produce_envelopes(&env.topics.inbound, backlog).await?;
     let snapshot_env = [("SWITCHBOARD_ROUTER_SNAPSHOT_EVERY_RECORDS", "3000")];
     let mut router = env.spawn_router_process_with("router-0", &snapshot_env)?;
     let production_done = std::sync::atomic::AtomicBool::new(false);
     let produce = async {
-        let result = env.produce_envelopes(&env.topics.inbound, &inputs).await;
+        let result = env.produce_envelopes(&env.topics.inbound, live).await;
         production_done.store(true, std::sync::atomic::Ordering::SeqCst);
         result
     };
@@ -67,7 +71,7 @@ async fn b1_b4_r8_kill_9_at_random_points_keeps_everything_exactly_once_and_with
     let killer = async {
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
-            tokio::time::sleep(Duration::from_millis(500 + next_random(&mut seed) % 3_000)).await;
+            tokio::time::sleep(Duration::from_millis(200 + next_random(&mut seed) % 800)).await;
             let lag = env.group_lag(&group, &env.topics.inbound)?;
             if lag == 0 && production_done.load(std::sync::atomic::Ordering::SeqCst) {
                 return anyhow::Ok(());
