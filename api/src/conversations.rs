@@ -48,6 +48,19 @@ pub async fn reach_min_position<T>(
     read.wait_for_positions(&positions, PositionWait::from_metadata(request.metadata())).await
 }
 
+/// C6: Messenger lets a human agent answer up to 7 days after the customer's last message. The
+/// read model stores the 24-hour window (the customer's last message + 24 h), so the 7-day one
+/// is that plus 6 days.
+fn human_agent_reply_window_ends_at(
+    channel_type: &str,
+    reply_window_ends_at: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    (channel_type == "facebook_messenger")
+        .then_some(reply_window_ends_at)
+        .flatten()
+        .map(|ends_at| ends_at + chrono::Duration::days(6))
+}
+
 #[derive(sqlx::FromRow)]
 pub struct ConversationRow {
     conversation_id: Uuid,
@@ -75,6 +88,8 @@ pub const CONVERSATION_COLUMNS: &str = "conversation_id, inbox_id, channel_id, c
 
 impl From<ConversationRow> for Conversation {
     fn from(row: ConversationRow) -> Self {
+        let human_agent_reply_window_ends_at =
+            human_agent_reply_window_ends_at(&row.channel_type, row.reply_window_ends_at).map(timestamp);
         Conversation {
             id: row.conversation_id.to_string(),
             inbox_id: row.inbox_id,
@@ -92,6 +107,7 @@ impl From<ConversationRow> for Conversation {
             updated_at: Some(timestamp(row.updated_at)),
             closed_at: row.closed_at.map(timestamp),
             ticket_id: row.ticket_id.map(|id| id.to_string()).unwrap_or_default(),
+            human_agent_reply_window_ends_at,
             reply_window_ends_at: row.reply_window_ends_at.map(timestamp),
         }
     }
@@ -637,6 +653,19 @@ mod tests {
             ApiError::InvalidArgument(violations) => violations.into_iter().map(|violation| violation.field).collect(),
             other => panic!("expected invalid argument, got {other}"),
         }
+    }
+
+    #[test]
+    fn c6_messenger_human_agents_may_answer_for_7_days_after_the_last_customer_message() {
+        use chrono::TimeZone;
+        let last_customer_message = Utc.with_ymd_and_hms(2026, 11, 2, 9, 30, 0).unwrap();
+        let automated_until = last_customer_message + chrono::Duration::hours(24);
+        assert_eq!(
+            human_agent_reply_window_ends_at("facebook_messenger", Some(automated_until)),
+            Some(last_customer_message + chrono::Duration::days(7))
+        );
+        assert_eq!(human_agent_reply_window_ends_at("whatsapp", Some(automated_until)), None, "24 h only (C8)");
+        assert_eq!(human_agent_reply_window_ends_at("chat", None), None);
     }
 
     #[test]
