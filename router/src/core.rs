@@ -731,6 +731,25 @@ fn already_applied(state: &RouterState, decision: &mut Decision<'_>, command: &s
     false
 }
 
+/// The prologue of commands on a conversation: a request already applied, or a conversation
+/// that is not open, is answered with `CommandRejected` and yields `None`.
+fn open_conversation_for_command<'state>(
+    state: &'state RouterState,
+    decision: &mut Decision<'_>,
+    command: &str,
+    request_id: &str,
+    conversation_id: &str,
+) -> Option<(u128, &'state ConversationState)> {
+    if already_applied(state, decision, command, request_id) {
+        return None;
+    }
+    let found = state.conversation(conversation_id);
+    if found.is_none() {
+        decision.reject(command, request_id, format!("conversation `{conversation_id}` is not open"));
+    }
+    found
+}
+
 fn decide_availability(
     state: &RouterState,
     config: &RouterConfig,
@@ -762,15 +781,9 @@ fn decide_manual_assignment(
     request: &ManualAssignmentRequested,
 ) {
     const COMMAND: &str = "manual_assignment_requested";
-    if already_applied(state, decision, COMMAND, &request.request_id) {
-        return;
-    }
-    let Some((key, conversation)) = state.conversation(&request.conversation_id) else {
-        decision.reject(
-            COMMAND,
-            &request.request_id,
-            format!("conversation `{}` is not open", request.conversation_id),
-        );
+    let Some((key, conversation)) =
+        open_conversation_for_command(state, decision, COMMAND, &request.request_id, &request.conversation_id)
+    else {
         return;
     };
     let previous_opt = conversation.assignee();
@@ -831,15 +844,9 @@ fn decide_close(
     request: &ConversationCloseRequested,
 ) {
     const COMMAND: &str = "conversation_close_requested";
-    if already_applied(state, decision, COMMAND, &request.request_id) {
-        return;
-    }
-    let Some((key, conversation)) = state.conversation(&request.conversation_id) else {
-        decision.reject(
-            COMMAND,
-            &request.request_id,
-            format!("conversation `{}` is not open", request.conversation_id),
-        );
+    let Some((key, conversation)) =
+        open_conversation_for_command(state, decision, COMMAND, &request.request_id, &request.conversation_id)
+    else {
         return;
     };
     close(state, config, decision, key, conversation, CloseReason::Agent, request.actor.clone(), &request.request_id);
