@@ -201,10 +201,7 @@ impl<'state> Overlay<'state> {
             .iter()
             .find(|(channel, thread, _)| channel == channel_id && thread == thread_key)
             .map(|(_, _, conversation_id)| conversation_id.clone())
-            .or_else(|| {
-                let key = state.open_conversation(channel_id, thread_key)?;
-                state.conversations.get(&key).map(|conversation| conversation.id(key))
-            })
+            .or_else(|| state.open_conversation_id(channel_id, thread_key))
     }
 
     fn extra_tickets(&self, contact_id: &str) -> u32 {

@@ -11,7 +11,7 @@ use switchboard_proto::events::v1::InboundMessageReceived;
 
 use crate::state::{
     AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, InlineStr, RouterState,
-    TicketState, conversation_key, message_key,
+    TicketState, conversation_key, message_key, noncanonical_id,
 };
 
 const MAGIC: &[u8; 4] = b"SBRS";
@@ -182,7 +182,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         let conversation_id = input.string()?;
         let key = conversation_key(&conversation_id);
         let mut conversation = ConversationState {
-            noncanonical_id_opt: None,
+            noncanonical_id_opt: noncanonical_id(&conversation_id),
             channel_id: input.string()?,
             channel_type: input.i64()? as i32,
             thread_key: input.string()?.into(),
@@ -211,9 +211,6 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
                 .entry(conversation.channel_id.clone())
                 .or_default()
                 .insert(conversation.started_at_millis, key);
-        }
-        if conversation.id(key) != conversation_id {
-            conversation.noncanonical_id_opt = Some(conversation_id.into());
         }
         state.conversations.insert(key, Box::new(conversation));
     }

@@ -47,13 +47,15 @@ pub fn conversation_key(conversation_id: &str) -> u128 {
     message_key(conversation_id)
 }
 
-/// Whether `id` is a UUID in its canonical text form (lowercase, hyphenated): then the key alone
-/// gives the id back.
-fn is_canonical_uuid(id: &str) -> bool {
-    uuid::Uuid::try_parse(id).is_ok_and(|uuid| {
+/// What [`ConversationState::noncanonical_id_opt`] keeps of a conversation id: nothing when it
+/// is a UUID in its canonical text form (lowercase, hyphenated), because the key alone gives it
+/// back; the id as written otherwise.
+pub fn noncanonical_id(conversation_id: &str) -> Option<Box<str>> {
+    let canonical = uuid::Uuid::try_parse(conversation_id).is_ok_and(|uuid| {
         let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        uuid.hyphenated().encode_lower(&mut buffer).as_bytes() == id.as_bytes()
-    })
+        uuid.hyphenated().encode_lower(&mut buffer).as_bytes() == conversation_id.as_bytes()
+    });
+    (!canonical).then(|| conversation_id.into())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -723,8 +725,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             state.conversations.insert(
                 key,
                 Box::new(ConversationState {
-                    noncanonical_id_opt: (!is_canonical_uuid(&started.conversation_id))
-                        .then(|| started.conversation_id.as_str().into()),
+                    noncanonical_id_opt: noncanonical_id(&started.conversation_id),
                     channel_id: started.channel_id.clone(),
                     channel_type: started.channel_type,
                     thread_key: InlineStr::new(&started.thread_key),
