@@ -64,27 +64,31 @@ pub fn align_state(state: &mut RouterState, config: &RouterConfig) {
 
 /// Decides what one input means. Every command yields at least one event (a decision or
 /// `CommandRejected`), so read models can report having seen it (B6).
-pub fn decide(state: &RouterState, config: &RouterConfig, input: &Envelope) -> Result<Vec<Envelope>, Rejection> {
-    let mut decision = Decision::new(input);
-    match &input.payload {
+///
+/// Takes the input by value: a follow-up's message moves into its `MessageAppended` instead
+/// of being copied (the shell decodes each input only to route it).
+pub fn decide(state: &RouterState, config: &RouterConfig, mut input: Envelope) -> Result<Vec<Envelope>, Rejection> {
+    let payload_opt = input.payload.take();
+    let mut decision = Decision::new(&input);
+    match payload_opt {
         Some(Payload::InboundMessageReceived(message)) => decide_message(state, config, &mut decision, message)?,
-        Some(Payload::ContactConsentReceived(consent)) => decide_consent(state, config, &mut decision, consent)?,
-        Some(Payload::AgentAvailabilityChanged(changed)) => decide_availability(state, config, &mut decision, changed),
+        Some(Payload::ContactConsentReceived(consent)) => decide_consent(state, config, &mut decision, &consent)?,
+        Some(Payload::AgentAvailabilityChanged(changed)) => decide_availability(state, config, &mut decision, &changed),
         Some(Payload::ManualAssignmentRequested(request)) => {
-            decide_manual_assignment(state, config, &mut decision, request)
+            decide_manual_assignment(state, config, &mut decision, &request)
         }
-        Some(Payload::ConversationCloseRequested(request)) => decide_close(state, config, &mut decision, request),
+        Some(Payload::ConversationCloseRequested(request)) => decide_close(state, config, &mut decision, &request),
         Some(Payload::TicketStageChangeRequested(request)) => {
-            decide_ticket_stage(state, config, &mut decision, request)
+            decide_ticket_stage(state, config, &mut decision, &request)
         }
         Some(Payload::ContactOwnerChangeRequested(request)) => {
-            decide_contact_owner(state, config, &mut decision, request)
+            decide_contact_owner(state, config, &mut decision, &request)
         }
         // C8 delivery statuses travel on the inbound topic for other consumers; they change no
         // routing state.
         Some(Payload::DeliveryStatusReported(_)) => {}
         Some(other) => {
-            return Err(Rejection::NotARouterInput { event_id: input.event_id.clone(), payload: payload_name(other) });
+            return Err(Rejection::NotARouterInput { event_id: input.event_id.clone(), payload: payload_name(&other) });
         }
         None => return Err(Rejection::NotARouterInput { event_id: input.event_id.clone(), payload: "none" }),
     }
@@ -230,25 +234,25 @@ fn decide_message(
     state: &RouterState,
     config: &RouterConfig,
     decision: &mut Decision<'_>,
-    message: &InboundMessageReceived,
+    message: InboundMessageReceived,
 ) -> Result<(), Rejection> {
     let input = decision.cause;
-    validate_message(input, message)?;
+    validate_message(input, &message)?;
     // B1: a message id already handled (any channel of the partition's accounts, open
     // conversations, held messages and a recent window) changes nothing.
     if state.dedup.contains(message_key(&message.message_id)) {
         return Ok(());
     }
     let Some(channel) = config.channel(&input.account_id, &message.channel_id) else {
-        decision.emit(withheld(message, &input.event_id, WithheldReason::UnknownChannel, false));
+        decision.emit(withheld(&message, &input.event_id, WithheldReason::UnknownChannel, false));
         return Ok(());
     };
     // C11: a switched-off channel's messages are recorded, never routed or logged to contacts.
     if !channel.enabled {
-        decision.emit(withheld(message, &input.event_id, WithheldReason::ChannelOff, false));
+        decision.emit(withheld(&message, &input.event_id, WithheldReason::ChannelOff, false));
         return Ok(());
     }
-    let external_id = sender_identity(message);
+    let external_id = sender_identity(&message);
     // Fast path (most traffic): a follow-up from the conversation's own contact on a channel
     // without explicit consent joins the open conversation (R10); no contact lookup needed.
     if !channel.explicit_consent
@@ -256,7 +260,8 @@ fn decide_message(
         && let Some(conversation) = state.conversations.get(&key)
         && conversation.contact_external_id == *external_id
     {
-        decision.emit(message_appended(conversation.id(key), &input.event_id, message, &conversation.contact_id));
+        let conversation_id = conversation.id(key);
+        decision.emit(message_appended(conversation_id, &input.event_id, message, &conversation.contact_id));
         return Ok(());
     }
     let contact_uuid = crate::state::contact_uuid_for(&message.channel_id, external_id);
@@ -265,7 +270,7 @@ fn decide_message(
         Some(contact) => contact.contact_id.clone(),
         None => {
             let contact_id = contact_uuid.hyphenated().to_string();
-            decision.emit(contact_created(channel, message, external_id, &contact_id));
+            decision.emit(contact_created(channel, &message, external_id, &contact_id));
             contact_id
         }
     };
@@ -274,7 +279,7 @@ fn decide_message(
         let consent_given_now =
             message.content.as_ref().is_some_and(|content| content.consent == ConsentState::Given as i32);
         if !consent_given_now {
-            decision.emit(withheld(message, &input.event_id, WithheldReason::AwaitingConsent, true));
+            decision.emit(withheld(&message, &input.event_id, WithheldReason::AwaitingConsent, true));
             return Ok(());
         }
         decision.emit(Payload::ContactConsentReceived(ContactConsentReceived {
@@ -285,7 +290,7 @@ fn decide_message(
         }));
     }
     let mut overlay = Overlay::untracked(state);
-    deliver(state, config, decision, &mut overlay, channel, message, &input.event_id, &contact_id, contact_opt, "");
+    deliver(state, config, decision, &mut overlay, channel, &message, &input.event_id, &contact_id, contact_opt, "");
     Ok(())
 }
 
@@ -309,8 +314,7 @@ fn deliver(
     if let Some(conversation_id) = overlay.open_conversation(state, &message.channel_id, &message.thread_key) {
         // R10: a follow-up joins the open conversation and keeps its assignee; never a second
         // conversation or ticket.
-        let appended = message_appended(conversation_id, source_event_id, message, contact_id);
-        decision.emit(appended);
+        decision.emit(message_appended(conversation_id, source_event_id, appended_part(message), contact_id));
         return;
     }
     let conversation_id = decision.derived_id(&["conversation", purpose_suffix]);
@@ -325,7 +329,7 @@ fn deliver(
         first_message_id: message.message_id.clone(),
         contact_id: contact_id.to_owned(),
     }));
-    decision.emit(message_appended(conversation_id.clone(), source_event_id, message, contact_id));
+    decision.emit(message_appended(conversation_id.clone(), source_event_id, appended_part(message), contact_id));
 
     let owner_opt = contact_opt.and_then(|contact| contact.owner_agent_id_opt.as_deref());
     let routed = route(config, &overlay.agents, channel, channel_type, owner_opt);
@@ -452,23 +456,38 @@ fn contact_created(
     })
 }
 
+/// The message joins its conversation: its fields move into the event.
 fn message_appended(
     conversation_id: String,
     source_event_id: &str,
-    message: &InboundMessageReceived,
+    message: InboundMessageReceived,
     contact_id: &str,
 ) -> Payload {
     Payload::MessageAppended(MessageAppended {
         conversation_id,
+        message_id: message.message_id,
+        provider_message_id: message.provider_message_id,
+        channel_id: message.channel_id,
+        sender: message.sender,
+        text: message.text,
+        source_event_id: source_event_id.to_owned(),
+        content: message.content,
+        contact_id: contact_id.to_owned(),
+    })
+}
+
+/// A copy of the parts of a message that `MessageAppended` carries, for callers that still
+/// need the message afterwards.
+fn appended_part(message: &InboundMessageReceived) -> InboundMessageReceived {
+    InboundMessageReceived {
         message_id: message.message_id.clone(),
         provider_message_id: message.provider_message_id.clone(),
         channel_id: message.channel_id.clone(),
         sender: message.sender.clone(),
         text: message.text.clone(),
-        source_event_id: source_event_id.to_owned(),
         content: message.content.clone(),
-        contact_id: contact_id.to_owned(),
-    })
+        ..Default::default()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -765,9 +784,9 @@ fn decide_availability(
     // available for routing.
     decision.emit(Payload::AgentAvailabilityChanged(changed.clone()));
     if changed.available {
-        let mut overlay = Overlay::tracked(state);
-        overlay.agents.to_mut().set_availability(&changed.agent_id, true);
-        redrive(state, config, decision, &mut overlay, &changed.agent_id, None);
+        redrive(state, config, decision, &changed.agent_id, None, |agents| {
+            agents.set_availability(&changed.agent_id, true);
+        });
     }
 }
 
@@ -784,7 +803,6 @@ fn decide_manual_assignment(
         return;
     };
     let previous_opt = conversation.assignee();
-    let mut overlay = Overlay::tracked(state);
     if request.assignee_agent_id.is_empty() {
         let Some(previous) = previous_opt else {
             decision.reject(COMMAND, &request.request_id, "conversation is not assigned");
@@ -796,8 +814,9 @@ fn decide_manual_assignment(
             actor: request.actor.clone(),
             request_id: request.request_id.clone(),
         }));
-        overlay.agents.to_mut().release(previous, conversation.channel_type);
-        redrive(state, config, decision, &mut overlay, previous, Some(key));
+        redrive(state, config, decision, previous, Some(key), |agents| {
+            agents.release(previous, conversation.channel_type);
+        });
         return;
     }
     if config.agent(&decision.cause.account_id, &request.assignee_agent_id).is_none() {
@@ -822,15 +841,11 @@ fn decide_manual_assignment(
         request_id: request.request_id.clone(),
     }));
     if let Some(previous) = previous_opt {
-        let agents = overlay.agents.to_mut();
-        agents.release(previous, conversation.channel_type);
-        agents.take(
-            &request.assignee_agent_id,
-            &conversation.channel_id,
-            conversation.channel_type,
-            decision.cause_millis,
-        );
-        redrive(state, config, decision, &mut overlay, previous, Some(key));
+        let cause_millis = decision.cause_millis;
+        redrive(state, config, decision, previous, Some(key), |agents| {
+            agents.release(previous, conversation.channel_type);
+            agents.take(&request.assignee_agent_id, &conversation.channel_id, conversation.channel_type, cause_millis);
+        });
     }
 }
 
@@ -869,9 +884,9 @@ fn close(
     }));
     // B3: the assignee has room for one more now.
     if let Some(previous) = conversation.assignee() {
-        let mut overlay = Overlay::tracked(state);
-        overlay.agents.to_mut().release(previous, conversation.channel_type);
-        redrive(state, config, decision, &mut overlay, previous, Some(key));
+        redrive(state, config, decision, previous, Some(key), |agents| {
+            agents.release(previous, conversation.channel_type);
+        });
     }
 }
 
@@ -943,17 +958,22 @@ fn decide_contact_owner(
 // B3: backlog re-drive.
 // ---------------------------------------------------------------------------------------------
 
-/// `freed_agent_id` became available or has room again: waiting (open, unassigned)
-/// conversations of the account's opted-in channels whose pool includes the agent (or whose
-/// contact it owns) are routed again, oldest first across channels, with the usual rules and
-/// explanations. A channel whose oldest waiting conversation still finds nobody is done.
+/// `freed_agent_id` became available or has room again (`free_agent` applies that change to a
+/// copy of the agents' book): waiting (open, unassigned) conversations of the account's
+/// opted-in channels whose pool includes the agent (or whose contact it owns) are routed again,
+/// oldest first across channels, with the usual rules and explanations. A channel whose oldest
+/// waiting conversation still finds nobody is done.
+///
+/// The book is copied only when something waits for the agent: closes and reassignments are
+/// frequent, and most find no backlog (copying 1,000 agents' workloads each time did cost more
+/// than the rest of the decision).
 fn redrive(
     state: &RouterState,
     config: &RouterConfig,
     decision: &mut Decision<'_>,
-    overlay: &mut Overlay<'_>,
     freed_agent_id: &str,
     exclude_conversation_opt: Option<u128>,
+    free_agent: impl FnOnce(&mut AgentBook),
 ) {
     let Some(channel_ids) = config.channel_ids_by_account.get(&decision.cause.account_id) else { return };
     struct Cursor<'a> {
@@ -978,6 +998,11 @@ fn redrive(
             cursors.push(Cursor { channel, owner_target, exhausted: false, waiting: oldest_first.peekable() });
         }
     }
+    if cursors.is_empty() {
+        return;
+    }
+    let mut overlay = Overlay::tracked(state);
+    free_agent(overlay.agents.to_mut());
     let mut attempts = 0;
     while attempts < MAX_REDRIVE_ATTEMPTS {
         // The oldest head among the channels still being re-driven (ties: channel id order).

@@ -140,7 +140,7 @@ impl Given {
         if self.aligned {
             align_state(&mut self.state, &config);
         }
-        let events = decide(&self.state, &config, input).expect("routable");
+        let events = decide(&self.state, &config, input.clone()).expect("routable");
         for event in &events {
             evolve(&mut self.state, event);
         }
@@ -871,13 +871,13 @@ fn inputs_that_are_not_routable_are_rejected_not_panicked_on() {
     let mut given = Given::new();
     let mut no_thread = given.inbound("", "m1");
     assert!(matches!(
-        decide(&given.state, &given.config(), &no_thread),
+        decide(&given.state, &given.config(), no_thread.clone()),
         Err(Rejection::MissingField { field: "thread_key", .. })
     ));
     no_thread.payload = Some(Payload::AgentConfigured(agent("ana", true, true)));
-    assert!(matches!(decide(&given.state, &given.config(), &no_thread), Err(Rejection::NotARouterInput { .. })));
+    assert!(matches!(decide(&given.state, &given.config(), no_thread.clone()), Err(Rejection::NotARouterInput { .. })));
     let status = given.input(Payload::DeliveryStatusReported(DeliveryStatusReported::default()));
-    assert_eq!(decide(&given.state, &given.config(), &status), Ok(vec![]), "C8 statuses are not routing inputs");
+    assert_eq!(decide(&given.state, &given.config(), status), Ok(vec![]), "C8 statuses are not routing inputs");
 }
 
 // ---------------------------------------------------------------------------------------------

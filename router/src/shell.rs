@@ -373,7 +373,7 @@ fn route_record(
     };
     span.record("event_id", input.event_id.as_str());
     core::align_state(state, config);
-    let decided = match core::decide(state, config, &input) {
+    let decided = match core::decide(state, config, input) {
         Ok(decided) => decided,
         Err(rejection) => return dead_letter(settings, producer, record, &span, &rejection.to_string()).map(|()| 0),
     };

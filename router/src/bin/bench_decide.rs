@@ -4,15 +4,21 @@
 //! and 100,000 open conversations. Input: a realistic mix of follow-ups in open conversations
 //! (R10) and new conversations that go through assignment (R3/R5/R6/R8).
 //!
-//!   cargo run --release -p switchboard-router --bin bench_decide [-- --inputs 1000000 --new-share 0.2]
+//! By default the state stays at 100,000 open conversations, as in a support team's steady
+//! state: agents close conversations as fast as customers open new ones, so each new
+//! conversation comes with one close of a random open one (a `ConversationCloseRequested`
+//! input, which also counts as a decision). `--growing` leaves the closes out: the state then
+//! grows by every new conversation and contact, and the figure includes growing its tables.
+//!
+//!   cargo run --release -p switchboard-router --bin bench_decide [-- --inputs 1000000 --new-share 0.2 --growing]
 
 use std::time::Instant;
 
 use chrono::{TimeZone, Utc};
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, Envelope,
-    InboundMessageReceived, RoutingRulesConfigured, Sender,
+    Actor, AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType,
+    ConversationCloseRequested, Envelope, InboundMessageReceived, RoutingRulesConfigured, Sender,
 };
 use switchboard_router::core::{RouterConfig, RouterState, align_state, decide, evolve};
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
@@ -29,6 +35,10 @@ const OPEN_CONVERSATIONS: usize = 100_000;
 /// Inputs built, then routed, per batch: small enough that they are still in cache when routed,
 /// as in the shell, which decodes each record right before routing it.
 const INPUT_BATCH: u64 = 2_000;
+
+fn flag(name: &str) -> bool {
+    std::env::args().any(|argument| argument == name)
+}
 
 fn argument(name: &str, default: f64) -> f64 {
     let arguments: Vec<String> = std::env::args().collect();
@@ -82,8 +92,33 @@ fn config() -> RouterConfig {
     RouterConfig::from_snapshot(config)
 }
 
+fn channel_of(visitor: u64) -> String {
+    format!("chat-{}", visitor % CHANNELS as u64)
+}
+
+fn thread_of(visitor: u64) -> String {
+    format!("visitor-{visitor}")
+}
+
+/// An agent closes a conversation (the API's close command, as the router reads it).
+fn close_request(sequence: u64, conversation_id: String) -> Envelope {
+    let at = Utc.timestamp_opt(1_700_000_000 + sequence as i64, 0).unwrap();
+    let mut envelope = new_root(
+        ACCOUNT,
+        ACCOUNT,
+        at,
+        Payload::ConversationCloseRequested(ConversationCloseRequested {
+            conversation_id,
+            request_id: format!("close-{sequence}"),
+            actor: Some(Actor { user_id: "agent-0000".into(), role: "agent".into() }),
+        }),
+    );
+    envelope.recorded_at = Some(timestamp(at));
+    envelope
+}
+
 fn inbound(sequence: u64, visitor: u64) -> Envelope {
-    let channel_id = format!("chat-{}", visitor % CHANNELS as u64);
+    let channel_id = channel_of(visitor);
     let provider_message_id = format!("m-{sequence}");
     let mut envelope = new_root(
         ACCOUNT,
@@ -95,9 +130,9 @@ fn inbound(sequence: u64, visitor: u64) -> Envelope {
             inbox_id: "inbox".into(),
             channel_type: ChannelType::Chat as i32,
             provider_message_id,
-            thread_key: format!("visitor-{visitor}"),
+            thread_key: thread_of(visitor),
             sender: Some(Sender {
-                external_id: format!("visitor-{visitor}"),
+                external_id: thread_of(visitor),
                 display_name: "Visitor".into(),
                 email: String::new(),
             }),
@@ -145,6 +180,7 @@ fn next_random(seed: &mut u64) -> u64 {
 fn main() {
     let inputs = argument("--inputs", 1_000_000.0) as u64;
     let new_share = argument("--new-share", 0.2);
+    let steady = !flag("--growing");
     let config = config();
     let mut state = RouterState::default();
     align_state(&mut state, &config);
@@ -152,7 +188,7 @@ fn main() {
     let setup_started = Instant::now();
     for visitor in 0..OPEN_CONVERSATIONS as u64 {
         sequence += 1;
-        for event in decide(&state, &config, &inbound(sequence, visitor)).expect("routable") {
+        for event in decide(&state, &config, inbound(sequence, visitor)).expect("routable") {
             evolve(&mut state, &event);
         }
     }
@@ -170,6 +206,11 @@ fn main() {
     // cache misses reading inputs, which the router never pays.)
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let mut next_new_visitor = OPEN_CONVERSATIONS as u64;
+    // Visitors with an open conversation (follow-ups and closes pick from them); those new in
+    // the batch being built join after it, as their conversations exist only once it is routed.
+    let mut open_visitors: Vec<u64> = (0..OPEN_CONVERSATIONS as u64).collect();
+    let mut new_in_batch: Vec<u64> = Vec::new();
+    let mut closes = 0u64;
     let resident_before_opt = resident_bytes();
     let mut elapsed = std::time::Duration::ZERO;
     let mut cpu_nanos_opt = Some(0u64);
@@ -178,24 +219,38 @@ fn main() {
     while remaining > 0 {
         let batch_size = remaining.min(INPUT_BATCH);
         remaining -= batch_size;
-        let batch: Vec<Envelope> = (0..batch_size)
-            .map(|_| {
+        let mut batch: Vec<Envelope> = Vec::with_capacity(batch_size as usize);
+        while (batch.len() as u64) < batch_size {
+            sequence += 1;
+            let is_new = (next_random(&mut seed) % 10_000) as f64 / 10_000.0 < new_share;
+            if !is_new {
+                let visitor = open_visitors[(next_random(&mut seed) % open_visitors.len() as u64) as usize];
+                batch.push(inbound(sequence, visitor));
+                continue;
+            }
+            next_new_visitor += 1;
+            new_in_batch.push(next_new_visitor);
+            batch.push(inbound(sequence, next_new_visitor));
+            if steady && (batch.len() as u64) < batch_size {
+                // One conversation closes for each new one; no later input of the batch is a
+                // follow-up to it (that would open a new conversation and grow the state).
+                let index = (next_random(&mut seed) % open_visitors.len() as u64) as usize;
+                let visitor = open_visitors.swap_remove(index);
+                let conversation_id =
+                    state.open_conversation_id(&channel_of(visitor), &thread_of(visitor)).expect("open conversation");
                 sequence += 1;
-                let is_new = (next_random(&mut seed) % 10_000) as f64 / 10_000.0 < new_share;
-                let visitor = if is_new {
-                    next_new_visitor += 1;
-                    next_new_visitor
-                } else {
-                    next_random(&mut seed) % OPEN_CONVERSATIONS as u64
-                };
-                inbound(sequence, visitor)
-            })
-            .collect();
+                batch.push(close_request(sequence, conversation_id));
+                closes += 1;
+            }
+        }
+        open_visitors.append(&mut new_in_batch);
 
         profiler_control("enable");
         let started = Instant::now();
         let cpu_started_opt = thread_cpu_nanos();
-        for input in &batch {
+        // The inputs are consumed, as the shell's decoded records are: what a decision does not
+        // move into its events is freed within the timed loop.
+        for input in batch {
             let events = decide(&state, &config, input).expect("routable");
             for event in &events {
                 evolve(&mut state, event);
@@ -209,11 +264,14 @@ fn main() {
             (Some(total), Some(start), Some(end)) => Some(total + (end - start)),
             _ => None,
         };
-        // Dropping the inputs is the shell's cost too (it frees what it decoded), but not routing.
-        std::mem::drop(batch);
     }
     let cpu_seconds_opt = cpu_nanos_opt.map(|nanos| nanos as f64 / 1e9);
-    println!("inputs: {inputs} ({:.0}% new conversations), events emitted: {emitted}", new_share * 100.0);
+    println!(
+        "inputs: {inputs} ({:.0}% of messages start a conversation; {closes} closes), events emitted: {emitted}, open conversations at the end: {}{}",
+        new_share * 100.0,
+        state.conversations.len(),
+        if steady { "" } else { " (--growing)" }
+    );
     println!(
         "decide+evolve: {:.0} decisions/s on one thread ({:.2} µs each)",
         inputs as f64 / elapsed.as_secs_f64(),

@@ -100,7 +100,7 @@ impl History {
     fn route(&mut self, payload: Payload) -> anyhow::Result<()> {
         let input = self.input(payload);
         align_state(&mut self.state, &self.config);
-        let decided = decide(&self.state, &self.config, &input).context("bench input not routable")?;
+        let decided = decide(&self.state, &self.config, input).context("bench input not routable")?;
         for mut event in decided {
             evolve(&mut self.state, &event);
             event.source_position =
