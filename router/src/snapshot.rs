@@ -163,9 +163,9 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.str(channel_id);
         out.str(agent_id);
     }
-    out.len(state.dedup.recent.order.len());
-    for key in &state.dedup.recent.order {
-        out.u128(*key);
+    out.len(state.dedup.retired().len());
+    for key in state.dedup.retired() {
+        out.u128(key);
     }
     out.len(state.applied_requests.order.len());
     for request_id in &state.applied_requests.order {
@@ -196,7 +196,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         conversation.message_keys.reserve(key_count);
         for _ in 0..key_count {
             let key = input.u128()?;
-            state.dedup.open.insert(key);
+            state.dedup.open(key);
             conversation.message_keys.push(key);
         }
         conversation.ticket_id_opt = input.opt_string()?;
@@ -234,7 +234,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         for _ in 0..count {
             let message = InboundMessageReceived::decode(input.blob()?)
                 .map_err(|_| SnapshotError::Invalid("held message is not a valid InboundMessageReceived"))?;
-            state.dedup.open.insert(message_key(&message.message_id));
+            state.dedup.open(message_key(&message.message_id));
             held.push(HeldMessage { message, source_event_id: input.string()? });
         }
         state.held_by_contact.insert(contact_id, held);
@@ -263,7 +263,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         state.agents.last_round_robin_agent_by_channel.insert(channel_id, input.string()?.into());
     }
     for _ in 0..input.len()? {
-        state.dedup.recent.insert(input.u128()?);
+        state.dedup.retire(input.u128()?);
     }
     for _ in 0..input.len()? {
         state.applied_requests.insert(input.string()?);

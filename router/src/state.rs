@@ -25,6 +25,9 @@ pub const CHANNEL_TYPE_SLOTS: usize = 8;
 /// `runtime::ids`); anything else is hashed with SHA-256 (truncated), still collision-free in
 /// practice and deterministic.
 pub fn message_key(message_id: &str) -> u128 {
+    if let Some(key) = canonical_uuid(message_id) {
+        return key;
+    }
     match uuid::Uuid::try_parse(message_id) {
         Ok(uuid) => uuid.as_u128(),
         Err(_) => {
@@ -33,6 +36,47 @@ pub fn message_key(message_id: &str) -> u128 {
             u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
         }
     }
+}
+
+/// Hex digit values by byte; `INVALID_HEX` for anything that is not `0-9` or `a-f`.
+const HEX_VALUES: [u8; 256] = {
+    let mut values = [INVALID_HEX; 256];
+    let mut digit = 0;
+    while digit < 10 {
+        values[b'0' as usize + digit] = digit as u8;
+        digit += 1;
+    }
+    let mut letter = 0;
+    while letter < 6 {
+        values[b'a' as usize + letter] = 10 + letter as u8;
+        letter += 1;
+    }
+    values
+};
+const INVALID_HEX: u8 = 0xff;
+
+/// The UUID of an id in canonical text form (36 characters, lowercase hex, hyphens at 8, 13,
+/// 18 and 23), which is how Switchboard writes every id; `None` for any other text.
+///
+/// Every event carries ids as text and `evolve` keys them as numbers, several per event: a
+/// direct parse of the one form in use is several times cheaper than a general UUID parser.
+pub fn canonical_uuid(id: &str) -> Option<u128> {
+    let bytes = id.as_bytes();
+    if bytes.len() != 36 || bytes[8] != b'-' || bytes[13] != b'-' || bytes[18] != b'-' || bytes[23] != b'-' {
+        return None;
+    }
+    let mut value = 0u128;
+    let mut invalid = 0u8;
+    for (index, &byte) in bytes.iter().enumerate() {
+        if matches!(index, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        let digit = HEX_VALUES[byte as usize];
+        invalid |= digit;
+        value = (value << 4) | u128::from(digit & 0x0f);
+    }
+    // A valid digit is at most 0x0f, so any invalid byte sets the high bits.
+    (invalid & 0xf0 == 0).then_some(value)
 }
 
 pub fn channel_type_slot(channel_type: i32) -> usize {
@@ -51,11 +95,7 @@ pub fn conversation_key(conversation_id: &str) -> u128 {
 /// is a UUID in its canonical text form (lowercase, hyphenated), because the key alone gives it
 /// back; the id as written otherwise.
 pub fn noncanonical_id(conversation_id: &str) -> Option<Box<str>> {
-    let canonical = uuid::Uuid::try_parse(conversation_id).is_ok_and(|uuid| {
-        let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        uuid.hyphenated().encode_lower(&mut buffer).as_bytes() == conversation_id.as_bytes()
-    });
-    (!canonical).then(|| conversation_id.into())
+    canonical_uuid(conversation_id).is_none().then(|| conversation_id.into())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -447,26 +487,59 @@ impl<T: std::hash::Hash + Eq + Clone> RecentSet<T> {
 /// Every message id the router has handled that a retry could still repeat (B1): those of open
 /// conversations and held messages (kept as long as they are open/held), plus a bounded window
 /// of the most recent ones that left (closed conversations, withheld messages).
+///
+/// One set answers for both, so a message costs one lookup (every input asks) and retiring a
+/// closed conversation's ids is an append to the window, not a move between sets. An id that
+/// left is never opened again (`decide` drops ids it knows), so forgetting the oldest retired
+/// id never forgets an open one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageDedup {
-    pub open: FastSet<u128>,
-    pub recent: RecentSet<u128>,
+    seen: FastSet<u128>,
+    /// Ids that left, oldest first; each is forgotten once the window holds newer ones.
+    retired_order: VecDeque<u128>,
+    window: usize,
 }
 
 impl Default for MessageDedup {
     fn default() -> Self {
-        MessageDedup { open: FastSet::default(), recent: RecentSet::with_capacity(RECENT_MESSAGE_WINDOW) }
+        MessageDedup::with_window(RECENT_MESSAGE_WINDOW)
     }
 }
 
 impl MessageDedup {
-    pub fn contains(&self, key: u128) -> bool {
-        self.open.contains(&key) || self.recent.contains(&key)
+    pub fn with_window(window: usize) -> Self {
+        MessageDedup { seen: FastSet::default(), retired_order: VecDeque::new(), window }
     }
 
-    fn retire(&mut self, key: u128) {
-        self.open.remove(&key);
-        self.recent.insert(key);
+    pub fn contains(&self, key: u128) -> bool {
+        self.seen.contains(&key)
+    }
+
+    /// The message is in an open conversation or held: remembered until it leaves.
+    pub fn open(&mut self, key: u128) {
+        self.seen.insert(key);
+    }
+
+    /// A held message is released: its delivery opens it again.
+    fn forget_open(&mut self, key: u128) {
+        self.seen.remove(&key);
+    }
+
+    /// The message left (its conversation closed, or it was withheld): remembered for the
+    /// window only.
+    pub fn retire(&mut self, key: u128) {
+        self.seen.insert(key);
+        self.retired_order.push_back(key);
+        while self.retired_order.len() > self.window {
+            if let Some(oldest) = self.retired_order.pop_front() {
+                self.seen.remove(&oldest);
+            }
+        }
+    }
+
+    /// The retired ids, oldest first (what a snapshot keeps besides the open ones).
+    pub fn retired(&self) -> impl ExactSizeIterator<Item = u128> + '_ {
+        self.retired_order.iter().copied()
     }
 }
 
@@ -685,7 +758,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                     if let Some(held) = state.held_by_contact.remove(&contact_id) {
                         for message in held {
                             let key = message_key(&message.message.message_id);
-                            state.dedup.open.remove(&key);
+                            state.dedup.forget_open(key);
                         }
                     }
                 }
@@ -705,7 +778,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                 && let Some(contact) = state.contact(&withheld.channel_id, sender_identity(message))
             {
                 let contact_id = contact.contact_id.clone();
-                state.dedup.open.insert(key);
+                state.dedup.open(key);
                 state.held_by_contact.entry(contact_id).or_default().push(HeldMessage {
                     message: (**message).clone(),
                     source_event_id: withheld.source_event_id.clone(),
@@ -756,7 +829,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             if let Some(conversation) = state.conversations.get_mut(&conversation_key(&appended.conversation_id)) {
                 let key = message_key(&appended.message_id);
                 conversation.message_keys.push(key);
-                state.dedup.open.insert(key);
+                state.dedup.open(key);
             }
         }
         Some(Payload::ConversationAssigned(assigned)) => {
@@ -842,5 +915,49 @@ pub fn sender_identity(message: &InboundMessageReceived) -> &str {
     match message.sender.as_ref().map(|sender| sender.external_id.as_str()).filter(|id| !id.is_empty()) {
         Some(external_id) => external_id,
         None => &message.thread_key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The fast parse reads exactly the canonical form, so keys are what the general
+        /// parser gave before it existed (state and snapshots keep their meaning).
+        #[test]
+        fn b4_ids_key_the_same_whichever_parser_reads_them(bits in any::<u128>(), noise in "[0-9a-fA-F{}:urn-]{0,40}") {
+            let canonical = uuid::Uuid::from_u128(bits).hyphenated().to_string();
+            prop_assert_eq!(canonical_uuid(&canonical), Some(bits));
+            prop_assert_eq!(message_key(&canonical), bits);
+            prop_assert_eq!(noncanonical_id(&canonical), None);
+            let upper = canonical.to_uppercase();
+            prop_assert_eq!(canonical_uuid(&upper).is_some(), upper == canonical);
+            prop_assert_eq!(message_key(&upper), bits, "other UUID forms key as the UUID");
+            let general = |text: &str| uuid::Uuid::try_parse(text).ok().map(|uuid| uuid.as_u128());
+            if let Some(key) = general(&noise) {
+                prop_assert_eq!(message_key(&noise), key);
+            }
+            prop_assert_eq!(canonical_uuid(&noise).is_some(), general(&noise).is_some_and(|key| {
+                uuid::Uuid::from_u128(key).hyphenated().to_string() == noise
+            }));
+        }
+    }
+
+    #[test]
+    fn b1_a_retired_message_id_is_remembered_for_the_window_then_forgotten() {
+        let mut dedup = MessageDedup::with_window(2);
+        dedup.open(1);
+        dedup.open(2);
+        assert!(dedup.contains(1) && dedup.contains(2) && !dedup.contains(3));
+        dedup.retire(1);
+        dedup.retire(3);
+        assert!(dedup.contains(1) && dedup.contains(3), "retired ids stay within the window");
+        dedup.retire(4);
+        assert!(!dedup.contains(1), "the oldest retired id is forgotten");
+        assert!(dedup.contains(2), "open ids are never forgotten by the window");
+        assert_eq!(dedup.retired().collect::<Vec<_>>(), [3, 4]);
     }
 }
