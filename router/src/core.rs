@@ -29,7 +29,7 @@ use switchboard_runtime::envelope::{SCHEMA_VERSION, payload_name, recorded_at_mi
 
 pub use crate::config::RouterConfig;
 use crate::config::{AgentProfile, ChannelProfile};
-use crate::state::{AgentBook, AgentSlot, ContactState, ConversationState, message_key, sender_identity};
+use crate::state::{AgentBook, AgentSlot, ContactState, ConversationState, message_key, request_key, sender_identity};
 pub use crate::state::{RouterState, evolve};
 
 /// Upper bound of routing attempts one re-drive makes (B3): keeps the latency of a single
@@ -740,7 +740,7 @@ fn decide_consent(
 /// A command whose request id was already applied is answered with `CommandRejected` (so the
 /// caller's position is still reached, B6) and changes nothing.
 fn already_applied(state: &RouterState, decision: &mut Decision<'_>, command: &str, request_id: &str) -> bool {
-    if !request_id.is_empty() && state.applied_requests.contains(request_id) {
+    if !request_id.is_empty() && state.applied_requests.contains(&request_key(request_id)) {
         decision.reject(command, request_id, "request already applied");
         return true;
     }

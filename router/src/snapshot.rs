@@ -11,11 +11,14 @@ use switchboard_proto::events::v1::InboundMessageReceived;
 
 use crate::state::{
     AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, InlineStr, RouterState,
-    TicketState, conversation_key, message_key, noncanonical_id,
+    TicketState, conversation_key, message_key, noncanonical_id, request_key,
 };
 
 const MAGIC: &[u8; 4] = b"SBRS";
-const FORMAT_VERSION: u8 = 1;
+/// 2: applied request ids are kept as keys ([`request_key`]). Version 1 snapshots (request ids
+/// as text) are still read, so an upgrade does not rebuild from the whole output.
+const FORMAT_VERSION: u8 = 2;
+const REQUESTS_AS_TEXT_VERSION: u8 = 1;
 /// Chunk payload size: well under Kafka's default 1 MB record limit, leaving room for the
 /// chunk header and record overhead.
 pub const CHUNK_BYTES: usize = 900 * 1024;
@@ -168,8 +171,8 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.u128(key);
     }
     out.len(state.applied_requests.order.len());
-    for request_id in &state.applied_requests.order {
-        out.str(request_id);
+    for request_key in &state.applied_requests.order {
+        out.u128(*request_key);
     }
     out.bytes
 }
@@ -266,7 +269,11 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         state.dedup.retire(input.u128()?);
     }
     for _ in 0..input.len()? {
-        state.applied_requests.insert(input.string()?);
+        let key = match input.version {
+            REQUESTS_AS_TEXT_VERSION => request_key(&input.string()?),
+            _ => input.u128()?,
+        };
+        state.applied_requests.insert(key);
     }
     if !input.is_at_end() {
         return Err(SnapshotError::Invalid("trailing bytes"));
@@ -352,14 +359,15 @@ impl Writer {
 struct Reader<'a> {
     bytes: &'a [u8],
     position: usize,
+    version: u8,
 }
 
 impl<'a> Reader<'a> {
     fn with_magic(bytes: &'a [u8]) -> Result<Self, SnapshotError> {
-        if bytes.len() < 5 || &bytes[..4] != MAGIC || bytes[4] != FORMAT_VERSION {
+        if bytes.len() < 5 || &bytes[..4] != MAGIC || !matches!(bytes[4], FORMAT_VERSION | REQUESTS_AS_TEXT_VERSION) {
             return Err(SnapshotError::UnknownFormat);
         }
-        Ok(Reader { bytes, position: 5 })
+        Ok(Reader { bytes, position: 5, version: bytes[4] })
     }
 
     fn is_at_end(&self) -> bool {
@@ -455,6 +463,21 @@ mod tests {
         let chunks = split_into_chunks(&big);
         assert_eq!(chunks.iter().map(|chunk| chunk.len()).collect::<Vec<_>>(), [CHUNK_BYTES, CHUNK_BYTES, 10]);
         assert_eq!(split_into_chunks(&[]).len(), 1, "an empty state is still one chunk");
+    }
+
+    #[test]
+    fn b4_a_version_1_snapshot_with_request_ids_as_text_is_still_read() {
+        let mut state = RouterState::default();
+        state.applied_requests.insert(request_key("close-1"));
+        let current = encode_state(&state);
+        assert_eq!(current[4], FORMAT_VERSION);
+        // Version 1 wrote the same sections, with the request ids as text at the end.
+        let mut version_1 = current[..current.len() - 16].to_vec();
+        version_1[4] = REQUESTS_AS_TEXT_VERSION;
+        let mut tail = Writer { bytes: Vec::new() };
+        tail.str("close-1");
+        version_1.extend_from_slice(&tail.bytes);
+        assert_eq!(decode_state(&version_1), Ok(state));
     }
 
     #[test]

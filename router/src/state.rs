@@ -79,6 +79,13 @@ pub fn canonical_uuid(id: &str) -> Option<u128> {
     (invalid & 0xf0 == 0).then_some(value)
 }
 
+/// A command's request id as a 128-bit key, made like a message id's ([`message_key`]): the
+/// idempotency window holds 100,000 of them and is asked by every command, so numbers rather
+/// than heap strings.
+pub fn request_key(request_id: &str) -> u128 {
+    message_key(request_id)
+}
+
 pub fn channel_type_slot(channel_type: i32) -> usize {
     (channel_type.max(0) as usize).min(CHANNEL_TYPE_SLOTS - 1)
 }
@@ -529,6 +536,12 @@ impl MessageDedup {
     /// window only.
     pub fn retire(&mut self, key: u128) {
         self.seen.insert(key);
+        self.retire_open(key);
+    }
+
+    /// Like [`MessageDedup::retire`] for a key known to be open (a closing conversation's):
+    /// it is in the set already, so retiring it does not touch the set.
+    fn retire_open(&mut self, key: u128) {
         self.retired_order.push_back(key);
         while self.retired_order.len() > self.window {
             if let Some(oldest) = self.retired_order.pop_front() {
@@ -606,7 +619,8 @@ pub struct RouterState {
     pub waiting_by_channel: FastMap<String, Backlog>,
     pub dedup: MessageDedup,
     /// Request ids of applied (or rejected) commands.
-    pub applied_requests: RecentSet<String>,
+    /// Keys ([`request_key`]) of the command request ids applied lately.
+    pub applied_requests: RecentSet<u128>,
 }
 
 impl Default for RouterState {
@@ -683,7 +697,7 @@ impl RouterState {
 
     fn remember_request(&mut self, request_id: &str) {
         if !request_id.is_empty() {
-            self.applied_requests.insert(request_id.to_owned());
+            self.applied_requests.insert(request_key(request_id));
         }
     }
 
@@ -713,7 +727,7 @@ impl RouterState {
             None => self.stop_waiting(key, &conversation.channel_id, conversation.started_at_millis),
         }
         for key in conversation.message_keys {
-            self.dedup.retire(key);
+            self.dedup.retire_open(key);
         }
     }
 }

@@ -21,6 +21,7 @@ use switchboard_proto::events::v1::{
     ConversationCloseRequested, Envelope, InboundMessageReceived, RoutingRulesConfigured, Sender,
 };
 use switchboard_router::core::{RouterConfig, RouterState, align_state, decide, evolve};
+use switchboard_router::state::RECENT_MESSAGE_WINDOW;
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::envelope::{new_root, timestamp};
 
@@ -177,95 +178,160 @@ fn next_random(seed: &mut u64) -> u64 {
     *seed
 }
 
+/// The stream of inputs: follow-ups to open conversations, new conversations and (in the
+/// steady state) as many closes as new conversations.
+struct Workload {
+    new_share: f64,
+    steady: bool,
+    seed: u64,
+    sequence: u64,
+    next_new_visitor: u64,
+    /// Visitors with an open conversation (follow-ups and closes pick from them); those new in
+    /// the batch being built join after it, as their conversations exist only once it is routed.
+    open_visitors: Vec<u64>,
+    new_in_batch: Vec<u64>,
+    closes: u64,
+}
+
+impl Workload {
+    fn next_batch(&mut self, state: &RouterState, batch_size: u64) -> Vec<Envelope> {
+        let mut batch: Vec<Envelope> = Vec::with_capacity(batch_size as usize);
+        while (batch.len() as u64) < batch_size {
+            self.sequence += 1;
+            let is_new = (next_random(&mut self.seed) % 10_000) as f64 / 10_000.0 < self.new_share;
+            if !is_new {
+                let index = (next_random(&mut self.seed) % self.open_visitors.len() as u64) as usize;
+                batch.push(inbound(self.sequence, self.open_visitors[index]));
+                continue;
+            }
+            self.next_new_visitor += 1;
+            self.new_in_batch.push(self.next_new_visitor);
+            batch.push(inbound(self.sequence, self.next_new_visitor));
+            if self.steady && (batch.len() as u64) < batch_size {
+                // One conversation closes for each new one; no later input of the batch is a
+                // follow-up to it (that would open a new conversation and grow the state).
+                let index = (next_random(&mut self.seed) % self.open_visitors.len() as u64) as usize;
+                let visitor = self.open_visitors.swap_remove(index);
+                let conversation_id =
+                    state.open_conversation_id(&channel_of(visitor), &thread_of(visitor)).expect("open conversation");
+                self.sequence += 1;
+                batch.push(close_request(self.sequence, conversation_id));
+                self.closes += 1;
+            }
+        }
+        self.open_visitors.append(&mut self.new_in_batch);
+        batch
+    }
+}
+
+/// What routing a number of inputs took.
+#[derive(Default)]
+struct Measured {
+    elapsed: std::time::Duration,
+    cpu_nanos_opt: Option<u64>,
+    emitted: usize,
+}
+
+/// Routes `inputs` inputs of the workload; only routing is timed. Inputs are built in batches
+/// just before they are routed, the way the shell decodes a polled batch and routes it at once.
+/// (Building all inputs up front left them cold in memory by the time they were routed: a
+/// tenth of the measured time was cache misses reading inputs, which the router never pays.)
+fn route(
+    state: &mut RouterState,
+    config: &RouterConfig,
+    workload: &mut Workload,
+    inputs: u64,
+    profile: bool,
+) -> Measured {
+    let mut measured = Measured { cpu_nanos_opt: Some(0), ..Default::default() };
+    let mut remaining = inputs;
+    while remaining > 0 {
+        let batch_size = remaining.min(INPUT_BATCH);
+        remaining -= batch_size;
+        let batch = workload.next_batch(state, batch_size);
+        if profile {
+            profiler_control("enable");
+        }
+        let started = Instant::now();
+        let cpu_started_opt = thread_cpu_nanos();
+        // The inputs are consumed, as the shell's decoded records are: what a decision does not
+        // move into its events is freed within the timed loop.
+        for input in batch {
+            let events = decide(state, config, input).expect("routable");
+            for event in &events {
+                evolve(state, event);
+            }
+            measured.emitted += events.len();
+        }
+        let cpu_ended_opt = thread_cpu_nanos();
+        measured.elapsed += started.elapsed();
+        if profile {
+            profiler_control("disable");
+        }
+        measured.cpu_nanos_opt = match (measured.cpu_nanos_opt, cpu_started_opt, cpu_ended_opt) {
+            (Some(total), Some(start), Some(end)) => Some(total + (end - start)),
+            _ => None,
+        };
+    }
+    measured
+}
+
 fn main() {
     let inputs = argument("--inputs", 1_000_000.0) as u64;
     let new_share = argument("--new-share", 0.2);
     let steady = !flag("--growing");
+    // A running router's dedup window (`RECENT_MESSAGE_WINDOW` retired message ids) is full,
+    // and so are its tables; a freshly built state's are not. In the steady state the warm-up
+    // routes the same mix, untimed, until the window is full, so the figure is that of the
+    // steady state, not of tables growing (`--warmup 0` measures from the fresh state).
+    let warmup_opt = std::env::args().any(|argument| argument == "--warmup").then(|| argument("--warmup", 0.0) as u64);
     let config = config();
     let mut state = RouterState::default();
     align_state(&mut state, &config);
-    let mut sequence = 0u64;
     let setup_started = Instant::now();
     for visitor in 0..OPEN_CONVERSATIONS as u64 {
-        sequence += 1;
-        for event in decide(&state, &config, inbound(sequence, visitor)).expect("routable") {
+        for event in decide(&state, &config, inbound(visitor + 1, visitor)).expect("routable") {
             evolve(&mut state, &event);
         }
     }
+    let mut workload = Workload {
+        new_share,
+        steady,
+        seed: 0x9E37_79B9_7F4A_7C15,
+        sequence: OPEN_CONVERSATIONS as u64,
+        next_new_visitor: OPEN_CONVERSATIONS as u64,
+        open_visitors: (0..OPEN_CONVERSATIONS as u64).collect(),
+        new_in_batch: Vec::new(),
+        closes: 0,
+    };
+    let warmup = match warmup_opt {
+        Some(warmup) => {
+            route(&mut state, &config, &mut workload, warmup, false);
+            warmup
+        }
+        None if steady => {
+            let mut warmup = 0;
+            while state.dedup.retired().len() < RECENT_MESSAGE_WINDOW && warmup < 5_000_000 {
+                route(&mut state, &config, &mut workload, 100_000, false);
+                warmup += 100_000;
+            }
+            warmup
+        }
+        None => 0,
+    };
     println!(
-        "state: {} agents, {} rules, {} open conversations (built in {:.2} s)",
+        "state: {} agents, {} rules, {} open conversations (built in {:.2} s, with {warmup} inputs of warm-up)",
         AGENTS,
         CHANNELS,
         state.conversations.len(),
         setup_started.elapsed().as_secs_f64()
     );
 
-    // Inputs are built in batches just before they are routed, the way the shell decodes a
-    // polled batch and routes it at once; only routing is timed. (Building all inputs up front
-    // left them cold in memory by the time they were routed: a tenth of the measured time was
-    // cache misses reading inputs, which the router never pays.)
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next_new_visitor = OPEN_CONVERSATIONS as u64;
-    // Visitors with an open conversation (follow-ups and closes pick from them); those new in
-    // the batch being built join after it, as their conversations exist only once it is routed.
-    let mut open_visitors: Vec<u64> = (0..OPEN_CONVERSATIONS as u64).collect();
-    let mut new_in_batch: Vec<u64> = Vec::new();
-    let mut closes = 0u64;
+    let closes_before = workload.closes;
     let resident_before_opt = resident_bytes();
-    let mut elapsed = std::time::Duration::ZERO;
-    let mut cpu_nanos_opt = Some(0u64);
-    let mut emitted = 0usize;
-    let mut remaining = inputs;
-    while remaining > 0 {
-        let batch_size = remaining.min(INPUT_BATCH);
-        remaining -= batch_size;
-        let mut batch: Vec<Envelope> = Vec::with_capacity(batch_size as usize);
-        while (batch.len() as u64) < batch_size {
-            sequence += 1;
-            let is_new = (next_random(&mut seed) % 10_000) as f64 / 10_000.0 < new_share;
-            if !is_new {
-                let visitor = open_visitors[(next_random(&mut seed) % open_visitors.len() as u64) as usize];
-                batch.push(inbound(sequence, visitor));
-                continue;
-            }
-            next_new_visitor += 1;
-            new_in_batch.push(next_new_visitor);
-            batch.push(inbound(sequence, next_new_visitor));
-            if steady && (batch.len() as u64) < batch_size {
-                // One conversation closes for each new one; no later input of the batch is a
-                // follow-up to it (that would open a new conversation and grow the state).
-                let index = (next_random(&mut seed) % open_visitors.len() as u64) as usize;
-                let visitor = open_visitors.swap_remove(index);
-                let conversation_id =
-                    state.open_conversation_id(&channel_of(visitor), &thread_of(visitor)).expect("open conversation");
-                sequence += 1;
-                batch.push(close_request(sequence, conversation_id));
-                closes += 1;
-            }
-        }
-        open_visitors.append(&mut new_in_batch);
-
-        profiler_control("enable");
-        let started = Instant::now();
-        let cpu_started_opt = thread_cpu_nanos();
-        // The inputs are consumed, as the shell's decoded records are: what a decision does not
-        // move into its events is freed within the timed loop.
-        for input in batch {
-            let events = decide(&state, &config, input).expect("routable");
-            for event in &events {
-                evolve(&mut state, event);
-            }
-            emitted += events.len();
-        }
-        let cpu_ended_opt = thread_cpu_nanos();
-        elapsed += started.elapsed();
-        profiler_control("disable");
-        cpu_nanos_opt = match (cpu_nanos_opt, cpu_started_opt, cpu_ended_opt) {
-            (Some(total), Some(start), Some(end)) => Some(total + (end - start)),
-            _ => None,
-        };
-    }
-    let cpu_seconds_opt = cpu_nanos_opt.map(|nanos| nanos as f64 / 1e9);
+    let measured = route(&mut state, &config, &mut workload, inputs, true);
+    let (elapsed, emitted, closes) = (measured.elapsed, measured.emitted, workload.closes - closes_before);
+    let cpu_seconds_opt = measured.cpu_nanos_opt.map(|nanos| nanos as f64 / 1e9);
     println!(
         "inputs: {inputs} ({:.0}% of messages start a conversation; {closes} closes), events emitted: {emitted}, open conversations at the end: {}{}",
         new_share * 100.0,
