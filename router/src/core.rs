@@ -833,7 +833,7 @@ fn decide_manual_assignment(
         conversation_id: conversation.id(key),
         assignee_agent_id: request.assignee_agent_id.clone(),
         explanation: Some(RoutingExplanation {
-            channel_id: conversation.channel_id.clone(),
+            channel_id: conversation.channel_id.to_string(),
             eligible_agent_ids: vec![request.assignee_agent_id.clone()],
             ..Default::default()
         }),

@@ -109,8 +109,8 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.opt_str(conversation.assignee());
         out.u64(conversation.started_at_millis);
         out.len(conversation.message_keys.len());
-        for key in &conversation.message_keys {
-            out.u128(*key);
+        for key in conversation.message_keys.iter() {
+            out.u128(key);
         }
         out.opt_str(conversation.ticket_id_opt.as_deref());
     }
@@ -186,17 +186,16 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         let key = conversation_key(&conversation_id);
         let mut conversation = ConversationState {
             noncanonical_id_opt: noncanonical_id(&conversation_id),
-            channel_id: input.string()?,
+            channel_id: InlineStr::new(&input.string()?),
             channel_type: input.i64()? as i32,
             thread_key: input.string()?.into(),
-            contact_id: input.string()?,
+            contact_id: InlineStr::new(&input.string()?),
             contact_external_id: input.string()?.into(),
             assignee_agent_id_opt: input.opt_string()?.map(InlineStr::from),
             started_at_millis: input.u64()?,
             ..Default::default()
         };
         let key_count = input.len()?;
-        conversation.message_keys.reserve(key_count);
         for _ in 0..key_count {
             let key = input.u128()?;
             state.dedup.open(key);
@@ -205,13 +204,13 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         conversation.ticket_id_opt = input.opt_string()?;
         state
             .open_conversation_by_thread
-            .entry(conversation.channel_id.clone())
+            .entry(conversation.channel_id.to_string())
             .or_default()
             .insert(conversation.thread_key.clone(), key);
         if conversation.assignee_agent_id_opt.is_none() {
             state
                 .waiting_by_channel
-                .entry(conversation.channel_id.clone())
+                .entry(conversation.channel_id.to_string())
                 .or_default()
                 .insert(conversation.started_at_millis, key);
         }

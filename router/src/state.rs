@@ -110,10 +110,12 @@ pub struct ConversationState {
     /// The id as written when it is not a canonical UUID (router-made ids always are, so this
     /// is `None` in practice and the id is printed from the key).
     pub noncanonical_id_opt: Option<Box<str>>,
-    pub channel_id: String,
+    /// Inline like the other short ids: closing and following up read them, and a heap string
+    /// would be one more cache miss each time.
+    pub channel_id: InlineStr,
     pub channel_type: i32,
     pub thread_key: InlineStr,
-    pub contact_id: String,
+    pub contact_id: InlineStr,
     /// The contact's channel-scoped identity: a follow-up from the same sender needs no
     /// contact lookup (the contact is this one).
     pub contact_external_id: InlineStr,
@@ -121,7 +123,7 @@ pub struct ConversationState {
     /// Recorded-at of the ConversationStarted event: the backlog is re-driven oldest first (B3).
     pub started_at_millis: u64,
     /// Message ids in the conversation; retired into the recent window when it closes (B1).
-    pub message_keys: Vec<u128>,
+    pub message_keys: MessageKeys,
     pub ticket_id_opt: Option<String>,
 }
 
@@ -139,6 +141,44 @@ impl ConversationState {
 
     pub fn assignee(&self) -> Option<&str> {
         self.assignee_agent_id_opt.as_ref().map(InlineStr::as_str)
+    }
+}
+
+/// A conversation's message ids (retired into the dedup window when it closes). Most
+/// conversations have a few messages: those are kept in the conversation's own memory, so
+/// starting and closing one allocates nothing for them and chases no pointer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MessageKeys {
+    inline: [u128; MessageKeys::INLINE],
+    inline_len: u8,
+    /// The ids after the first `INLINE`.
+    spilled: Vec<u128>,
+}
+
+impl MessageKeys {
+    const INLINE: usize = 4;
+
+    pub fn push(&mut self, key: u128) {
+        match self.inline.get_mut(self.inline_len as usize) {
+            Some(slot) => {
+                *slot = key;
+                self.inline_len += 1;
+            }
+            None => self.spilled.push(key),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inline_len as usize + self.spilled.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// In the order they were pushed.
+    pub fn iter(&self) -> impl Iterator<Item = u128> + '_ {
+        self.inline[..self.inline_len as usize].iter().chain(&self.spilled).copied()
     }
 }
 
@@ -716,17 +756,17 @@ impl RouterState {
     fn close_conversation(&mut self, conversation_id: &str) {
         let key = conversation_key(conversation_id);
         let Some(conversation) = self.conversations.remove(&key) else { return };
-        if let Some(threads) = self.open_conversation_by_thread.get_mut(&conversation.channel_id) {
+        if let Some(threads) = self.open_conversation_by_thread.get_mut(conversation.channel_id.as_str()) {
             threads.remove(conversation.thread_key.as_bytes());
             if threads.is_empty() {
-                self.open_conversation_by_thread.remove(&conversation.channel_id);
+                self.open_conversation_by_thread.remove(conversation.channel_id.as_str());
             }
         }
         match &conversation.assignee_agent_id_opt {
             Some(agent_id) => self.agents.release(agent_id.as_str(), conversation.channel_type),
             None => self.stop_waiting(key, &conversation.channel_id, conversation.started_at_millis),
         }
-        for key in conversation.message_keys {
+        for key in conversation.message_keys.iter() {
             self.dedup.retire_open(key);
         }
     }
@@ -813,10 +853,10 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                 key,
                 Box::new(ConversationState {
                     noncanonical_id_opt: noncanonical_id(&started.conversation_id),
-                    channel_id: started.channel_id.clone(),
+                    channel_id: InlineStr::new(&started.channel_id),
                     channel_type: started.channel_type,
                     thread_key: InlineStr::new(&started.thread_key),
-                    contact_id: started.contact_id.clone(),
+                    contact_id: InlineStr::new(&started.contact_id),
                     contact_external_id: InlineStr::new(
                         match started.contact.as_ref().map(|sender| sender.external_id.as_str()) {
                             Some(external_id) if !external_id.is_empty() => external_id,
@@ -958,6 +998,17 @@ mod tests {
                 uuid::Uuid::from_u128(key).hyphenated().to_string() == noise
             }));
         }
+    }
+
+    #[test]
+    fn b1_a_conversations_message_ids_are_kept_in_order_past_the_inline_ones() {
+        let mut keys = MessageKeys::default();
+        assert!(keys.is_empty());
+        for key in 1..=7u128 {
+            keys.push(key);
+        }
+        assert_eq!(keys.len(), 7);
+        assert_eq!(keys.iter().collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
     }
 
     #[test]
