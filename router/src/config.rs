@@ -74,8 +74,10 @@ pub struct RouterConfig {
     /// Unique per compilation within the process; never part of a decision.
     pub agent_table_id: u64,
     pub channels: FastMap<String, ChannelProfile>,
-    /// Channel ids per account, sorted (B3 re-drive visits an account's channels in order).
-    pub channel_ids_by_account: FastMap<String, Vec<String>>,
+    /// Per account, the ids of the enabled channels whose rules assign automatically and re-drive
+    /// their backlog (B3), sorted: re-drive visits them in order. Every close and release asks,
+    /// and most accounts have few such channels.
+    pub redrive_channel_ids_by_account: FastMap<String, Vec<String>>,
 }
 
 impl RouterConfig {
@@ -108,7 +110,7 @@ impl RouterConfig {
             profile_agent_ids.push(agent_id.clone());
         }
         let mut channels = FastMap::default();
-        let mut channel_ids_by_account: FastMap<String, Vec<String>> = FastMap::default();
+        let mut redrive_channel_ids_by_account: FastMap<String, Vec<String>> = FastMap::default();
         for (channel_id, owned) in &snapshot.channels {
             let channel = &owned.entity;
             let account_id = &owned.account_id;
@@ -160,7 +162,13 @@ impl RouterConfig {
                         .map(|settings| settings.entity.clone()),
                 },
             );
-            channel_ids_by_account.entry(account_id.clone()).or_default().push(channel_id.clone());
+            let redrives = channels[channel_id.as_str()]
+                .rules_opt
+                .as_ref()
+                .is_some_and(|rules: &RoutingRulesConfigured| rules.auto_assign && rules.redrive_backlog);
+            if redrives && channel.enabled {
+                redrive_channel_ids_by_account.entry(account_id.clone()).or_default().push(channel_id.clone());
+            }
         }
         // BTreeMap iteration already gave sorted channel ids per account.
         drop(profile_index_by_agent);
@@ -172,7 +180,7 @@ impl RouterConfig {
             profile_agent_ids,
             agent_table_id: NEXT_AGENT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
             channels,
-            channel_ids_by_account,
+            redrive_channel_ids_by_account,
         }
     }
 

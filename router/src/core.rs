@@ -975,7 +975,7 @@ fn redrive(
     exclude_conversation_opt: Option<u128>,
     free_agent: impl FnOnce(&mut AgentBook),
 ) {
-    let Some(channel_ids) = config.channel_ids_by_account.get(&decision.cause.account_id) else { return };
+    let Some(channel_ids) = config.redrive_channel_ids_by_account.get(&decision.cause.account_id) else { return };
     struct Cursor<'a> {
         channel: &'a ChannelProfile,
         owner_target: bool,
