@@ -7,6 +7,8 @@
 //! - Output leaves in [`shell`] (transactional producer to the conversations topic, with
 //!   periodic state snapshots from [`snapshot`] in the same transactions).
 
+#[doc(hidden)]
+pub mod bench_support;
 pub mod config;
 pub mod core;
 pub mod fast_hash;

@@ -20,6 +20,7 @@ use switchboard_proto::events::v1::{
     Actor, AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType,
     ConversationCloseRequested, Envelope, InboundMessageReceived, RoutingRulesConfigured, Sender,
 };
+use switchboard_router::bench_support::{argument, flag};
 use switchboard_router::core::{RouterConfig, RouterState, align_state, decide, evolve};
 use switchboard_router::state::RECENT_MESSAGE_WINDOW;
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
@@ -36,20 +37,6 @@ const OPEN_CONVERSATIONS: usize = 100_000;
 /// Inputs built, then routed, per batch: small enough that they are still in cache when routed,
 /// as in the shell, which decodes each record right before routing it.
 const INPUT_BATCH: u64 = 2_000;
-
-fn flag(name: &str) -> bool {
-    std::env::args().any(|argument| argument == name)
-}
-
-fn argument(name: &str, default: f64) -> f64 {
-    let arguments: Vec<String> = std::env::args().collect();
-    arguments
-        .iter()
-        .position(|argument| argument == name)
-        .and_then(|index| arguments.get(index + 1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
 
 fn config() -> RouterConfig {
     let mut config = ConfigSnapshot::default();
@@ -284,7 +271,7 @@ fn main() {
     // and so are its tables; a freshly built state's are not. In the steady state the warm-up
     // routes the same mix, untimed, until the window is full, so the figure is that of the
     // steady state, not of tables growing (`--warmup 0` measures from the fresh state).
-    let warmup_opt = std::env::args().any(|argument| argument == "--warmup").then(|| argument("--warmup", 0.0) as u64);
+    let warmup_opt = flag("--warmup").then(|| argument("--warmup", 0.0) as u64);
     let config = config();
     let mut state = RouterState::default();
     align_state(&mut state, &config);

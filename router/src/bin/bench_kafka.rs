@@ -26,6 +26,7 @@ use switchboard_proto::events::v1::{
     AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, InboundMessageReceived,
     RoutingRulesConfigured, Sender,
 };
+use switchboard_router::bench_support::argument;
 use switchboard_router::shell::{RouterSettings, run_router};
 use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore, Owned};
 use switchboard_runtime::envelope::{encode, new_root};
@@ -37,16 +38,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ACCOUNTS: usize = 24;
 const AGENTS_PER_ACCOUNT: usize = 20;
-
-fn argument(name: &str, default: f64) -> f64 {
-    let arguments: Vec<String> = std::env::args().collect();
-    arguments
-        .iter()
-        .position(|argument| argument == name)
-        .and_then(|index| arguments.get(index + 1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Every `key=value` given after `name` (repeatable), e.g. `--producer linger.ms=20`.
 fn key_values(name: &str) -> Vec<(String, String)> {

@@ -21,6 +21,7 @@ use switchboard_proto::events::v1::{
     AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, ConversationCloseRequested,
     Envelope, InboundMessageReceived, KafkaPosition, RoutingRulesConfigured, Sender,
 };
+use switchboard_router::bench_support::argument;
 use switchboard_router::core::{RouterConfig, RouterState, align_state, decide, evolve};
 use switchboard_router::shell::{RecoverFrom, RouterSettings, recover_partition_state};
 use switchboard_router::snapshot::{self, Manifest};
@@ -35,16 +36,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const ACCOUNT: &str = "bench";
 const AGENTS: usize = 200;
 const PARTITION: i32 = 0;
-
-fn argument(name: &str, default: f64) -> f64 {
-    let arguments: Vec<String> = std::env::args().collect();
-    arguments
-        .iter()
-        .position(|argument| argument == name)
-        .and_then(|index| arguments.get(index + 1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
 
 fn config() -> RouterConfig {
     let mut config = ConfigSnapshot::default();
