@@ -91,11 +91,14 @@ pub struct PartitionState {
     last_chunk_count: u32,
 }
 
-/// Remembers partitions taken away by a rebalance, so their state is dropped (and rebuilt from
-/// the log if they come back: someone else may have routed them meanwhile).
+/// Remembers partitions taken away by a rebalance. librdkafka runs rebalance callbacks inside
+/// `consumer.poll` on the routing thread, so `poll_batch` takes this list after every poll: the
+/// batch's records of those partitions were polled before the revocation and must not be routed
+/// here, and their state is dropped (and rebuilt from the log if they come back: someone else
+/// may have routed them meanwhile).
 #[derive(Default)]
 struct RebalanceTracker {
-    revoked_partitions: Mutex<Vec<i32>>,
+    revoked_during_poll: Mutex<Vec<i32>>,
 }
 
 impl ClientContext for RebalanceTracker {}
@@ -103,7 +106,7 @@ impl ClientContext for RebalanceTracker {}
 impl ConsumerContext for RebalanceTracker {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
-            let mut revoked = self.revoked_partitions.lock().expect("lock poisoned");
+            let mut revoked = self.revoked_during_poll.lock().expect("lock poisoned");
             revoked.extend(partitions.elements().iter().map(|element| element.partition()));
         }
     }
@@ -182,9 +185,9 @@ fn route_until_failure(
         // Empty unless the previous batch failed part-way.
         batch.clear();
         let poll_started = Instant::now();
-        poll_batch(&consumer, &mut batch, settings.max_batch_records, settings.batch_linger);
+        let revoked_partitions = poll_batch(&consumer, &mut batch, settings.max_batch_records, settings.batch_linger);
         let route_started = Instant::now();
-        for partition in consumer.context().revoked_partitions.lock().expect("lock poisoned").drain(..) {
+        for partition in revoked_partitions {
             state_by_partition.remove(&partition);
         }
         if batch.is_empty() {
@@ -516,19 +519,41 @@ fn classify(error: KafkaError) -> TransactionFailure {
 }
 
 /// Polls up to `max_records` into `batch`, waiting at most `linger` after the first one.
+/// Returns the partitions revoked meanwhile (rebalance callbacks run inside `poll`); `batch`
+/// keeps none of their records polled before the revocation.
+///
+/// Routing such a record would be routing a partition this instance no longer owns: its new
+/// owner starts from the committed offset, and nothing stops this instance from committing the
+/// record's offset too (a transactional offset commit is checked against the group generation
+/// and member, not against who owns the partition), so both would route it. And a partition
+/// revoked and assigned back is fetched again from its committed offset, which would put the
+/// same records in the batch twice.
 fn poll_batch<'consumer>(
     consumer: &'consumer BaseConsumer<RebalanceTracker>,
     batch: &mut Vec<BorrowedMessage<'consumer>>,
     max_records: usize,
     linger: Duration,
-) {
+) -> Vec<i32> {
+    let mut revoked_partitions = Vec::new();
     let mut deadline_opt: Option<Instant> = None;
     while batch.len() < max_records {
         let timeout = match deadline_opt {
             None => Duration::from_millis(100),
             Some(deadline) => deadline.saturating_duration_since(Instant::now()),
         };
-        match consumer.poll(timeout) {
+        let polled_opt = consumer.poll(timeout);
+        let revoked_now = std::mem::take(&mut *consumer.context().revoked_during_poll.lock().expect("lock poisoned"));
+        if !revoked_now.is_empty() {
+            let dropped = drop_records_of_revoked_partitions(batch, &revoked_now, BorrowedMessage::partition);
+            if dropped > 0 {
+                info!(dropped, revoked = ?revoked_now, "dropped records polled before their partitions were revoked");
+            }
+            if batch.is_empty() {
+                deadline_opt = None;
+            }
+            revoked_partitions.extend(revoked_now);
+        }
+        match polled_opt {
             Some(Ok(record)) => {
                 batch.push(record);
                 deadline_opt.get_or_insert_with(|| Instant::now() + linger);
@@ -537,9 +562,28 @@ fn poll_batch<'consumer>(
                 warn!(%error, "inbound consumer error (librdkafka retries)");
                 break;
             }
+            // Nothing within the timeout, or a poll that served an event (a rebalance) instead
+            // of a record: the batch ends here.
             None => break,
         }
     }
+    revoked_partitions
+}
+
+/// Removes from `batch` the records of `revoked_partitions` (all polled before the revocation),
+/// keeping the others in order; returns how many were removed.
+///
+/// Under eager assignment (librdkafka's default `range,roundrobin`, which the router uses) a
+/// rebalance revokes every partition, so this empties the batch; under cooperative assignment
+/// only the moving partitions are revoked and the rest of the batch stays valid.
+fn drop_records_of_revoked_partitions<Record>(
+    batch: &mut Vec<Record>,
+    revoked_partitions: &[i32],
+    partition_of: impl Fn(&Record) -> i32,
+) -> usize {
+    let before = batch.len();
+    batch.retain(|record| !revoked_partitions.contains(&partition_of(record)));
+    before - batch.len()
 }
 
 /// At most this many partitions are recovered at once (each recovery has its own reader).
@@ -844,5 +888,83 @@ impl Throughput {
             );
             *self = Throughput::new();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drop_records_of_revoked_partitions;
+
+    /// A polled record as far as batch filtering cares: (partition, offset).
+    type Polled = (i32, i64);
+
+    /// What one `consumer.poll` gave `poll_batch`: the revocations its rebalance callback saw
+    /// (served before anything it returns), then possibly a record.
+    enum Poll {
+        Record(i32, i64),
+        Revoke(&'static [i32]),
+    }
+
+    /// Replays polls the way `poll_batch` handles them.
+    fn assemble(polls: &[Poll]) -> Vec<Polled> {
+        let mut batch = Vec::new();
+        for poll in polls {
+            match poll {
+                Poll::Record(partition, offset) => batch.push((*partition, *offset)),
+                Poll::Revoke(partitions) => {
+                    drop_records_of_revoked_partitions(&mut batch, partitions, |record| record.0);
+                }
+            }
+        }
+        batch
+    }
+
+    #[test]
+    fn records_of_revoked_partitions_leave_the_batch_and_the_rest_keeps_its_order() {
+        let mut batch: Vec<Polled> = vec![(0, 10), (1, 20), (0, 11), (2, 30), (1, 21)];
+        let dropped = drop_records_of_revoked_partitions(&mut batch, &[1], |record| record.0);
+        assert_eq!(dropped, 2);
+        assert_eq!(batch, [(0, 10), (0, 11), (2, 30)]);
+    }
+
+    #[test]
+    fn an_eager_revocation_of_every_partition_empties_the_batch() {
+        let mut batch: Vec<Polled> = vec![(0, 10), (1, 20), (2, 30)];
+        let dropped = drop_records_of_revoked_partitions(&mut batch, &[0, 1, 2, 3], |record| record.0);
+        assert_eq!(dropped, 3);
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn a_revocation_of_partitions_without_records_in_the_batch_changes_nothing() {
+        let mut batch: Vec<Polled> = vec![(0, 10), (2, 30)];
+        assert_eq!(drop_records_of_revoked_partitions(&mut batch, &[1, 5], |record| record.0), 0);
+        assert_eq!(drop_records_of_revoked_partitions(&mut batch, &[], |record| record.0), 0);
+        assert_eq!(batch, [(0, 10), (2, 30)]);
+    }
+
+    #[test]
+    fn a_partition_revoked_and_assigned_back_mid_batch_is_in_the_batch_once_from_its_committed_offset() {
+        // Partition 3 is revoked after offsets 100-102 were polled and comes back: its fetch
+        // restarts at the committed offset 100. Partition 4 stays (cooperative assignment).
+        let batch = assemble(&[
+            Poll::Record(3, 100),
+            Poll::Record(4, 7),
+            Poll::Record(3, 101),
+            Poll::Record(3, 102),
+            Poll::Revoke(&[3]),
+            Poll::Record(3, 100),
+            Poll::Record(3, 101),
+            Poll::Record(4, 8),
+            Poll::Record(3, 102),
+            Poll::Record(3, 103),
+        ]);
+        assert_eq!(batch, [(4, 7), (3, 100), (3, 101), (4, 8), (3, 102), (3, 103)]);
+    }
+
+    #[test]
+    fn records_polled_after_a_revocation_of_another_partition_stay() {
+        let batch = assemble(&[Poll::Record(1, 5), Poll::Revoke(&[1, 2]), Poll::Record(2, 9), Poll::Record(6, 1)]);
+        assert_eq!(batch, [(2, 9), (6, 1)]);
     }
 }

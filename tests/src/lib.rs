@@ -448,6 +448,17 @@ pub async fn connect_api(url: &str, token: BearerToken) -> anyhow::Result<ApiCli
     Ok(ConversationServiceClient::with_interceptor(connect_channel(url).await?, token))
 }
 
+/// A child process (a service under test) that is killed when dropped, so a test that fails
+/// part-way leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A record as read from a topic, undecoded.
 #[derive(Debug, Clone)]
 pub struct RawRecord {
@@ -500,6 +511,35 @@ impl TestEnv {
                 }
             });
             futures::future::try_join_all(deliveries).await?;
+        }
+        Ok(())
+    }
+
+    /// Produces envelopes like [`TestEnv::produce_envelopes`], `slice_len` at a time with a pause
+    /// after each slice (one producer throughout): input that keeps flowing for a while.
+    pub async fn produce_envelopes_paced(
+        &self,
+        topic: &str,
+        records: &[(String, Envelope)],
+        slice_len: usize,
+        pause: Duration,
+    ) -> anyhow::Result<()> {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer =
+            switchboard_runtime::kafka::idempotent_producer_config(&self.brokers, "test-envelopes", 60_000).create()?;
+        for slice in records.chunks(slice_len.max(1)) {
+            let deliveries = slice.iter().map(|(key, envelope)| {
+                let payload = switchboard_runtime::envelope::encode(envelope);
+                let producer = &producer;
+                async move {
+                    producer
+                        .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(60))
+                        .await
+                        .map_err(|(error, _)| anyhow::Error::new(error))
+                }
+            });
+            futures::future::try_join_all(deliveries).await?;
+            tokio::time::sleep(pause).await;
         }
         Ok(())
     }
