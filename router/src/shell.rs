@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -136,28 +136,45 @@ pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &At
     info!(transactional_id, "router producer ready");
 
     while !shutdown.load(Ordering::Relaxed) {
+        let consumer = subscribe_to_inbound(settings)?;
         // Each pass starts from the committed offsets with empty state. A pass ends only
         // after an aborted transaction, whose effects on in-memory state must be forgotten.
-        match route_until_failure(settings, config, &producer, shutdown) {
-            Ok(()) => return Ok(()),
-            Err(TransactionFailure::AbortAndRewind(error)) => {
-                warn!(error = format!("{error:#}"), "transaction aborted; rewinding to the last committed offsets");
-                if let Err(abort_error) = producer.abort_transaction(KAFKA_TIMEOUT) {
-                    return Err(abort_error).context("failed to abort transaction");
+        loop {
+            match route_until_failure(settings, config, &producer, &consumer, shutdown) {
+                Ok(()) => return Ok(()),
+                Err(TransactionFailure::AbortAndRewind(error)) => {
+                    warn!(error = format!("{error:#}"), "transaction aborted; rewinding to the last committed offsets");
+                    // Aborted before the consumer does anything else: reading the committed
+                    // offsets below (require_stable) would wait for this very transaction if it
+                    // carries offsets.
+                    abort_transaction(&producer, KAFKA_TIMEOUT).context("failed to abort transaction")?;
+                    // The consumer stays in the group. Leaving and joining again would make the
+                    // whole group rebalance twice (eager assignment: every instance drops all its
+                    // state), and closing a consumer blocks in rust-rdkafka's drop until librdkafka
+                    // has left the group, polled in 100 ms steps, up to the session timeout when
+                    // the coordinator is unreachable.
+                    match rewind_to_committed_offsets(&consumer) {
+                        Ok(rewound) => info!(partitions = rewound, "inbound consumer rewound to the committed offsets"),
+                        Err(rewind_error) => {
+                            warn!(
+                                error = format!("{rewind_error:#}"),
+                                "cannot rewind the inbound consumer; rejoining the group with a new one"
+                            );
+                            break;
+                        }
+                    }
+                }
+                Err(TransactionFailure::Fatal(error)) => {
+                    return Err(error.context("router stopped on a fatal kafka error"));
                 }
             }
-            Err(TransactionFailure::Fatal(error)) => return Err(error.context("router stopped on a fatal kafka error")),
         }
     }
     Ok(())
 }
 
-fn route_until_failure(
-    settings: &RouterSettings,
-    config: &ConfigStore,
-    producer: &BaseProducer,
-    shutdown: &AtomicBool,
-) -> Result<(), TransactionFailure> {
+/// A new member of the router group, subscribed to the inbound topic.
+fn subscribe_to_inbound(settings: &RouterSettings) -> anyhow::Result<BaseConsumer<RebalanceTracker>> {
     let mut consumer_config = kafka::group_consumer_config(
         &settings.brokers,
         &format!("router-{}", settings.instance_id),
@@ -168,24 +185,71 @@ fn route_until_failure(
     }
     let consumer: BaseConsumer<RebalanceTracker> = consumer_config
         .create_with_context(RebalanceTracker::default())
-        .context("failed to create inbound consumer")
-        .map_err(TransactionFailure::Fatal)?;
-    consumer
-        .subscribe(&[&settings.topics.inbound])
-        .context("failed to subscribe to inbound topic")
-        .map_err(TransactionFailure::Fatal)?;
+        .context("failed to create inbound consumer")?;
+    consumer.subscribe(&[&settings.topics.inbound]).context("failed to subscribe to inbound topic")?;
+    Ok(consumer)
+}
 
+/// Moves the consumer back to the group's committed offsets on every assigned partition, so the
+/// records of an aborted transaction are consumed again (with state rebuilt from the committed
+/// output). Returns how many partitions were moved.
+///
+/// Records already fetched from before the seek are discarded by librdkafka (a seek bumps the
+/// partition's fetch version). A partition whose fetch has not started yet (its committed offset
+/// is still being looked up after an assignment) or that is being stopped (revoked) handed out
+/// nothing since it was assigned, so it is left alone.
+fn rewind_to_committed_offsets(consumer: &BaseConsumer<RebalanceTracker>) -> anyhow::Result<usize> {
+    let assignment = consumer.assignment().context("failed to read the consumer's assignment")?;
+    if assignment.count() == 0 {
+        return Ok(0);
+    }
+    // `read_committed` makes librdkafka ask with require_stable: an open transaction covering
+    // a partition (a fenced predecessor's) is waited for.
+    let committed =
+        consumer.committed_offsets(assignment, KAFKA_TIMEOUT).context("failed to read the committed offsets")?;
+    let mut targets = TopicPartitionList::new();
+    for element in committed.elements() {
+        element
+            .error()
+            .with_context(|| format!("failed to read the committed offset of partition {}", element.partition()))?;
+        let target = match element.offset() {
+            Offset::Offset(offset) => Offset::Offset(offset),
+            // Nothing committed yet: where `auto.offset.reset=earliest` started it.
+            _ => Offset::Beginning,
+        };
+        targets.add_partition_offset(element.topic(), element.partition(), target)?;
+    }
+    let sought = consumer.seek_partitions(targets, KAFKA_TIMEOUT).context("failed to seek to the committed offsets")?;
+    let mut rewound = 0;
+    for element in sought.elements() {
+        match element.error() {
+            Ok(()) => rewound += 1,
+            // (rust-rdkafka reports every per-partition error of a list as `OffsetFetch`.)
+            Err(KafkaError::OffsetFetch(RDKafkaErrorCode::State | RDKafkaErrorCode::PreviousInProgress)) => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("failed to seek partition {}", element.partition()));
+            }
+        }
+    }
+    Ok(rewound)
+}
+
+fn route_until_failure<'consumer>(
+    settings: &RouterSettings,
+    config: &ConfigStore,
+    producer: &BaseProducer,
+    consumer: &'consumer BaseConsumer<RebalanceTracker>,
+    shutdown: &AtomicBool,
+) -> Result<(), TransactionFailure> {
     let mut state_by_partition: HashMap<i32, PartitionState> = HashMap::new();
     let mut stats = Throughput::new();
     let mut compiled: Option<(std::sync::Arc<switchboard_runtime::config_store::ConfigSnapshot>, RouterConfig)> = None;
     // Reused across batches: the records of one batch, and one output's encoding.
-    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(settings.max_batch_records);
+    let mut batch: Vec<BorrowedMessage<'consumer>> = Vec::with_capacity(settings.max_batch_records);
     let mut encode_buffer: Vec<u8> = Vec::with_capacity(4096);
     while !shutdown.load(Ordering::Relaxed) {
-        // Empty unless the previous batch failed part-way.
-        batch.clear();
         let poll_started = Instant::now();
-        let revoked_partitions = poll_batch(&consumer, &mut batch, settings.max_batch_records, settings.batch_linger);
+        let revoked_partitions = poll_batch(consumer, &mut batch, settings.max_batch_records, settings.batch_linger);
         let route_started = Instant::now();
         for partition in revoked_partitions {
             state_by_partition.remove(&partition);
@@ -490,6 +554,30 @@ fn await_deliveries(producer: &BaseProducer, timeout: Duration) -> Result<(), Tr
                     anyhow::Error::new(error).context("produced records were not acknowledged"),
                 ));
             }
+        }
+    }
+}
+
+/// Aborts the open transaction, serving the delivery reports of the records it purges.
+///
+/// librdkafka's abort purges the records still queued and then waits until no record is
+/// outstanding. A purged record stays outstanding until its (failed) delivery report is served,
+/// and rust-rdkafka delivers reports as events that only this thread's `poll` serves: its
+/// `commit_transaction` flushes first, its `abort_transaction` does not. So an abort with records
+/// still queued (a failure in the middle of a batch: a send refused, the offsets refused after a
+/// rebalance) used to block for its whole timeout and then fail, stopping the router. The abort
+/// is resumable: each attempt waits one step, the reports are served, and the next attempt
+/// carries on where the last one stopped.
+fn abort_transaction(producer: &BaseProducer, timeout: Duration) -> KafkaResult<()> {
+    const STEP: Duration = Duration::from_millis(10);
+    let deadline = Instant::now() + timeout;
+    loop {
+        match producer.abort_transaction(STEP) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(error)) if error.is_retriable() && Instant::now() < deadline => {
+                producer.poll(Duration::from_millis(1));
+            }
+            Err(error) => return Err(error),
         }
     }
 }

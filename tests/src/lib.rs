@@ -316,9 +316,16 @@ impl TestEnv {
 
     /// Reads every committed record on a topic (read_committed), undecoded, in partition order.
     pub fn read_committed_records(&self, topic: &str) -> anyhow::Result<Vec<RawRecord>> {
+        self.read_records(topic, "read_committed")
+    }
+
+    /// Reads every record on a topic, undecoded, in partition order, with the given
+    /// `isolation.level` (`read_uncommitted` also returns the records of aborted transactions).
+    pub fn read_records(&self, topic: &str, isolation_level: &str) -> anyhow::Result<Vec<RawRecord>> {
         let partitions = self.topics.declared_partitions(topic).context("unknown topic")?;
         let reader: BaseConsumer<switchboard_runtime::kafka::ReaderContext> =
             switchboard_runtime::kafka::reader_config(&self.brokers, "test-reader")
+                .set("isolation.level", isolation_level)
                 .create_with_context(switchboard_runtime::kafka::ReaderContext)?;
         let mut assignment = TopicPartitionList::new();
         for partition in 0..partitions {
@@ -367,6 +374,31 @@ impl TestEnv {
             .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
             .await
             .map_err(|(error, _)| anyhow::Error::new(error))?;
+        Ok(())
+    }
+
+    /// Sets the configs of one of this environment's topics to its declared ones
+    /// (`deploy/topics.txt`) plus `extra` (Kafka's AlterConfigs replaces the whole set).
+    pub async fn set_topic_configs(&self, topic: &str, extra: &[(&str, &str)]) -> anyhow::Result<()> {
+        use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+        use rdkafka::client::DefaultClientContext;
+        let spec = switchboard_runtime::topics::topic_specs()
+            .iter()
+            .find(|spec| format!("{}{}", self.topics.prefix, spec.base_name) == topic)
+            .context("not a topic of this environment")?;
+        let admin: AdminClient<DefaultClientContext> =
+            switchboard_runtime::kafka::client_config(&self.brokers, "test-admin").create()?;
+        let mut change = AlterConfig::new(ResourceSpecifier::Topic(topic));
+        for (key, value) in &spec.configs {
+            change = change.set(key, value);
+        }
+        for (key, value) in extra {
+            change = change.set(key, value);
+        }
+        let results = admin.alter_configs(&[change], &AdminOptions::new()).await?;
+        for result in results {
+            result.map_err(|(resource, code)| anyhow::anyhow!("failed to alter {resource:?}: {code}"))?;
+        }
         Ok(())
     }
 

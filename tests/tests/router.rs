@@ -181,6 +181,77 @@ async fn r3_r8_r10_t1_instances_joining_and_leaving_while_input_flows_keep_every
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b1_r10_t1_a_transaction_aborted_mid_batch_is_rewound_and_everything_is_routed_once() -> anyhow::Result<()> {
+    const ACCOUNTS: usize = 4;
+    const VISITORS_PER_ACCOUNT: usize = 40;
+    const MESSAGES_PER_ACCOUNT: usize = 1_000;
+    const CAPACITY: u32 = 10;
+    // The output topic refuses records above this (RECORD_TOO_LARGE); the router's batches of
+    // ordinary events stay far below it.
+    const OUTPUT_RECORD_LIMIT: &str = "524288";
+    const LARGE_TEXT_BYTES: usize = 600 * 1024;
+    let env = TestEnv::new().await?;
+    let accounts: Vec<String> = (0..ACCOUNTS).map(|index| format!("abort{index}")).collect();
+    let config: Vec<_> = accounts.iter().flat_map(|account| account_config(account, CAPACITY, true)).collect();
+    env.produce_envelopes(&env.topics.config, &config).await?;
+    let mut inputs: Vec<_> = (0..MESSAGES_PER_ACCOUNT)
+        .flat_map(|index| {
+            let visitor = index % VISITORS_PER_ACCOUNT;
+            let message = index / VISITORS_PER_ACCOUNT;
+            accounts.iter().map(move |account| inbound(account, visitor, message))
+        })
+        .collect();
+    // One early follow-up carries a text the output topic will not take while its limit stands
+    // (incompressible, so lz4 does not shrink it under the limit). Its partition's backlog
+    // follows it, so the batch that holds it is still routing when the refusal comes back and
+    // its later sends fail with records still queued.
+    let large_input = &mut inputs[ACCOUNTS * (VISITORS_PER_ACCOUNT + 5)].1;
+    let Some(Payload::InboundMessageReceived(large_message)) = large_input.payload.as_mut() else {
+        anyhow::bail!("fixture inputs are inbound messages");
+    };
+    large_message.text = incompressible_text(LARGE_TEXT_BYTES);
+
+    env.set_topic_configs(&env.topics.conversations, &[("max.message.bytes", OUTPUT_RECORD_LIMIT)]).await?;
+    // librdkafka reports every refused attempt as an error; the router's own warnings stay.
+    let quiet_librdkafka = [("RUST_LOG", "warn,librdkafka=off")];
+    let routers: Vec<_> = (0..2)
+        .map(|index| env.spawn_router_process_with(&format!("router-{index}"), &quiet_librdkafka).map(KillOnDrop))
+        .collect::<Result<_, _>>()?;
+    env.produce_envelopes(&env.topics.inbound, &inputs).await?;
+    // Every transaction holding the large message aborts; its partition stays behind.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let group = format!("{}router", env.topics.prefix);
+    let lag = env.group_lag(&group, &env.topics.inbound)?;
+    assert!(lag > 0, "the large message's partition cannot be routed while its output is refused");
+    let written = env.read_records(&env.topics.conversations, "read_uncommitted")?.len();
+    let committed = env.read_committed_records(&env.topics.conversations)?.len();
+    eprintln!("lag {lag} with the limit; output records: {written} written, {committed} committed");
+
+    // The operator raises the limit: the router gets past the message at its next attempt.
+    env.set_topic_configs(&env.topics.conversations, &[]).await?;
+    wait_routed(&env, Duration::from_secs(90)).await?;
+    drop(routers);
+    let decided = env.read_committed_events(&env.topics.conversations)?;
+    assert_routed_exactly_once(&decided, &accounts, VISITORS_PER_ACCOUNT, MESSAGES_PER_ACCOUNT, CAPACITY);
+    env.cleanup().await;
+    Ok(())
+}
+
+/// `length` bytes of pseudo-random letters and digits.
+fn incompressible_text(length: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..length)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ALPHABET[(seed % ALPHABET.len() as u64) as usize] as char
+        })
+        .collect()
+}
+
 /// `session.timeout.ms` of the router's consumer (`runtime::kafka::group_consumer_config`).
 const ROUTER_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
