@@ -27,6 +27,10 @@ struct Args {
     /// ...or after this many seconds with at least one routed input.
     #[arg(long, env = "SWITCHBOARD_ROUTER_SNAPSHOT_EVERY_SECONDS", default_value_t = 300)]
     snapshot_every_seconds: u64,
+    /// How long a batch keeps polling after its first record (latency vs. transactions per
+    /// record). Tests raise it so that batches span the moment a rebalance starts.
+    #[arg(long, env = "SWITCHBOARD_ROUTER_BATCH_LINGER_MS", default_value_t = 5)]
+    batch_linger_ms: u64,
 }
 
 #[tokio::main]
@@ -40,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
     let mut settings = RouterSettings::new(&args.kafka_brokers, topics, &args.instance_id);
     settings.snapshot_every_records = args.snapshot_every_records.max(1);
     settings.snapshot_every = std::time::Duration::from_secs(args.snapshot_every_seconds.max(1));
+    settings.batch_linger = std::time::Duration::from_millis(args.batch_linger_ms);
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut router = tokio::task::spawn_blocking({

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -91,11 +91,14 @@ pub struct PartitionState {
     last_chunk_count: u32,
 }
 
-/// Remembers partitions taken away by a rebalance, so their state is dropped (and rebuilt from
-/// the log if they come back: someone else may have routed them meanwhile).
+/// Remembers partitions taken away by a rebalance. librdkafka runs rebalance callbacks inside
+/// `consumer.poll` on the routing thread, so `poll_batch` takes this list after every poll: the
+/// batch's records of those partitions were polled before the revocation and must not be routed
+/// here, and their state is dropped (and rebuilt from the log if they come back: someone else
+/// may have routed them meanwhile).
 #[derive(Default)]
 struct RebalanceTracker {
-    revoked_partitions: Mutex<Vec<i32>>,
+    revoked_during_poll: Mutex<Vec<i32>>,
 }
 
 impl ClientContext for RebalanceTracker {}
@@ -103,7 +106,7 @@ impl ClientContext for RebalanceTracker {}
 impl ConsumerContext for RebalanceTracker {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
-            let mut revoked = self.revoked_partitions.lock().expect("lock poisoned");
+            let mut revoked = self.revoked_during_poll.lock().expect("lock poisoned");
             revoked.extend(partitions.elements().iter().map(|element| element.partition()));
         }
     }
@@ -133,28 +136,45 @@ pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &At
     info!(transactional_id, "router producer ready");
 
     while !shutdown.load(Ordering::Relaxed) {
+        let consumer = subscribe_to_inbound(settings)?;
         // Each pass starts from the committed offsets with empty state. A pass ends only
         // after an aborted transaction, whose effects on in-memory state must be forgotten.
-        match route_until_failure(settings, config, &producer, shutdown) {
-            Ok(()) => return Ok(()),
-            Err(TransactionFailure::AbortAndRewind(error)) => {
-                warn!(error = format!("{error:#}"), "transaction aborted; rewinding to the last committed offsets");
-                if let Err(abort_error) = producer.abort_transaction(KAFKA_TIMEOUT) {
-                    return Err(abort_error).context("failed to abort transaction");
+        loop {
+            match route_until_failure(settings, config, &producer, &consumer, shutdown) {
+                Ok(()) => return Ok(()),
+                Err(TransactionFailure::AbortAndRewind(error)) => {
+                    warn!(error = format!("{error:#}"), "transaction aborted; rewinding to the last committed offsets");
+                    // Aborted before the consumer does anything else: reading the committed
+                    // offsets below (require_stable) would wait for this very transaction if it
+                    // carries offsets.
+                    abort_transaction(&producer, KAFKA_TIMEOUT).context("failed to abort transaction")?;
+                    // The consumer stays in the group. Leaving and joining again would make the
+                    // whole group rebalance twice (eager assignment: every instance drops all its
+                    // state), and closing a consumer blocks in rust-rdkafka's drop until librdkafka
+                    // has left the group, polled in 100 ms steps, up to the session timeout when
+                    // the coordinator is unreachable.
+                    match rewind_to_committed_offsets(&consumer) {
+                        Ok(rewound) => info!(partitions = rewound, "inbound consumer rewound to the committed offsets"),
+                        Err(rewind_error) => {
+                            warn!(
+                                error = format!("{rewind_error:#}"),
+                                "cannot rewind the inbound consumer; rejoining the group with a new one"
+                            );
+                            break;
+                        }
+                    }
+                }
+                Err(TransactionFailure::Fatal(error)) => {
+                    return Err(error.context("router stopped on a fatal kafka error"));
                 }
             }
-            Err(TransactionFailure::Fatal(error)) => return Err(error.context("router stopped on a fatal kafka error")),
         }
     }
     Ok(())
 }
 
-fn route_until_failure(
-    settings: &RouterSettings,
-    config: &ConfigStore,
-    producer: &BaseProducer,
-    shutdown: &AtomicBool,
-) -> Result<(), TransactionFailure> {
+/// A new member of the router group, subscribed to the inbound topic.
+fn subscribe_to_inbound(settings: &RouterSettings) -> anyhow::Result<BaseConsumer<RebalanceTracker>> {
     let mut consumer_config = kafka::group_consumer_config(
         &settings.brokers,
         &format!("router-{}", settings.instance_id),
@@ -165,26 +185,73 @@ fn route_until_failure(
     }
     let consumer: BaseConsumer<RebalanceTracker> = consumer_config
         .create_with_context(RebalanceTracker::default())
-        .context("failed to create inbound consumer")
-        .map_err(TransactionFailure::Fatal)?;
-    consumer
-        .subscribe(&[&settings.topics.inbound])
-        .context("failed to subscribe to inbound topic")
-        .map_err(TransactionFailure::Fatal)?;
+        .context("failed to create inbound consumer")?;
+    consumer.subscribe(&[&settings.topics.inbound]).context("failed to subscribe to inbound topic")?;
+    Ok(consumer)
+}
 
+/// Moves the consumer back to the group's committed offsets on every assigned partition, so the
+/// records of an aborted transaction are consumed again (with state rebuilt from the committed
+/// output). Returns how many partitions were moved.
+///
+/// Records already fetched from before the seek are discarded by librdkafka (a seek bumps the
+/// partition's fetch version). A partition whose fetch has not started yet (its committed offset
+/// is still being looked up after an assignment) or that is being stopped (revoked) handed out
+/// nothing since it was assigned, so it is left alone.
+fn rewind_to_committed_offsets(consumer: &BaseConsumer<RebalanceTracker>) -> anyhow::Result<usize> {
+    let assignment = consumer.assignment().context("failed to read the consumer's assignment")?;
+    if assignment.count() == 0 {
+        return Ok(0);
+    }
+    // `read_committed` makes librdkafka ask with require_stable: an open transaction covering
+    // a partition (a fenced predecessor's) is waited for.
+    let committed =
+        consumer.committed_offsets(assignment, KAFKA_TIMEOUT).context("failed to read the committed offsets")?;
+    let mut targets = TopicPartitionList::new();
+    for element in committed.elements() {
+        element
+            .error()
+            .with_context(|| format!("failed to read the committed offset of partition {}", element.partition()))?;
+        let target = match element.offset() {
+            Offset::Offset(offset) => Offset::Offset(offset),
+            // Nothing committed yet: where `auto.offset.reset=earliest` started it.
+            _ => Offset::Beginning,
+        };
+        targets.add_partition_offset(element.topic(), element.partition(), target)?;
+    }
+    let sought = consumer.seek_partitions(targets, KAFKA_TIMEOUT).context("failed to seek to the committed offsets")?;
+    let mut rewound = 0;
+    for element in sought.elements() {
+        match element.error() {
+            Ok(()) => rewound += 1,
+            // (rust-rdkafka reports every per-partition error of a list as `OffsetFetch`.)
+            Err(KafkaError::OffsetFetch(RDKafkaErrorCode::State | RDKafkaErrorCode::PreviousInProgress)) => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("failed to seek partition {}", element.partition()));
+            }
+        }
+    }
+    Ok(rewound)
+}
+
+fn route_until_failure<'consumer>(
+    settings: &RouterSettings,
+    config: &ConfigStore,
+    producer: &BaseProducer,
+    consumer: &'consumer BaseConsumer<RebalanceTracker>,
+    shutdown: &AtomicBool,
+) -> Result<(), TransactionFailure> {
     let mut state_by_partition: HashMap<i32, PartitionState> = HashMap::new();
     let mut stats = Throughput::new();
     let mut compiled: Option<(std::sync::Arc<switchboard_runtime::config_store::ConfigSnapshot>, RouterConfig)> = None;
     // Reused across batches: the records of one batch, and one output's encoding.
-    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(settings.max_batch_records);
+    let mut batch: Vec<BorrowedMessage<'consumer>> = Vec::with_capacity(settings.max_batch_records);
     let mut encode_buffer: Vec<u8> = Vec::with_capacity(4096);
     while !shutdown.load(Ordering::Relaxed) {
-        // Empty unless the previous batch failed part-way.
-        batch.clear();
         let poll_started = Instant::now();
-        poll_batch(&consumer, &mut batch, settings.max_batch_records, settings.batch_linger);
+        let revoked_partitions = poll_batch(consumer, &mut batch, settings.max_batch_records, settings.batch_linger);
         let route_started = Instant::now();
-        for partition in consumer.context().revoked_partitions.lock().expect("lock poisoned").drain(..) {
+        for partition in revoked_partitions {
             state_by_partition.remove(&partition);
         }
         if batch.is_empty() {
@@ -491,6 +558,30 @@ fn await_deliveries(producer: &BaseProducer, timeout: Duration) -> Result<(), Tr
     }
 }
 
+/// Aborts the open transaction, serving the delivery reports of the records it purges.
+///
+/// librdkafka's abort purges the records still queued and then waits until no record is
+/// outstanding. A purged record stays outstanding until its (failed) delivery report is served,
+/// and rust-rdkafka delivers reports as events that only this thread's `poll` serves: its
+/// `commit_transaction` flushes first, its `abort_transaction` does not. So an abort with records
+/// still queued (a failure in the middle of a batch: a send refused, the offsets refused after a
+/// rebalance) used to block for its whole timeout and then fail, stopping the router. The abort
+/// is resumable: each attempt waits one step, the reports are served, and the next attempt
+/// carries on where the last one stopped.
+fn abort_transaction(producer: &BaseProducer, timeout: Duration) -> KafkaResult<()> {
+    const STEP: Duration = Duration::from_millis(10);
+    let deadline = Instant::now() + timeout;
+    loop {
+        match producer.abort_transaction(STEP) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(error)) if error.is_retriable() && Instant::now() < deadline => {
+                producer.poll(Duration::from_millis(1));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 fn commit_with_retries(producer: &BaseProducer) -> Result<(), TransactionFailure> {
     let mut attempts = 0;
     loop {
@@ -516,19 +607,41 @@ fn classify(error: KafkaError) -> TransactionFailure {
 }
 
 /// Polls up to `max_records` into `batch`, waiting at most `linger` after the first one.
+/// Returns the partitions revoked meanwhile (rebalance callbacks run inside `poll`); `batch`
+/// keeps none of their records polled before the revocation.
+///
+/// Routing such a record would be routing a partition this instance no longer owns: its new
+/// owner starts from the committed offset, and nothing stops this instance from committing the
+/// record's offset too (a transactional offset commit is checked against the group generation
+/// and member, not against who owns the partition), so both would route it. And a partition
+/// revoked and assigned back is fetched again from its committed offset, which would put the
+/// same records in the batch twice.
 fn poll_batch<'consumer>(
     consumer: &'consumer BaseConsumer<RebalanceTracker>,
     batch: &mut Vec<BorrowedMessage<'consumer>>,
     max_records: usize,
     linger: Duration,
-) {
+) -> Vec<i32> {
+    let mut revoked_partitions = Vec::new();
     let mut deadline_opt: Option<Instant> = None;
     while batch.len() < max_records {
         let timeout = match deadline_opt {
             None => Duration::from_millis(100),
             Some(deadline) => deadline.saturating_duration_since(Instant::now()),
         };
-        match consumer.poll(timeout) {
+        let polled_opt = consumer.poll(timeout);
+        let revoked_now = std::mem::take(&mut *consumer.context().revoked_during_poll.lock().expect("lock poisoned"));
+        if !revoked_now.is_empty() {
+            let dropped = drop_records_of_revoked_partitions(batch, &revoked_now, BorrowedMessage::partition);
+            if dropped > 0 {
+                info!(dropped, revoked = ?revoked_now, "dropped records polled before their partitions were revoked");
+            }
+            if batch.is_empty() {
+                deadline_opt = None;
+            }
+            revoked_partitions.extend(revoked_now);
+        }
+        match polled_opt {
             Some(Ok(record)) => {
                 batch.push(record);
                 deadline_opt.get_or_insert_with(|| Instant::now() + linger);
@@ -537,9 +650,28 @@ fn poll_batch<'consumer>(
                 warn!(%error, "inbound consumer error (librdkafka retries)");
                 break;
             }
+            // Nothing within the timeout, or a poll that served an event (a rebalance) instead
+            // of a record: the batch ends here.
             None => break,
         }
     }
+    revoked_partitions
+}
+
+/// Removes from `batch` the records of `revoked_partitions` (all polled before the revocation),
+/// keeping the others in order; returns how many were removed.
+///
+/// Under eager assignment (librdkafka's default `range,roundrobin`, which the router uses) a
+/// rebalance revokes every partition, so this empties the batch; under cooperative assignment
+/// only the moving partitions are revoked and the rest of the batch stays valid.
+fn drop_records_of_revoked_partitions<Record>(
+    batch: &mut Vec<Record>,
+    revoked_partitions: &[i32],
+    partition_of: impl Fn(&Record) -> i32,
+) -> usize {
+    let before = batch.len();
+    batch.retain(|record| !revoked_partitions.contains(&partition_of(record)));
+    before - batch.len()
 }
 
 /// At most this many partitions are recovered at once (each recovery has its own reader).
@@ -844,5 +976,83 @@ impl Throughput {
             );
             *self = Throughput::new();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drop_records_of_revoked_partitions;
+
+    /// A polled record as far as batch filtering cares: (partition, offset).
+    type Polled = (i32, i64);
+
+    /// What one `consumer.poll` gave `poll_batch`: the revocations its rebalance callback saw
+    /// (served before anything it returns), then possibly a record.
+    enum Poll {
+        Record(i32, i64),
+        Revoke(&'static [i32]),
+    }
+
+    /// Replays polls the way `poll_batch` handles them.
+    fn assemble(polls: &[Poll]) -> Vec<Polled> {
+        let mut batch = Vec::new();
+        for poll in polls {
+            match poll {
+                Poll::Record(partition, offset) => batch.push((*partition, *offset)),
+                Poll::Revoke(partitions) => {
+                    drop_records_of_revoked_partitions(&mut batch, partitions, |record| record.0);
+                }
+            }
+        }
+        batch
+    }
+
+    #[test]
+    fn records_of_revoked_partitions_leave_the_batch_and_the_rest_keeps_its_order() {
+        let mut batch: Vec<Polled> = vec![(0, 10), (1, 20), (0, 11), (2, 30), (1, 21)];
+        let dropped = drop_records_of_revoked_partitions(&mut batch, &[1], |record| record.0);
+        assert_eq!(dropped, 2);
+        assert_eq!(batch, [(0, 10), (0, 11), (2, 30)]);
+    }
+
+    #[test]
+    fn an_eager_revocation_of_every_partition_empties_the_batch() {
+        let mut batch: Vec<Polled> = vec![(0, 10), (1, 20), (2, 30)];
+        let dropped = drop_records_of_revoked_partitions(&mut batch, &[0, 1, 2, 3], |record| record.0);
+        assert_eq!(dropped, 3);
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn a_revocation_of_partitions_without_records_in_the_batch_changes_nothing() {
+        let mut batch: Vec<Polled> = vec![(0, 10), (2, 30)];
+        assert_eq!(drop_records_of_revoked_partitions(&mut batch, &[1, 5], |record| record.0), 0);
+        assert_eq!(drop_records_of_revoked_partitions(&mut batch, &[], |record| record.0), 0);
+        assert_eq!(batch, [(0, 10), (2, 30)]);
+    }
+
+    #[test]
+    fn a_partition_revoked_and_assigned_back_mid_batch_is_in_the_batch_once_from_its_committed_offset() {
+        // Partition 3 is revoked after offsets 100-102 were polled and comes back: its fetch
+        // restarts at the committed offset 100. Partition 4 stays (cooperative assignment).
+        let batch = assemble(&[
+            Poll::Record(3, 100),
+            Poll::Record(4, 7),
+            Poll::Record(3, 101),
+            Poll::Record(3, 102),
+            Poll::Revoke(&[3]),
+            Poll::Record(3, 100),
+            Poll::Record(3, 101),
+            Poll::Record(4, 8),
+            Poll::Record(3, 102),
+            Poll::Record(3, 103),
+        ]);
+        assert_eq!(batch, [(4, 7), (3, 100), (3, 101), (4, 8), (3, 102), (3, 103)]);
+    }
+
+    #[test]
+    fn records_polled_after_a_revocation_of_another_partition_stay() {
+        let batch = assemble(&[Poll::Record(1, 5), Poll::Revoke(&[1, 2]), Poll::Record(2, 9), Poll::Record(6, 1)]);
+        assert_eq!(batch, [(2, 9), (6, 1)]);
     }
 }

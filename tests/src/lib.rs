@@ -316,9 +316,16 @@ impl TestEnv {
 
     /// Reads every committed record on a topic (read_committed), undecoded, in partition order.
     pub fn read_committed_records(&self, topic: &str) -> anyhow::Result<Vec<RawRecord>> {
+        self.read_records(topic, "read_committed")
+    }
+
+    /// Reads every record on a topic, undecoded, in partition order, with the given
+    /// `isolation.level` (`read_uncommitted` also returns the records of aborted transactions).
+    pub fn read_records(&self, topic: &str, isolation_level: &str) -> anyhow::Result<Vec<RawRecord>> {
         let partitions = self.topics.declared_partitions(topic).context("unknown topic")?;
         let reader: BaseConsumer<switchboard_runtime::kafka::ReaderContext> =
             switchboard_runtime::kafka::reader_config(&self.brokers, "test-reader")
+                .set("isolation.level", isolation_level)
                 .create_with_context(switchboard_runtime::kafka::ReaderContext)?;
         let mut assignment = TopicPartitionList::new();
         for partition in 0..partitions {
@@ -367,6 +374,31 @@ impl TestEnv {
             .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
             .await
             .map_err(|(error, _)| anyhow::Error::new(error))?;
+        Ok(())
+    }
+
+    /// Sets the configs of one of this environment's topics to its declared ones
+    /// (`deploy/topics.txt`) plus `extra` (Kafka's AlterConfigs replaces the whole set).
+    pub async fn set_topic_configs(&self, topic: &str, extra: &[(&str, &str)]) -> anyhow::Result<()> {
+        use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+        use rdkafka::client::DefaultClientContext;
+        let spec = switchboard_runtime::topics::topic_specs()
+            .iter()
+            .find(|spec| format!("{}{}", self.topics.prefix, spec.base_name) == topic)
+            .context("not a topic of this environment")?;
+        let admin: AdminClient<DefaultClientContext> =
+            switchboard_runtime::kafka::client_config(&self.brokers, "test-admin").create()?;
+        let mut change = AlterConfig::new(ResourceSpecifier::Topic(topic));
+        for (key, value) in &spec.configs {
+            change = change.set(key, value);
+        }
+        for (key, value) in extra {
+            change = change.set(key, value);
+        }
+        let results = admin.alter_configs(&[change], &AdminOptions::new()).await?;
+        for result in results {
+            result.map_err(|(resource, code)| anyhow::anyhow!("failed to alter {resource:?}: {code}"))?;
+        }
         Ok(())
     }
 
@@ -448,6 +480,17 @@ pub async fn connect_api(url: &str, token: BearerToken) -> anyhow::Result<ApiCli
     Ok(ConversationServiceClient::with_interceptor(connect_channel(url).await?, token))
 }
 
+/// A child process (a service under test) that is killed when dropped, so a test that fails
+/// part-way leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A record as read from a topic, undecoded.
 #[derive(Debug, Clone)]
 pub struct RawRecord {
@@ -500,6 +543,35 @@ impl TestEnv {
                 }
             });
             futures::future::try_join_all(deliveries).await?;
+        }
+        Ok(())
+    }
+
+    /// Produces envelopes like [`TestEnv::produce_envelopes`], `slice_len` at a time with a pause
+    /// after each slice (one producer throughout): input that keeps flowing for a while.
+    pub async fn produce_envelopes_paced(
+        &self,
+        topic: &str,
+        records: &[(String, Envelope)],
+        slice_len: usize,
+        pause: Duration,
+    ) -> anyhow::Result<()> {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer =
+            switchboard_runtime::kafka::idempotent_producer_config(&self.brokers, "test-envelopes", 60_000).create()?;
+        for slice in records.chunks(slice_len.max(1)) {
+            let deliveries = slice.iter().map(|(key, envelope)| {
+                let payload = switchboard_runtime::envelope::encode(envelope);
+                let producer = &producer;
+                async move {
+                    producer
+                        .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(60))
+                        .await
+                        .map_err(|(error, _)| anyhow::Error::new(error))
+                }
+            });
+            futures::future::try_join_all(deliveries).await?;
+            tokio::time::sleep(pause).await;
         }
         Ok(())
     }
