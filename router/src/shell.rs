@@ -577,6 +577,11 @@ fn abort_transaction(producer: &BaseProducer, timeout: Duration) -> KafkaResult<
             Err(KafkaError::Transaction(error)) if error.is_retriable() && Instant::now() < deadline => {
                 producer.poll(Duration::from_millis(1));
             }
+            // No transaction to abort: the failure was `begin_transaction`'s own (the producer
+            // is still ready), so rewinding is all that is left to do.
+            Err(KafkaError::Transaction(error)) if error.code() == RDKafkaErrorCode::State && !error.is_fatal() => {
+                return Ok(());
+            }
             Err(error) => return Err(error),
         }
     }
