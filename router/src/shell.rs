@@ -135,15 +135,23 @@ pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &At
     producer.init_transactions(KAFKA_TIMEOUT).context("failed to initialise kafka transactions")?;
     info!(transactional_id, "router producer ready");
 
+    // Batches committed so far, and how many aborts followed one another without one.
+    let mut committed_batches = 0u64;
+    let mut consecutive_aborts = 0u32;
     while !shutdown.load(Ordering::Relaxed) {
         let consumer = subscribe_to_inbound(settings)?;
         // Each pass starts from the committed offsets with empty state. A pass ends only
         // after an aborted transaction, whose effects on in-memory state must be forgotten.
         loop {
-            match route_until_failure(settings, config, &producer, &consumer, shutdown) {
+            let committed_before = committed_batches;
+            match route_until_failure(settings, config, &producer, &consumer, shutdown, &mut committed_batches) {
                 Ok(()) => return Ok(()),
                 Err(TransactionFailure::AbortAndRewind(error)) => {
-                    warn!(error = format!("{error:#}"), "transaction aborted; rewinding to the last committed offsets");
+                    consecutive_aborts = if committed_batches > committed_before { 1 } else { consecutive_aborts + 1 };
+                    warn!(
+                        error = format!("{error:#}"),
+                        consecutive_aborts, "transaction aborted; rewinding to the last committed offsets"
+                    );
                     // Aborted before the consumer does anything else: reading the committed
                     // offsets below (require_stable) would wait for this very transaction if it
                     // carries offsets.
@@ -153,6 +161,10 @@ pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &At
                     // state), and closing a consumer blocks in rust-rdkafka's drop until librdkafka
                     // has left the group, polled in 100 ms steps, up to the session timeout when
                     // the coordinator is unreachable.
+                    // A failure that repeats (an output the broker keeps refusing, a broker in
+                    // trouble) is retried with growing pauses: rewriting the same batch at full
+                    // speed only adds aborted records to the log and load to the broker.
+                    pause_unless_shutdown(abort_backoff(consecutive_aborts), shutdown);
                     match rewind_to_committed_offsets(&consumer) {
                         Ok(rewound) => info!(partitions = rewound, "inbound consumer rewound to the committed offsets"),
                         Err(rewind_error) => {
@@ -171,6 +183,25 @@ pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &At
         }
     }
     Ok(())
+}
+
+/// The pause before retrying after `consecutive_aborts` aborted transactions in a row: none
+/// after the first (a one-off failure is retried at once), then 100 ms doubling up to 5 s.
+fn abort_backoff(consecutive_aborts: u32) -> Duration {
+    const FIRST: Duration = Duration::from_millis(100);
+    const LONGEST: Duration = Duration::from_secs(5);
+    match consecutive_aborts {
+        0 | 1 => Duration::ZERO,
+        repeats => FIRST.saturating_mul(1 << (repeats - 2).min(16)).min(LONGEST),
+    }
+}
+
+/// Sleeps for `pause`, in short steps so that a shutdown is not held up.
+fn pause_unless_shutdown(pause: Duration, shutdown: &AtomicBool) {
+    let until = Instant::now() + pause;
+    while !shutdown.load(Ordering::Relaxed) && Instant::now() < until {
+        std::thread::sleep(until.saturating_duration_since(Instant::now()).min(Duration::from_millis(50)));
+    }
 }
 
 /// A new member of the router group, subscribed to the inbound topic.
@@ -240,6 +271,7 @@ fn route_until_failure<'consumer>(
     producer: &BaseProducer,
     consumer: &'consumer BaseConsumer<RebalanceTracker>,
     shutdown: &AtomicBool,
+    committed_batches: &mut u64,
 ) -> Result<(), TransactionFailure> {
     let mut state_by_partition: HashMap<i32, PartitionState> = HashMap::new();
     let mut stats = Throughput::new();
@@ -322,6 +354,7 @@ fn route_until_failure<'consumer>(
             "batch committed"
         );
         stats.record(record_count, produced);
+        *committed_batches += 1;
     }
     Ok(())
 }
@@ -986,7 +1019,20 @@ impl Throughput {
 
 #[cfg(test)]
 mod tests {
-    use super::drop_records_of_revoked_partitions;
+    use std::time::Duration;
+
+    use super::{abort_backoff, drop_records_of_revoked_partitions};
+
+    #[test]
+    fn a_repeated_abort_is_retried_after_growing_pauses_a_one_off_at_once() {
+        let pauses: Vec<Duration> = (1..=9).map(abort_backoff).collect();
+        assert_eq!(pauses[0], Duration::ZERO, "a one-off failure is retried at once");
+        assert_eq!(pauses[1], Duration::from_millis(100));
+        assert_eq!(pauses[2], Duration::from_millis(200));
+        assert!(pauses.windows(2).all(|pair| pair[0] <= pair[1]));
+        assert_eq!(pauses[8], Duration::from_secs(5), "never longer than 5 s");
+        assert_eq!(abort_backoff(u32::MAX), Duration::from_secs(5));
+    }
 
     /// A polled record as far as batch filtering cares: (partition, offset).
     type Polled = (i32, i64);
