@@ -142,6 +142,15 @@ impl TestEnv {
             delivery_timeout: Duration::from_secs(10),
             ..switchboard_ingest::IngestSettings::new("127.0.0.1:0".parse()?, &self.brokers, &self.topics.inbound)
         };
+        self.serve_ingest(settings, config).await
+    }
+
+    /// Serves ingest in-process until the environment shuts down; returns its base URL.
+    async fn serve_ingest(
+        &self,
+        settings: switchboard_ingest::IngestSettings,
+        config: ConfigStore,
+    ) -> anyhow::Result<String> {
         let (bound_sender, bound) = tokio::sync::oneshot::channel();
         let mut shutdown = self.shutdown_sender.subscribe();
         tokio::spawn(switchboard_ingest::serve(settings, config, bound_sender, async move {
@@ -165,13 +174,7 @@ impl TestEnv {
             }),
             ..switchboard_ingest::IngestSettings::new("127.0.0.1:0".parse()?, &self.brokers, &self.topics.inbound)
         };
-        let (bound_sender, bound) = tokio::sync::oneshot::channel();
-        let mut shutdown = self.shutdown_sender.subscribe();
-        tokio::spawn(switchboard_ingest::serve(settings, config, bound_sender, async move {
-            let _ = shutdown.changed().await;
-        }));
-        let address: SocketAddr = bound.await.context("ingest did not start")?;
-        Ok(format!("http://{address}"))
+        self.serve_ingest(settings, config).await
     }
 
     /// Publishes config events as they are (for settings the config file does not express).
