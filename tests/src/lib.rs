@@ -530,24 +530,8 @@ impl TestEnv {
     /// Produces envelopes with their keys to a topic (partitioned by key, as services do) and
     /// waits until every one is acknowledged.
     pub async fn produce_envelopes(&self, topic: &str, records: &[(String, Envelope)]) -> anyhow::Result<()> {
-        use rdkafka::producer::{FutureProducer, FutureRecord};
-        let producer: FutureProducer =
-            switchboard_runtime::kafka::idempotent_producer_config(&self.brokers, "test-envelopes", 60_000).create()?;
         // Bounded in-flight sends: a few thousand at a time.
-        for chunk in records.chunks(5_000) {
-            let deliveries = chunk.iter().map(|(key, envelope)| {
-                let payload = switchboard_runtime::envelope::encode(envelope);
-                let producer = &producer;
-                async move {
-                    producer
-                        .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(60))
-                        .await
-                        .map_err(|(error, _)| anyhow::Error::new(error))
-                }
-            });
-            futures::future::try_join_all(deliveries).await?;
-        }
-        Ok(())
+        self.produce_envelopes_paced(topic, records, 5_000, Duration::ZERO).await
     }
 
     /// Produces envelopes like [`TestEnv::produce_envelopes`], `slice_len` at a time with a pause
@@ -574,7 +558,9 @@ impl TestEnv {
                 }
             });
             futures::future::try_join_all(deliveries).await?;
-            tokio::time::sleep(pause).await;
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
         }
         Ok(())
     }
