@@ -14,9 +14,11 @@ use std::time::Duration;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use anyhow::Context;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres};
+use switchboard_runtime::read_models::active_schema;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
@@ -177,28 +179,8 @@ pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-fn valid_schema_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|character| character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_')
-        && !name.starts_with(|character: char| character.is_ascii_digit())
-}
-
 async fn load_active_schema(pool: &PgPool) -> anyhow::Result<Arc<str>> {
-    let result: Result<Option<String>, sqlx::Error> =
-        sqlx::query_scalar("SELECT active_schema FROM public.read_model_control LIMIT 1").fetch_optional(pool).await;
-    let name = match result {
-        Ok(Some(name)) => name,
-        Ok(None) => "public".to_owned(),
-        // No control table yet (no replay ever ran): the read models live in `public`.
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => "public".to_owned(),
-        Err(error) => return Err(anyhow::Error::new(error).context("failed to read the active read-model schema")),
-    };
-    if !valid_schema_name(&name) {
-        anyhow::bail!("read_model_control names an invalid schema `{name}`");
-    }
+    let name = active_schema(pool).await.context("failed to read the active read-model schema")?;
     Ok(name.into())
 }
 
@@ -279,6 +261,7 @@ mod tests {
 
     #[test]
     fn schema_names_are_validated_and_quoted() {
+        let valid_schema_name = |name| switchboard_runtime::read_models::validate_schema_name(name).is_ok();
         assert!(valid_schema_name("public"));
         assert!(valid_schema_name("rm_20260101120000"));
         assert!(!valid_schema_name("rm; DROP TABLE x"));

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use switchboard_runtime::read_models::active_schema;
 
 /// Open conversations of one agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -204,35 +205,6 @@ pub struct WorkloadSettings {
     pub stale_after: Duration,
 }
 
-/// Schema names come from the control table, but are still checked before being interpolated
-/// (the same rule as the API's reader: a lower-case identifier).
-fn valid_schema_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|character| character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_')
-        && !name.starts_with(|character: char| character.is_ascii_digit())
-}
-
-/// The active read-model schema (docs/contracts.md): `public.read_model_control`, no row or no
-/// table meaning `public`.
-async fn active_schema(pool: &PgPool) -> anyhow::Result<String> {
-    let result: Result<Option<String>, sqlx::Error> =
-        sqlx::query_scalar("SELECT active_schema FROM public.read_model_control LIMIT 1").fetch_optional(pool).await;
-    let name = match result {
-        Ok(Some(name)) => name,
-        Ok(None) => "public".to_owned(),
-        // No control table yet (no replay ever ran): the read models live in `public`.
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => "public".to_owned(),
-        Err(error) => return Err(anyhow::Error::new(error).context("failed to read the active read-model schema")),
-    };
-    if !valid_schema_name(&name) {
-        anyhow::bail!("read_model_control names an invalid schema `{name}`");
-    }
-    Ok(name)
-}
-
 /// Reads every agent's open conversations from the active schema.
 pub async fn load_open_conversations(pool: &PgPool) -> anyhow::Result<OpenConversations> {
     let schema = active_schema(pool).await?;
@@ -325,6 +297,7 @@ mod tests {
 
     #[test]
     fn schema_names_from_the_control_table_are_checked_before_use() {
+        let valid_schema_name = |name| switchboard_runtime::read_models::validate_schema_name(name).is_ok();
         assert!(valid_schema_name("public"));
         assert!(valid_schema_name("rm_20261121093000"));
         assert!(!valid_schema_name("public\"; DROP TABLE agents; --"));

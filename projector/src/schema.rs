@@ -12,36 +12,8 @@ use tracing::{info, warn};
 /// The NOTIFY channel a switch or rollback announces itself on.
 pub const SWITCH_CHANNEL: &str = "read_model_switch";
 
-/// A schema name we create or accept: `public` or `rm_` followed by digits/lower-case/underscore.
-/// Names end up in `SET search_path` and `DROP SCHEMA` statements, so nothing else is allowed.
-pub fn validate_schema_name(name: &str) -> Result<&str, SchemaError> {
-    let valid = name == "public"
-        || (name.starts_with("rm_")
-            && name.len() <= 63
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
-    if valid { Ok(name) } else { Err(SchemaError::InvalidName(name.to_owned())) }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SchemaError {
-    #[error("`{0}` is not a read-model schema name (expected `public` or `rm_<yyyymmddhhmmss>`)")]
-    InvalidName(String),
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-}
-
-/// The schema readers should use now (`public` when no switch ever happened).
-pub async fn active_schema(pool: &PgPool) -> Result<String, SchemaError> {
-    let row: Result<Option<String>, sqlx::Error> =
-        sqlx::query_scalar("SELECT active_schema FROM public.read_model_control").fetch_optional(pool).await;
-    match row {
-        Ok(Some(schema)) => Ok(validate_schema_name(&schema)?.to_owned()),
-        Ok(None) => Ok("public".to_owned()),
-        // Undefined table: migrations 0003 not run yet; nothing was ever switched.
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => Ok("public".to_owned()),
-        Err(error) => Err(error.into()),
-    }
-}
+// The active-schema contract is shared with every reader (API, ingest).
+pub use switchboard_runtime::read_models::{SchemaError, active_schema, validate_schema_name};
 
 /// Runs the read-model migrations with `search_path` set to `schema` (created if missing).
 pub async fn migrate_schema(database_url: &str, schema: &str) -> anyhow::Result<()> {

@@ -5,12 +5,15 @@
 //! - [`topics`]: topic names and specs, read from `deploy/topics.txt`;
 //! - [`envelope`]: building, encoding and decoding the event envelope;
 //! - [`ids`]: deterministic identifiers;
-//! - [`config_store`]: the in-memory view of the compacted config topic.
+//! - [`config_store`]: the in-memory view of the compacted config topic;
+//! - `read_models` (feature `read-models`): which read-model schema is active.
 
 pub mod config_store;
 pub mod envelope;
 pub mod ids;
 pub mod kafka;
+#[cfg(feature = "read-models")]
+pub mod read_models;
 pub mod telemetry;
 pub mod topics;
 
