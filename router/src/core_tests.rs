@@ -305,9 +305,36 @@ fn r10_follow_up_in_open_conversation_joins_it_and_keeps_its_assignee() {
     assert_eq!(names(&follow_up), ["message_appended"]);
     let Some(Payload::MessageAppended(appended)) = &follow_up[0].payload else { panic!("{follow_up:?}") };
     assert_eq!(appended.conversation_id, conversation_id);
+    assert_eq!(appended.thread_key, "visitor-1", "the event names its thread, as the first message's does");
+    assert!(matches!(&first[2].payload, Some(Payload::MessageAppended(first)) if first.thread_key == "visitor-1"));
     assert_eq!(given.state.conversations.len(), 1, "never a second conversation");
     assert_eq!(given.state.conversation(&conversation_id).unwrap().1.assignee(), Some("ana"));
     assert_eq!(given.open_conversations("ana"), 1, "follow-ups add no workload");
+}
+
+/// B4: every decided event carries its cause's partition key, account and correlation, and
+/// names the cause, whether it is the decision's only event or one of several.
+#[test]
+fn b4_every_decided_event_points_back_to_its_cause() {
+    let mut given = pool_of(&["ana"]);
+    let mut input = given.inbound("visitor-1", "m1");
+    input.correlation_id = "the-customer-request".into();
+    let first = given.when_input(&input);
+    let follow_up_input = given.inbound("visitor-1", "m2");
+    let follow_up = given.when_input(&follow_up_input);
+    assert_eq!((first.len(), follow_up.len()), (4, 1));
+    for (events, cause) in [(&first, &input), (&follow_up, &follow_up_input)] {
+        for event in events {
+            assert_eq!(event.causation_id, cause.event_id);
+            assert_eq!(event.correlation_id, cause.correlation_id);
+            assert_eq!((event.partition_key.as_str(), event.account_id.as_str()), (ACCOUNT, ACCOUNT));
+        }
+    }
+    // A cause without a correlation id starts one: its own id.
+    let mut uncorrelated = given.inbound("visitor-2", "m1");
+    uncorrelated.correlation_id.clear();
+    let events = given.when_input(&uncorrelated);
+    assert!(events.iter().all(|event| event.correlation_id == uncorrelated.event_id));
 }
 
 #[test]
@@ -1183,13 +1210,12 @@ proptest! {
         for slot in state.agents.recorded() {
             let assigned = state
                 .conversations
-                .values()
-                .filter(|conversation| conversation.assignee() == Some(slot.agent_id.as_str()))
+                .iter()
+                .filter(|(_, conversation)| conversation.assignee() == Some(slot.agent_id.as_str()))
                 .count() as u32;
             prop_assert_eq!(slot.workload.open_conversations, assigned, "{}", slot.agent_id);
         }
-        let open_threads: usize = state.open_conversation_by_thread.values().map(|threads| threads.len()).sum();
-        prop_assert_eq!(open_threads, state.conversations.len());
+        prop_assert_eq!(state.conversations.thread_count(), state.conversations.len());
         for contact in state.contacts.values() {
             prop_assert!(contact.ticket_count <= 2);
         }

@@ -10,6 +10,7 @@
 #[doc(hidden)]
 pub mod bench_support;
 pub mod config;
+pub mod conversations;
 pub mod core;
 pub mod fast_hash;
 pub mod shell;

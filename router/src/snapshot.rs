@@ -99,8 +99,8 @@ impl Manifest {
 pub fn encode_state(state: &RouterState) -> Vec<u8> {
     let mut out = Writer::with_magic();
     out.len(state.conversations.len());
-    for (key, conversation) in &state.conversations {
-        out.str(&conversation.id(*key));
+    for (key, conversation) in state.conversations.iter() {
+        out.str(&conversation.id(key));
         out.str(&conversation.channel_id);
         out.i64(conversation.channel_type as i64);
         out.str(&conversation.thread_key);
@@ -202,11 +202,6 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
             conversation.message_keys.push(key);
         }
         conversation.ticket_id_opt = input.opt_string()?;
-        state
-            .open_conversation_by_thread
-            .entry(conversation.channel_id.to_string())
-            .or_default()
-            .insert(conversation.thread_key.clone(), key);
         if conversation.assignee_agent_id_opt.is_none() {
             state
                 .waiting_by_channel
@@ -214,7 +209,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
                 .or_default()
                 .insert(conversation.started_at_millis, key);
         }
-        state.conversations.insert(key, Box::new(conversation));
+        state.conversations.insert(key, conversation);
     }
     for _ in 0..input.len()? {
         let channel_id = input.string()?;

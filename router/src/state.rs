@@ -10,6 +10,7 @@ use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{Envelope, InboundMessageReceived, WithheldReason};
 use switchboard_runtime::envelope::recorded_at_millis;
 
+use crate::conversations::OpenConversations;
 use crate::fast_hash::{FastMap, FastSet};
 
 /// Message ids remembered after their conversation closed (B1): retries of a provider message
@@ -652,13 +653,9 @@ impl Backlog {
 /// Everything the router remembers for one input partition, derived only from its output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterState {
-    /// R10: the open conversation (its key) of each thread, by channel id then thread key
-    /// (channel ids are unique across accounts; two levels let lookups borrow `&str`).
-    pub open_conversation_by_thread: FastMap<String, FastMap<InlineStr, u128>>,
-    /// Open conversations by [`conversation_key`] (closed ones are forgotten, see `dedup`).
-    /// Boxed so the table holds 24-byte entries: growing it past 100k+ conversations copies
-    /// a few MB instead of stalling routing to copy ~70 MB of inline states.
-    pub conversations: FastMap<u128, Box<ConversationState>>,
+    /// Open conversations by [`conversation_key`] and by thread (R10); closed ones are
+    /// forgotten (their message ids stay in `dedup` for a while).
+    pub conversations: OpenConversations,
     /// C4: contacts by their id as a 128-bit key. Contact ids are the UUIDv5 of their channel
     /// identity ([`contact_uuid_for`]), so one table serves lookups by id (commands) and by
     /// identity (messages) without a second index. Boxed: small entries, cheap growth.
@@ -679,8 +676,7 @@ pub struct RouterState {
 impl Default for RouterState {
     fn default() -> Self {
         RouterState {
-            open_conversation_by_thread: FastMap::default(),
-            conversations: FastMap::default(),
+            conversations: OpenConversations::default(),
             contacts: FastMap::default(),
             held_by_contact: FastMap::default(),
             tickets: FastMap::default(),
@@ -695,19 +691,18 @@ impl Default for RouterState {
 impl RouterState {
     /// R10: the key of the thread's open conversation.
     pub fn open_conversation(&self, channel_id: &str, thread_key: &str) -> Option<u128> {
-        self.open_conversation_by_thread.get(channel_id).and_then(|threads| threads.get(thread_key.as_bytes())).copied()
+        self.conversations.by_thread(channel_id, thread_key).map(|(key, _)| key)
     }
 
     /// R10: the id of the thread's open conversation.
     pub fn open_conversation_id(&self, channel_id: &str, thread_key: &str) -> Option<String> {
-        let key = self.open_conversation(channel_id, thread_key)?;
-        self.conversations.get(&key).map(|conversation| conversation.id(key))
+        self.conversations.by_thread(channel_id, thread_key).map(|(key, conversation)| conversation.id(key))
     }
 
     /// An open conversation by id, with its key.
     pub fn conversation(&self, conversation_id: &str) -> Option<(u128, &ConversationState)> {
         let key = conversation_key(conversation_id);
-        self.conversations.get(&key).map(|conversation| (key, &**conversation))
+        self.conversations.get(key).map(|conversation| (key, conversation))
     }
 
     /// The contact of a channel identity (C4).
@@ -768,13 +763,7 @@ impl RouterState {
 
     fn close_conversation(&mut self, conversation_id: &str) {
         let key = conversation_key(conversation_id);
-        let Some(conversation) = self.conversations.remove(&key) else { return };
-        if let Some(threads) = self.open_conversation_by_thread.get_mut(conversation.channel_id.as_str()) {
-            threads.remove(conversation.thread_key.as_bytes());
-            if threads.is_empty() {
-                self.open_conversation_by_thread.remove(conversation.channel_id.as_str());
-            }
-        }
+        let Some(conversation) = self.conversations.remove(key) else { return };
         match &conversation.assignee_agent_id_opt {
             Some(agent_id) => self.agents.release(agent_id.as_str(), conversation.channel_type),
             None => self.stop_waiting(key, &conversation.channel_id, conversation.started_at_millis),
@@ -856,15 +845,10 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         }
         Some(Payload::ConversationStarted(started)) => {
             let started_at_millis = recorded_at_millis(event);
-            let threads = match state.open_conversation_by_thread.get_mut(started.channel_id.as_str()) {
-                Some(threads) => threads,
-                None => state.open_conversation_by_thread.entry(started.channel_id.clone()).or_default(),
-            };
             let (key, noncanonical_id_opt) = conversation_key_and_noncanonical_id(&started.conversation_id);
-            threads.insert(InlineStr::new(&started.thread_key), key);
             state.conversations.insert(
                 key,
-                Box::new(ConversationState {
+                ConversationState {
                     noncanonical_id_opt,
                     channel_id: InlineStr::new(&started.channel_id),
                     channel_type: started.channel_type,
@@ -878,14 +862,14 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                     ),
                     started_at_millis,
                     ..Default::default()
-                }),
+                },
             );
         }
         Some(Payload::ConversationLeftUnassigned(left)) => {
             // Open and unassigned: it waits for an agent (B3). Every new conversation gets its
             // routing decision in the same decision as its start.
             let key = conversation_key(&left.conversation_id);
-            if let Some(conversation) = state.conversations.get(&key)
+            if let Some(conversation) = state.conversations.get(key)
                 && conversation.assignee_agent_id_opt.is_none()
             {
                 let (channel_id, started_at_millis) = (conversation.channel_id.clone(), conversation.started_at_millis);
@@ -893,10 +877,14 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             }
         }
         Some(Payload::MessageAppended(appended)) => {
-            if let Some(conversation) = state.conversations.get_mut(&conversation_key(&appended.conversation_id)) {
-                let key = message_key(&appended.message_id);
-                conversation.message_keys.push(key);
-                state.dedup.open(key);
+            // Through the thread when the event names it: the entries the decision just read.
+            let key = conversation_key(&appended.conversation_id);
+            if let Some(conversation) =
+                state.conversations.get_mut_in_thread(key, &appended.channel_id, &appended.thread_key)
+            {
+                let message = message_key(&appended.message_id);
+                conversation.message_keys.push(message);
+                state.dedup.open(message);
             }
         }
         Some(Payload::ConversationAssigned(assigned)) => {
@@ -905,7 +893,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             // Field-wise borrows: the conversation stays borrowed while the agents' book and the
             // backlog change, so nothing is cloned (this runs for every assignment).
             let key = conversation_key(&assigned.conversation_id);
-            let Some(conversation) = state.conversations.get_mut(&key) else { return };
+            let Some(conversation) = state.conversations.get_mut(key) else { return };
             match &mut conversation.assignee_agent_id_opt {
                 Some(previous) => {
                     state.agents.release(previous.as_str(), conversation.channel_type);
@@ -931,7 +919,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         Some(Payload::ConversationUnassigned(unassigned)) => {
             state.remember_request(&unassigned.request_id);
             let key = conversation_key(&unassigned.conversation_id);
-            let Some(conversation) = state.conversations.get_mut(&key) else { return };
+            let Some(conversation) = state.conversations.get_mut(key) else { return };
             let Some(previous) = conversation.assignee_agent_id_opt.take() else { return };
             let (channel_id, channel_type, started_at_millis) =
                 (conversation.channel_id.clone(), conversation.channel_type, conversation.started_at_millis);
@@ -943,7 +931,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             state.close_conversation(&closed.conversation_id);
         }
         Some(Payload::TicketCreated(created)) => {
-            if let Some(conversation) = state.conversations.get_mut(&conversation_key(&created.conversation_id)) {
+            if let Some(conversation) = state.conversations.get_mut(conversation_key(&created.conversation_id)) {
                 conversation.ticket_id_opt = Some(created.ticket_id.clone());
             }
             if let Some(contact) = state.contact_by_id_mut(&created.contact_id) {

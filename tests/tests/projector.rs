@@ -95,6 +95,7 @@ fn conversation_log(first: usize, count: usize, partitions: i32) -> (Vec<(String
                     ..Default::default()
                 })),
                 contact_id: contact_id.clone(),
+                thread_key: visitor.external_id.clone(),
             }));
         }
         expected.conversations += 1;

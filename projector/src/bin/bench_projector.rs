@@ -318,6 +318,7 @@ fn produce(args: &Args, topics: &Topics, partitions: i32) -> anyhow::Result<(usi
                     source_event_id: uuid::Uuid::now_v7().to_string(),
                     content: None,
                     contact_id: contact_id.clone(),
+                    thread_key: visitor.clone(),
                 }));
             }
             let explanation = Some(RoutingExplanation {

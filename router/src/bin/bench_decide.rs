@@ -10,7 +10,11 @@
 //! input, which also counts as a decision). `--growing` leaves the closes out: the state then
 //! grows by every new conversation and contact, and the figure includes growing its tables.
 //!
-//!   cargo run --release -p switchboard-router --bin bench_decide [-- --inputs 1000000 --new-share 0.2 --growing]
+//! `--rounds N` times N rounds of `--inputs` each in the same process (state and code layout
+//! unchanged between them) and prints each round's figure and their median: on a shared VM the
+//! spread between rounds shows how much of a difference between builds is the machine.
+//!
+//!   cargo run --release -p switchboard-router --bin bench_decide [-- --inputs 1000000 --new-share 0.2 --growing --rounds 5]
 
 use std::time::Instant;
 
@@ -263,6 +267,50 @@ fn route(
     measured
 }
 
+/// One timed round of `inputs` inputs; prints its figures and returns decisions per CPU-second
+/// of the routing thread (when the platform reports thread CPU time).
+fn timed_round(
+    state: &mut RouterState,
+    config: &RouterConfig,
+    workload: &mut Workload,
+    inputs: u64,
+    new_share: f64,
+    steady: bool,
+) -> Option<f64> {
+    let closes_before = workload.closes;
+    let resident_before_opt = resident_bytes();
+    let measured = route(state, config, workload, inputs, true);
+    let (elapsed, emitted, closes) = (measured.elapsed, measured.emitted, workload.closes - closes_before);
+    let cpu_seconds_opt = measured.cpu_nanos_opt.map(|nanos| nanos as f64 / 1e9);
+    println!(
+        "inputs: {inputs} ({:.0}% of messages start a conversation; {closes} closes), events emitted: {emitted}, open conversations at the end: {}{}",
+        new_share * 100.0,
+        state.conversations.len(),
+        if steady { "" } else { " (--growing)" }
+    );
+    println!(
+        "decide+evolve: {:.0} decisions/s on one thread ({:.2} µs each)",
+        inputs as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e6 / inputs as f64
+    );
+    if let (Some(before), Some(after)) = (resident_before_opt, resident_bytes()) {
+        println!(
+            "resident memory: {:.0} MB after routing ({:+.0} MB while routing)",
+            after as f64 / 1e6,
+            (after as f64 - before as f64) / 1e6
+        );
+    }
+    if let Some(cpu_seconds) = cpu_seconds_opt {
+        println!(
+            "decide+evolve: {:.0} decisions per CPU-second of the routing thread ({:.2} µs CPU each; {:.0}% of wall time on CPU)",
+            inputs as f64 / cpu_seconds,
+            cpu_seconds * 1e6 / inputs as f64,
+            cpu_seconds * 100.0 / elapsed.as_secs_f64()
+        );
+    }
+    cpu_seconds_opt.map(|cpu_seconds| inputs as f64 / cpu_seconds)
+}
+
 fn main() {
     let inputs = argument("--inputs", 1_000_000.0) as u64;
     let new_share = argument("--new-share", 0.2);
@@ -314,35 +362,24 @@ fn main() {
         setup_started.elapsed().as_secs_f64()
     );
 
-    let closes_before = workload.closes;
-    let resident_before_opt = resident_bytes();
-    let measured = route(&mut state, &config, &mut workload, inputs, true);
-    let (elapsed, emitted, closes) = (measured.elapsed, measured.emitted, workload.closes - closes_before);
-    let cpu_seconds_opt = measured.cpu_nanos_opt.map(|nanos| nanos as f64 / 1e9);
-    println!(
-        "inputs: {inputs} ({:.0}% of messages start a conversation; {closes} closes), events emitted: {emitted}, open conversations at the end: {}{}",
-        new_share * 100.0,
-        state.conversations.len(),
-        if steady { "" } else { " (--growing)" }
-    );
-    println!(
-        "decide+evolve: {:.0} decisions/s on one thread ({:.2} µs each)",
-        inputs as f64 / elapsed.as_secs_f64(),
-        elapsed.as_secs_f64() * 1e6 / inputs as f64
-    );
-    if let (Some(before), Some(after)) = (resident_before_opt, resident_bytes()) {
-        println!(
-            "resident memory: {:.0} MB after routing ({:+.0} MB while routing)",
-            after as f64 / 1e6,
-            (after as f64 - before as f64) / 1e6
-        );
+    let rounds = (argument("--rounds", 1.0) as usize).max(1);
+    let mut per_cpu_second_by_round = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("round {round} of {rounds}:");
+        }
+        if let Some(per_cpu_second) = timed_round(&mut state, &config, &mut workload, inputs, new_share, steady) {
+            per_cpu_second_by_round.push(per_cpu_second);
+        }
     }
-    if let Some(cpu_seconds) = cpu_seconds_opt {
+    if per_cpu_second_by_round.len() > 1 {
+        per_cpu_second_by_round.sort_by(f64::total_cmp);
+        let rounded: Vec<String> = per_cpu_second_by_round.iter().map(|figure| format!("{figure:.0}")).collect();
         println!(
-            "decide+evolve: {:.0} decisions per CPU-second of the routing thread ({:.2} µs CPU each; {:.0}% of wall time on CPU)",
-            inputs as f64 / cpu_seconds,
-            cpu_seconds * 1e6 / inputs as f64,
-            cpu_seconds * 100.0 / elapsed.as_secs_f64()
+            "median of {} rounds: {:.0} decisions per CPU-second (rounds, sorted: {})",
+            per_cpu_second_by_round.len(),
+            per_cpu_second_by_round[per_cpu_second_by_round.len() / 2],
+            rounded.join(", ")
         );
     }
     // Tearing down millions of small allocations takes seconds and is not routing work; the
