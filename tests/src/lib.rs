@@ -226,17 +226,10 @@ impl TestEnv {
         Ok(())
     }
 
-    /// Starts the router binary as a child process (for tests that kill it).
-    pub fn spawn_router_process(&self, instance_id: &str) -> anyhow::Result<Child> {
-        Command::new(binary_path("router")?)
-            .env("KAFKA_BROKERS", &self.brokers)
-            .env("SWITCHBOARD_TOPIC_PREFIX", &self.topics.prefix)
-            .env("SWITCHBOARD_INSTANCE_ID", instance_id)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("failed to start the router binary")
+    /// Starts the router binary as a child process (for tests that kill it); it is killed when
+    /// dropped, so a test that fails part-way leaves no router running.
+    pub fn spawn_router_process(&self, instance_id: &str) -> anyhow::Result<KillOnDrop> {
+        self.spawn_router_process_with(instance_id, &[])
     }
 
     pub fn projector_settings(&self, group_suffix: &str) -> switchboard_projector::ProjectorSettings {
@@ -487,6 +480,19 @@ pub async fn connect_api(url: &str, token: BearerToken) -> anyhow::Result<ApiCli
 /// part-way leaves nothing running.
 pub struct KillOnDrop(pub Child);
 
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -512,7 +518,11 @@ pub struct Pipeline {
 
 impl TestEnv {
     /// Starts the router binary as a child process with extra environment (e.g. snapshot cadence).
-    pub fn spawn_router_process_with(&self, instance_id: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Child> {
+    pub fn spawn_router_process_with(
+        &self,
+        instance_id: &str,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<KillOnDrop> {
         let mut command = Command::new(binary_path("router")?);
         command
             .env("KAFKA_BROKERS", &self.brokers)
@@ -524,7 +534,7 @@ impl TestEnv {
         for (name, value) in extra_env {
             command.env(name, value);
         }
-        command.spawn().context("failed to start the router binary")
+        command.spawn().map(KillOnDrop).context("failed to start the router binary")
     }
 
     /// Produces envelopes with their keys to a topic (partitioned by key, as services do) and

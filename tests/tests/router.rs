@@ -117,7 +117,7 @@ async fn r3_r8_r10_t1_instances_joining_and_leaving_while_input_flows_keep_every
 
     let mut routers: BTreeMap<&str, KillOnDrop> = BTreeMap::new();
     for instance in ["router-0", "router-1"] {
-        routers.insert(instance, KillOnDrop(env.spawn_router_process_with(instance, &router_env)?));
+        routers.insert(instance, env.spawn_router_process_with(instance, &router_env)?);
     }
     // Input flows in slices for ~12 s while the membership changes every ~1.2 s: joins, graceful
     // leaves (the instance finishes its batch and leaves the group) and kill -9 (its open
@@ -149,7 +149,7 @@ async fn r3_r8_r10_t1_instances_joining_and_leaving_while_input_flows_keep_every
             tokio::time::sleep(Duration::from_millis(1_000)).await;
             match change {
                 Membership::Join(instance) => {
-                    routers.insert(instance, KillOnDrop(env.spawn_router_process_with(instance, &router_env)?));
+                    routers.insert(instance, env.spawn_router_process_with(instance, &router_env)?);
                     // A new process needs a moment before it joins (config read, producer set-up).
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -160,7 +160,7 @@ async fn r3_r8_r10_t1_instances_joining_and_leaving_while_input_flows_keep_every
                 Membership::Crash(instance) => {
                     // SIGKILL (on drop): an open transaction is left behind.
                     drop(routers.remove(instance).expect("a running instance crashes"));
-                    routers.insert(instance, KillOnDrop(env.spawn_router_process_with(instance, &router_env)?));
+                    routers.insert(instance, env.spawn_router_process_with(instance, &router_env)?);
                     // The group waits for the dead member until its session times out; changes
                     // made meanwhile would all fold into that one rebalance.
                     tokio::time::sleep(ROUTER_SESSION_TIMEOUT).await;
@@ -216,7 +216,7 @@ async fn b1_r10_t1_a_transaction_aborted_mid_batch_is_rewound_and_everything_is_
     // librdkafka reports every refused attempt as an error; the router's own warnings stay.
     let quiet_librdkafka = [("RUST_LOG", "warn,librdkafka=off")];
     let routers: Vec<_> = (0..2)
-        .map(|index| env.spawn_router_process_with(&format!("router-{index}"), &quiet_librdkafka).map(KillOnDrop))
+        .map(|index| env.spawn_router_process_with(&format!("router-{index}"), &quiet_librdkafka))
         .collect::<Result<_, _>>()?;
     env.produce_envelopes(&env.topics.inbound, &inputs).await?;
     // Every transaction holding the large message aborts; its partition stays behind.
