@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -104,10 +104,25 @@ struct RebalanceTracker {
 impl ClientContext for RebalanceTracker {}
 
 impl ConsumerContext for RebalanceTracker {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(partitions) = rebalance {
-            let mut revoked = self.revoked_during_poll.lock().expect("lock poisoned");
-            revoked.extend(partitions.elements().iter().map(|element| element.partition()));
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let partitions_of = |list: &TopicPartitionList| -> Vec<i32> {
+            list.elements().iter().map(|element| element.partition()).collect()
+        };
+        let protocol = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => "cooperative",
+            RebalanceProtocol::Eager => "eager",
+            RebalanceProtocol::None => "none",
+        };
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                info!(partitions = ?partitions_of(partitions), protocol, "inbound partitions assigned");
+            }
+            Rebalance::Revoke(partitions) => {
+                let partitions = partitions_of(partitions);
+                info!(partitions = ?partitions, protocol, "inbound partitions revoked");
+                self.revoked_during_poll.lock().expect("lock poisoned").extend(partitions);
+            }
+            Rebalance::Error(error) => warn!(error = %error, "inbound rebalance failed"),
         }
     }
 }
@@ -157,8 +172,8 @@ pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &At
                     // carries offsets.
                     abort_transaction(&producer, KAFKA_TIMEOUT).context("failed to abort transaction")?;
                     // The consumer stays in the group. Leaving and joining again would make the
-                    // whole group rebalance twice (eager assignment: every instance drops all its
-                    // state), and closing a consumer blocks in rust-rdkafka's drop until librdkafka
+                    // whole group rebalance twice (the partitions of this instance would move
+                    // away and back, their state recovered twice), and closing a consumer blocks in rust-rdkafka's drop until librdkafka
                     // has left the group, polled in 100 ms steps, up to the session timeout when
                     // the coordinator is unreachable.
                     // A failure that repeats (an output the broker keeps refusing, a broker in
@@ -211,6 +226,11 @@ fn subscribe_to_inbound(settings: &RouterSettings) -> anyhow::Result<BaseConsume
         &format!("router-{}", settings.instance_id),
         &settings.group_id,
     );
+    // Incremental rebalancing: when an instance joins or leaves, only the partitions that change
+    // owner are revoked. With the eager protocol every instance gave up every partition and then
+    // recovered the state of all of them (snapshot + tail) before routing again. Partitions an
+    // instance keeps keep their in-memory state: nobody else can have routed them meanwhile.
+    consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
     for (key, value) in &settings.consumer_overrides {
         consumer_config.set(key, value);
     }
@@ -699,9 +719,9 @@ fn poll_batch<'consumer>(
 /// Removes from `batch` the records of `revoked_partitions` (all polled before the revocation),
 /// keeping the others in order; returns how many were removed.
 ///
-/// Under eager assignment (librdkafka's default `range,roundrobin`, which the router uses) a
-/// rebalance revokes every partition, so this empties the batch; under cooperative assignment
-/// only the moving partitions are revoked and the rest of the batch stays valid.
+/// The router's group uses cooperative assignment (`cooperative-sticky`): only the partitions
+/// that move are revoked, and the rest of the batch stays valid. (Under eager assignment a
+/// rebalance revoked every partition, which emptied the batch.)
 fn drop_records_of_revoked_partitions<Record>(
     batch: &mut Vec<Record>,
     revoked_partitions: &[i32],
