@@ -7,7 +7,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
 use sqlx::PgPool;
 use tracing::warn;
 
@@ -95,19 +94,7 @@ impl Metrics {
 
 /// Serves `/metrics` until the process ends.
 pub async fn serve(address: std::net::SocketAddr, metrics: std::sync::Arc<Metrics>) -> anyhow::Result<()> {
-    let app =
-        axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render_prometheus())
-                }
-            }),
-        );
-    let listener =
-        tokio::net::TcpListener::bind(address).await.with_context(|| format!("failed to bind metrics on {address}"))?;
-    axum::serve(listener, app).await.context("metrics server failed")
+    switchboard_runtime::metrics_http::serve_metrics(address, move || metrics.render_prometheus()).await
 }
 
 /// Writes this instance's lag figures to `projector_lag` of the active schema once a second.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod conversations;
 pub mod core;
 pub mod fast_hash;
+pub mod metrics;
 pub mod shell;
 pub mod snapshot;
 pub mod state;

@@ -3,6 +3,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Parser;
+use switchboard_router::metrics::RouterMetrics;
 use switchboard_router::shell::{RouterSettings, run_router};
 use switchboard_runtime::config_store::ConfigStore;
 use switchboard_runtime::topics::{Topics, ensure_topics};
@@ -31,6 +32,9 @@ struct Args {
     /// record). Tests raise it so that batches span the moment a rebalance starts.
     #[arg(long, env = "SWITCHBOARD_ROUTER_BATCH_LINGER_MS", default_value_t = 5)]
     batch_linger_ms: u64,
+    /// Prometheus metrics (`/metrics`): throughput, transactions, dead letters, recoveries, lag.
+    #[arg(long, env = "SWITCHBOARD_ROUTER_METRICS_ADDR", default_value = "0.0.0.0:9465")]
+    metrics_addr: std::net::SocketAddr,
 }
 
 #[tokio::main]
@@ -46,10 +50,21 @@ async fn main() -> anyhow::Result<()> {
     settings.snapshot_every = std::time::Duration::from_secs(args.snapshot_every_seconds.max(1));
     settings.batch_linger = std::time::Duration::from_millis(args.batch_linger_ms);
 
+    let metrics = Arc::new(RouterMetrics::default());
+    let served = metrics.clone();
+    tokio::spawn(async move {
+        // Routing goes on without the endpoint (e.g. its port is taken): metrics are not worth
+        // an outage.
+        let render = move || served.render_prometheus();
+        if let Err(error) = switchboard_runtime::metrics_http::serve_metrics(args.metrics_addr, render).await {
+            tracing::error!(error = format!("{error:#}"), "metrics endpoint stopped");
+        }
+    });
+
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut router = tokio::task::spawn_blocking({
         let shutdown = shutdown.clone();
-        move || run_router(&settings, &config, &shutdown)
+        move || run_router(&settings, &config, &shutdown, &metrics)
     });
     tokio::select! {
         result = &mut router => return result.context("router thread panicked")?,

@@ -9,8 +9,8 @@
 //! partition's state is rebuilt by folding that output partition with `core::evolve`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -28,6 +28,7 @@ use switchboard_runtime::topics::Topics;
 use tracing::{info, info_span, warn};
 
 use crate::core::{self, RouterConfig, RouterState};
+use crate::metrics::{BatchFigures, RouterMetrics};
 use crate::snapshot::{self, Manifest};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -96,12 +97,35 @@ pub struct PartitionState {
 /// batch's records of those partitions were polled before the revocation and must not be routed
 /// here, and their state is dropped (and rebuilt from the log if they come back: someone else
 /// may have routed them meanwhile).
-#[derive(Default)]
 struct RebalanceTracker {
     revoked_during_poll: Mutex<Vec<i32>>,
+    inbound_topic: String,
+    metrics: Arc<RouterMetrics>,
 }
 
-impl ClientContext for RebalanceTracker {}
+/// librdkafka's statistics (every `CONSUMER_STATISTICS_INTERVAL`, served by `poll` like the
+/// rebalance callbacks) give each assigned partition's lag without asking the broker.
+impl ClientContext for RebalanceTracker {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.inbound_topic) else { return };
+        for (partition, figures) in &topic.partitions {
+            // Partition -1 is librdkafka's internal "unassigned" queue.
+            if *partition < 0 || !figures.desired || figures.ls_offset < 0 {
+                continue;
+            }
+            // Next offset to hand out: the one after the last record handed out, else where
+            // consumption starts (the committed offset, or the log start for a group that has
+            // committed nothing: `auto.offset.reset=earliest`).
+            let next = [figures.app_offset, figures.committed_offset, figures.lo_offset]
+                .into_iter()
+                .find(|offset| *offset >= 0)
+                .unwrap_or(-1);
+            if next >= 0 {
+                self.metrics.record_lag(*partition, figures.ls_offset - next);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceTracker {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -116,10 +140,12 @@ impl ConsumerContext for RebalanceTracker {
         match rebalance {
             Rebalance::Assign(partitions) => {
                 info!(partitions = ?partitions_of(partitions), protocol, "inbound partitions assigned");
+                self.metrics.partitions_assigned();
             }
             Rebalance::Revoke(partitions) => {
                 let partitions = partitions_of(partitions);
                 info!(partitions = ?partitions, protocol, "inbound partitions revoked");
+                self.metrics.partitions_revoked(&partitions);
                 self.revoked_during_poll.lock().expect("lock poisoned").extend(partitions);
             }
             Rebalance::Error(error) => warn!(error = %error, "inbound rebalance failed"),
@@ -136,7 +162,12 @@ enum TransactionFailure {
 }
 
 /// Runs the router until `shutdown` is set. Blocking: call it on a dedicated thread.
-pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &AtomicBool) -> anyhow::Result<()> {
+pub fn run_router(
+    settings: &RouterSettings,
+    config: &ConfigStore,
+    shutdown: &AtomicBool,
+    metrics: &Arc<RouterMetrics>,
+) -> anyhow::Result<()> {
     let transactional_id = format!("{}-{}", settings.group_id, settings.instance_id);
     let mut producer_config = kafka::transactional_producer_config(
         &settings.brokers,
@@ -154,15 +185,17 @@ pub fn run_router(settings: &RouterSettings, config: &ConfigStore, shutdown: &At
     let mut committed_batches = 0u64;
     let mut consecutive_aborts = 0u32;
     while !shutdown.load(Ordering::Relaxed) {
-        let consumer = subscribe_to_inbound(settings)?;
+        let consumer = subscribe_to_inbound(settings, metrics)?;
         // Each pass starts from the committed offsets with empty state. A pass ends only
         // after an aborted transaction, whose effects on in-memory state must be forgotten.
         loop {
             let committed_before = committed_batches;
-            match route_until_failure(settings, config, &producer, &consumer, shutdown, &mut committed_batches) {
+            match route_until_failure(settings, config, &producer, &consumer, shutdown, metrics, &mut committed_batches)
+            {
                 Ok(()) => return Ok(()),
                 Err(TransactionFailure::AbortAndRewind(error)) => {
                     consecutive_aborts = if committed_batches > committed_before { 1 } else { consecutive_aborts + 1 };
+                    metrics.transaction_aborted(consecutive_aborts);
                     warn!(
                         error = format!("{error:#}"),
                         consecutive_aborts, "transaction aborted; rewinding to the last committed offsets"
@@ -220,7 +253,13 @@ fn pause_unless_shutdown(pause: Duration, shutdown: &AtomicBool) {
 }
 
 /// A new member of the router group, subscribed to the inbound topic.
-fn subscribe_to_inbound(settings: &RouterSettings) -> anyhow::Result<BaseConsumer<RebalanceTracker>> {
+/// How often librdkafka reports the inbound consumer's statistics (lag per partition).
+const CONSUMER_STATISTICS_INTERVAL: Duration = Duration::from_secs(5);
+
+fn subscribe_to_inbound(
+    settings: &RouterSettings,
+    metrics: &Arc<RouterMetrics>,
+) -> anyhow::Result<BaseConsumer<RebalanceTracker>> {
     let mut consumer_config = kafka::group_consumer_config(
         &settings.brokers,
         &format!("router-{}", settings.instance_id),
@@ -231,11 +270,16 @@ fn subscribe_to_inbound(settings: &RouterSettings) -> anyhow::Result<BaseConsume
     // recovered the state of all of them (snapshot + tail) before routing again. Partitions an
     // instance keeps keep their in-memory state: nobody else can have routed them meanwhile.
     consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
+    consumer_config.set("statistics.interval.ms", CONSUMER_STATISTICS_INTERVAL.as_millis().to_string());
     for (key, value) in &settings.consumer_overrides {
         consumer_config.set(key, value);
     }
     let consumer: BaseConsumer<RebalanceTracker> = consumer_config
-        .create_with_context(RebalanceTracker::default())
+        .create_with_context(RebalanceTracker {
+            revoked_during_poll: Mutex::default(),
+            inbound_topic: settings.topics.inbound.clone(),
+            metrics: metrics.clone(),
+        })
         .context("failed to create inbound consumer")?;
     consumer.subscribe(&[&settings.topics.inbound]).context("failed to subscribe to inbound topic")?;
     Ok(consumer)
@@ -291,6 +335,7 @@ fn route_until_failure<'consumer>(
     producer: &BaseProducer,
     consumer: &'consumer BaseConsumer<RebalanceTracker>,
     shutdown: &AtomicBool,
+    metrics: &RouterMetrics,
     committed_batches: &mut u64,
 ) -> Result<(), TransactionFailure> {
     let mut state_by_partition: HashMap<i32, PartitionState> = HashMap::new();
@@ -320,9 +365,10 @@ fn route_until_failure<'consumer>(
         // a TopicPartitionList per record is a linear search in librdkafka: quadratic).
         let mut next_offset_by_partition: HashMap<i32, i64> = HashMap::new();
         let mut produced = 0usize;
+        let mut dead_lettered = 0u64;
         let mut snapshotted: Vec<i32> = Vec::new();
         let load_started = Instant::now();
-        recover_missing_states(settings, &batch, &mut state_by_partition)
+        recover_missing_states(settings, &batch, &mut state_by_partition, metrics)
             .map_err(TransactionFailure::AbortAndRewind)?;
         let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
         let record_count = batch.len();
@@ -338,14 +384,17 @@ fn route_until_failure<'consumer>(
                 snapshotted.push(partition);
             }
             partition_state.records_since_snapshot += 1;
-            produced += route_record(
+            match route_record(
                 settings,
                 producer,
                 &mut partition_state.state,
                 router_config,
                 &record,
                 &mut encode_buffer,
-            )?;
+            )? {
+                Routed::Events(count) => produced += count,
+                Routed::DeadLettered => dead_lettered += 1,
+            }
             next_offset_by_partition.insert(partition, record.offset() + 1);
         }
         let mut next_offsets = TopicPartitionList::new();
@@ -375,6 +424,18 @@ fn route_until_failure<'consumer>(
         );
         stats.record(record_count, produced);
         *committed_batches += 1;
+        let figures = BatchFigures {
+            inputs: record_count as u64,
+            events: produced as u64,
+            dead_lettered,
+            snapshots: snapshotted.len() as u64,
+        };
+        metrics.batch_committed(&figures, poll_started.elapsed());
+        for partition in next_offset_by_partition.keys() {
+            if let Some(partition_state) = state_by_partition.get(partition) {
+                metrics.record_open_conversations(*partition, partition_state.state.conversations.len());
+            }
+        }
     }
     Ok(())
 }
@@ -471,7 +532,15 @@ fn send_tombstone(producer: &BaseProducer, topic: &str, partition: i32, key: &[u
     }
 }
 
-/// Routes one record: decide, evolve, produce. Returns how many events it produced.
+/// What routing one record did.
+enum Routed {
+    /// Decided; this many events were produced (none for a duplicate).
+    Events(usize),
+    /// Could not be routed; sent to the dead-letter topic.
+    DeadLettered,
+}
+
+/// Routes one record: decide, evolve, produce.
 fn route_record(
     settings: &RouterSettings,
     producer: &BaseProducer,
@@ -479,7 +548,7 @@ fn route_record(
     config: &RouterConfig,
     record: &BorrowedMessage<'_>,
     encode_buffer: &mut Vec<u8>,
-) -> Result<usize, TransactionFailure> {
+) -> Result<Routed, TransactionFailure> {
     let span =
         info_span!("route", partition = record.partition(), offset = record.offset(), event_id = tracing::field::Empty);
     adopt_trace_context(&span, record.headers());
@@ -489,16 +558,21 @@ fn route_record(
 
     let input = match envelope::decode(record.payload()) {
         Ok(input) => input,
-        Err(error) => return dead_letter(settings, producer, record, &span, &error.to_string()).map(|()| 0),
+        Err(error) => {
+            return dead_letter(settings, producer, record, &span, &error.to_string()).map(|()| Routed::DeadLettered);
+        }
     };
     span.record("event_id", input.event_id.as_str());
     core::align_state(state, config);
     let decided = match core::decide(state, config, input) {
         Ok(decided) => decided,
-        Err(rejection) => return dead_letter(settings, producer, record, &span, &rejection.to_string()).map(|()| 0),
+        Err(rejection) => {
+            return dead_letter(settings, producer, record, &span, &rejection.to_string())
+                .map(|()| Routed::DeadLettered);
+        }
     };
     if decided.is_empty() {
-        return Ok(0);
+        return Ok(Routed::Events(0));
     }
     // B6: every decision says where its cause was read (topic without the environment prefix).
     let source_topic = record.topic().strip_prefix(settings.topics.prefix.as_str()).unwrap_or(record.topic());
@@ -514,7 +588,7 @@ fn route_record(
         });
         produce(producer, &settings.topics.conversations, record.partition(), &event, &trace_headers, encode_buffer)?;
     }
-    Ok(count)
+    Ok(Routed::Events(count))
 }
 
 fn produce(
@@ -747,6 +821,7 @@ fn recover_missing_states(
     settings: &RouterSettings,
     batch: &[BorrowedMessage<'_>],
     state_by_partition: &mut HashMap<i32, PartitionState>,
+    metrics: &RouterMetrics,
 ) -> anyhow::Result<()> {
     let mut missing: Vec<i32> = batch
         .iter()
@@ -759,6 +834,7 @@ fn recover_missing_states(
     missing.sort_unstable();
     missing.dedup();
     for wave in missing.chunks(MAX_PARALLEL_RECOVERIES) {
+        let started = Instant::now();
         let recovered: Vec<(i32, anyhow::Result<PartitionState>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = wave
                 .iter()
@@ -785,8 +861,10 @@ fn recover_missing_states(
         for (partition, result) in recovered {
             let partition_state =
                 result.with_context(|| format!("failed to recover the routing state of partition {partition}"))?;
+            metrics.record_open_conversations(partition, partition_state.state.conversations.len());
             state_by_partition.insert(partition, partition_state);
         }
+        metrics.partitions_recovered(wave.len(), started.elapsed());
     }
     Ok(())
 }

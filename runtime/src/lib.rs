@@ -6,12 +6,15 @@
 //! - [`envelope`]: building, encoding and decoding the event envelope;
 //! - [`ids`]: deterministic identifiers;
 //! - [`config_store`]: the in-memory view of the compacted config topic;
-//! - `read_models` (feature `read-models`): which read-model schema is active.
+//! - `read_models` (feature `read-models`): which read-model schema is active;
+//! - `metrics_http` (feature `metrics-http`): the `/metrics` endpoint of router and projector.
 
 pub mod config_store;
 pub mod envelope;
 pub mod ids;
 pub mod kafka;
+#[cfg(feature = "metrics-http")]
+pub mod metrics_http;
 #[cfg(feature = "read-models")]
 pub mod read_models;
 pub mod telemetry;

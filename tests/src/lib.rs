@@ -213,17 +213,23 @@ impl TestEnv {
         bound.await.context("ingest did not start")
     }
 
-    /// Starts a router instance in-process (on a blocking thread).
-    pub async fn start_router(&self, instance_id: &str) -> anyhow::Result<()> {
+    /// Starts a router instance in-process (on a blocking thread); returns what it reports on
+    /// `/metrics`.
+    pub async fn start_router(
+        &self,
+        instance_id: &str,
+    ) -> anyhow::Result<std::sync::Arc<switchboard_router::metrics::RouterMetrics>> {
         let config = self.config_store(&format!("test-router-{instance_id}")).await?;
         let settings = switchboard_router::shell::RouterSettings::new(&self.brokers, self.topics.clone(), instance_id);
         let shutdown = self.shutdown.clone();
+        let metrics = std::sync::Arc::new(switchboard_router::metrics::RouterMetrics::default());
+        let reported = metrics.clone();
         tokio::task::spawn_blocking(move || {
-            if let Err(error) = switchboard_router::shell::run_router(&settings, &config, &shutdown) {
+            if let Err(error) = switchboard_router::shell::run_router(&settings, &config, &shutdown, &metrics) {
                 tracing::error!(error = format!("{error:#}"), "router failed");
             }
         });
-        Ok(())
+        Ok(reported)
     }
 
     /// Starts the router binary as a child process (for tests that kill it); it is killed when
@@ -528,6 +534,8 @@ impl TestEnv {
             .env("KAFKA_BROKERS", &self.brokers)
             .env("SWITCHBOARD_TOPIC_PREFIX", &self.topics.prefix)
             .env("SWITCHBOARD_INSTANCE_ID", instance_id)
+            // Several routers run side by side: each serves /metrics on a port of its own.
+            .env("SWITCHBOARD_ROUTER_METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());

@@ -15,7 +15,7 @@ use switchboard_tests::{KillOnDrop, TestEnv};
 async fn poison_inbound_records_go_to_the_dead_letter_topic_and_routing_continues() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
     env.produce_envelopes(&env.topics.config, &account_config("poison", 10, false)).await?;
-    env.start_router("router-0").await?;
+    let metrics = env.start_router("router-0").await?;
     // Garbage bytes, and a well-formed envelope that does not belong on the inbound topic.
     env.produce_raw(&env.topics.inbound, "poison", b"\xff\xfe not protobuf").await?;
     let misplaced = switchboard_runtime::envelope::new_root(
@@ -42,6 +42,25 @@ async fn poison_inbound_records_go_to_the_dead_letter_topic_and_routing_continue
     assert!(dead[0].headers["sb-deadletter-reason"].contains("not a valid envelope"), "{:?}", dead[0].headers);
     assert!(dead[0].headers["sb-deadletter-source"].starts_with(&env.topics.inbound));
     assert!(dead[1].headers["sb-deadletter-reason"].contains("not a router input"), "{:?}", dead[1].headers);
+    // Operators see the same on /metrics: three inputs routed, two of them dead-lettered, and
+    // the good message's conversation open in its partition's state.
+    // (The counters move right after the commit that wait_routed saw: give them a moment.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !metrics.render_prometheus().contains("switchboard_router_inputs_routed_total 3\n")
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reported = metrics.render_prometheus();
+    for expected in [
+        "switchboard_router_inputs_routed_total 3\n",
+        "switchboard_router_dead_lettered_total 2\n",
+        "switchboard_router_transactions_aborted_total 0\n",
+    ] {
+        assert!(reported.contains(expected), "{expected} missing in\n{reported}");
+    }
+    let partitions = metrics.partitions();
+    assert_eq!(partitions.values().filter_map(|figures| figures.open_conversations_opt).sum::<u64>(), 1, "{reported}");
     env.cleanup().await;
     Ok(())
 }

@@ -247,7 +247,8 @@ fn main() -> anyhow::Result<()> {
     let (_, librdkafka_cpu_before, other_cpu_before) = thread_cpu_seconds();
     let router = std::thread::Builder::new().name("router".into()).spawn({
         let shutdown = shutdown.clone();
-        move || run_router(&settings, &config, &shutdown)
+        let metrics = Arc::new(switchboard_router::metrics::RouterMetrics::default());
+        move || run_router(&settings, &config, &shutdown, &metrics)
     })?;
     let watcher: BaseConsumer = switchboard_runtime::kafka::client_config(&brokers, "bench-kafka-lag")
         .set("group.id", &group)
