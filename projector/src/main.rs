@@ -35,12 +35,15 @@ struct Args {
     command: Option<Command>,
 }
 
+/// Where `/metrics` listens unless told otherwise.
+const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
+
 #[derive(Subcommand)]
 enum Command {
     /// Project the log into the active read-model schema (the default).
     Run {
         /// Prometheus metrics (`/metrics`), including lag per partition.
-        #[arg(long, env = "PROJECTOR_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+        #[arg(long, env = "PROJECTOR_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
         metrics_addr: SocketAddr,
     },
     /// Rebuild the read models from the log into a fresh schema and manage schemas (B4).
@@ -88,7 +91,14 @@ async fn main() -> anyhow::Result<()> {
     let topics = Topics::with_prefix(&args.topic_prefix);
     let brokers = || args.kafka_brokers.clone().context("KAFKA_BROKERS (or --kafka-brokers) is required");
     match args.command {
-        None => run(&args, brokers()?, &database_url, pool, topics, "0.0.0.0:9464".parse()?).await,
+        None => {
+            // No subcommand is `run` with its defaults, the environment included.
+            let metrics_addr = std::env::var("PROJECTOR_METRICS_ADDR").unwrap_or_else(|_| DEFAULT_METRICS_ADDR.into());
+            let metrics_addr = metrics_addr
+                .parse()
+                .with_context(|| format!("PROJECTOR_METRICS_ADDR is not a socket address: {metrics_addr}"))?;
+            run(&args, brokers()?, &database_url, pool, topics, metrics_addr).await
+        }
         Some(Command::Run { metrics_addr }) => run(&args, brokers()?, &database_url, pool, topics, metrics_addr).await,
         Some(Command::Replay { command }) => match command {
             ReplayCommand::Run { from, schema } => {
