@@ -2,12 +2,12 @@
 //! as Prometheus text on `/metrics` and as rows of `projector_lag` (so the API can expose it).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
+use switchboard_runtime::metrics_http::{write_labelled, write_metric};
 use tracing::warn;
 
 #[derive(Default)]
@@ -63,31 +63,31 @@ impl Metrics {
             ("projector_batch_failures_total", "Batches rolled back and retried.", &self.batch_failures),
         ];
         for (name, help, value) in counters {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            write_metric(&mut out, "counter", name, help, value.load(Ordering::Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP projector_last_batch_records Records in the last batch.\n# TYPE projector_last_batch_records gauge\n\
-             projector_last_batch_records {}",
-            self.last_batch_records.load(Ordering::Relaxed)
+        write_metric(
+            &mut out,
+            "gauge",
+            "projector_last_batch_records",
+            "Records in the last batch.",
+            self.last_batch_records.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP projector_last_batch_seconds Time to write the last batch.\n# TYPE projector_last_batch_seconds gauge\n\
-             projector_last_batch_seconds {:.6}",
-            self.last_batch_micros.load(Ordering::Relaxed) as f64 / 1e6
+        write_metric(
+            &mut out,
+            "gauge",
+            "projector_last_batch_seconds",
+            "Time to write the last batch.",
+            format!("{:.6}", self.last_batch_micros.load(Ordering::Relaxed) as f64 / 1e6),
         );
-        let _ = writeln!(
-            out,
-            "# HELP projector_partition_lag Records between the stored position and the end of the partition.\n\
-             # TYPE projector_partition_lag gauge"
+        write_labelled(
+            &mut out,
+            "gauge",
+            "projector_partition_lag",
+            "Records between the stored position and the end of the partition.",
+            self.partitions().into_iter().filter_map(|((topic, partition), figures)| {
+                Some((format!("topic=\"{topic}\",partition=\"{partition}\""), figures.lag()?))
+            }),
         );
-        for ((topic, partition), figures) in self.partitions() {
-            if let Some(lag) = figures.lag() {
-                let _ = writeln!(out, "projector_partition_lag{{topic=\"{topic}\",partition=\"{partition}\"}} {lag}");
-            }
-        }
         out
     }
 }

@@ -6,10 +6,11 @@
 //! aborted and re-routed batch is counted once, like its output.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use switchboard_runtime::metrics_http::{write_labelled, write_metric};
 
 #[derive(Default)]
 pub struct RouterMetrics {
@@ -129,16 +130,15 @@ impl RouterMetrics {
             ("switchboard_router_rebalances_total", "Partition assignments and revocations.", &self.rebalances),
         ];
         for (name, help, value) in counters {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            write_metric(&mut out, "counter", name, help, value.load(Ordering::Relaxed));
         }
         let seconds = |micros: &AtomicU64| micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(
-            out,
-            "# HELP switchboard_router_recovery_seconds_total Time routing waited for partition state recoveries.\n\
-             # TYPE switchboard_router_recovery_seconds_total counter\n\
-             switchboard_router_recovery_seconds_total {:.6}",
-            seconds(&self.recovery_micros)
+        write_metric(
+            &mut out,
+            "counter",
+            "switchboard_router_recovery_seconds_total",
+            "Time routing waited for partition state recoveries.",
+            seconds(&self.recovery_micros),
         );
         let gauges = [
             (
@@ -158,29 +158,28 @@ impl RouterMetrics {
             ),
         ];
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            write_metric(&mut out, "gauge", name, help, value);
         }
         let partitions = self.partitions();
-        let _ = writeln!(
-            out,
-            "# HELP switchboard_router_partition_lag Committed inbound records not yet routed, per input partition.\n\
-             # TYPE switchboard_router_partition_lag gauge"
+        let by_partition = |value_of: fn(&PartitionFigures) -> Option<u64>| {
+            partitions.iter().filter_map(move |(partition, figures)| {
+                Some((format!("partition=\"{partition}\""), value_of(figures)?))
+            })
+        };
+        write_labelled(
+            &mut out,
+            "gauge",
+            "switchboard_router_partition_lag",
+            "Committed inbound records not yet routed, per input partition.",
+            by_partition(|figures| figures.lag_opt.map(|lag| lag as u64)),
         );
-        for (partition, figures) in &partitions {
-            if let Some(lag) = figures.lag_opt {
-                let _ = writeln!(out, "switchboard_router_partition_lag{{partition=\"{partition}\"}} {lag}");
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP switchboard_router_open_conversations Open conversations in the routing state, per input partition.\n\
-             # TYPE switchboard_router_open_conversations gauge"
+        write_labelled(
+            &mut out,
+            "gauge",
+            "switchboard_router_open_conversations",
+            "Open conversations in the routing state, per input partition.",
+            by_partition(|figures| figures.open_conversations_opt),
         );
-        for (partition, figures) in &partitions {
-            if let Some(open) = figures.open_conversations_opt {
-                let _ = writeln!(out, "switchboard_router_open_conversations{{partition=\"{partition}\"}} {open}");
-            }
-        }
         out
     }
 }
