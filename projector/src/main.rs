@@ -177,11 +177,7 @@ async fn run(
     }
     let metrics = Arc::new(Metrics::default());
     let served = metrics.clone();
-    tokio::spawn(async move {
-        if let Err(error) = switchboard_projector::metrics::serve(metrics_addr, served).await {
-            tracing::error!(error = format!("{error:#}"), "metrics endpoint stopped");
-        }
-    });
+    switchboard_runtime::metrics_http::spawn_metrics_server(metrics_addr, move || served.render_prometheus());
     let settings = ProjectorSettings {
         brokers,
         group_id: args.group_id.clone().unwrap_or_else(|| format!("{}projector", topics.prefix)),

@@ -92,11 +92,6 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` until the process ends.
-pub async fn serve(address: std::net::SocketAddr, metrics: std::sync::Arc<Metrics>) -> anyhow::Result<()> {
-    switchboard_runtime::metrics_http::serve_metrics(address, move || metrics.render_prometheus()).await
-}
-
 /// Writes this instance's lag figures to `projector_lag` of the active schema once a second.
 pub async fn store_lag_periodically(
     pool: PgPool,

@@ -52,14 +52,7 @@ async fn main() -> anyhow::Result<()> {
 
     let metrics = Arc::new(RouterMetrics::default());
     let served = metrics.clone();
-    tokio::spawn(async move {
-        // Routing goes on without the endpoint (e.g. its port is taken): metrics are not worth
-        // an outage.
-        let render = move || served.render_prometheus();
-        if let Err(error) = switchboard_runtime::metrics_http::serve_metrics(args.metrics_addr, render).await {
-            tracing::error!(error = format!("{error:#}"), "metrics endpoint stopped");
-        }
-    });
+    switchboard_runtime::metrics_http::spawn_metrics_server(args.metrics_addr, move || served.render_prometheus());
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut router = tokio::task::spawn_blocking({

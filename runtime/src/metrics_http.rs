@@ -20,6 +20,19 @@ where
     axum::serve(listener, app).await.context("metrics server failed")
 }
 
+/// Serves `/metrics` in the background. The service goes on without the endpoint if it stops
+/// (e.g. its port is taken): metrics are not worth an outage, so the failure is logged only.
+pub fn spawn_metrics_server<Render>(address: std::net::SocketAddr, render: Render)
+where
+    Render: Fn() -> String + Clone + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = serve_metrics(address, render).await {
+            tracing::error!(error = format!("{error:#}"), "metrics endpoint stopped");
+        }
+    });
+}
+
 /// Appends one unlabelled metric with its `HELP` and `TYPE` lines (`kind`: counter, gauge).
 pub fn write_metric(out: &mut String, kind: &str, name: &str, help: &str, value: impl std::fmt::Display) {
     use std::fmt::Write as _;
