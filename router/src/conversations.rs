@@ -47,16 +47,20 @@ impl OpenConversations {
         self.by_key.is_empty()
     }
 
+    fn slot(&self, slot: Slot) -> &Option<Entry> {
+        &self.chunks[(slot >> CHUNK_BITS) as usize][slot as usize & (CHUNK_SLOTS - 1)]
+    }
+
+    fn slot_mut(&mut self, slot: Slot) -> &mut Option<Entry> {
+        &mut self.chunks[(slot >> CHUNK_BITS) as usize][slot as usize & (CHUNK_SLOTS - 1)]
+    }
+
     fn entry(&self, slot: Slot) -> &Entry {
-        self.chunks[(slot >> CHUNK_BITS) as usize][slot as usize & (CHUNK_SLOTS - 1)]
-            .as_ref()
-            .expect("indexes point at occupied slots")
+        self.slot(slot).as_ref().expect("indexes point at occupied slots")
     }
 
     fn entry_mut(&mut self, slot: Slot) -> &mut Entry {
-        self.chunks[(slot >> CHUNK_BITS) as usize][slot as usize & (CHUNK_SLOTS - 1)]
-            .as_mut()
-            .expect("indexes point at occupied slots")
+        self.slot_mut(slot).as_mut().expect("indexes point at occupied slots")
     }
 
     fn thread_slot(&self, channel_id: &str, thread_key: &str) -> Option<Slot> {
@@ -115,16 +119,13 @@ impl OpenConversations {
         };
         threads.insert(conversation.thread_key.clone(), slot);
         self.by_key.insert(key, slot);
-        self.chunks[(slot >> CHUNK_BITS) as usize][slot as usize & (CHUNK_SLOTS - 1)] =
-            Some(Entry { key, conversation });
+        *self.slot_mut(slot) = Some(Entry { key, conversation });
     }
 
     /// Forgets an open conversation (it closed), returning its state.
     pub fn remove(&mut self, key: u128) -> Option<ConversationState> {
         let slot = self.by_key.remove(&key)?;
-        let entry = self.chunks[(slot >> CHUNK_BITS) as usize][slot as usize & (CHUNK_SLOTS - 1)]
-            .take()
-            .expect("indexes point at occupied slots");
+        let entry = self.slot_mut(slot).take().expect("indexes point at occupied slots");
         let channel_id = entry.conversation.channel_id.as_str();
         if let Some(threads) = self.by_thread.get_mut(channel_id) {
             // Only if the thread still points here: a conversation replaced under the same

@@ -689,11 +689,6 @@ impl Default for RouterState {
 }
 
 impl RouterState {
-    /// R10: the key of the thread's open conversation.
-    pub fn open_conversation(&self, channel_id: &str, thread_key: &str) -> Option<u128> {
-        self.conversations.by_thread(channel_id, thread_key).map(|(key, _)| key)
-    }
-
     /// R10: the id of the thread's open conversation.
     pub fn open_conversation_id(&self, channel_id: &str, thread_key: &str) -> Option<String> {
         self.conversations.by_thread(channel_id, thread_key).map(|(key, conversation)| conversation.id(key))
