@@ -206,9 +206,9 @@ pub fn run_router(
                     abort_transaction(&producer, KAFKA_TIMEOUT).context("failed to abort transaction")?;
                     // The consumer stays in the group. Leaving and joining again would make the
                     // whole group rebalance twice (the partitions of this instance would move
-                    // away and back, their state recovered twice), and closing a consumer blocks in rust-rdkafka's drop until librdkafka
-                    // has left the group, polled in 100 ms steps, up to the session timeout when
-                    // the coordinator is unreachable.
+                    // away and back, their state recovered twice), and closing a consumer blocks
+                    // in rust-rdkafka's drop until librdkafka has left the group, polled in 100 ms
+                    // steps, up to the session timeout when the coordinator is unreachable.
                     // A failure that repeats (an output the broker keeps refusing, a broker in
                     // trouble) is retried with growing pauses: rewriting the same batch at full
                     // speed only adds aborted records to the log and load to the broker.
