@@ -1,5 +1,10 @@
 //! Generates Rust types for every `.proto` under this directory, plus a file descriptor set
 //! that the API embeds for gRPC server reflection.
+//!
+//! The compiler and Google's well-known `.proto` files (timestamp, duration, ...) come from
+//! `protoc-bin-vendored`, never from the system: a Debian `protoc` without
+//! `libprotobuf-dev` compiles nothing that imports `google/protobuf/*.proto`, and a build that
+//! depends on what happens to be installed passes on one machine and fails on the next.
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -10,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "switchboard/api/v1/admin.proto",
     ];
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let mut prost_config = prost_build::Config::new();
+    prost_config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    let well_known_includes = protoc_bin_vendored::include_path()?;
     // Large nested messages are boxed so the event types stay small: the router builds, moves
     // and drops several envelopes per decision, and an inline `InboundContent` made every
     // `Envelope` 1.4 KB (docs/benchmarks.md, router). Wire format unchanged.
@@ -19,7 +27,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .boxed(".switchboard.events.v1.MessageWithheld.message")
         .boxed(".switchboard.events.v1.Envelope.payload.channel_configured")
         .file_descriptor_set_path(out_dir.join("switchboard_descriptor.bin"))
-        .compile_protos(&protos, &["."])?;
+        .compile_with_config(
+            prost_config,
+            &protos.map(PathBuf::from),
+            &[PathBuf::from("."), well_known_includes],
+        )?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
