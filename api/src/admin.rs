@@ -24,6 +24,8 @@ use switchboard_proto::events::v1::{
     InboxKind, ManualAssignmentRequested, RoutingRulesConfigured, TicketSettingsConfigured, TicketStageChangeRequested,
 };
 use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore, config_key};
+
+use crate::config_rules::{self, Breach};
 use switchboard_runtime::envelope;
 use switchboard_runtime::topics::Topics;
 use tonic::{Request, Response, Status};
@@ -221,7 +223,7 @@ impl Admin {
 
     /// Publishes a config entity and waits until this instance's config view shows it.
     async fn publish_config(&self, identity: &Identity, payload: Payload) -> Result<Position, ApiError> {
-        let key = config_event_key(&payload);
+        let key = config_key(&identity.account_id, &payload).expect("config payloads have keys");
         let event = envelope::new_root(&identity.account_id, &key, Utc::now(), payload.clone());
         let position = self.publisher.publish(Destination::Config, &key, &event).await?;
         let mut updates = self.config.subscribe();
@@ -230,7 +232,7 @@ impl Admin {
             updates.wait_for(|snapshot| config_contains(snapshot, &identity.account_id, &payload)),
         )
         .await;
-        if !matches!(echoed, Ok(Ok(_))) && config_trackable(&payload) {
+        if !matches!(echoed, Ok(Ok(_))) {
             tracing::warn!(%key, "config view did not show the published entity in time");
         }
         Ok(position)
@@ -254,9 +256,22 @@ impl Admin {
     ) -> Result<InboxAccess, ApiError> {
         snapshot
             .inboxes
-            .get(inbox_id)
-            .filter(|owned| owned.account_id == identity.account_id)
+            .get(&identity.account_id, inbox_id)
             .map(|owned| inbox_access_of(&owned.account_id, &owned.entity))
+            .ok_or_else(|| ApiError::not_found("inbox", inbox_id))
+    }
+
+    /// The inbox's configured entity, for a command that changes it.
+    fn inbox_entity(
+        &self,
+        snapshot: &ConfigSnapshot,
+        identity: &Identity,
+        inbox_id: &str,
+    ) -> Result<InboxConfigured, ApiError> {
+        snapshot
+            .inboxes
+            .get(&identity.account_id, inbox_id)
+            .map(|owned| owned.entity.clone())
             .ok_or_else(|| ApiError::not_found("inbox", inbox_id))
     }
 
@@ -268,8 +283,7 @@ impl Admin {
     ) -> Result<(ChannelConfigured, InboxAccess), ApiError> {
         let channel = snapshot
             .channels
-            .get(channel_id)
-            .filter(|owned| owned.account_id == identity.account_id)
+            .get(&identity.account_id, channel_id)
             .map(|owned| owned.entity.clone())
             .ok_or_else(|| ApiError::not_found("channel", channel_id))?;
         let inbox = self.inbox_of(snapshot, identity, &channel.inbox_id)?;
@@ -285,8 +299,7 @@ impl Admin {
     ) -> Result<AgentConfigured, ApiError> {
         snapshot
             .agents
-            .get(agent_id)
-            .filter(|owned| owned.account_id == identity.account_id)
+            .get(&identity.account_id, agent_id)
             .map(|owned| owned.entity.clone())
             .ok_or_else(|| ApiError::not_found("agent", agent_id))
     }
@@ -296,12 +309,13 @@ impl Admin {
         &self,
         identity: &Identity,
         agent_id: &str,
-        change: impl FnOnce(&mut AgentConfigured) -> Result<(), ApiError>,
+        change: impl FnOnce(&ConfigSnapshot, &mut AgentConfigured) -> Result<(), ApiError>,
     ) -> Result<Vec<Position>, ApiError> {
         access::check_admin(identity)?;
         let _guard = self.config_lock.lock().await;
-        let mut agent = self.agent_of(&self.snapshot(), identity, agent_id)?;
-        change(&mut agent)?;
+        let snapshot = self.snapshot();
+        let mut agent = self.agent_of(&snapshot, identity, agent_id)?;
+        change(&snapshot, &mut agent)?;
         Ok(vec![self.publish_config(identity, Payload::AgentConfigured(agent)).await?])
     }
 
@@ -336,13 +350,21 @@ impl Admin {
             .inbox_of(snapshot, identity, inbox_id)
             .map_err(|_| ApiError::not_found("conversation", conversation_id.to_string()))?;
         access::check_act(identity, &inbox, "conversation", &conversation_id.to_string())?;
-        let caller_paid_seat = snapshot
-            .agents
-            .get(&identity.user_id)
-            .filter(|owned| owned.account_id == identity.account_id)
-            .map_or(identity.role.is_admin(), |owned| owned.entity.paid_seat);
-        access::check_seat_allows(identity, caller_paid_seat, current_assignee_opt, action)?;
+        access::check_seat_allows(identity, caller_has_paid_seat(snapshot, identity), current_assignee_opt, action)?;
         Ok(inbox)
+    }
+}
+
+/// I4: whether the caller holds a paid seat in their account.
+fn caller_has_paid_seat(snapshot: &ConfigSnapshot, identity: &Identity) -> bool {
+    config_rules::caller_has_paid_seat(snapshot, &identity.account_id, &identity.user_id, identity.role.is_admin())
+}
+
+/// The first broken config rule, as the error the caller gets.
+fn refuse_breaches(breaches: Vec<Breach>) -> Result<(), ApiError> {
+    match breaches.into_iter().next() {
+        Some(breach) => Err(breach.into()),
+        None => Ok(()),
     }
 }
 
@@ -363,35 +385,25 @@ fn inbox_access_of(account_id: &str, inbox: &InboxConfigured) -> InboxAccess {
     }
 }
 
-/// Compaction key; ticket settings get `tickets/<channel>` until the shared helper knows them.
-fn config_event_key(payload: &Payload) -> String {
-    config_key(payload).unwrap_or_else(|| match payload {
-        Payload::TicketSettingsConfigured(settings) => format!("tickets/{}", settings.channel_id),
-        _ => "unknown".to_owned(),
-    })
-}
-
-fn config_trackable(payload: &Payload) -> bool {
-    !matches!(payload, Payload::TicketSettingsConfigured(_))
-}
-
 /// Whether the config view already holds `payload` as its entity's state.
 fn config_contains(snapshot: &ConfigSnapshot, account_id: &str, payload: &Payload) -> bool {
-    let same = |stored_account: &str| stored_account == account_id;
     match payload {
         Payload::InboxConfigured(inbox) => {
-            snapshot.inboxes.get(&inbox.inbox_id).is_some_and(|c| same(&c.account_id) && &c.entity == inbox)
+            snapshot.inboxes.get(account_id, &inbox.inbox_id).is_some_and(|current| &current.entity == inbox)
         }
         Payload::ChannelConfigured(channel) => {
-            snapshot.channels.get(&channel.channel_id).is_some_and(|c| same(&c.account_id) && c.entity == **channel)
+            snapshot.channels.get(account_id, &channel.channel_id).is_some_and(|current| current.entity == **channel)
         }
         Payload::RoutingRulesConfigured(rules) => {
-            snapshot.routing_rules.get(&rules.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == rules)
+            snapshot.routing_rules.get(account_id, &rules.channel_id).is_some_and(|current| &current.entity == rules)
         }
         Payload::AgentConfigured(agent) => {
-            snapshot.agents.get(&agent.agent_id).is_some_and(|c| same(&c.account_id) && &c.entity == agent)
+            snapshot.agents.get(account_id, &agent.agent_id).is_some_and(|current| &current.entity == agent)
         }
-        // Not tracked by the shared config view: nothing to wait for.
+        Payload::TicketSettingsConfigured(settings) => snapshot
+            .ticket_settings
+            .get(account_id, &settings.channel_id)
+            .is_some_and(|current| &current.entity == settings),
         _ => true,
     }
 }
@@ -603,7 +615,7 @@ impl AdminService for Admin {
             violations.into_result()?;
             check_keeps_caller(&identity, mode, &body.access_user_ids, &body.access_team_ids)?;
             let _guard = self.config_lock.lock().await;
-            if self.snapshot().inboxes.contains_key(&body.inbox_id) {
+            if self.snapshot().inboxes.contains(&identity.account_id, &body.inbox_id) {
                 return Err(ApiError::AlreadyExists { what: "inbox", id: body.inbox_id.clone() });
             }
             let inbox = InboxConfigured {
@@ -628,7 +640,7 @@ impl AdminService for Admin {
             let snapshot = self.snapshot();
             let access = self.inbox_of(&snapshot, &identity, &body.inbox_id)?;
             access::check_act(&identity, &access, "inbox", &body.inbox_id)?;
-            let mut inbox = snapshot.inboxes[&body.inbox_id].entity.clone();
+            let mut inbox = self.inbox_entity(&snapshot, &identity, &body.inbox_id)?;
             inbox.name = body.name.trim().to_owned();
             Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
         })
@@ -650,7 +662,7 @@ impl AdminService for Admin {
             let access = self.inbox_of(&snapshot, &identity, &body.inbox_id)?;
             access::check_act(&identity, &access, "inbox", &body.inbox_id)?;
             check_keeps_caller(&identity, mode, &body.access_user_ids, &body.access_team_ids)?;
-            let mut inbox = snapshot.inboxes[&body.inbox_id].entity.clone();
+            let mut inbox = self.inbox_entity(&snapshot, &identity, &body.inbox_id)?;
             inbox.access_mode = mode as i32;
             inbox.access_user_ids = body.access_user_ids.clone();
             inbox.access_team_ids = body.access_team_ids.clone();
@@ -685,9 +697,10 @@ impl AdminService for Admin {
             let snapshot = self.snapshot();
             let inbox = self.inbox_of(&snapshot, &identity, &body.inbox_id)?;
             access::check_act(&identity, &inbox, "inbox", &body.inbox_id)?;
-            if snapshot.channels.contains_key(&body.channel_id) {
+            if snapshot.channels.contains(&identity.account_id, &body.channel_id) {
                 return Err(ApiError::AlreadyExists { what: "channel", id: body.channel_id.clone() });
             }
+            refuse_breaches(config_rules::channel_breaches(&snapshot, &identity.account_id, &channel))?;
             Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(Box::new(channel))).await?])
         })
     }
@@ -699,7 +712,8 @@ impl AdminService for Admin {
         command!(self, request, "UpdateChannelSettings", |identity, body| {
             access::check_admin(&identity)?;
             let _guard = self.config_lock.lock().await;
-            let (mut channel, _) = self.channel_of(&self.snapshot(), &identity, &body.channel_id)?;
+            let snapshot = self.snapshot();
+            let (mut channel, _) = self.channel_of(&snapshot, &identity, &body.channel_id)?;
             let mut violations = Violations::default();
             if !body.name.is_empty() {
                 check_name(&mut violations, "name", &body.name);
@@ -707,6 +721,7 @@ impl AdminService for Admin {
             }
             apply_settings(&mut violations, &mut channel, body.settings.as_ref());
             violations.into_result()?;
+            refuse_breaches(config_rules::channel_breaches(&snapshot, &identity.account_id, &channel))?;
             Ok(vec![self.publish_config(&identity, Payload::ChannelConfigured(Box::new(channel))).await?])
         })
     }
@@ -754,7 +769,7 @@ impl AdminService for Admin {
             check_labels(&mut violations, "team_ids", &body.team_ids);
             check_labels(&mut violations, "required_skills", &body.required_skills);
             for (index, user_id) in body.user_ids.iter().enumerate() {
-                match snapshot.agents.get(user_id).filter(|owned| owned.account_id == identity.account_id) {
+                match snapshot.agents.get(&identity.account_id, user_id) {
                     None => violations
                         .add(format!("user_ids[{index}]"), format!("`{user_id}` is not an agent of this account")),
                     // R6: a rule cannot include users without a paid seat.
@@ -783,7 +798,7 @@ impl AdminService for Admin {
             };
             // As apply-config: the version moves exactly when the rule changes (B2).
             rules.version = crate::config_file::next_version(
-                snapshot.routing_rules.get(&body.channel_id).map(|existing| &existing.entity),
+                snapshot.routing_rules.get(&identity.account_id, &body.channel_id).map(|existing| &existing.entity),
                 &rules,
             );
             Ok(vec![self.publish_config(&identity, Payload::RoutingRulesConfigured(rules)).await?])
@@ -823,7 +838,8 @@ impl AdminService for Admin {
                 contact_association_limit: body.contact_association_limit,
                 version: 0,
             };
-            let key = config_event_key(&Payload::TicketSettingsConfigured(settings.clone()));
+            let key = config_key(&identity.account_id, &Payload::TicketSettingsConfigured(settings.clone()))
+                .expect("ticket settings have a config key");
             settings.version = next_config_version(self.pool(), &key).await?;
             Ok(vec![self.publish_config(&identity, Payload::TicketSettingsConfigured(settings)).await?])
         })
@@ -849,7 +865,8 @@ impl AdminService for Admin {
             let role = role.unwrap_or(Role::Agent);
             access::check_may_grant_role(&identity, role)?;
             let _guard = self.config_lock.lock().await;
-            if self.snapshot().agents.contains_key(&body.agent_id) {
+            let snapshot = self.snapshot();
+            if snapshot.agents.contains(&identity.account_id, &body.agent_id) {
                 return Err(ApiError::AlreadyExists { what: "agent", id: body.agent_id.clone() });
             }
             let agent = AgentConfigured {
@@ -864,13 +881,20 @@ impl AdminService for Admin {
                 capacity_per_channel_type: body.capacity_per_channel_type.clone(),
                 role: role.name().to_owned(),
             };
+            refuse_breaches(config_rules::agent_breaches(&snapshot, &agent))?;
             Ok(vec![self.publish_config(&identity, Payload::AgentConfigured(agent)).await?])
         })
     }
 
     async fn set_agent_seat(&self, request: Request<SetAgentSeatRequest>) -> Result<Response<CommandResult>, Status> {
         command!(self, request, "SetAgentSeat", |identity, body| {
-            self.update_agent(&identity, &body.agent_id, |agent| {
+            let account_id = identity.account_id.clone();
+            self.update_agent(&identity, &body.agent_id, |snapshot, agent| {
+                if agent.paid_seat && !body.paid_seat {
+                    refuse_breaches(
+                        config_rules::rules_naming_agent(snapshot, &account_id, &agent.agent_id).into_iter().collect(),
+                    )?;
+                }
                 agent.paid_seat = body.paid_seat;
                 Ok(())
             })
@@ -886,7 +910,7 @@ impl AdminService for Admin {
             let mut violations = Violations::default();
             check_labels(&mut violations, "skills", &body.skills);
             violations.into_result()?;
-            self.update_agent(&identity, &body.agent_id, |agent| {
+            self.update_agent(&identity, &body.agent_id, |_, agent| {
                 agent.skills = body.skills.clone();
                 Ok(())
             })
@@ -899,7 +923,7 @@ impl AdminService for Admin {
             let mut violations = Violations::default();
             check_labels(&mut violations, "team_ids", &body.team_ids);
             violations.into_result()?;
-            self.update_agent(&identity, &body.agent_id, |agent| {
+            self.update_agent(&identity, &body.agent_id, |_, agent| {
                 agent.team_ids = body.team_ids.clone();
                 Ok(())
             })
@@ -915,7 +939,7 @@ impl AdminService for Admin {
             let mut violations = Violations::default();
             check_capacity(&mut violations, &body.capacity_per_channel_type);
             violations.into_result()?;
-            self.update_agent(&identity, &body.agent_id, |agent| {
+            self.update_agent(&identity, &body.agent_id, |_, agent| {
                 agent.max_open_conversations = body.max_open_conversations;
                 agent.capacity_per_channel_type = body.capacity_per_channel_type.clone();
                 Ok(())
@@ -1077,9 +1101,8 @@ impl AdminService for Admin {
                 .inbox_of(&snapshot, &identity, &inbox_id)
                 .map_err(|_| ApiError::not_found("ticket", ticket_id.to_string()))?;
             access::check_act(&identity, &inbox, "ticket", &ticket_id.to_string())?;
-            let caller_paid_seat =
-                snapshot.agents.get(&identity.user_id).map_or(identity.role.is_admin(), |owned| owned.entity.paid_seat);
             // I4, as for conversations: without a seat, only one's own tickets.
+            let caller_paid_seat = caller_has_paid_seat(&snapshot, &identity);
             access::check_seat_allows(&identity, caller_paid_seat, owner_opt.as_deref(), ConversationAction::Close)?;
             if status != "open" {
                 return Err(ApiError::FailedPrecondition("the ticket is closed".into()));
@@ -1102,9 +1125,7 @@ impl AdminService for Admin {
         command!(self, request, "SetContactOwner", |identity, body| {
             let contact_id = scope::parse_uuid("contact_id", &body.contact_id)?;
             let snapshot = self.snapshot();
-            let caller_paid_seat =
-                snapshot.agents.get(&identity.user_id).map_or(identity.role.is_admin(), |owned| owned.entity.paid_seat);
-            if !caller_paid_seat {
+            if !caller_has_paid_seat(&snapshot, &identity) {
                 return Err(ApiError::denied("only users with a paid seat may change contact owners"));
             }
             if !body.owner_agent_id.is_empty() && self.agent_of(&snapshot, &identity, &body.owner_agent_id).is_err() {
@@ -1215,13 +1236,14 @@ mod tests {
     }
 
     #[test]
-    fn ticket_settings_get_their_own_compaction_key() {
+    fn m1_config_keys_name_the_account() {
         let payload = Payload::TicketSettingsConfigured(TicketSettingsConfigured {
             channel_id: "web".into(),
             ..Default::default()
         });
-        assert!(config_event_key(&payload).ends_with("/web"));
+        assert_eq!(config_key("acme", &payload).as_deref(), Some("tickets/acme/web"));
         let inbox = Payload::InboxConfigured(InboxConfigured { inbox_id: "support".into(), ..Default::default() });
-        assert_eq!(config_event_key(&inbox), "inbox/support");
+        assert_eq!(config_key("acme", &inbox).as_deref(), Some("inbox/acme/support"));
+        assert_ne!(config_key("acme", &inbox), config_key("globex", &inbox));
     }
 }

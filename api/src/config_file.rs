@@ -18,7 +18,9 @@ use switchboard_proto::events::v1::{
     ChatHoursRange, ChatSettings, ConsentMode, EmailSettings, InboxAccessMode, InboxConfigured, InboxKind,
     MessengerSettings, RoutingRulesConfigured, TicketSettingsConfigured, WhatsAppSettings,
 };
-use switchboard_runtime::config_store::{ConfigSnapshot, config_key};
+use switchboard_runtime::config_store::{ConfigSnapshot, Owned, config_key};
+
+use crate::config_rules::{self, Breach};
 use switchboard_runtime::{envelope, kafka};
 
 #[derive(Debug, Deserialize)]
@@ -410,6 +412,17 @@ impl ConfigFile {
         if self.account_id.trim().is_empty() {
             bail!("account_id must not be empty");
         }
+        let ids = self
+            .inboxes
+            .iter()
+            .map(|inbox| ("inbox", &inbox.id))
+            .chain(self.channels.iter().map(|channel| ("channel", &channel.id)))
+            .chain(self.agents.iter().map(|agent| ("agent", &agent.id)));
+        for (kind, id) in ids {
+            if !is_entity_id(id) {
+                bail!("{kind} id `{id}` must be 1..64 characters of a-z, 0-9, '_' and '-'");
+            }
+        }
         let inbox_ids: BTreeSet<&str> = self.inboxes.iter().map(|inbox| inbox.id.as_str()).collect();
         let agent_ids: BTreeSet<&str> = self.agents.iter().map(|agent| agent.id.as_str()).collect();
         for channel in &self.channels {
@@ -502,8 +515,10 @@ impl ConfigFile {
                     contact_association_limit: tickets.contact_association_limit,
                     version: 0,
                 };
-                settings.version =
-                    next_version(current.ticket_settings.get(&channel.id).map(|existing| &existing.entity), &settings);
+                settings.version = next_version(
+                    current.ticket_settings.get(&self.account_id, &channel.id).map(|existing| &existing.entity),
+                    &settings,
+                );
                 payloads.push(Payload::TicketSettingsConfigured(settings));
             }
             let routing = &channel.routing;
@@ -530,12 +545,57 @@ impl ConfigFile {
                 required_skills: routing.required_skills.clone(),
                 redrive_backlog: routing.redrive_backlog,
             };
-            rules.version =
-                next_version(current.routing_rules.get(&channel.id).map(|existing| &existing.entity), &rules);
+            rules.version = next_version(
+                current.routing_rules.get(&self.account_id, &channel.id).map(|existing| &existing.entity),
+                &rules,
+            );
             payloads.push(Payload::RoutingRulesConfigured(rules));
         }
         Ok(payloads)
     }
+
+    /// The rules AdminService enforces (M2, C1, R6), checked on the config as it will be once
+    /// `payloads` (this file's) are applied over `current`: the same refusals, whichever path.
+    pub fn check_rules(&self, current: &ConfigSnapshot, payloads: &[Payload]) -> anyhow::Result<()> {
+        let mut prospective = current.clone();
+        for payload in payloads {
+            prospective.apply(&envelope::new_root(&self.account_id, "", Utc::now(), payload.clone()));
+        }
+        let mut breaches: Vec<Breach> = Vec::new();
+        for payload in payloads {
+            match payload {
+                Payload::ChannelConfigured(channel) => {
+                    breaches.extend(config_rules::channel_breaches(&prospective, &self.account_id, channel))
+                }
+                Payload::AgentConfigured(agent) => breaches.extend(config_rules::agent_breaches(&prospective, agent)),
+                _ => {}
+            }
+        }
+        for rules in prospective.routing_rules.in_account(&self.account_id) {
+            let seat = |agent_id: &str| {
+                prospective.agents.get(&self.account_id, agent_id).map(|agent: &Owned<_>| agent.entity.paid_seat)
+            };
+            breaches.extend(config_rules::unpaid_agents_in_rule(&rules.entity, seat));
+        }
+        if !breaches.is_empty() {
+            bail!(
+                "config for account `{}` refused: {}",
+                self.account_id,
+                breaches.iter().map(Breach::describe).collect::<Vec<_>>().join("; ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Ids chosen for config entities: 1..64 of `[a-z0-9_-]`, as AdminService requires (they are
+/// the last part of config keys, which is why they never contain `/`).
+pub fn is_entity_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.chars().all(|character| {
+            character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_' || character == '-'
+        })
 }
 
 /// Config entities whose version is recorded in decisions (B2).
@@ -574,24 +634,23 @@ pub fn next_version<T: Versioned>(existing_opt: Option<&T>, candidate: &T) -> u6
 
 /// Whether `payload` already is the entity's current state in `current`.
 fn is_current(current: &ConfigSnapshot, account_id: &str, payload: &Payload) -> bool {
-    let same = |stored_account: &str| stored_account == account_id;
     match payload {
         Payload::InboxConfigured(inbox) => {
-            current.inboxes.get(&inbox.inbox_id).is_some_and(|c| same(&c.account_id) && &c.entity == inbox)
+            current.inboxes.get(account_id, &inbox.inbox_id).is_some_and(|stored| &stored.entity == inbox)
         }
         Payload::ChannelConfigured(channel) => {
-            current.channels.get(&channel.channel_id).is_some_and(|c| same(&c.account_id) && c.entity == **channel)
+            current.channels.get(account_id, &channel.channel_id).is_some_and(|stored| stored.entity == **channel)
         }
         Payload::RoutingRulesConfigured(rules) => {
-            current.routing_rules.get(&rules.channel_id).is_some_and(|c| same(&c.account_id) && &c.entity == rules)
+            current.routing_rules.get(account_id, &rules.channel_id).is_some_and(|stored| &stored.entity == rules)
         }
         Payload::AgentConfigured(agent) => {
-            current.agents.get(&agent.agent_id).is_some_and(|c| same(&c.account_id) && &c.entity == agent)
+            current.agents.get(account_id, &agent.agent_id).is_some_and(|stored| &stored.entity == agent)
         }
         Payload::TicketSettingsConfigured(settings) => current
             .ticket_settings
-            .get(&settings.channel_id)
-            .is_some_and(|c| same(&c.account_id) && &c.entity == settings),
+            .get(account_id, &settings.channel_id)
+            .is_some_and(|stored| &stored.entity == settings),
         _ => false,
     }
 }
@@ -606,12 +665,14 @@ pub async fn apply_config(
     let producer: FutureProducer = kafka::idempotent_producer_config(brokers, "switchboard-config", 30_000)
         .create()
         .context("failed to create kafka producer")?;
+    let payloads = file.to_payloads(current)?;
+    file.check_rules(current, &payloads)?;
     let mut published = 0;
-    for payload in file.to_payloads(current)? {
+    for payload in payloads {
         if is_current(current, &file.account_id, &payload) {
             continue;
         }
-        let key = config_key(&payload).expect("config payloads have keys");
+        let key = config_key(&file.account_id, &payload).expect("config payloads have keys");
         let event = envelope::new_root(&file.account_id, &key, Utc::now(), payload);
         let bytes = envelope::encode(&event);
         let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
@@ -631,7 +692,89 @@ pub async fn apply_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchboard_runtime::config_store::Owned;
+
+    /// The config `file` leaves behind when applied over `current`.
+    fn applied(current: &ConfigSnapshot, file: &ConfigFile) -> ConfigSnapshot {
+        let mut next = current.clone();
+        for payload in file.to_payloads(current).unwrap() {
+            next.apply(&envelope::new_root(&file.account_id, "", Utc::now(), payload));
+        }
+        next
+    }
+
+    fn account_file(account: &str, team_address: &str, extra: &str) -> ConfigFile {
+        ConfigFile::parse(&format!(
+            "account_id = \"{account}\"\n[[inboxes]]\nid = \"support\"\nname = \"Support\"\n\
+             [[agents]]\nid = \"ana\"\nname = \"Ana\"\nemail = \"ana@{account}.test\"\n\
+             [[channels]]\nid = \"mail\"\ninbox = \"support\"\nname = \"Mail\"\ntype = \"team_email\"\n\
+             [channels.email]\nteam_address = \"{team_address}\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn m1_tenancy_two_accounts_apply_the_same_ids_side_by_side() {
+        let a = account_file("a", "support@a.test", "");
+        let b = account_file("b", "support@b.test", "");
+        let after_a = applied(&ConfigSnapshot::default(), &a);
+        let payloads = b.to_payloads(&after_a).unwrap();
+        b.check_rules(&after_a, &payloads).unwrap();
+        // Nothing of b's is "current" in a's state: every entity is published for b.
+        assert!(payloads.iter().all(|payload| !is_current(&after_a, "b", payload)));
+        let after_b = applied(&after_a, &b);
+        assert_eq!(after_b.inboxes.len(), 2);
+        assert_eq!(after_b.channels.get("a", "mail").unwrap().account_id, "a");
+        assert_eq!(after_b.channels.get("b", "mail").unwrap().account_id, "b");
+    }
+
+    #[test]
+    fn m2_tenancy_apply_config_refuses_another_accounts_team_address_like_the_api() {
+        let a = account_file("a", "support@a.test", "");
+        let after_a = applied(&ConfigSnapshot::default(), &a);
+        let thief = account_file("b", "SUPPORT@a.test", "");
+        let error = thief.check_rules(&after_a, &thief.to_payloads(&after_a).unwrap()).unwrap_err().to_string();
+        assert!(error.contains("support@a.test") && error.contains("M2"), "{error}");
+        // C1: an agent's own address as the team address.
+        let own = account_file("c", "ana@a.test", "");
+        let error = own.check_rules(&after_a, &own.to_payloads(&after_a).unwrap()).unwrap_err().to_string();
+        assert!(error.contains("C1"), "{error}");
+    }
+
+    #[test]
+    fn r6_apply_config_refuses_rules_that_name_unpaid_agents() {
+        let routing =
+            "[channels.routing]\nauto_assign = true\nassign_to = \"specific_users_and_teams\"\nusers = [\"ana\"]\n";
+        let unpaid = account_file("a", "support@a.test", routing);
+        let payloads = unpaid.to_payloads(&ConfigSnapshot::default()).unwrap();
+        let error = unpaid.check_rules(&ConfigSnapshot::default(), &payloads).unwrap_err().to_string();
+        assert!(error.contains("R6") && error.contains("`ana`"), "{error}");
+
+        let paid = account_file("a", "support@a.test", routing);
+        let mut payloads = paid.to_payloads(&ConfigSnapshot::default()).unwrap();
+        for payload in &mut payloads {
+            if let Payload::AgentConfigured(agent) = payload {
+                agent.paid_seat = true;
+            }
+        }
+        paid.check_rules(&ConfigSnapshot::default(), &payloads).unwrap();
+        // Taking the seat away later, while the rule still names her, is refused as well.
+        let after = {
+            let mut config = ConfigSnapshot::default();
+            for payload in &payloads {
+                config.apply(&envelope::new_root("a", "", Utc::now(), payload.clone()));
+            }
+            config
+        };
+        let no_seat = paid.to_payloads(&after).unwrap();
+        assert!(paid.check_rules(&after, &no_seat).unwrap_err().to_string().contains("R6"));
+    }
+
+    #[test]
+    fn m1_config_file_ids_are_checked_like_the_apis() {
+        let error =
+            ConfigFile::parse("account_id = \"a\"\n[[inboxes]]\nid = \"a/b\"\nname = \"x\"\n").unwrap_err().to_string();
+        assert!(error.contains("a/b"), "{error}");
+    }
 
     const DEMO: &str = include_str!("../../deploy/demo-config.toml");
 
@@ -725,9 +868,7 @@ mod tests {
         let mut current = ConfigSnapshot::default();
         for payload in file.to_payloads(&current).unwrap() {
             if let Payload::RoutingRulesConfigured(rules) = payload {
-                current
-                    .routing_rules
-                    .insert(rules.channel_id.clone(), Owned { account_id: file.account_id.clone(), entity: rules });
+                current.routing_rules.insert(Owned { account_id: file.account_id.clone(), entity: rules });
             }
         }
         let unchanged = file.to_payloads(&current).unwrap();

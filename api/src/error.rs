@@ -21,6 +21,10 @@ pub enum ApiError {
     NotFound { what: &'static str, id: String },
     #[error("{what} `{id}` already exists")]
     AlreadyExists { what: &'static str, id: String },
+    /// A provider identity another channel holds (M2): ALREADY_EXISTS, naming the identity
+    /// and never the channel or account holding it.
+    #[error("{0}")]
+    IdentityTaken(String),
     /// No or unusable credentials.
     #[error("{0}")]
     Unauthenticated(String),
@@ -71,7 +75,7 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument(_) => Code::InvalidArgument,
             ApiError::NotFound { .. } => Code::NotFound,
-            ApiError::AlreadyExists { .. } => Code::AlreadyExists,
+            ApiError::AlreadyExists { .. } | ApiError::IdentityTaken(_) => Code::AlreadyExists,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -82,6 +86,22 @@ impl ApiError {
                 Code::Unavailable
             }
             ApiError::Database(_) | ApiError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+/// How a broken config rule is answered: a taken identity is ALREADY_EXISTS, an address that
+/// may not be used is a bad field, and a seat that rules still need is FAILED_PRECONDITION.
+impl From<crate::config_rules::Breach> for ApiError {
+    fn from(breach: crate::config_rules::Breach) -> Self {
+        use crate::config_rules::Breach;
+        let description = breach.describe();
+        match breach {
+            Breach::IdentityTaken(_) => ApiError::IdentityTaken(description),
+            Breach::TeamAddressIsAgentAddress(_) => ApiError::invalid("settings.email.team_address", description),
+            Breach::AgentAddressIsTeamAddress(_) => ApiError::invalid("email", description),
+            Breach::UnpaidAgentsInRule { .. } => ApiError::invalid("user_ids", description),
+            Breach::SeatNeededByRules { .. } => ApiError::FailedPrecondition(description),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod config_file;
+pub mod config_rules;
 pub mod conversations;
 pub mod error;
 pub mod position;

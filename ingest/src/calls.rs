@@ -154,19 +154,16 @@ pub(crate) mod tests {
 
     pub(crate) fn calling_config() -> ConfigSnapshot {
         let mut config = ConfigSnapshot::default();
-        config.channels.insert(
-            "phone".into(),
-            Owned {
-                account_id: "acct".into(),
-                entity: ChannelConfigured {
-                    channel_id: "phone".into(),
-                    inbox_id: "support".into(),
-                    channel_type: ChannelType::Calling as i32,
-                    enabled: true,
-                    ..Default::default()
-                },
+        config.channels.insert(Owned {
+            account_id: "acct".into(),
+            entity: ChannelConfigured {
+                channel_id: "phone".into(),
+                inbox_id: "support".into(),
+                channel_type: ChannelType::Calling as i32,
+                enabled: true,
+                ..Default::default()
             },
-        );
+        });
         config
     }
 

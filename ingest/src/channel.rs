@@ -32,15 +32,22 @@ pub fn type_label(channel_type: ChannelType) -> &'static str {
     }
 }
 
-/// The channel `channel_id`, which must be of type `expected`.
+/// The channel whose public address (the id in ingest's URLs) is `channel_id`; it must be of
+/// type `expected`. Such addresses belong to one channel in the installation (M2), so the
+/// channel, and with it the account, is found from the address alone.
 pub fn resolve<'c>(
     config: &'c ConfigSnapshot,
-    channel_id: &str,
+    channel_id: &'c str,
     expected: ChannelType,
 ) -> Result<&'c Owned<ChannelConfigured>, IngestError> {
-    let Some(owned) = config.channels.get(channel_id) else {
+    let mut claimants = config.channels.with_id(channel_id);
+    let Some(owned) = claimants.next() else {
         return Err(IngestError::UnknownChannel { channel_id: channel_id.to_owned() });
     };
+    if claimants.next().is_some() {
+        tracing::error!(channel_id, "several channels claim one channel address (M2); refusing the request");
+        return Err(IngestError::AmbiguousChannel { channel_id: channel_id.to_owned() });
+    }
     if owned.entity.channel_type != expected as i32 {
         let actual = ChannelType::try_from(owned.entity.channel_type).map_or("unknown", type_label).to_owned();
         return Err(IngestError::WrongChannelType {
@@ -60,7 +67,7 @@ pub fn find_by(
 ) -> impl Iterator<Item = &Owned<ChannelConfigured>> {
     config
         .channels
-        .values()
+        .iter()
         .filter(move |owned| owned.entity.channel_type == channel_type as i32 && matches(&owned.entity))
 }
 

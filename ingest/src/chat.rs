@@ -83,7 +83,7 @@ mod tests {
             enabled: true,
             ..Default::default()
         };
-        config.channels.insert("web".into(), Owned { account_id: "acct".into(), entity: channel });
+        config.channels.insert(Owned { account_id: "acct".into(), entity: channel });
         config
     }
 

@@ -143,19 +143,16 @@ pub(crate) mod tests {
 
     pub(crate) fn custom_config() -> (ConfigSnapshot, Secrets) {
         let mut config = ConfigSnapshot::default();
-        config.channels.insert(
-            "telegram".into(),
-            Owned {
-                account_id: "acct".into(),
-                entity: ChannelConfigured {
-                    channel_id: "telegram".into(),
-                    inbox_id: "support".into(),
-                    channel_type: ChannelType::Custom as i32,
-                    enabled: true,
-                    ..Default::default()
-                },
+        config.channels.insert(Owned {
+            account_id: "acct".into(),
+            entity: ChannelConfigured {
+                channel_id: "telegram".into(),
+                inbox_id: "support".into(),
+                channel_type: ChannelType::Custom as i32,
+                enabled: true,
+                ..Default::default()
             },
-        );
+        });
         let mut secrets = Secrets::default();
         secrets.channels.insert(
             "telegram".into(),

@@ -367,7 +367,7 @@ pub(crate) mod tests {
             }),
             ..Default::default()
         };
-        config.channels.insert("team-mail".into(), Owned { account_id: "acct".into(), entity: channel });
+        config.channels.insert(Owned { account_id: "acct".into(), entity: channel });
         config
     }
 

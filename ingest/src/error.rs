@@ -10,6 +10,12 @@ use serde_json::json;
 pub enum IngestError {
     #[error("no channel with id `{channel_id}`")]
     UnknownChannel { channel_id: String },
+    /// Several channels claim the address (only possible for config written before M2 was
+    /// enforced); an operator must rename all but one.
+    #[error(
+        "channel address `{channel_id}` is claimed by more than one channel; it cannot be used until only one has it"
+    )]
+    AmbiguousChannel { channel_id: String },
     #[error("channel `{channel_id}` is a {actual} channel, not a {expected} channel")]
     WrongChannelType { channel_id: String, expected: &'static str, actual: String },
     /// The provider addressed something (team address, page id, phone-number id) that no
@@ -46,6 +52,7 @@ impl IngestError {
         match self {
             IngestError::UnknownChannel { .. } => (StatusCode::NOT_FOUND, "unknown_channel"),
             IngestError::WrongChannelType { .. } => (StatusCode::NOT_FOUND, "wrong_channel_type"),
+            IngestError::AmbiguousChannel { .. } => (StatusCode::CONFLICT, "ambiguous_channel"),
             IngestError::NoChannelFor { .. } => (StatusCode::NOT_FOUND, "unknown_channel"),
             IngestError::InvalidField { .. } => (StatusCode::BAD_REQUEST, "invalid_field"),
             IngestError::MalformedBody(_) => (StatusCode::BAD_REQUEST, "malformed_body"),

@@ -152,19 +152,16 @@ pub(crate) mod tests {
 
     pub(crate) fn forms_config() -> ConfigSnapshot {
         let mut config = ConfigSnapshot::default();
-        config.channels.insert(
-            "contact-form".into(),
-            Owned {
-                account_id: "acct".into(),
-                entity: ChannelConfigured {
-                    channel_id: "contact-form".into(),
-                    inbox_id: "support".into(),
-                    channel_type: ChannelType::Forms as i32,
-                    enabled: true,
-                    ..Default::default()
-                },
+        config.channels.insert(Owned {
+            account_id: "acct".into(),
+            entity: ChannelConfigured {
+                channel_id: "contact-form".into(),
+                inbox_id: "support".into(),
+                channel_type: ChannelType::Forms as i32,
+                enabled: true,
+                ..Default::default()
             },
-        );
+        });
         config
     }
 

@@ -416,24 +416,21 @@ pub(crate) mod tests {
 
     pub(crate) fn messenger_config(consent_mode: ConsentMode) -> (ConfigSnapshot, Secrets) {
         let mut config = ConfigSnapshot::default();
-        config.channels.insert(
-            "fb".into(),
-            Owned {
-                account_id: "acct".into(),
-                entity: ChannelConfigured {
-                    channel_id: "fb".into(),
-                    inbox_id: "support".into(),
-                    channel_type: ChannelType::FacebookMessenger as i32,
-                    enabled: true,
-                    messenger: Some(MessengerSettings {
-                        page_id: "104212345678901".into(),
-                        consent_mode: consent_mode as i32,
-                        ..Default::default()
-                    }),
+        config.channels.insert(Owned {
+            account_id: "acct".into(),
+            entity: ChannelConfigured {
+                channel_id: "fb".into(),
+                inbox_id: "support".into(),
+                channel_type: ChannelType::FacebookMessenger as i32,
+                enabled: true,
+                messenger: Some(MessengerSettings {
+                    page_id: "104212345678901".into(),
+                    consent_mode: consent_mode as i32,
                     ..Default::default()
-                },
+                }),
+                ..Default::default()
             },
-        );
+        });
         let mut secrets = Secrets::default();
         secrets.channels.insert(
             "fb".into(),

@@ -65,7 +65,7 @@ pub fn verify_handshake(
     let token = query.verify_token.as_deref().unwrap_or_default().as_bytes();
     let known = config
         .channels
-        .values()
+        .iter()
         .filter(|owned| owned.entity.channel_type == product.channel_type() as i32)
         .filter_map(|owned| secrets.channel(&owned.entity.channel_id)?.verify_token.as_ref())
         .any(|verify_token| constant_time_eq(verify_token.expose(), token));
@@ -121,17 +121,14 @@ mod tests {
     #[test]
     fn c6_handshake_echoes_the_challenge_only_for_a_known_verify_token() {
         let mut config = ConfigSnapshot::default();
-        config.channels.insert(
-            "fb".into(),
-            Owned {
-                account_id: "acct".into(),
-                entity: ChannelConfigured {
-                    channel_id: "fb".into(),
-                    channel_type: ChannelType::FacebookMessenger as i32,
-                    ..Default::default()
-                },
+        config.channels.insert(Owned {
+            account_id: "acct".into(),
+            entity: ChannelConfigured {
+                channel_id: "fb".into(),
+                channel_type: ChannelType::FacebookMessenger as i32,
+                ..Default::default()
             },
-        );
+        });
         let mut secrets = Secrets::default();
         secrets
             .channels

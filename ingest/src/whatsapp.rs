@@ -403,23 +403,20 @@ pub(crate) mod tests {
 
     pub(crate) fn whatsapp_config() -> (ConfigSnapshot, Secrets) {
         let mut config = ConfigSnapshot::default();
-        config.channels.insert(
-            "wa".into(),
-            Owned {
-                account_id: "acct".into(),
-                entity: ChannelConfigured {
-                    channel_id: "wa".into(),
-                    inbox_id: "support".into(),
-                    channel_type: ChannelType::Whatsapp as i32,
-                    enabled: true,
-                    whatsapp: Some(WhatsAppSettings {
-                        phone_number_id: "106540352242922".into(),
-                        display_phone_number: "15550783881".into(),
-                    }),
-                    ..Default::default()
-                },
+        config.channels.insert(Owned {
+            account_id: "acct".into(),
+            entity: ChannelConfigured {
+                channel_id: "wa".into(),
+                inbox_id: "support".into(),
+                channel_type: ChannelType::Whatsapp as i32,
+                enabled: true,
+                whatsapp: Some(WhatsAppSettings {
+                    phone_number_id: "106540352242922".into(),
+                    display_phone_number: "15550783881".into(),
+                }),
+                ..Default::default()
             },
-        );
+        });
         let mut secrets = Secrets::default();
         secrets
             .channels

@@ -242,12 +242,10 @@ fn rule_members<'c>(
     account_id: &str,
     channel_id: &str,
 ) -> Option<(&'c switchboard_proto::events::v1::RoutingRulesConfigured, Vec<&'c AgentConfigured>)> {
-    let rules = config.routing_rules.get(channel_id).filter(|rules| rules.account_id == account_id)?;
-    let rules = &rules.entity;
+    let rules = &config.routing_rules.get(account_id, channel_id)?.entity;
     let members = config
         .agents
-        .values()
-        .filter(|agent| agent.account_id == account_id)
+        .in_account(account_id)
         .map(|agent| &agent.entity)
         .filter(|agent| {
             rules.user_ids.contains(&agent.agent_id) || agent.team_ids.iter().any(|team| rules.team_ids.contains(team))
@@ -288,19 +286,16 @@ mod tests {
 
     fn config_with(settings: ChatSettings) -> ConfigSnapshot {
         let mut config = ConfigSnapshot::default();
-        config.channels.insert(
-            "web".into(),
-            Owned {
-                account_id: "acct".into(),
-                entity: ChannelConfigured {
-                    channel_id: "web".into(),
-                    channel_type: ChannelType::Chat as i32,
-                    enabled: true,
-                    chat: Some(settings),
-                    ..Default::default()
-                },
+        config.channels.insert(Owned {
+            account_id: "acct".into(),
+            entity: ChannelConfigured {
+                channel_id: "web".into(),
+                channel_type: ChannelType::Chat as i32,
+                enabled: true,
+                chat: Some(settings),
+                ..Default::default()
             },
-        );
+        });
         config
     }
 
@@ -347,20 +342,17 @@ mod tests {
     /// The channel `web` of account `acct`, routed to team `tier1`, with these agents.
     fn team_config(settings: ChatSettings, only_available: bool, agents: &[AgentConfigured]) -> ConfigSnapshot {
         let mut config = config_with(settings);
-        config.routing_rules.insert(
-            "web".into(),
-            Owned {
-                account_id: "acct".into(),
-                entity: RoutingRulesConfigured {
-                    channel_id: "web".into(),
-                    team_ids: vec!["tier1".into()],
-                    only_available,
-                    ..Default::default()
-                },
+        config.routing_rules.insert(Owned {
+            account_id: "acct".into(),
+            entity: RoutingRulesConfigured {
+                channel_id: "web".into(),
+                team_ids: vec!["tier1".into()],
+                only_available,
+                ..Default::default()
             },
-        );
+        });
         for agent in agents {
-            config.agents.insert(agent.agent_id.clone(), Owned { account_id: "acct".into(), entity: agent.clone() });
+            config.agents.insert(Owned { account_id: "acct".into(), entity: agent.clone() });
         }
         config
     }
@@ -411,7 +403,7 @@ mod tests {
         assert_eq!(widget_state(&config, "web", Utc::now(), &unknown).unwrap().state, "available");
         // An available agent of another account in a team of the same name does not count.
         let mut config = team_config(settings, true, &[]);
-        config.agents.insert("eve".into(), Owned { account_id: "other".into(), entity: agent("eve", true, 0, 0) });
+        config.agents.insert(Owned { account_id: "other".into(), entity: agent("eve", true, 0, 0) });
         assert_eq!(widget_state(&config, "web", Utc::now(), &unknown).unwrap().state, "away");
     }
 

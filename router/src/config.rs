@@ -60,11 +60,15 @@ impl ChannelProfile {
     }
 }
 
+/// Entities of one account by id (M1: ids are unique within an account only).
+pub type ByAccount<T> = FastMap<String, FastMap<String, T>>;
+
 /// The config as `decide` reads it.
 #[derive(Debug, Clone, Default)]
 pub struct RouterConfig {
     pub snapshot: Arc<ConfigSnapshot>,
-    pub agents: FastMap<String, AgentProfile>,
+    /// Agent profiles by account, then agent id.
+    pub agents: ByAccount<AgentProfile>,
     /// The same profiles by index (pool members refer to them by index).
     pub profiles: Vec<AgentProfile>,
     /// The agent id of each profile, by the same index.
@@ -73,7 +77,8 @@ pub struct RouterConfig {
     /// aligned with it reads a pool member's workload at the member's profile index.
     /// Unique per compilation within the process; never part of a decision.
     pub agent_table_id: u64,
-    pub channels: FastMap<String, ChannelProfile>,
+    /// Channel profiles by account, then channel id.
+    pub channels: ByAccount<ChannelProfile>,
     /// Per account, the ids of the enabled channels whose rules assign automatically and re-drive
     /// their backlog (B3), sorted: re-drive visits them in order. Every close and release asks,
     /// and most accounts have few such channels.
@@ -82,15 +87,15 @@ pub struct RouterConfig {
 
 impl RouterConfig {
     pub fn new(snapshot: Arc<ConfigSnapshot>) -> RouterConfig {
-        let mut agents = FastMap::default();
-        for (agent_id, owned) in &snapshot.agents {
+        let mut agents: ByAccount<AgentProfile> = FastMap::default();
+        for owned in snapshot.agents.iter() {
             let agent = &owned.entity;
             let mut max_open_by_channel_type = [0u32; CHANNEL_TYPE_SLOTS];
             for limit in &agent.capacity_per_channel_type {
                 max_open_by_channel_type[channel_type_slot(limit.channel_type)] = limit.max_open;
             }
-            agents.insert(
-                agent_id.clone(),
+            agents.entry(owned.account_id.clone()).or_default().insert(
+                agent.agent_id.clone(),
                 AgentProfile {
                     account_id: owned.account_id.clone(),
                     paid_seat: agent.paid_seat,
@@ -103,72 +108,62 @@ impl RouterConfig {
         }
         let mut profiles: Vec<AgentProfile> = Vec::with_capacity(agents.len());
         let mut profile_agent_ids: Vec<String> = Vec::with_capacity(agents.len());
-        let mut profile_index_by_agent: FastMap<&str, u32> = FastMap::default();
-        for agent_id in snapshot.agents.keys() {
-            profile_index_by_agent.insert(agent_id.as_str(), profiles.len() as u32);
-            profiles.push(agents[agent_id.as_str()].clone());
-            profile_agent_ids.push(agent_id.clone());
+        let mut profile_index_by_agent: FastMap<(&str, &str), u32> = FastMap::default();
+        for owned in snapshot.agents.iter() {
+            let (account_id, agent_id) = (owned.account_id.as_str(), owned.entity.agent_id.as_str());
+            profile_index_by_agent.insert((account_id, agent_id), profiles.len() as u32);
+            profiles.push(agents[account_id][agent_id].clone());
+            profile_agent_ids.push(agent_id.to_owned());
         }
-        let mut channels = FastMap::default();
+        let mut channels: ByAccount<ChannelProfile> = FastMap::default();
         let mut redrive_channel_ids_by_account: FastMap<String, Vec<String>> = FastMap::default();
-        for (channel_id, owned) in &snapshot.channels {
+        for owned in snapshot.channels.iter() {
             let channel = &owned.entity;
+            let channel_id = &channel.channel_id;
             let account_id = &owned.account_id;
-            let same_account = |entity_account: &String| entity_account == account_id;
-            let rules_opt = snapshot
-                .routing_rules
-                .get(channel_id)
-                .filter(|rules| same_account(&rules.account_id))
-                .map(|rules| rules.entity.clone());
+            let rules_opt = snapshot.routing_rules.get(account_id, channel_id).map(|rules| rules.entity.clone());
             let pool = rules_opt.as_ref().map(|rules| candidate_pool(&snapshot, account_id, rules)).unwrap_or_default();
             let pool_profiles = pool
                 .iter()
-                .map(|agent_id| {
-                    let index = profile_index_by_agent.get(agent_id.as_str()).copied()?;
-                    (profiles[index as usize].account_id == *account_id).then_some(index)
-                })
+                .map(|agent_id| profile_index_by_agent.get(&(account_id.as_str(), agent_id.as_str())).copied())
                 .collect();
             let help_desk = snapshot
                 .inboxes
-                .get(&channel.inbox_id)
-                .filter(|inbox| same_account(&inbox.account_id))
+                .get(account_id, &channel.inbox_id)
                 .is_some_and(|inbox| inbox.entity.kind == InboxKind::HelpDesk as i32);
             let explicit_consent = channel
                 .messenger
                 .as_ref()
                 .is_some_and(|messenger| messenger.consent_mode == ConsentMode::Explicit as i32);
-            channels.insert(
-                channel_id.clone(),
-                ChannelProfile {
-                    channel_id: channel_id.clone(),
-                    account_id: account_id.clone(),
-                    inbox_id: channel.inbox_id.clone(),
-                    channel_type: channel.channel_type,
-                    enabled: channel.enabled,
-                    explicit_consent,
-                    help_desk,
-                    rules_opt,
-                    pool_position: pool
-                        .iter()
-                        .enumerate()
-                        .map(|(position, agent_id)| (agent_id.clone(), position as u32))
-                        .collect(),
-                    pool,
-                    pool_profiles,
-                    tickets_opt: snapshot
-                        .ticket_settings
-                        .get(channel_id)
-                        .filter(|settings| same_account(&settings.account_id))
-                        .map(|settings| settings.entity.clone()),
-                },
-            );
-            let redrives = channels[channel_id.as_str()]
+            let profile = ChannelProfile {
+                channel_id: channel_id.clone(),
+                account_id: account_id.clone(),
+                inbox_id: channel.inbox_id.clone(),
+                channel_type: channel.channel_type,
+                enabled: channel.enabled,
+                explicit_consent,
+                help_desk,
+                rules_opt,
+                pool_position: pool
+                    .iter()
+                    .enumerate()
+                    .map(|(position, agent_id)| (agent_id.clone(), position as u32))
+                    .collect(),
+                pool,
+                pool_profiles,
+                tickets_opt: snapshot
+                    .ticket_settings
+                    .get(account_id, channel_id)
+                    .map(|settings| settings.entity.clone()),
+            };
+            let redrives = profile
                 .rules_opt
                 .as_ref()
                 .is_some_and(|rules: &RoutingRulesConfigured| rules.auto_assign && rules.redrive_backlog);
             if redrives && channel.enabled {
                 redrive_channel_ids_by_account.entry(account_id.clone()).or_default().push(channel_id.clone());
             }
+            channels.entry(account_id.clone()).or_default().insert(channel_id.clone(), profile);
         }
         // BTreeMap iteration already gave sorted channel ids per account.
         drop(profile_index_by_agent);
@@ -188,14 +183,14 @@ impl RouterConfig {
         RouterConfig::new(Arc::new(snapshot))
     }
 
-    /// The channel, if it exists and belongs to `account_id`.
+    /// The channel `channel_id` of `account_id` (M1: never another account's channel).
     pub fn channel(&self, account_id: &str, channel_id: &str) -> Option<&ChannelProfile> {
-        self.channels.get(channel_id).filter(|channel| channel.account_id == account_id)
+        self.channels.get(account_id)?.get(channel_id)
     }
 
-    /// The agent, if it exists and belongs to `account_id`.
+    /// The agent `agent_id` of `account_id` (M1: never another account's agent).
     pub fn agent(&self, account_id: &str, agent_id: &str) -> Option<&AgentProfile> {
-        self.agents.get(agent_id).filter(|agent| agent.account_id == account_id)
+        self.agents.get(account_id)?.get(agent_id)
     }
 }
 
@@ -214,10 +209,10 @@ fn candidate_pool(snapshot: &ConfigSnapshot, account_id: &str, rules: &RoutingRu
     if rules.team_ids.is_empty() {
         return pool;
     }
-    for (agent_id, agent) in &snapshot.agents {
+    for agent in snapshot.agents.in_account(account_id) {
         let in_selected_team = agent.entity.team_ids.iter().any(|team| rules.team_ids.contains(team));
-        if agent.account_id == account_id && in_selected_team && seen.insert(agent_id.clone()) {
-            pool.push(agent_id.clone());
+        if in_selected_team && seen.insert(agent.entity.agent_id.clone()) {
+            pool.push(agent.entity.agent_id.clone());
         }
     }
     pool

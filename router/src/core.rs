@@ -1004,7 +1004,7 @@ fn redrive(
     }
     let mut cursors: Vec<Cursor<'_>> = Vec::new();
     for channel_id in channel_ids {
-        let Some(channel) = config.channels.get(channel_id) else { continue };
+        let Some(channel) = config.channel(&decision.cause.account_id, channel_id) else { continue };
         let Some(rules) = channel.rules_opt.as_ref().filter(|rules| rules.auto_assign && rules.redrive_backlog) else {
             continue;
         };

@@ -61,29 +61,29 @@ impl Given {
     fn new() -> Self {
         let mut given =
             Given { snapshot: ConfigSnapshot::default(), state: RouterState::default(), sequence: 0, aligned: true };
-        given.snapshot.channels.insert(CHANNEL.into(), owned(channel(CHANNEL, ChannelType::Chat)));
+        given.snapshot.channels.insert(owned(channel(CHANNEL, ChannelType::Chat)));
         given
     }
 
     fn agents(mut self, agents: impl IntoIterator<Item = AgentConfigured>) -> Self {
         for entity in agents {
-            self.snapshot.agents.insert(entity.agent_id.clone(), owned(entity));
+            self.snapshot.agents.insert(owned(entity));
         }
         self
     }
 
     fn rules(mut self, entity: RoutingRulesConfigured) -> Self {
-        self.snapshot.routing_rules.insert(entity.channel_id.clone(), owned(entity));
+        self.snapshot.routing_rules.insert(owned(entity));
         self
     }
 
     fn channel(mut self, entity: ChannelConfigured) -> Self {
-        self.snapshot.channels.insert(entity.channel_id.clone(), owned(entity));
+        self.snapshot.channels.insert(owned(entity));
         self
     }
 
     fn tickets(mut self, entity: TicketSettingsConfigured) -> Self {
-        self.snapshot.ticket_settings.insert(entity.channel_id.clone(), owned(entity));
+        self.snapshot.ticket_settings.insert(owned(entity));
         self
     }
 
@@ -94,7 +94,7 @@ impl Given {
             kind: InboxKind::HelpDesk as i32,
             ..Default::default()
         };
-        self.snapshot.inboxes.insert(INBOX.into(), owned(inbox));
+        self.snapshot.inboxes.insert(owned(inbox));
         self
     }
 
@@ -444,7 +444,9 @@ fn c11_messages_of_an_unknown_or_foreign_channel_are_withheld() {
     let events = given.when_message(message);
     let Some(Payload::MessageWithheld(withheld)) = events[0].payload.as_ref() else { panic!("{events:?}") };
     assert_eq!(withheld.reason, WithheldReason::UnknownChannel as i32);
-    given.snapshot.channels.get_mut(CHANNEL).unwrap().account_id = "someone-else".into();
+    let mut moved = given.snapshot.channels.remove(ACCOUNT, CHANNEL).unwrap();
+    moved.account_id = "someone-else".into();
+    given.snapshot.channels.insert(moved);
     let events = given.when("visitor-1", "m2");
     assert_eq!(names(&events), ["message_withheld"]);
 }
@@ -567,7 +569,7 @@ fn r3_round_robin_resumes_after_the_last_assignee_skipping_ineligible_and_wrappi
     // "cy", but "cy" is at capacity, so the turn wraps around to "ana".
     assert_eq!(assignee(&given.when("visitor-0", "m")).as_deref(), Some("ana"));
     assert_eq!(assignee(&given.when("visitor-1", "m")).as_deref(), Some("bo"));
-    given.snapshot.agents.get_mut("cy").expect("configured").entity.max_open_conversations = 1;
+    given.snapshot.agents.get_mut(ACCOUNT, "cy").expect("configured").max_open_conversations = 1;
     given.set_open_conversations("cy", 1);
     let events = given.when("visitor-2", "m");
     assert_eq!(assignee(&events).as_deref(), Some("ana"));
@@ -706,7 +708,7 @@ fn r5_availability_command_is_authoritative_over_config_once_seen() {
     assert_eq!(assignee(&events).as_deref(), Some("bo"));
     assert_eq!(skipped(&events), [("ana".to_string(), SkipReason::Offline)]);
     // A config update saying "available" does not override the command.
-    given.snapshot.agents.get_mut("ana").unwrap().entity.available = true;
+    given.snapshot.agents.get_mut(ACCOUNT, "ana").unwrap().available = true;
     assert_eq!(assignee(&given.when("visitor-2", "m1")).as_deref(), Some("bo"));
     assert!(rejection(&given.when_command(availability("ghost", true, "x"))).unwrap().contains("unknown agent"));
 }
@@ -1052,7 +1054,7 @@ fn b3_closing_frees_capacity_and_the_oldest_waiting_conversation_is_assigned() {
 #[test]
 fn b3_an_agent_coming_online_takes_waiting_conversations_up_to_capacity() {
     let mut given = redrive_given(true);
-    given.snapshot.agents.get_mut("ana").unwrap().entity.max_open_conversations = 2;
+    given.snapshot.agents.get_mut(ACCOUNT, "ana").unwrap().max_open_conversations = 2;
     given.when_command(availability("ana", false, "away"));
     let waiting: Vec<String> =
         (0..3).map(|index| conversation_of(&given.when(&format!("visitor-{index}"), "m1"))).collect();

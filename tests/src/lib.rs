@@ -184,7 +184,8 @@ impl TestEnv {
         payloads: Vec<switchboard_proto::events::v1::envelope::Payload>,
     ) -> anyhow::Result<()> {
         for payload in payloads {
-            let key = switchboard_runtime::config_store::config_key(&payload).context("not a config payload")?;
+            let key =
+                switchboard_runtime::config_store::config_key(account_id, &payload).context("not a config payload")?;
             let event = switchboard_runtime::envelope::new_root(account_id, &key, chrono::Utc::now(), payload);
             self.produce_raw(&self.topics.config, &key, &switchboard_runtime::envelope::encode(&event)).await?;
         }

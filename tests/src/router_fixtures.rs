@@ -13,7 +13,7 @@ use switchboard_runtime::envelope::new_root;
 pub const AGENTS: [&str; 3] = ["ana", "bo", "cy"];
 
 pub fn config_event(account: &str, payload: Payload) -> (String, Envelope) {
-    let key = config_key(&payload).expect("config payload");
+    let key = config_key(account, &payload).expect("config payload");
     (key.clone(), new_root(account, &key, Utc::now(), payload))
 }
 

@@ -53,7 +53,7 @@ fn config() -> RouterConfig {
             max_open_conversations: 200,
             ..Default::default()
         };
-        config.agents.insert(agent.agent_id.clone(), Owned { account_id: ACCOUNT.into(), entity: agent });
+        config.agents.insert(Owned { account_id: ACCOUNT.into(), entity: agent });
     }
     for channel in 0..CHANNELS {
         let users = (0..AGENTS / CHANNELS)
@@ -78,8 +78,8 @@ fn config() -> RouterConfig {
             enabled: true,
             ..Default::default()
         };
-        config.channels.insert(channel.channel_id.clone(), Owned { account_id: ACCOUNT.into(), entity: channel });
-        config.routing_rules.insert(rules.channel_id.clone(), Owned { account_id: ACCOUNT.into(), entity: rules });
+        config.channels.insert(Owned { account_id: ACCOUNT.into(), entity: channel });
+        config.routing_rules.insert(Owned { account_id: ACCOUNT.into(), entity: rules });
     }
     RouterConfig::from_snapshot(config)
 }

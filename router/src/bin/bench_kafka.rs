@@ -63,7 +63,7 @@ fn config() -> ConfigSnapshot {
                 max_open_conversations: 10_000,
                 ..Default::default()
             };
-            config.agents.insert(agent_id.clone(), Owned { account_id: account_id.clone(), entity: agent });
+            config.agents.insert(Owned { account_id: account_id.clone(), entity: agent });
         }
         let channel_id = format!("{account_id}-chat");
         let channel = ChannelConfigured {
@@ -73,7 +73,7 @@ fn config() -> ConfigSnapshot {
             enabled: true,
             ..Default::default()
         };
-        config.channels.insert(channel_id.clone(), Owned { account_id: account_id.clone(), entity: channel });
+        config.channels.insert(Owned { account_id: account_id.clone(), entity: channel });
         let rules = RoutingRulesConfigured {
             channel_id: channel_id.clone(),
             version: 1,
@@ -84,7 +84,7 @@ fn config() -> ConfigSnapshot {
             strategy: AssignmentStrategy::RoundRobin as i32,
             ..Default::default()
         };
-        config.routing_rules.insert(channel_id, Owned { account_id, entity: rules });
+        config.routing_rules.insert(Owned { account_id, entity: rules });
     }
     config
 }

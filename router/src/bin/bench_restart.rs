@@ -46,7 +46,7 @@ fn config() -> RouterConfig {
             available: true,
             ..Default::default()
         };
-        config.agents.insert(agent.agent_id.clone(), Owned { account_id: ACCOUNT.into(), entity: agent });
+        config.agents.insert(Owned { account_id: ACCOUNT.into(), entity: agent });
     }
     let channel = ChannelConfigured {
         channel_id: "chat".into(),
@@ -55,7 +55,7 @@ fn config() -> RouterConfig {
         enabled: true,
         ..Default::default()
     };
-    config.channels.insert("chat".into(), Owned { account_id: ACCOUNT.into(), entity: channel });
+    config.channels.insert(Owned { account_id: ACCOUNT.into(), entity: channel });
     let rules = RoutingRulesConfigured {
         channel_id: "chat".into(),
         version: 1,
@@ -66,7 +66,7 @@ fn config() -> RouterConfig {
         strategy: AssignmentStrategy::RoundRobin as i32,
         ..Default::default()
     };
-    config.routing_rules.insert("chat".into(), Owned { account_id: ACCOUNT.into(), entity: rules });
+    config.routing_rules.insert(Owned { account_id: ACCOUNT.into(), entity: rules });
     RouterConfig::from_snapshot(config)
 }
 

@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
         })),
     ];
     for payload in config_payloads {
-        let key = config_key(&payload).context("config payload")?;
+        let key = config_key("bench", &payload).context("config payload")?;
         let event = switchboard_runtime::envelope::new_root("bench", &key, chrono::Utc::now(), payload);
         let bytes = switchboard_runtime::envelope::encode(&event);
         producer
