@@ -159,6 +159,8 @@ impl Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 30;
+        // A token that is not yet valid (`nbf` in the future, beyond the leeway) is refused.
+        validation.validate_nbf = true;
         Ok(Authenticator {
             inner: Arc::new(AuthenticatorInner {
                 jwt_key_opt: jwt_secret_opt.map(DecodingKey::from_secret),
@@ -192,6 +194,7 @@ impl Authenticator {
                 use jsonwebtoken::errors::ErrorKind;
                 let reason = match error.kind() {
                     ErrorKind::ExpiredSignature => "token expired",
+                    ErrorKind::ImmatureSignature => "token not yet valid (nbf is in the future)",
                     ErrorKind::InvalidSignature => "token signature is invalid",
                     ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim (exp, sub)",
                     ErrorKind::InvalidAlgorithm => "token must be signed with HS256",
@@ -290,8 +293,23 @@ mod tests {
             )
             .unwrap()
         };
+        let not_yet_valid = {
+            let claims = serde_json::json!({
+                "sub": "ana", "account": "demo", "role": "agent",
+                "exp": 9_999_999_999_i64, "nbf": 9_999_999_000_i64,
+            });
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
+        };
+        let error = auth.authenticate(Some(&format!("Bearer {not_yet_valid}"))).unwrap_err();
+        assert!(error.to_string().contains("not yet valid"), "{error}");
         for header in [
             None,
+            Some(format!("Bearer {not_yet_valid}")),
             Some("Basic abc".to_owned()),
             Some("Bearer ".to_owned()),
             Some(format!("Bearer {forged}")),

@@ -205,6 +205,7 @@ pub async fn apply_events(
                     kind: "left_unassigned",
                     reason: (*reason).to_owned(),
                     channel_id: explanation.channel_id.clone(),
+                    inbox_id: inbox_id.clone(),
                     conversation_id: Some(*conversation_id),
                     message_id: None,
                     detail: explanation.json.clone(),
@@ -277,6 +278,7 @@ pub async fn apply_events(
                     .map(|conversation| (conversation.inbox_id.clone(), conversation.channel_id.clone()))
                     .unwrap_or_default();
                 let channel_id = if audit.channel_id.is_empty() { channel_id } else { audit.channel_id.clone() };
+                let inbox_id = if inbox_id.is_empty() { audit.inbox_id.clone() } else { inbox_id };
                 audits.push((event, audit, inbox_id, channel_id));
             }
             Fact::ContactCreated(_) => {}

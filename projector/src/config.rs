@@ -12,9 +12,10 @@ use sqlx::{Postgres, Transaction};
 
 use crate::facts::{Event, Fact};
 
-/// One config entity: the table its row is in, the row's id, and which part of the row the
-/// entity is. Sorted by table and row id, so concurrent writers lock rows in the same order.
-type EntityKey = (&'static str, String, &'static str);
+/// One config entity: the table its row is in, the row's account (M1; `None` only for a
+/// tombstone of a legacy key, which named no account) and id, and which part of the row the
+/// entity is. Sorted, so concurrent writers lock rows in the same order.
+type EntityKey = (&'static str, Option<String>, String, &'static str);
 
 enum ConfigChange<'a> {
     Upsert(&'a Event),
@@ -25,19 +26,22 @@ pub async fn apply_config(transaction: &mut Transaction<'_, Postgres>, events: &
     // BTreeMap: statements run in key order, the same order on every instance.
     let mut latest: BTreeMap<EntityKey, ConfigChange<'_>> = BTreeMap::new();
     for &event in events {
+        let account = || Some(event.account_id.clone());
         let (key, change) = match &event.fact {
-            Fact::Inbox(inbox) => (("inboxes", inbox.inbox_id.clone(), "inbox"), ConfigChange::Upsert(event)),
+            Fact::Inbox(inbox) => {
+                (("inboxes", account(), inbox.inbox_id.clone(), "inbox"), ConfigChange::Upsert(event))
+            }
             Fact::Channel(channel) => {
-                (("channels", channel.channel_id.clone(), "channel"), ConfigChange::Upsert(event))
+                (("channels", account(), channel.channel_id.clone(), "channel"), ConfigChange::Upsert(event))
             }
             Fact::RoutingRules { channel_id, .. } => {
-                (("channels", channel_id.clone(), "rules"), ConfigChange::Upsert(event))
+                (("channels", account(), channel_id.clone(), "rules"), ConfigChange::Upsert(event))
             }
             Fact::TicketSettings { channel_id, .. } => {
-                (("channels", channel_id.clone(), "ticket_settings"), ConfigChange::Upsert(event))
+                (("channels", account(), channel_id.clone(), "ticket_settings"), ConfigChange::Upsert(event))
             }
-            Fact::Agent(agent) => (("agents", agent.agent_id.clone(), "agent"), ConfigChange::Upsert(event)),
-            Fact::Tombstone { kind, id } => {
+            Fact::Agent(agent) => (("agents", account(), agent.agent_id.clone(), "agent"), ConfigChange::Upsert(event)),
+            Fact::Tombstone { kind, account_id_opt, id } => {
                 let (table, kind) = match kind.as_str() {
                     "inbox" => ("inboxes", "inbox"),
                     "channel" => ("channels", "channel"),
@@ -49,16 +53,16 @@ pub async fn apply_config(transaction: &mut Transaction<'_, Postgres>, events: &
                         continue;
                     }
                 };
-                ((table, id.clone(), kind), ConfigChange::Delete)
+                ((table, account_id_opt.clone(), id.clone(), kind), ConfigChange::Delete)
             }
             _ => continue,
         };
         latest.insert(key, change);
     }
-    for ((_, id, kind), change) in latest {
+    for ((_, account_id_opt, id, kind), change) in latest {
         match change {
             ConfigChange::Upsert(event) => upsert(transaction, event).await?,
-            ConfigChange::Delete => delete(transaction, kind, &id).await?,
+            ConfigChange::Delete => delete(transaction, kind, account_id_opt.as_deref(), &id).await?,
         }
     }
     Ok(())
@@ -71,7 +75,7 @@ async fn upsert(transaction: &mut Transaction<'_, Postgres>, event: &Event) -> s
             sqlx::query(
                 "INSERT INTO inboxes (inbox_id, account_id, name, kind, access_mode, access_user_ids, access_team_ids, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (inbox_id) DO UPDATE SET account_id = EXCLUDED.account_id, name = EXCLUDED.name, \
+                 ON CONFLICT (account_id, inbox_id) DO UPDATE SET name = EXCLUDED.name, \
                  kind = EXCLUDED.kind, access_mode = EXCLUDED.access_mode, access_user_ids = EXCLUDED.access_user_ids, \
                  access_team_ids = EXCLUDED.access_team_ids, updated_at = EXCLUDED.updated_at \
                  WHERE inboxes.updated_at <= EXCLUDED.updated_at",
@@ -91,7 +95,7 @@ async fn upsert(transaction: &mut Transaction<'_, Postgres>, event: &Event) -> s
             sqlx::query(
                 "INSERT INTO channels (channel_id, account_id, inbox_id, channel_type, name, enabled, settings, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (channel_id) DO UPDATE SET account_id = EXCLUDED.account_id, inbox_id = EXCLUDED.inbox_id, \
+                 ON CONFLICT (account_id, channel_id) DO UPDATE SET inbox_id = EXCLUDED.inbox_id, \
                  channel_type = EXCLUDED.channel_type, name = EXCLUDED.name, enabled = EXCLUDED.enabled, \
                  settings = EXCLUDED.settings, updated_at = EXCLUDED.updated_at \
                  WHERE channels.updated_at <= EXCLUDED.updated_at",
@@ -118,7 +122,7 @@ async fn upsert(transaction: &mut Transaction<'_, Postgres>, event: &Event) -> s
                 "INSERT INTO agents (agent_id, account_id, name, email, role, paid_seat, available, team_ids, skills, \
                  max_open_conversations, capacity_per_channel_type, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                 ON CONFLICT (agent_id) DO UPDATE SET account_id = EXCLUDED.account_id, name = EXCLUDED.name, \
+                 ON CONFLICT (account_id, agent_id) DO UPDATE SET name = EXCLUDED.name, \
                  email = EXCLUDED.email, role = EXCLUDED.role, paid_seat = EXCLUDED.paid_seat, \
                  available = EXCLUDED.available, team_ids = EXCLUDED.team_ids, skills = EXCLUDED.skills, \
                  max_open_conversations = EXCLUDED.max_open_conversations, \
@@ -160,7 +164,7 @@ async fn set_channel_json(
     let statement = format!(
         "INSERT INTO channels (channel_id, account_id, inbox_id, channel_type, name, enabled, {column}, updated_at) \
          VALUES ($1, $2, '', 'unspecified', '', false, $3, '-infinity') \
-         ON CONFLICT (channel_id) DO UPDATE SET {column} = EXCLUDED.{column} \
+         ON CONFLICT (account_id, channel_id) DO UPDATE SET {column} = EXCLUDED.{column} \
          WHERE COALESCE((channels.{column}->>'version')::bigint, -1) <= $4"
     );
     sqlx::query(&statement)
@@ -173,7 +177,14 @@ async fn set_channel_json(
     Ok(())
 }
 
-async fn delete(transaction: &mut Transaction<'_, Postgres>, kind: &str, id: &str) -> sqlx::Result<()> {
+/// Deletes the entity `id` of `account_id_opt`. A legacy tombstone (no account) deletes the id
+/// in every account: it was written when ids were installation-wide.
+async fn delete(
+    transaction: &mut Transaction<'_, Postgres>,
+    kind: &str,
+    account_id_opt: Option<&str>,
+    id: &str,
+) -> sqlx::Result<()> {
     let statement = match kind {
         "inbox" => "DELETE FROM inboxes WHERE inbox_id = $1",
         "channel" => "DELETE FROM channels WHERE channel_id = $1",
@@ -182,6 +193,8 @@ async fn delete(transaction: &mut Transaction<'_, Postgres>, kind: &str, id: &st
         "agent" => "DELETE FROM agents WHERE agent_id = $1",
         _ => return Ok(()),
     };
-    sqlx::query(statement).bind(id).execute(&mut **transaction).await?;
+    // Both forms are constants; the account condition binds $2.
+    let statement = format!("{statement} AND ($2::text IS NULL OR account_id = $2)");
+    sqlx::query(&statement).bind(id).bind(account_id_opt).execute(&mut **transaction).await?;
     Ok(())
 }

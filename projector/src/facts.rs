@@ -11,6 +11,7 @@ use switchboard_proto::events::v1::{
     RoutingRulesConfigured, SkipReason, TicketNotCreatedReason, TicketOwnerSource, TicketSettingsConfigured,
     UnassignedReason, WithheldReason,
 };
+use switchboard_runtime::config_store::ConfigKey;
 use switchboard_runtime::envelope::{payload_name, to_datetime};
 use uuid::Uuid;
 
@@ -104,6 +105,8 @@ pub enum Fact {
     /// A compacted-topic tombstone: the entity named by the record key is gone.
     Tombstone {
         kind: String,
+        /// The key's account; `None` for a legacy key (`<kind>/<id>`), which named none.
+        account_id_opt: Option<String>,
         id: String,
     },
 }
@@ -176,6 +179,8 @@ pub struct Audit {
     pub kind: &'static str,
     pub reason: String,
     pub channel_id: String,
+    /// The inbox, when the event names it and no conversation does (withheld messages).
+    pub inbox_id: String,
     pub conversation_id: Option<Uuid>,
     pub message_id: Option<Uuid>,
     pub detail: Value,
@@ -231,8 +236,13 @@ fn optional_text(value: &str) -> Option<String> {
 /// A config tombstone (record with a key and no value) as a fact.
 pub fn tombstone(key: &[u8]) -> Result<Fact, Poison> {
     let key = std::str::from_utf8(key).map_err(|_| Poison("tombstone key is not UTF-8".into()))?;
-    let (kind, id) = key.split_once('/').ok_or_else(|| Poison(format!("tombstone key `{key}` is not <kind>/<id>")))?;
-    Ok(Fact::Tombstone { kind: kind.to_owned(), id: id.to_owned() })
+    let parsed = ConfigKey::parse(key)
+        .ok_or_else(|| Poison(format!("tombstone key `{key}` is not <kind>/<account>/<id> (or legacy <kind>/<id>)")))?;
+    let account_id_opt = match parsed {
+        ConfigKey::Scoped { account_id, .. } => Some(account_id.to_owned()),
+        ConfigKey::Legacy { .. } => None,
+    };
+    Ok(Fact::Tombstone { kind: parsed.kind().to_owned(), account_id_opt, id: parsed.id().to_owned() })
 }
 
 /// Turns an envelope read from `topic` into an event, or says why it is poison.
@@ -369,6 +379,12 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
                 }
                 .to_owned(),
                 channel_id: withheld.channel_id,
+                // Older events lack the field; a held message (C6) still names its inbox.
+                inbox_id: if withheld.inbox_id.is_empty() {
+                    withheld.message.as_ref().map(|message| message.inbox_id.clone()).unwrap_or_default()
+                } else {
+                    withheld.inbox_id
+                },
                 conversation_id: None,
                 message_id: optional_uuid("message_id", &withheld.message_id)?,
                 detail: json!({
@@ -388,6 +404,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
             }
             .to_owned(),
             channel_id: String::new(),
+            inbox_id: String::new(),
             conversation_id: optional_uuid("conversation_id", &not_created.conversation_id)?,
             message_id: None,
             detail: json!({"contact_id": not_created.contact_id, "limit": not_created.limit}),
@@ -396,6 +413,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
             kind: "command_rejected",
             reason: rejected.reason,
             channel_id: String::new(),
+            inbox_id: String::new(),
             conversation_id: None,
             message_id: None,
             detail: json!({"request_id": rejected.request_id, "command": rejected.command}),
@@ -404,6 +422,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
             kind: "owner_notified",
             reason: "owner_offline".to_owned(),
             channel_id: String::new(),
+            inbox_id: String::new(),
             conversation_id: optional_uuid("conversation_id", &notification.conversation_id)?,
             message_id: optional_uuid("message_id", &notification.message_id)?,
             detail: json!({"agent_id": notification.agent_id, "contact_id": notification.contact_id}),

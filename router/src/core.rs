@@ -453,6 +453,7 @@ fn withheld(message: &InboundMessageReceived, source_event_id: &str, reason: Wit
         sender: message.sender.clone(),
         source_event_id: source_event_id.to_owned(),
         message: keep.then(|| Box::new(message.clone())),
+        inbox_id: message.inbox_id.clone(),
     })
 }
 

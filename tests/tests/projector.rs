@@ -179,6 +179,7 @@ fn conversation_log(first: usize, count: usize, partitions: i32) -> (Vec<(String
                     sender: Some(visitor.clone()),
                     source_event_id: id(index, 31),
                     message: None,
+                    inbox_id: "support".into(),
                 }));
                 expected.contacts += 1;
                 expected.tickets += 1;
