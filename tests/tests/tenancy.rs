@@ -1,0 +1,258 @@
+//! Red team: two accounts on one installation (real Kafka, PostgreSQL, API and projector).
+//! Account `globex` tries every AdminService command and query with `acme`'s ids and provider
+//! identities, and apply-config across accounts. Expected: each attempt is refused with a clear
+//! status or acts on globex's own entity of the same id, and nothing of acme's changes (M1, M2,
+//! C1, R6).
+
+use std::time::Duration;
+
+use switchboard_api::auth::{Identity, Role};
+use switchboard_proto::api::v1::channel_settings::Settings;
+use switchboard_proto::api::v1::*;
+use switchboard_proto::events::v1::{AssignTarget, ChannelType, EmailSettings, MessengerSettings, WhatsAppSettings};
+use switchboard_tests::TestEnv;
+use switchboard_tests::api_seed::{Clients, clients_for};
+use tonic::Code;
+
+const ACME: &str = "acme";
+const GLOBEX: &str = "globex";
+
+fn admin_of(account: &str) -> Identity {
+    Identity { user_id: "root".into(), account_id: account.into(), role: Role::Admin, team_ids: vec![] }
+}
+
+fn request_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn code_of<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+fn inbox(id: &str, name: &str) -> CreateInboxRequest {
+    CreateInboxRequest { request_id: request_id(), inbox_id: id.into(), name: name.into(), ..Default::default() }
+}
+
+fn agent(id: &str, email: &str) -> CreateAgentRequest {
+    CreateAgentRequest {
+        request_id: request_id(),
+        agent_id: id.into(),
+        name: format!("{id} of {email}"),
+        email: email.into(),
+        paid_seat: true,
+        available: true,
+        ..Default::default()
+    }
+}
+
+fn channel(id: &str, channel_type: ChannelType, settings_opt: Option<Settings>) -> ConnectChannelRequest {
+    ConnectChannelRequest {
+        request_id: request_id(),
+        channel_id: id.into(),
+        inbox_id: "support".into(),
+        channel_type: channel_type as i32,
+        name: id.into(),
+        enabled: true,
+        settings: settings_opt.map(|settings| ChannelSettings { settings: Some(settings) }),
+    }
+}
+
+fn email(address: &str) -> Option<Settings> {
+    Some(Settings::Email(EmailSettings { team_address: address.into(), ..Default::default() }))
+}
+
+fn page(page_id: &str) -> Option<Settings> {
+    Some(Settings::Messenger(MessengerSettings { page_id: page_id.into(), ..Default::default() }))
+}
+
+fn number(phone_number_id: &str) -> Option<Settings> {
+    Some(Settings::Whatsapp(WhatsAppSettings { phone_number_id: phone_number_id.into(), ..Default::default() }))
+}
+
+/// Acme's workspace: inbox `support`, agent `ana` (paid, named by the chat rules), team email,
+/// Messenger, WhatsApp and chat channels.
+async fn set_up_acme(acme: &mut Clients) -> anyhow::Result<String> {
+    acme.admin.create_inbox(inbox("support", "Acme Support")).await?;
+    acme.admin.create_agent(agent("ana", "ana@acme.test")).await?;
+    acme.admin.connect_channel(channel("mail", ChannelType::TeamEmail, email("support@acme.test"))).await?;
+    acme.admin.connect_channel(channel("fb", ChannelType::FacebookMessenger, page("1001"))).await?;
+    acme.admin.connect_channel(channel("wa", ChannelType::Whatsapp, number("2002"))).await?;
+    acme.admin.connect_channel(channel("web", ChannelType::Chat, None)).await?;
+    let result = acme
+        .admin
+        .set_routing_rules(SetRoutingRulesRequest {
+            request_id: request_id(),
+            channel_id: "web".into(),
+            auto_assign: true,
+            target: AssignTarget::SpecificUsersAndTeams as i32,
+            user_ids: vec!["ana".into()],
+            ..Default::default()
+        })
+        .await?;
+    Ok(result.into_inner().position)
+}
+
+async fn acme_inboxes(acme: &mut Clients, min_position: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let listed = acme
+        .workspace
+        .list_inboxes(ListInboxesRequest { min_position: min_position.into() })
+        .await?
+        .into_inner()
+        .inboxes;
+    Ok(listed.into_iter().map(|inbox| (inbox.id, inbox.name)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenancy_admin_calls_with_another_accounts_ids_and_identities_change_nothing_of_it() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.start_projector().await?;
+    let url = env.start_api_server().await?;
+    let mut acme = clients_for(&url, &admin_of(ACME)).await?;
+    let mut globex = clients_for(&url, &admin_of(GLOBEX)).await?;
+    set_up_acme(&mut acme).await?;
+
+    // M1: the same ids are globex's own entities, not "already exists".
+    globex.admin.create_inbox(inbox("support", "Globex Help")).await?;
+    globex.admin.create_agent(agent("ana", "ana@globex.test")).await?;
+    // M2 / C1: acme's provider identities cannot be claimed, whatever the case or channel id.
+    let claims = [
+        ("team address", channel("mail", ChannelType::TeamEmail, email("SUPPORT@acme.test"))),
+        ("team address", channel("mail-2", ChannelType::TeamEmail, email("support@acme.test"))),
+        ("page", channel("fb-2", ChannelType::FacebookMessenger, page("1001"))),
+        ("phone number", channel("wa-2", ChannelType::Whatsapp, number("2002"))),
+        ("chat address", channel("web", ChannelType::Chat, None)),
+        ("custom key", channel("web", ChannelType::Custom, None)),
+    ];
+    for (what, claim) in claims {
+        let status = globex.admin.connect_channel(claim).await.unwrap_err();
+        assert_eq!(status.code(), Code::AlreadyExists, "{what}: {status:?}");
+        assert!(status.message().contains("M2") && !status.message().contains(ACME), "{what}: {}", status.message());
+    }
+    // C1: an agent's own address (any account's) is never a team address, nor the reverse.
+    let status = globex
+        .admin
+        .connect_channel(channel("mail-3", ChannelType::TeamEmail, email("ana@acme.test")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = globex.admin.create_agent(agent("bo", "Support@Acme.test")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Acme's ids that globex does not have are not found, never acted on.
+    let update = UpdateChannelSettingsRequest {
+        request_id: request_id(),
+        channel_id: "fb".into(),
+        name: "taken over".into(),
+        ..Default::default()
+    };
+    assert_eq!(code_of(globex.admin.update_channel_settings(update).await), Code::NotFound);
+    let disable = SetChannelEnabledRequest { request_id: request_id(), channel_id: "wa".into(), enabled: false };
+    assert_eq!(code_of(globex.admin.set_channel_enabled(disable).await), Code::NotFound);
+    let rules = SetRoutingRulesRequest { request_id: request_id(), channel_id: "web".into(), ..Default::default() };
+    assert_eq!(code_of(globex.admin.set_routing_rules(rules).await), Code::NotFound);
+    let tickets =
+        SetTicketSettingsRequest { request_id: request_id(), channel_id: "mail".into(), ..Default::default() };
+    assert_eq!(code_of(globex.admin.set_ticket_settings(tickets).await), Code::NotFound);
+    // Commands on globex's own `support` and `ana` touch globex's only.
+    globex
+        .admin
+        .rename_inbox(RenameInboxRequest {
+            request_id: request_id(),
+            inbox_id: "support".into(),
+            name: "Renamed".into(),
+        })
+        .await?;
+    // R6 scoped by account: globex's ana is named by no rule, so her seat may go; acme's ana
+    // is named by acme's chat rules, so hers may not.
+    globex
+        .admin
+        .set_agent_seat(SetAgentSeatRequest { request_id: request_id(), agent_id: "ana".into(), paid_seat: false })
+        .await?;
+    let status = acme
+        .admin
+        .set_agent_seat(SetAgentSeatRequest { request_id: request_id(), agent_id: "ana".into(), paid_seat: false })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("`web`") && status.message().contains("R6"), "{}", status.message());
+
+    // Queries: acme sees its own inbox unchanged; globex's inbox reads under globex only.
+    let position = acme
+        .admin
+        .rename_inbox(RenameInboxRequest {
+            request_id: request_id(),
+            inbox_id: "support".into(),
+            name: "Acme Support".into(),
+        })
+        .await?
+        .into_inner()
+        .position;
+    assert_eq!(acme_inboxes(&mut acme, &position).await?, [("support".to_owned(), "Acme Support".to_owned())]);
+    let globex_inboxes = acme_inboxes(&mut globex, &position).await?;
+    assert_eq!(globex_inboxes, [("support".to_owned(), "Renamed".to_owned())]);
+    let agents = acme
+        .workspace
+        .list_agents(ListAgentsRequest { min_position: position.clone(), ..Default::default() })
+        .await?
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1);
+    assert!(agents[0].paid_seat, "globex taking its own ana's seat did not touch acme's ana");
+    let channels = acme
+        .workspace
+        .get_inbox(GetInboxRequest { inbox_id: "support".into(), min_position: position.clone() })
+        .await?
+        .into_inner()
+        .channels;
+    let mut channel_ids: Vec<String> = channels.iter().map(|channel| channel.id.clone()).collect();
+    channel_ids.sort();
+    assert_eq!(channel_ids, ["fb", "mail", "wa", "web"]);
+    assert!(channels.iter().all(|channel| channel.enabled && channel.name != "taken over"));
+    // Every inbox-scoped read answers another account's-only inbox ids alike: not found.
+    let watch = WatchConversationsRequest { inbox_ids: vec!["vip".into()], ..Default::default() };
+    assert_eq!(code_of(globex.conversations.watch_conversations(watch).await), Code::NotFound);
+    let list = ListConversationsRequest { inbox_id: "vip".into(), ..Default::default() };
+    assert_eq!(code_of(globex.conversations.list_conversations(list).await), Code::NotFound);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenancy_apply_config_keeps_accounts_apart_and_refuses_claimed_identities() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let file = |account: &str, team_address: &str| {
+        format!(
+            "account_id = \"{account}\"\n[[inboxes]]\nid = \"support\"\nname = \"{account} support\"\n\
+             [[agents]]\nid = \"ana\"\nname = \"Ana\"\nemail = \"ana@{account}.test\"\npaid_seat = true\n\
+             [[channels]]\nid = \"mail\"\ninbox = \"support\"\nname = \"Mail\"\ntype = \"team_email\"\n\
+             [channels.email]\nteam_address = \"{team_address}\"\n"
+        )
+    };
+    env.apply_config(&file(ACME, "support@acme.test")).await?;
+    // The same ids for globex: its own entities; acme's stay acme's.
+    env.apply_config(&file(GLOBEX, "support@globex.test")).await?;
+    // Globex naming acme's team address: refused before anything is published.
+    let error = env.apply_config(&file(GLOBEX, "Support@Acme.test")).await.unwrap_err();
+    assert!(format!("{error:#}").contains("M2"), "{error:#}");
+
+    let store = env.config_store("tenancy-check").await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let snapshot = loop {
+        let snapshot = store.snapshot();
+        if snapshot.inboxes.len() == 2 || tokio::time::Instant::now() > deadline {
+            break snapshot;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(snapshot.inboxes.get(ACME, "support").map(|inbox| inbox.entity.name.as_str()), Some("acme support"));
+    assert_eq!(snapshot.inboxes.get(GLOBEX, "support").map(|inbox| inbox.entity.name.as_str()), Some("globex support"));
+    let address = |account: &str| {
+        snapshot.channels.get(account, "mail").and_then(|channel| channel.entity.email.clone()).map(|e| e.team_address)
+    };
+    assert_eq!(address(ACME).as_deref(), Some("support@acme.test"));
+    assert_eq!(address(GLOBEX).as_deref(), Some("support@globex.test"));
+    env.cleanup().await;
+    Ok(())
+}
