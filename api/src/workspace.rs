@@ -291,12 +291,15 @@ impl WorkspaceService for Workspace {
         .await
         .map_err(ApiError::from)?;
         let ids: Vec<&str> = agents.iter().map(|agent| agent.agent_id.as_str()).collect();
-        let workload: Vec<(String, String, i32)> =
-            sqlx::query_as("SELECT agent_id, channel_type, open_count FROM agent_workload WHERE agent_id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&mut *connection)
-                .await
-                .map_err(ApiError::from)?;
+        let workload: Vec<(String, String, i32)> = sqlx::query_as(
+            "SELECT agent_id, channel_type, open_count FROM agent_workload \
+                 WHERE account_id = $2 AND agent_id = ANY($1)",
+        )
+        .bind(&ids)
+        .bind(&identity.account_id)
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(ApiError::from)?;
         let mut open_by_agent: HashMap<String, HashMap<String, u32>> = HashMap::new();
         for (agent_id, channel_type, open_count) in workload {
             open_by_agent.entry(agent_id).or_default().insert(channel_type, open_count.max(0) as u32);

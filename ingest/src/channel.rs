@@ -97,8 +97,8 @@ pub struct Extracted {
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
-/// The inbound event for `extracted` on `channel`. The message id is a function of the channel
-/// and the provider's id (B1); the record is keyed by account (one writer per account).
+/// The inbound event for `extracted` on `channel`. The message id is a function of the account,
+/// the channel and the provider's id (B1, M1); the record is keyed by account (one writer per account).
 pub fn inbound_event(channel: &Owned<ChannelConfigured>, extracted: Extracted, received_at: DateTime<Utc>) -> Envelope {
     let Extracted { provider_message_id, thread_key, sender, mut text, mut content, occurred_at } = extracted;
     if text.len() > MAX_EVENT_TEXT_BYTES {
@@ -114,7 +114,7 @@ pub fn inbound_event(channel: &Owned<ChannelConfigured>, extracted: Extracted, r
         channel_id: entity.channel_id.clone(),
         inbox_id: entity.inbox_id.clone(),
         channel_type: entity.channel_type,
-        message_id: ids::message_id_for(&entity.channel_id, &provider_message_id).to_string(),
+        message_id: ids::message_id_for(&channel.account_id, &entity.channel_id, &provider_message_id).to_string(),
         provider_message_id,
         thread_key,
         sender: Some(sender),

@@ -107,7 +107,7 @@ mod tests {
         let Some(Payload::InboundMessageReceived(inbound)) = event.payload else { panic!() };
         assert_eq!(inbound.thread_key, "v-1");
         assert_eq!(inbound.inbox_id, "inbox-1");
-        assert_eq!(inbound.message_id, ids::message_id_for("web", "m-1").to_string());
+        assert_eq!(inbound.message_id, ids::message_id_for("acct", "web", "m-1").to_string());
         assert_eq!(inbound.sender.unwrap().display_name, "Vera");
     }
 

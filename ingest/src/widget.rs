@@ -156,6 +156,7 @@ pub fn has_room(agent: &AgentConfigured, open_opt: Option<&AgentOpenConversation
 /// C5 "every member at capacity": the members counted are the available ones when
 /// `only_available` (R5), else all; at capacity when there is at least one and none has room.
 pub fn team_capacity(
+    account_id: &str,
     members: &[&AgentConfigured],
     only_available: bool,
     channel_type: ChannelType,
@@ -170,7 +171,7 @@ pub fn team_capacity(
         CapacityKnowledge::Unavailable => return Capacity::Unknown,
         CapacityKnowledge::Known(counts) => counts,
     };
-    if counted.any(|agent| has_room(agent, counts.of_agent(&agent.agent_id), channel_type)) {
+    if counted.any(|agent| has_room(agent, counts.of_agent(account_id, &agent.agent_id), channel_type)) {
         Capacity::HasRoom
     } else {
         Capacity::AtCapacity
@@ -269,7 +270,7 @@ pub fn widget_state(
     };
     let someone_available = members.iter().any(|agent| agent.available);
     let availability = availability(settings, now, someone_available);
-    let capacity = team_capacity(&members, only_available, ChannelType::Chat, knowledge);
+    let capacity = team_capacity(&owned.account_id, &members, only_available, ChannelType::Chat, knowledge);
     Ok(what_to_show(channel_id, owned.entity.enabled, settings, availability, capacity))
 }
 
@@ -334,9 +335,9 @@ mod tests {
     }
 
     fn counts(rows: &[(&str, &str, i32)]) -> CapacityKnowledge {
-        CapacityKnowledge::Known(Arc::new(OpenConversations::from_rows(
-            rows.iter().map(|(agent, channel_type, open)| (agent.to_string(), channel_type.to_string(), *open)),
-        )))
+        CapacityKnowledge::Known(Arc::new(OpenConversations::from_rows(rows.iter().map(
+            |(agent, channel_type, open)| ("acct".to_owned(), agent.to_string(), channel_type.to_string(), *open),
+        ))))
     }
 
     /// The channel `web` of account `acct`, routed to team `tier1`, with these agents.
@@ -469,7 +470,7 @@ mod tests {
         let knowledge = counts(&[("ana", "chat", 2), ("ana", "team_email", 3), ("bo", "chat", 1)]);
         let capacity = |agents: &[AgentConfigured], only_available: bool| {
             let members: Vec<&AgentConfigured> = agents.iter().collect();
-            team_capacity(&members, only_available, ChannelType::Chat, &knowledge)
+            team_capacity("acct", &members, only_available, ChannelType::Chat, &knowledge)
         };
         // ana: 5 open overall (2 chat); bo: 1 open chat.
         assert_eq!(capacity(&[agent("ana", true, 0, 0)], true), Capacity::HasRoom, "no limits");
@@ -496,7 +497,7 @@ mod tests {
     fn c5_capacity_is_unknown_without_fresh_counts_and_not_configured_without_a_database() {
         let ana = agent("ana", true, 0, 1);
         let members = [&ana];
-        let capacity = |knowledge| team_capacity(&members, true, ChannelType::Chat, &knowledge);
+        let capacity = |knowledge| team_capacity("acct", &members, true, ChannelType::Chat, &knowledge);
         assert_eq!(capacity(CapacityKnowledge::Unavailable), Capacity::Unknown);
         assert_eq!(capacity(CapacityKnowledge::NotConfigured), Capacity::NotConfigured);
         assert_eq!(capacity(counts(&[("ana", "chat", 1)])), Capacity::AtCapacity);

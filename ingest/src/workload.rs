@@ -39,28 +39,29 @@ impl AgentOpenConversations {
     }
 }
 
-/// Open conversations per agent; an agent without an entry has none.
+/// Open conversations per agent, by (account, agent id) (M1); an agent without an entry has
+/// none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpenConversations {
-    by_agent: HashMap<String, AgentOpenConversations>,
+    by_agent: HashMap<(String, String), AgentOpenConversations>,
 }
 
 impl OpenConversations {
-    /// From `agent_workload` rows (`agent_id`, `channel_type`, `open_count`); negative counts
-    /// (which the projector never writes) count as zero.
-    pub fn from_rows(rows: impl IntoIterator<Item = (String, String, i32)>) -> OpenConversations {
-        let mut by_agent: HashMap<String, AgentOpenConversations> = HashMap::new();
-        for (agent_id, channel_type, open_count) in rows {
+    /// From `agent_workload` rows (`account_id`, `agent_id`, `channel_type`, `open_count`);
+    /// negative counts (which the projector never writes) count as zero.
+    pub fn from_rows(rows: impl IntoIterator<Item = (String, String, String, i32)>) -> OpenConversations {
+        let mut by_agent: HashMap<(String, String), AgentOpenConversations> = HashMap::new();
+        for (account_id, agent_id, channel_type, open_count) in rows {
             let open_count = u32::try_from(open_count).unwrap_or(0);
-            let agent = by_agent.entry(agent_id).or_default();
+            let agent = by_agent.entry((account_id, agent_id)).or_default();
             agent.total = agent.total.saturating_add(open_count);
             *agent.by_channel_type.entry(channel_type).or_default() += open_count;
         }
         OpenConversations { by_agent }
     }
 
-    pub fn of_agent(&self, agent_id: &str) -> Option<&AgentOpenConversations> {
-        self.by_agent.get(agent_id)
+    pub fn of_agent(&self, account_id: &str, agent_id: &str) -> Option<&AgentOpenConversations> {
+        self.by_agent.get(&(account_id.to_owned(), agent_id.to_owned()))
     }
 }
 
@@ -208,8 +209,8 @@ pub struct WorkloadSettings {
 /// Reads every agent's open conversations from the active schema.
 pub async fn load_open_conversations(pool: &PgPool) -> anyhow::Result<OpenConversations> {
     let schema = active_schema(pool).await?;
-    let rows: Vec<(String, String, i32)> = sqlx::query_as(&format!(
-        "SELECT agent_id, channel_type, open_count FROM \"{schema}\".agent_workload WHERE open_count > 0"
+    let rows: Vec<(String, String, String, i32)> = sqlx::query_as(&format!(
+        "SELECT account_id, agent_id, channel_type, open_count FROM \"{schema}\".agent_workload WHERE open_count > 0"
     ))
     .fetch_all(pool)
     .await
@@ -263,15 +264,20 @@ mod tests {
 
     #[test]
     fn r8_rows_sum_per_agent_and_keep_channel_types_apart() {
+        let row = |account: &str, agent: &str, channel_type: &str, open: i32| {
+            (account.to_owned(), agent.to_owned(), channel_type.to_owned(), open)
+        };
         let counts = OpenConversations::from_rows([
-            ("ana".to_owned(), "chat".to_owned(), 2),
-            ("ana".to_owned(), "team_email".to_owned(), 3),
-            ("bo".to_owned(), "chat".to_owned(), -1),
+            row("a", "ana", "chat", 2),
+            row("a", "ana", "team_email", 3),
+            row("a", "bo", "chat", -1),
+            row("b", "ana", "chat", 7),
         ]);
-        let ana = counts.of_agent("ana").unwrap();
+        let ana = counts.of_agent("a", "ana").unwrap();
         assert_eq!((ana.total, ana.of_channel_type("chat"), ana.of_channel_type("whatsapp")), (5, 2, 0));
-        assert_eq!(counts.of_agent("bo").unwrap().total, 0, "a negative count is no open conversation");
-        assert!(counts.of_agent("cy").is_none());
+        assert_eq!(counts.of_agent("a", "bo").unwrap().total, 0, "a negative count is no open conversation");
+        assert!(counts.of_agent("a", "cy").is_none());
+        assert_eq!(counts.of_agent("b", "ana").unwrap().total, 7, "M1: another account's ana is another agent");
     }
 
     #[test]

@@ -105,7 +105,8 @@ pub async fn apply_events(
     insert_contacts(transaction, events).await?;
     let mut new_tickets = insert_tickets(transaction, events).await?;
 
-    let mut workload: BTreeMap<(String, String), i32> = BTreeMap::new();
+    // (account, agent, channel type) -> change in open conversations.
+    let mut workload: BTreeMap<(String, String, String), i32> = BTreeMap::new();
     let mut changes: Vec<Change<'_>> = Vec::new();
     let mut ticket_updates: BTreeMap<Uuid, (String, bool, DateTime<Utc>)> = BTreeMap::new();
     let mut owners: BTreeMap<Uuid, Option<String>> = BTreeMap::new();
@@ -187,9 +188,9 @@ pub async fn apply_events(
                 let Some(conversation) = conversations.get_mut(conversation_id) else { continue };
                 if conversation.open && conversation.assignee_id.as_deref() != Some(assignee_id) {
                     if let Some(previous) = &conversation.assignee_id {
-                        *workload.entry((previous.clone(), conversation.channel_type.clone())).or_default() -= 1;
+                        *workload.entry(workload_key(conversation, previous)).or_default() -= 1;
                     }
-                    *workload.entry((assignee_id.clone(), conversation.channel_type.clone())).or_default() += 1;
+                    *workload.entry(workload_key(conversation, assignee_id)).or_default() += 1;
                 }
                 conversation.assignee_id = Some(assignee_id.clone());
                 conversation.updated_at = conversation.updated_at.max(event.recorded_at);
@@ -220,7 +221,7 @@ pub async fn apply_events(
                 if conversation.open
                     && let Some(previous) = conversation.assignee_id.take()
                 {
-                    *workload.entry((previous, conversation.channel_type.clone())).or_default() -= 1;
+                    *workload.entry(workload_key(conversation, &previous)).or_default() -= 1;
                 }
                 conversation.assignee_id = None;
                 conversation.updated_at = conversation.updated_at.max(event.recorded_at);
@@ -234,7 +235,7 @@ pub async fn apply_events(
                 let Some(conversation) = conversations.get_mut(conversation_id) else { continue };
                 if conversation.open {
                     if let Some(assignee) = &conversation.assignee_id {
-                        *workload.entry((assignee.clone(), conversation.channel_type.clone())).or_default() -= 1;
+                        *workload.entry(workload_key(conversation, assignee)).or_default() -= 1;
                     }
                     conversation.open = false;
                     conversation.closed_at = Some(event.occurred_at);
@@ -610,9 +611,10 @@ async fn insert_contacts(transaction: &mut Transaction<'_, Postgres>, events: &[
     .execute(&mut **transaction)
     .await?;
     sqlx::query(
-        "INSERT INTO contact_identities (channel_id, external_id, contact_id) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[]) ON CONFLICT DO NOTHING",
+        "INSERT INTO contact_identities (account_id, channel_id, external_id, contact_id) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[]) ON CONFLICT DO NOTHING",
     )
+    .bind(&accounts)
     .bind(&channel_ids)
     .bind(&external_ids)
     .bind(&contact_ids)
@@ -758,24 +760,31 @@ fn status(conversation: &Conversation) -> &'static str {
     if conversation.open { "open" } else { "closed" }
 }
 
+/// The workload row an assignment of `conversation` to `agent_id` counts in (M1: agents are
+/// addressed by account and id).
+fn workload_key(conversation: &Conversation, agent_id: &str) -> (String, String, String) {
+    (conversation.account_id.clone(), agent_id.to_owned(), conversation.channel_type.clone())
+}
+
 /// R8 bookkeeping: open conversations per agent and channel type, as the log says it.
 async fn write_workload(
     transaction: &mut Transaction<'_, Postgres>,
-    workload: &BTreeMap<(String, String), i32>,
+    workload: &BTreeMap<(String, String, String), i32>,
 ) -> sqlx::Result<()> {
-    let deltas: Vec<(&(String, String), &i32)> = workload.iter().filter(|(_, delta)| **delta != 0).collect();
+    let deltas: Vec<(&(String, String, String), &i32)> = workload.iter().filter(|(_, delta)| **delta != 0).collect();
     if deltas.is_empty() {
         return Ok(());
     }
     // Rows go in sorted order, so two instances lock shared workload rows in the same order.
     sqlx::query(
-        "INSERT INTO agent_workload (agent_id, channel_type, open_count) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[]) \
-         ON CONFLICT (agent_id, channel_type) DO UPDATE \
+        "INSERT INTO agent_workload (account_id, agent_id, channel_type, open_count) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) \
+         ON CONFLICT (account_id, agent_id, channel_type) DO UPDATE \
          SET open_count = GREATEST(0, agent_workload.open_count + EXCLUDED.open_count)",
     )
-    .bind(deltas.iter().map(|((agent, _), _)| agent.as_str()).collect::<Vec<_>>())
-    .bind(deltas.iter().map(|((_, channel_type), _)| channel_type.as_str()).collect::<Vec<_>>())
+    .bind(deltas.iter().map(|((account, _, _), _)| account.as_str()).collect::<Vec<_>>())
+    .bind(deltas.iter().map(|((_, agent, _), _)| agent.as_str()).collect::<Vec<_>>())
+    .bind(deltas.iter().map(|((_, _, channel_type), _)| channel_type.as_str()).collect::<Vec<_>>())
     .bind(deltas.iter().map(|(_, delta)| **delta).collect::<Vec<_>>())
     .execute(&mut **transaction)
     .await?;

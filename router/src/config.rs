@@ -71,8 +71,8 @@ pub struct RouterConfig {
     pub agents: ByAccount<AgentProfile>,
     /// The same profiles by index (pool members refer to them by index).
     pub profiles: Vec<AgentProfile>,
-    /// The agent id of each profile, by the same index.
-    pub profile_agent_ids: Vec<String>,
+    /// The (account, agent id) of each profile, by the same index.
+    pub profile_agents: Vec<(String, String)>,
     /// Identifies this compilation's profile numbering: an [`crate::state::AgentBook`]
     /// aligned with it reads a pool member's workload at the member's profile index.
     /// Unique per compilation within the process; never part of a decision.
@@ -107,13 +107,13 @@ impl RouterConfig {
             );
         }
         let mut profiles: Vec<AgentProfile> = Vec::with_capacity(agents.len());
-        let mut profile_agent_ids: Vec<String> = Vec::with_capacity(agents.len());
+        let mut profile_agents: Vec<(String, String)> = Vec::with_capacity(agents.len());
         let mut profile_index_by_agent: FastMap<(&str, &str), u32> = FastMap::default();
         for owned in snapshot.agents.iter() {
             let (account_id, agent_id) = (owned.account_id.as_str(), owned.entity.agent_id.as_str());
             profile_index_by_agent.insert((account_id, agent_id), profiles.len() as u32);
             profiles.push(agents[account_id][agent_id].clone());
-            profile_agent_ids.push(agent_id.to_owned());
+            profile_agents.push((account_id.to_owned(), agent_id.to_owned()));
         }
         let mut channels: ByAccount<ChannelProfile> = FastMap::default();
         let mut redrive_channel_ids_by_account: FastMap<String, Vec<String>> = FastMap::default();
@@ -172,7 +172,7 @@ impl RouterConfig {
             snapshot: snapshot.clone(),
             agents,
             profiles,
-            profile_agent_ids,
+            profile_agents,
             agent_table_id: NEXT_AGENT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
             channels,
             redrive_channel_ids_by_account,

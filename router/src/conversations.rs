@@ -33,9 +33,9 @@ pub struct OpenConversations {
     /// conversations ever open at once).
     vacant: Vec<Slot>,
     by_key: FastMap<u128, Slot>,
-    /// R10: by channel id, then thread key (channel ids are unique across accounts; two levels
-    /// let lookups borrow `&str`).
-    by_thread: FastMap<String, FastMap<InlineStr, Slot>>,
+    /// R10: by [`InlineStr::scoped`] (account, channel id), then thread key (M1: two accounts'
+    /// channels may share an id; two levels let lookups borrow).
+    by_thread: FastMap<InlineStr, FastMap<InlineStr, Slot>>,
 }
 
 impl OpenConversations {
@@ -63,8 +63,11 @@ impl OpenConversations {
         self.slot_mut(slot).as_mut().expect("indexes point at occupied slots")
     }
 
-    fn thread_slot(&self, channel_id: &str, thread_key: &str) -> Option<Slot> {
-        self.by_thread.get(channel_id).and_then(|threads| threads.get(thread_key.as_bytes())).copied()
+    fn thread_slot(&self, account_id: &str, channel_id: &str, thread_key: &str) -> Option<Slot> {
+        self.by_thread
+            .get(InlineStr::scoped(account_id, channel_id).as_bytes())
+            .and_then(|threads| threads.get(thread_key.as_bytes()))
+            .copied()
     }
 
     pub fn get(&self, key: u128) -> Option<&ConversationState> {
@@ -78,8 +81,13 @@ impl OpenConversations {
     }
 
     /// R10: the thread's open conversation, with its key.
-    pub fn by_thread(&self, channel_id: &str, thread_key: &str) -> Option<(u128, &ConversationState)> {
-        let entry = self.entry(self.thread_slot(channel_id, thread_key)?);
+    pub fn by_thread(
+        &self,
+        account_id: &str,
+        channel_id: &str,
+        thread_key: &str,
+    ) -> Option<(u128, &ConversationState)> {
+        let entry = self.entry(self.thread_slot(account_id, channel_id, thread_key)?);
         Some((entry.key, &entry.conversation))
     }
 
@@ -88,10 +96,11 @@ impl OpenConversations {
     pub fn get_mut_in_thread(
         &mut self,
         key: u128,
+        account_id: &str,
         channel_id: &str,
         thread_key: &str,
     ) -> Option<&mut ConversationState> {
-        let slot = match self.thread_slot(channel_id, thread_key) {
+        let slot = match self.thread_slot(account_id, channel_id, thread_key) {
             Some(slot) if self.entry(slot).key == key => slot,
             _ => *self.by_key.get(&key)?,
         };
@@ -113,9 +122,10 @@ impl OpenConversations {
                 ((chunk_index << CHUNK_BITS) + chunk.len() - 1) as Slot
             }
         };
-        let threads = match self.by_thread.get_mut(conversation.channel_id.as_str()) {
+        let channel_key = InlineStr::scoped(&conversation.account_id, &conversation.channel_id);
+        let threads = match self.by_thread.get_mut(channel_key.as_bytes()) {
             Some(threads) => threads,
-            None => self.by_thread.entry(conversation.channel_id.to_string()).or_default(),
+            None => self.by_thread.entry(channel_key).or_default(),
         };
         threads.insert(conversation.thread_key.clone(), slot);
         self.by_key.insert(key, slot);
@@ -126,15 +136,15 @@ impl OpenConversations {
     pub fn remove(&mut self, key: u128) -> Option<ConversationState> {
         let slot = self.by_key.remove(&key)?;
         let entry = self.slot_mut(slot).take().expect("indexes point at occupied slots");
-        let channel_id = entry.conversation.channel_id.as_str();
-        if let Some(threads) = self.by_thread.get_mut(channel_id) {
+        let channel_key = InlineStr::scoped(&entry.conversation.account_id, &entry.conversation.channel_id);
+        if let Some(threads) = self.by_thread.get_mut(channel_key.as_bytes()) {
             // Only if the thread still points here: a conversation replaced under the same
             // thread must stay reachable.
             if threads.get(entry.conversation.thread_key.as_bytes()) == Some(&slot) {
                 threads.remove(entry.conversation.thread_key.as_bytes());
             }
             if threads.is_empty() {
-                self.by_thread.remove(channel_id);
+                self.by_thread.remove(channel_key.as_bytes());
             }
         }
         self.vacant.push(slot);
@@ -161,9 +171,11 @@ impl PartialEq for OpenConversations {
             && self.iter().all(|(key, conversation)| {
                 other.get(key) == Some(conversation)
                     && other
-                        .by_thread(&conversation.channel_id, &conversation.thread_key)
+                        .by_thread(&conversation.account_id, &conversation.channel_id, &conversation.thread_key)
                         .map(|(thread_conversation_key, _)| thread_conversation_key)
-                        == self.by_thread(&conversation.channel_id, &conversation.thread_key).map(|(k, _)| k)
+                        == self
+                            .by_thread(&conversation.account_id, &conversation.channel_id, &conversation.thread_key)
+                            .map(|(k, _)| k)
             })
     }
 }
@@ -173,7 +185,16 @@ mod tests {
     use super::*;
 
     fn conversation(channel_id: &str, thread_key: &str) -> ConversationState {
-        ConversationState { channel_id: channel_id.into(), thread_key: thread_key.into(), ..Default::default() }
+        in_account("acct", channel_id, thread_key)
+    }
+
+    fn in_account(account_id: &str, channel_id: &str, thread_key: &str) -> ConversationState {
+        ConversationState {
+            account_id: account_id.into(),
+            channel_id: channel_id.into(),
+            thread_key: thread_key.into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -181,10 +202,10 @@ mod tests {
         let mut open = OpenConversations::default();
         open.insert(7, conversation("chat", "visitor-1"));
         open.insert(8, conversation("chat", "visitor-2"));
-        assert_eq!(open.by_thread("chat", "visitor-1").map(|(key, _)| key), Some(7));
+        assert_eq!(open.by_thread("acct", "chat", "visitor-1").map(|(key, _)| key), Some(7));
         assert_eq!(open.get(8).map(|c| c.thread_key.as_str()), Some("visitor-2"));
         assert_eq!(open.remove(7).map(|c| c.thread_key.to_string()), Some("visitor-1".to_string()));
-        assert!(open.by_thread("chat", "visitor-1").is_none() && open.get(7).is_none());
+        assert!(open.by_thread("acct", "chat", "visitor-1").is_none() && open.get(7).is_none());
         assert_eq!((open.len(), open.thread_count()), (1, 1));
     }
 
@@ -203,7 +224,7 @@ mod tests {
         assert_eq!(open.chunks.len(), 3, "freed slots were filled before any new chunk");
         assert!(open.chunks.iter().all(|chunk| chunk.capacity() == CHUNK_SLOTS), "chunks never reallocate");
         for key in (1..3 * CHUNK_SLOTS as u128).step_by(2) {
-            assert_eq!(open.by_thread("chat", &format!("visitor-{key}")).map(|(k, _)| k), Some(key));
+            assert_eq!(open.by_thread("acct", "chat", &format!("visitor-{key}")).map(|(k, _)| k), Some(key));
         }
     }
 
@@ -212,8 +233,8 @@ mod tests {
         let mut open = OpenConversations::default();
         open.insert(1, conversation("chat", "visitor-1"));
         open.insert(2, conversation("chat", "visitor-2"));
-        assert!(open.get_mut_in_thread(1, "chat", "visitor-2").is_some_and(|c| c.thread_key == *"visitor-1"));
-        assert!(open.get_mut_in_thread(3, "chat", "visitor-2").is_none());
+        assert!(open.get_mut_in_thread(1, "acct", "chat", "visitor-2").is_some_and(|c| c.thread_key == *"visitor-1"));
+        assert!(open.get_mut_in_thread(3, "acct", "chat", "visitor-2").is_none());
     }
 
     #[test]
@@ -227,5 +248,18 @@ mod tests {
         second.remove(1);
         second.insert(1, conversation("chat", "c"));
         assert_ne!(first, second);
+    }
+
+    #[test]
+    fn m1_two_accounts_threads_on_channels_of_the_same_id_are_two_conversations() {
+        let mut open = OpenConversations::default();
+        open.insert(1, in_account("acme", "mail", "thread-1"));
+        open.insert(2, in_account("globex", "mail", "thread-1"));
+        assert_eq!(open.by_thread("acme", "mail", "thread-1").map(|(key, _)| key), Some(1));
+        assert_eq!(open.by_thread("globex", "mail", "thread-1").map(|(key, _)| key), Some(2));
+        assert!(open.by_thread("initech", "mail", "thread-1").is_none());
+        open.remove(1);
+        assert_eq!(open.by_thread("globex", "mail", "thread-1").map(|(key, _)| key), Some(2));
+        assert_eq!(open.thread_count(), 1);
     }
 }

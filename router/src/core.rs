@@ -49,17 +49,17 @@ pub enum Rejection {
     MissingField { event_id: String, field: &'static str },
 }
 
-/// The deterministic contact id of a channel identity (C4): the same sender on the same
-/// channel is the same contact, also after a state loss.
-pub fn contact_id_for(channel_id: &str, external_id: &str) -> String {
-    crate::state::contact_uuid_for(channel_id, external_id).hyphenated().to_string()
+/// The deterministic contact id of a channel identity of an account (C4, M1): the same sender
+/// on the same channel is the same contact, also after a state loss.
+pub fn contact_id_for(account_id: &str, channel_id: &str, external_id: &str) -> String {
+    crate::state::contact_uuid_for(account_id, channel_id, external_id).hyphenated().to_string()
 }
 
 /// Lines the state's indexes up with a compiled config (agent workloads by profile index, see
 /// [`crate::state::AgentBook`]). Decisions are the same without it, only slower; it returns at
 /// once when already aligned, so shells call it before every decision.
 pub fn align_state(state: &mut RouterState, config: &RouterConfig) {
-    state.agents.align(config.agent_table_id, &config.profile_agent_ids);
+    state.agents.align(config.agent_table_id, &config.profile_agents);
 }
 
 /// Decides what one input means. Every command yields at least one event (a decision or
@@ -218,13 +218,20 @@ impl<'state> Overlay<'state> {
         Overlay { track: true, ..Overlay::untracked(state) }
     }
 
-    /// The id of the thread's open conversation, including those this decision opened.
-    fn open_conversation(&self, state: &RouterState, channel_id: &str, thread_key: &str) -> Option<String> {
+    /// The id of the thread's open conversation, including those this decision opened (all of
+    /// them in the cause's account).
+    fn open_conversation(
+        &self,
+        state: &RouterState,
+        account_id: &str,
+        channel_id: &str,
+        thread_key: &str,
+    ) -> Option<String> {
         self.new_threads
             .iter()
             .find(|(channel, thread, _)| channel == channel_id && thread == thread_key)
             .map(|(_, _, conversation_id)| conversation_id.clone())
-            .or_else(|| state.open_conversation_id(channel_id, thread_key))
+            .or_else(|| state.open_conversation_id(account_id, channel_id, thread_key))
     }
 
     fn extra_tickets(&self, contact_id: &str) -> u32 {
@@ -275,15 +282,16 @@ fn decide_message(
     // Fast path (most traffic): a follow-up from the conversation's own contact on a channel
     // without explicit consent joins the open conversation (R10); no contact lookup needed.
     if !channel.explicit_consent
-        && let Some((key, conversation)) = state.conversations.by_thread(&message.channel_id, &message.thread_key)
+        && let Some((key, conversation)) =
+            state.conversations.by_thread(&input.account_id, &message.channel_id, &message.thread_key)
         && conversation.contact_external_id == *external_id
     {
         let conversation_id = conversation.id(key);
         decision.emit(message_appended(conversation_id, &input.event_id, message, &conversation.contact_id));
         return Ok(());
     }
-    let contact_uuid = crate::state::contact_uuid_for(&message.channel_id, external_id);
-    let contact_opt = state.contact_with_uuid(contact_uuid, &message.channel_id, external_id);
+    let contact_uuid = crate::state::contact_uuid_for(&input.account_id, &message.channel_id, external_id);
+    let contact_opt = state.contact_with_uuid(contact_uuid, &input.account_id, &message.channel_id, external_id);
     let contact_id = match contact_opt {
         Some(contact) => contact.contact_id.clone(),
         None => {
@@ -329,7 +337,9 @@ fn deliver(
     contact_opt: Option<&ContactState>,
     purpose_suffix: &str,
 ) {
-    if let Some(conversation_id) = overlay.open_conversation(state, &message.channel_id, &message.thread_key) {
+    if let Some(conversation_id) =
+        overlay.open_conversation(state, &decision.cause.account_id, &message.channel_id, &message.thread_key)
+    {
         // R10: a follow-up joins the open conversation and keeps its assignee; never a second
         // conversation or ticket.
         decision.emit(message_appended(conversation_id, source_event_id, appended_part(message), contact_id));
@@ -367,7 +377,14 @@ fn deliver(
     }
     if overlay.track {
         if let Some(agent_id) = &assignee_opt {
-            overlay.agents.to_mut().take(agent_id, &message.channel_id, channel_type, decision.cause_millis);
+            let account_id = &decision.cause.account_id;
+            overlay.agents.to_mut().take(
+                account_id,
+                agent_id,
+                &message.channel_id,
+                channel_type,
+                decision.cause_millis,
+            );
         }
         overlay.new_threads.push((message.channel_id.clone(), message.thread_key.clone(), conversation_id.clone()));
     }
@@ -578,7 +595,7 @@ fn route(
                 return unassigned(UnassignedReason::ContactHasNoOwner, explanation);
             };
             let profile_opt = config.agent(account_id, owner);
-            let slot_opt = agents.slot(owner);
+            let slot_opt = agents.slot(account_id, owner);
             let notify_owner_opt =
                 profile_opt.filter(|profile| !is_available(slot_opt, profile)).map(|_| owner.to_owned());
             match ineligibility(profile_opt, slot_opt, rules, channel_type) {
@@ -606,8 +623,7 @@ fn route(
                 0
             } else {
                 agents
-                    .last_round_robin_agent_by_channel
-                    .get(channel.channel_id.as_str())
+                    .last_round_robin_agent(account_id, &channel.channel_id)
                     .and_then(|last| channel.pool_position.get(last.as_str()))
                     .map_or(0, |position| *position as usize + 1)
             };
@@ -621,9 +637,9 @@ fn route(
                 let (profile_opt, slot_opt) = match profile_opt {
                     Some(profile_index) => (
                         Some(&config.profiles[*profile_index as usize]),
-                        agents.slot_for_profile(config.agent_table_id, *profile_index, agent_id),
+                        agents.slot_for_profile(config.agent_table_id, *profile_index, account_id, agent_id),
                     ),
-                    None => (None, agents.slot(agent_id)),
+                    None => (None, agents.slot(account_id, agent_id)),
                 };
                 if let Some(reason) = ineligibility(profile_opt, slot_opt, rules, channel_type) {
                     explanation.skipped.push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 });
@@ -716,12 +732,12 @@ fn decide_consent(
         }
     }
     let channel_opt = config.channel(&input.account_id, &consent.channel_id);
-    let contact_opt = state.contact(&consent.channel_id, &consent.sender_external_id);
+    let contact_opt = state.contact(&input.account_id, &consent.channel_id, &consent.sender_external_id);
     if contact_opt.is_none()
         && let Some(channel) = channel_opt
     {
         // Consent can precede the first message: the contact exists from now on, consenting.
-        let contact_id = contact_id_for(&consent.channel_id, &consent.sender_external_id);
+        let contact_id = contact_id_for(&input.account_id, &consent.channel_id, &consent.sender_external_id);
         let sender = InboundMessageReceived { channel_id: consent.channel_id.clone(), ..Default::default() };
         let mut created = contact_created(channel, &sender, &consent.sender_external_id, &contact_id);
         if let Payload::ContactCreated(created) = &mut created {
@@ -780,7 +796,9 @@ fn open_conversation_for_command<'state>(
     if already_applied(state, decision, command, request_id) {
         return None;
     }
-    let found = state.conversation(conversation_id);
+    // M1: another account's conversation (same partition) is as unknown as a closed one.
+    let account_id = &decision.cause.account_id;
+    let found = state.conversation(conversation_id).filter(|(_, conversation)| conversation.account_id == **account_id);
     if found.is_none() {
         decision.reject(command, request_id, format!("conversation `{conversation_id}` is not open"));
     }
@@ -805,8 +823,9 @@ fn decide_availability(
     // available for routing.
     decision.emit(Payload::AgentAvailabilityChanged(changed.clone()));
     if changed.available {
+        let cause = decision.cause;
         redrive(state, config, decision, &changed.agent_id, None, |agents| {
-            agents.set_availability(&changed.agent_id, true);
+            agents.set_availability(&cause.account_id, &changed.agent_id, true);
         });
     }
 }
@@ -836,7 +855,7 @@ fn decide_manual_assignment(
             request_id: request.request_id.clone(),
         }));
         redrive(state, config, decision, previous, Some(key), |agents| {
-            agents.release(previous, conversation.channel_type);
+            agents.release(&conversation.account_id, previous, conversation.channel_type);
         });
         return;
     }
@@ -864,8 +883,15 @@ fn decide_manual_assignment(
     if let Some(previous) = previous_opt {
         let cause_millis = decision.cause_millis;
         redrive(state, config, decision, previous, Some(key), |agents| {
-            agents.release(previous, conversation.channel_type);
-            agents.take(&request.assignee_agent_id, &conversation.channel_id, conversation.channel_type, cause_millis);
+            let account_id = &conversation.account_id;
+            agents.release(account_id, previous, conversation.channel_type);
+            agents.take(
+                account_id,
+                &request.assignee_agent_id,
+                &conversation.channel_id,
+                conversation.channel_type,
+                cause_millis,
+            );
         });
     }
 }
@@ -906,7 +932,7 @@ fn close(
     // B3: the assignee has room for one more now.
     if let Some(previous) = conversation.assignee() {
         redrive(state, config, decision, previous, Some(key), |agents| {
-            agents.release(previous, conversation.channel_type);
+            agents.release(&conversation.account_id, previous, conversation.channel_type);
         });
     }
 }
@@ -957,7 +983,10 @@ fn decide_contact_owner(
     if already_applied(state, decision, COMMAND, &request.request_id) {
         return;
     }
-    let Some(contact) = state.contact_by_id(&request.contact_id) else {
+    // M1: another account's contact (same partition) is unknown here.
+    let account_id = &decision.cause.account_id;
+    let Some(contact) = state.contact_by_id(&request.contact_id).filter(|contact| contact.account_id == *account_id)
+    else {
         decision.reject(COMMAND, &request.request_id, format!("unknown contact `{}`", request.contact_id));
         return;
     };
@@ -1014,7 +1043,7 @@ fn redrive(
         if !(owner_target || in_pool) || !channel.enabled {
             continue;
         }
-        if let Some(waiting) = state.waiting_by_channel.get(channel_id) {
+        if let Some(waiting) = state.waiting(&decision.cause.account_id, channel_id) {
             let oldest_first: Box<dyn Iterator<Item = (u64, u128)>> = Box::new(waiting.iter());
             cursors.push(Cursor { channel, owner_target, exhausted: false, waiting: oldest_first.peekable() });
         }
@@ -1055,6 +1084,7 @@ fn redrive(
         match routed.outcome {
             Outcome::Assigned(agent_id) => {
                 overlay.agents.to_mut().take(
+                    &conversation.account_id,
                     &agent_id,
                     &conversation.channel_id,
                     conversation.channel_type,

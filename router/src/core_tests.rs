@@ -121,7 +121,7 @@ impl Given {
             channel_id: channel_id.into(),
             inbox_id: INBOX.into(),
             channel_type: ChannelType::Chat as i32,
-            message_id: switchboard_runtime::ids::message_id_for(channel_id, &provider_message_id).to_string(),
+            message_id: switchboard_runtime::ids::message_id_for(ACCOUNT, channel_id, &provider_message_id).to_string(),
             provider_message_id,
             thread_key: visitor.into(),
             sender: Some(Sender { external_id: visitor.into(), display_name: visitor.into(), email: String::new() }),
@@ -164,13 +164,13 @@ impl Given {
     }
 
     fn set_open_conversations(&mut self, agent_id: &str, open_conversations: u32) {
-        let mut workload = self.state.agents.workload(agent_id).cloned().unwrap_or_default();
+        let mut workload = self.state.agents.workload(ACCOUNT, agent_id).cloned().unwrap_or_default();
         workload.open_conversations = open_conversations;
-        self.state.agents.restore_workload(agent_id, workload);
+        self.state.agents.restore_workload(ACCOUNT, agent_id, workload);
     }
 
     fn open_conversations(&self, agent_id: &str) -> u32 {
-        self.state.agents.workload(agent_id).map_or(0, |workload| workload.open_conversations)
+        self.state.agents.workload(ACCOUNT, agent_id).map_or(0, |workload| workload.open_conversations)
     }
 }
 
@@ -374,7 +374,7 @@ fn b1_a_retry_after_its_conversation_closed_is_still_dropped() {
     let conversation_id = conversation_of(&given.when("visitor-1", "m1"));
     given.when_command(close_request(&conversation_id, "close-1"));
     assert!(given.when("visitor-1", "m1").is_empty(), "remembered in the recent window");
-    let key = message_key(&switchboard_runtime::ids::message_id_for(CHANNEL, "visitor-1:m1").to_string());
+    let key = message_key(&switchboard_runtime::ids::message_id_for(ACCOUNT, CHANNEL, "visitor-1:m1").to_string());
     assert!(given.state.dedup.retired().any(|retired| retired == key), "in the recent window, not open");
 }
 
@@ -398,14 +398,14 @@ fn c4_first_message_from_an_unknown_identity_creates_one_contact_with_a_determin
     let mut given = Given::new();
     let first = given.when("visitor-1", "m1");
     let Some(Payload::ContactCreated(created)) = first[0].payload.as_ref() else { panic!("{first:?}") };
-    assert_eq!(created.contact_id, contact_id_for(CHANNEL, "visitor-1"));
+    assert_eq!(created.contact_id, contact_id_for(ACCOUNT, CHANNEL, "visitor-1"));
     assert_eq!((created.channel_id.as_str(), created.external_id.as_str()), (CHANNEL, "visitor-1"));
     assert_eq!(started(&first).unwrap().contact_id, created.contact_id);
     let follow_up = given.when("visitor-1", "m2");
     assert_eq!(names(&follow_up), ["message_appended"], "no second contact");
     let Some(Payload::MessageAppended(appended)) = follow_up[0].payload.as_ref() else { panic!() };
     assert_eq!(appended.contact_id, created.contact_id);
-    assert_ne!(contact_id_for(CHANNEL, "visitor-2"), created.contact_id);
+    assert_ne!(contact_id_for(ACCOUNT, CHANNEL, "visitor-2"), created.contact_id);
 }
 
 #[test]
@@ -420,7 +420,7 @@ fn c4_another_sender_writing_in_an_open_thread_gets_their_own_contact() {
     assert_eq!(names(&events), ["contact_created", "message_appended"]);
     let Some(Payload::MessageAppended(appended)) = events[1].payload.as_ref() else { panic!() };
     assert_eq!(appended.conversation_id, conversation_id, "R10: same conversation");
-    assert_eq!(appended.contact_id, contact_id_for(CHANNEL, "cc@example.com"));
+    assert_eq!(appended.contact_id, contact_id_for(ACCOUNT, CHANNEL, "cc@example.com"));
 }
 
 #[test]
@@ -771,7 +771,10 @@ fn r8_capacity_per_channel_type_limits_only_that_type() {
     let mut mail = given.message_on("email-1", "someone@example.com", "<mail-1>");
     mail.channel_type = ChannelType::TeamEmail as i32;
     assert_eq!(assignee(&given.when_message(mail)).as_deref(), Some("ana"), "email has no per-type limit");
-    assert_eq!(given.state.agents.workload("ana").unwrap().open_by_channel_type[ChannelType::Chat as usize], 1);
+    assert_eq!(
+        given.state.agents.workload(ACCOUNT, "ana").unwrap().open_by_channel_type[ChannelType::Chat as usize],
+        1
+    );
 }
 
 #[test]
@@ -1046,7 +1049,10 @@ fn b3_closing_frees_capacity_and_the_oldest_waiting_conversation_is_assigned() {
     assert_eq!(assignees(&closed), [(conversation_of(&waiting_older), "ana".to_string())], "oldest first");
     assert!(explanation(&closed).rule_version == 7, "re-drive decisions are explained like any other");
     assert!(
-        given.state.waiting_by_channel[CHANNEL]
+        given
+            .state
+            .waiting(ACCOUNT, CHANNEL)
+            .expect("a backlog")
             .contains(crate::state::conversation_key(&conversation_of(&waiting_younger)))
     );
 }
@@ -1126,7 +1132,7 @@ fn run(steps: &[Step], strategy: AssignmentStrategy, aligned: bool) -> (Vec<Enve
     for (index, step) in steps.iter().enumerate() {
         let request_id = format!("request-{index}");
         let conversation_of_visitor = |given: &Given, visitor: u8| {
-            given.state.open_conversation_id(CHANNEL, &format!("v{visitor}")).unwrap_or_default()
+            given.state.open_conversation_id(ACCOUNT, CHANNEL, &format!("v{visitor}")).unwrap_or_default()
         };
         let events = match step {
             Step::Message { visitor, message } => given.when(&format!("v{visitor}"), &format!("m{message}")),
@@ -1205,7 +1211,7 @@ proptest! {
             if let Some(Payload::ConversationAssigned(assigned)) = &event.payload
                 && assigned.explanation.as_ref().is_some_and(|explanation| explanation.rule_version != 0)
             {
-                prop_assert!(replayed.agents.workload(&assigned.assignee_agent_id).unwrap().open_conversations <= 3);
+                prop_assert!(replayed.agents.workload(&event.account_id, &assigned.assignee_agent_id).unwrap().open_conversations <= 3);
                 prop_assert_ne!(assigned.assignee_agent_id.as_str(), "agent-3", "agent-3 has no paid seat");
             }
         }
@@ -1222,4 +1228,64 @@ proptest! {
             prop_assert!(contact.ticket_count <= 2);
         }
     }
+}
+
+/// M1: a partition routes several accounts; two of them using the same channel id, agent id
+/// and visitor id never share a conversation, a contact or a workload.
+#[test]
+fn m1_accounts_sharing_a_partition_and_ids_never_share_conversations_contacts_or_workloads() {
+    const OTHER: &str = "acct-2";
+    let mut ana = agent("ana", true, true);
+    ana.max_open_conversations = 1;
+    let mut given =
+        Given::new().agents([ana.clone()]).rules(rules(true, AssignTarget::SpecificUsersAndTeams, &["ana"]));
+    given.snapshot.channels.insert(Owned { account_id: OTHER.into(), entity: channel(CHANNEL, ChannelType::Chat) });
+    given.snapshot.agents.insert(Owned { account_id: OTHER.into(), entity: ana });
+    given
+        .snapshot
+        .routing_rules
+        .insert(Owned { account_id: OTHER.into(), entity: rules(true, AssignTarget::SpecificUsersAndTeams, &["ana"]) });
+    let first = given.when("visitor", "m1");
+    let mut input = given.inbound("visitor", "m1");
+    input.account_id = OTHER.into();
+    if let Some(Payload::InboundMessageReceived(message)) = input.payload.as_mut() {
+        message.message_id =
+            switchboard_runtime::ids::message_id_for(OTHER, CHANNEL, &message.provider_message_id).to_string();
+    }
+    let second = given.when_input(&input);
+
+    let started = |events: &[Envelope]| match payloads(events).into_iter().find_map(|payload| match payload {
+        Payload::ConversationStarted(started) => Some(started.clone()),
+        _ => None,
+    }) {
+        Some(started) => started,
+        None => panic!("no conversation started: {:?}", names(events)),
+    };
+    let (first_started, second_started) = (started(&first), started(&second));
+    assert_ne!(first_started.conversation_id, second_started.conversation_id);
+    assert_ne!(first_started.contact_id, second_started.contact_id, "a contact per account");
+    assert_eq!(second_started.contact_id, contact_id_for(OTHER, CHANNEL, "visitor"));
+    // Each account's ana has room for one: both are assigned, each to their own ana.
+    assert_eq!(assignee(&first).as_deref(), Some("ana"));
+    assert_eq!(assignee(&second).as_deref(), Some("ana"));
+    assert_eq!(given.state.agents.workload(ACCOUNT, "ana").map(|w| w.open_conversations), Some(1));
+    assert_eq!(given.state.agents.workload(OTHER, "ana").map(|w| w.open_conversations), Some(1));
+    // A follow-up joins its own account's conversation.
+    let follow_up = given.when("visitor", "m2");
+    assert!(
+        payloads(&follow_up).iter().any(|payload| matches!(payload,
+            Payload::MessageAppended(appended) if appended.conversation_id == first_started.conversation_id)),
+        "{:?}",
+        names(&follow_up)
+    );
+    // A command of one account naming the other's conversation is refused, not applied.
+    let mut close = given.input(Payload::ConversationCloseRequested(ConversationCloseRequested {
+        conversation_id: first_started.conversation_id.clone(),
+        request_id: "close-1".into(),
+        ..Default::default()
+    }));
+    close.account_id = OTHER.into();
+    let refused = given.when_input(&close);
+    assert_eq!(names(&refused), ["command_rejected"]);
+    assert!(given.state.conversation(&first_started.conversation_id).is_some());
 }

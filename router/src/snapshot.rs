@@ -11,14 +11,17 @@ use switchboard_proto::events::v1::InboundMessageReceived;
 
 use crate::state::{
     AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, InlineStr, RouterState,
-    TicketState, conversation_key, message_key, noncanonical_id, request_key,
+    TicketState, conversation_key, message_key, noncanonical_id, start_waiting,
 };
 
 const MAGIC: &[u8; 4] = b"SBRS";
-/// 2: applied request ids are kept as keys ([`request_key`]). Version 1 snapshots (request ids
-/// as text) are still read, so an upgrade does not rebuild from the whole output.
-const FORMAT_VERSION: u8 = 2;
-const REQUESTS_AS_TEXT_VERSION: u8 = 1;
+/// 3: conversations, contacts, agents and round-robin positions name their account (M1: one
+/// partition routes several accounts, which may use the same ids). A state snapshot of an
+/// older version is refused ([`SnapshotError::UnknownFormat`]): it cannot say which account
+/// its entries belong to, so the router rebuilds that partition's state once by folding its
+/// output, whose events do. Manifests have not changed and are read in every version.
+const FORMAT_VERSION: u8 = 3;
+const OLDEST_MANIFEST_VERSION: u8 = 1;
 /// Chunk payload size: well under Kafka's default 1 MB record limit, leaving room for the
 /// chunk header and record overhead.
 pub const CHUNK_BYTES: usize = 900 * 1024;
@@ -101,6 +104,7 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
     out.len(state.conversations.len());
     for (key, conversation) in state.conversations.iter() {
         out.str(&conversation.id(key));
+        out.str(&conversation.account_id);
         out.str(&conversation.channel_id);
         out.i64(conversation.channel_type as i64);
         out.str(&conversation.thread_key);
@@ -116,6 +120,7 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
     }
     out.len(state.contacts.len());
     for contact in state.contacts.values() {
+        out.str(&contact.account_id);
         out.str(&contact.channel_id);
         out.str(&contact.external_id);
         out.str(&contact.contact_id);
@@ -145,6 +150,7 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
     out.len(with_workload.len());
     for slot in with_workload {
         let workload = &slot.workload;
+        out.str(&slot.account_id);
         out.str(&slot.agent_id);
         out.u64(workload.open_conversations as u64);
         for open in workload.open_by_channel_type {
@@ -152,18 +158,18 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         }
         out.opt_u64(workload.last_assigned_at_millis_opt);
     }
-    let with_availability: Vec<(&str, bool)> = agents
-        .recorded()
-        .filter_map(|slot| slot.availability_opt.map(|available| (slot.agent_id.as_str(), available)))
-        .collect();
+    let with_availability: Vec<(&AgentSlot, bool)> =
+        agents.recorded().filter_map(|slot| slot.availability_opt.map(|available| (slot, available))).collect();
     out.len(with_availability.len());
-    for (agent_id, available) in with_availability {
-        out.str(agent_id);
+    for (slot, available) in with_availability {
+        out.str(&slot.account_id);
+        out.str(&slot.agent_id);
         out.bool(available);
     }
+    // Keyed by the scoped (account, channel) key, written as it is.
     out.len(agents.last_round_robin_agent_by_channel.len());
-    for (channel_id, agent_id) in &agents.last_round_robin_agent_by_channel {
-        out.str(channel_id);
+    for (channel_key, agent_id) in &agents.last_round_robin_agent_by_channel {
+        out.str(channel_key);
         out.str(agent_id);
     }
     out.len(state.dedup.retired().len());
@@ -180,12 +186,16 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
 /// Decodes a state written by [`encode_state`], rebuilding the derived indexes.
 pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
     let mut input = Reader::with_magic(bytes)?;
+    if input.version != FORMAT_VERSION {
+        return Err(SnapshotError::UnknownFormat);
+    }
     let mut state = RouterState::default();
     for _ in 0..input.len()? {
         let conversation_id = input.string()?;
         let key = conversation_key(&conversation_id);
         let mut conversation = ConversationState {
             noncanonical_id_opt: noncanonical_id(&conversation_id),
+            account_id: InlineStr::new(&input.string()?),
             channel_id: InlineStr::new(&input.string()?),
             channel_type: input.i64()? as i32,
             thread_key: input.string()?.into(),
@@ -203,19 +213,23 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         }
         conversation.ticket_id_opt = input.opt_string()?;
         if conversation.assignee_agent_id_opt.is_none() {
-            state
-                .waiting_by_channel
-                .entry(conversation.channel_id.to_string())
-                .or_default()
-                .insert(conversation.started_at_millis, key);
+            start_waiting(
+                &mut state.waiting_by_channel,
+                key,
+                &conversation.account_id,
+                &conversation.channel_id,
+                conversation.started_at_millis,
+            );
         }
         state.conversations.insert(key, conversation);
     }
     for _ in 0..input.len()? {
+        let account_id = input.string()?;
         let channel_id = input.string()?;
         let external_id = input.string()?;
         let contact = ContactState {
             contact_id: input.string()?,
+            account_id,
             channel_id,
             external_id: external_id.into(),
             owner_agent_id_opt: input.opt_string()?,
@@ -243,31 +257,29 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         state.tickets.insert(ticket_id, ticket);
     }
     for _ in 0..input.len()? {
+        let account_id = input.string()?;
         let agent_id = input.string()?;
         let mut workload = AgentWorkload { open_conversations: input.u32()?, ..Default::default() };
         for slot in 0..CHANNEL_TYPE_SLOTS {
             workload.open_by_channel_type[slot] = input.u32()?;
         }
         workload.last_assigned_at_millis_opt = input.opt_u64()?;
-        state.agents.restore_workload(&agent_id, workload);
+        state.agents.restore_workload(&account_id, &agent_id, workload);
     }
     for _ in 0..input.len()? {
+        let account_id = input.string()?;
         let agent_id = input.string()?;
-        state.agents.set_availability(&agent_id, input.bool()?);
+        state.agents.set_availability(&account_id, &agent_id, input.bool()?);
     }
     for _ in 0..input.len()? {
-        let channel_id = input.string()?;
-        state.agents.last_round_robin_agent_by_channel.insert(channel_id, input.string()?.into());
+        let channel_key = InlineStr::new(&input.string()?);
+        state.agents.last_round_robin_agent_by_channel.insert(channel_key, input.string()?.into());
     }
     for _ in 0..input.len()? {
         state.dedup.retire(input.u128()?);
     }
     for _ in 0..input.len()? {
-        let key = match input.version {
-            REQUESTS_AS_TEXT_VERSION => request_key(&input.string()?),
-            _ => input.u128()?,
-        };
-        state.applied_requests.insert(key);
+        state.applied_requests.insert(input.u128()?);
     }
     if !input.is_at_end() {
         return Err(SnapshotError::Invalid("trailing bytes"));
@@ -358,7 +370,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn with_magic(bytes: &'a [u8]) -> Result<Self, SnapshotError> {
-        if bytes.len() < 5 || &bytes[..4] != MAGIC || !matches!(bytes[4], FORMAT_VERSION | REQUESTS_AS_TEXT_VERSION) {
+        if bytes.len() < 5 || &bytes[..4] != MAGIC || !(OLDEST_MANIFEST_VERSION..=FORMAT_VERSION).contains(&bytes[4]) {
             return Err(SnapshotError::UnknownFormat);
         }
         Ok(Reader { bytes, position: 5, version: bytes[4] })
@@ -440,6 +452,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::request_key;
 
     #[test]
     fn b4_manifest_and_chunks_round_trip() {
@@ -460,18 +473,20 @@ mod tests {
     }
 
     #[test]
-    fn b4_a_version_1_snapshot_with_request_ids_as_text_is_still_read() {
+    fn m1_state_snapshots_older_than_accounts_are_refused_and_manifests_still_read() {
         let mut state = RouterState::default();
         state.applied_requests.insert(request_key("close-1"));
         let current = encode_state(&state);
         assert_eq!(current[4], FORMAT_VERSION);
-        // Version 1 wrote the same sections, with the request ids as text at the end.
-        let mut version_1 = current[..current.len() - 16].to_vec();
-        version_1[4] = REQUESTS_AS_TEXT_VERSION;
-        let mut tail = Writer { bytes: Vec::new() };
-        tail.str("close-1");
-        version_1.extend_from_slice(&tail.bytes);
-        assert_eq!(decode_state(&version_1), Ok(state));
+        for older in OLDEST_MANIFEST_VERSION..FORMAT_VERSION {
+            let mut old = current.clone();
+            old[4] = older;
+            assert_eq!(decode_state(&old), Err(SnapshotError::UnknownFormat), "version {older}");
+        }
+        let manifest = Manifest { input_next_offset: 9, output_next_offset: 7, chunk_count: 1, ..Default::default() };
+        let mut old_manifest = manifest.encode();
+        old_manifest[4] = 2;
+        assert_eq!(Manifest::decode(&old_manifest), Ok(manifest));
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub struct ConversationState {
     /// The id as written when it is not a canonical UUID (router-made ids always are, so this
     /// is `None` in practice and the id is printed from the key).
     pub noncanonical_id_opt: Option<Box<str>>,
+    /// M1: the account; with the channel id it addresses the thread and the backlog.
+    pub account_id: InlineStr,
     /// Inline like the other short ids: closing and following up read them, and a heap string
     /// would be one more cache miss each time.
     pub channel_id: InlineStr,
@@ -196,13 +198,27 @@ impl MessageKeys {
     }
 }
 
-/// Namespace of contact ids: UUIDv5(namespace, "<channel id>\n<external id>") (C4). A fixed
-/// random UUID; never change it.
+/// Namespace of contact ids: UUIDv5(namespace, "<account>\n<channel id>\n<external id>") (C4,
+/// M1). A fixed random UUID; never change it.
 const CONTACT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3c1f_0b2a_6d4e_4a71_9e5b_c0d8_17f2_a964);
 
 /// The deterministic contact id of a channel identity (C4): the same sender on the same
-/// channel is the same contact, also after a state loss.
-pub fn contact_uuid_for(channel_id: &str, external_id: &str) -> uuid::Uuid {
+/// channel of the same account is the same contact, also after a state loss; another
+/// account's channel of the same id never shares it (M1).
+pub fn contact_uuid_for(account_id: &str, channel_id: &str, external_id: &str) -> uuid::Uuid {
+    let mut name = Vec::with_capacity(account_id.len() + channel_id.len() + external_id.len() + 2);
+    name.extend_from_slice(account_id.as_bytes());
+    name.push(b'\n');
+    name.extend_from_slice(channel_id.as_bytes());
+    name.push(b'\n');
+    name.extend_from_slice(external_id.as_bytes());
+    uuid::Uuid::new_v5(&CONTACT_NAMESPACE, &name)
+}
+
+/// Contact ids made before they named the account: UUIDv5(namespace, "<channel id>\n<external
+/// id>"). Contacts the log created that way keep their id; they are still found by identity
+/// (within their own account only, see [`RouterState::contact`]).
+pub fn legacy_contact_uuid_for(channel_id: &str, external_id: &str) -> uuid::Uuid {
     let mut name = Vec::with_capacity(channel_id.len() + external_id.len() + 1);
     name.extend_from_slice(channel_id.as_bytes());
     name.push(b'\n');
@@ -213,6 +229,8 @@ pub fn contact_uuid_for(channel_id: &str, external_id: &str) -> uuid::Uuid {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ContactState {
     pub contact_id: String,
+    /// M1: the account whose channel the identity is on.
+    pub account_id: String,
     /// The channel-scoped identity the contact was created for (C4).
     pub channel_id: String,
     pub external_id: InlineStr,
@@ -241,6 +259,9 @@ pub struct TicketState {
 /// keyed or valued by it compare in the table's own memory instead of chasing one heap pointer
 /// per probe, which was a large share of routing's cost (docs/router.md, "state layout").
 /// Hashes and compares as the string's bytes, so maps are queried with `key.as_bytes()`.
+/// Between the account and the id in [`InlineStr::scoped`] keys.
+const SCOPE_SEPARATOR: u8 = 0x1f;
+
 #[derive(Clone)]
 pub enum InlineStr {
     Inline { len: u8, bytes: [u8; InlineStr::INLINE] },
@@ -257,6 +278,22 @@ impl InlineStr {
             InlineStr::Inline { len: text.len() as u8, bytes }
         } else {
             InlineStr::Heap(text.into())
+        }
+    }
+
+    /// The key of an id within its account (M1): one partition routes several accounts, and
+    /// two of them may use the same channel or agent id. The separator (U+001F) never occurs in
+    /// entity ids, so distinct pairs give distinct keys.
+    pub fn scoped(account_id: &str, id: &str) -> InlineStr {
+        let len = account_id.len() + 1 + id.len();
+        if len <= InlineStr::INLINE {
+            let mut bytes = [0u8; InlineStr::INLINE];
+            bytes[..account_id.len()].copy_from_slice(account_id.as_bytes());
+            bytes[account_id.len()] = SCOPE_SEPARATOR;
+            bytes[account_id.len() + 1..len].copy_from_slice(id.as_bytes());
+            InlineStr::Inline { len: len as u8, bytes }
+        } else {
+            InlineStr::Heap(format!("{account_id}{}{id}", SCOPE_SEPARATOR as char).into())
         }
     }
 
@@ -353,6 +390,7 @@ pub struct AgentWorkload {
 /// One agent's entry in the [`AgentBook`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentSlot {
+    pub account_id: InlineStr,
     pub agent_id: InlineStr,
     pub workload: AgentWorkload,
     /// Availability from `AgentAvailabilityChanged`: authoritative once seen; before that the
@@ -377,6 +415,8 @@ impl AgentSlot {
 /// snapshots see agents by id.
 #[derive(Debug, Clone, Default)]
 pub struct AgentBook {
+    /// By [`InlineStr::scoped`] (account, agent id): agents of different accounts never share a
+    /// slot (M1).
     slot_by_agent: FastMap<InlineStr, u32>,
     slots: Vec<AgentSlot>,
     /// The agent table ([`crate::config::RouterConfig::agent_table_id`]) slots are aligned with.
@@ -384,15 +424,19 @@ pub struct AgentBook {
     /// Slots whose availability a command set (zero: the configured availability applies to
     /// everyone, no lookup needed).
     availability_overrides: usize,
-    /// Round-robin position per channel: the agent assigned last in it.
-    pub last_round_robin_agent_by_channel: FastMap<String, InlineStr>,
+    /// Round-robin position per channel, by [`InlineStr::scoped`] (account, channel id): the
+    /// agent assigned last in it.
+    pub last_round_robin_agent_by_channel: FastMap<InlineStr, InlineStr>,
 }
 
 impl PartialEq for AgentBook {
     fn eq(&self, other: &AgentBook) -> bool {
         fn recorded_by_id(book: &AgentBook) -> Vec<&AgentSlot> {
             let mut slots: Vec<&AgentSlot> = book.recorded().collect();
-            slots.sort_by(|left, right| left.agent_id.as_bytes().cmp(right.agent_id.as_bytes()));
+            slots.sort_by(|left, right| {
+                (left.account_id.as_bytes(), left.agent_id.as_bytes())
+                    .cmp(&(right.account_id.as_bytes(), right.agent_id.as_bytes()))
+            });
             slots
         }
         recorded_by_id(self) == recorded_by_id(other)
@@ -401,18 +445,23 @@ impl PartialEq for AgentBook {
 }
 
 impl AgentBook {
-    pub fn slot(&self, agent_id: &str) -> Option<&AgentSlot> {
-        let index = *self.slot_by_agent.get(agent_id.as_bytes())?;
+    pub fn slot(&self, account_id: &str, agent_id: &str) -> Option<&AgentSlot> {
+        let index = *self.slot_by_agent.get(InlineStr::scoped(account_id, agent_id).as_bytes())?;
         self.slots.get(index as usize)
     }
 
-    fn slot_mut(&mut self, agent_id: &str) -> &mut AgentSlot {
-        let index = match self.slot_by_agent.get(agent_id.as_bytes()) {
+    fn slot_mut(&mut self, account_id: &str, agent_id: &str) -> &mut AgentSlot {
+        let key = InlineStr::scoped(account_id, agent_id);
+        let index = match self.slot_by_agent.get(key.as_bytes()) {
             Some(index) => *index as usize,
             None => {
                 let index = self.slots.len();
-                self.slots.push(AgentSlot { agent_id: InlineStr::new(agent_id), ..Default::default() });
-                self.slot_by_agent.insert(InlineStr::new(agent_id), index as u32);
+                self.slots.push(AgentSlot {
+                    account_id: InlineStr::new(account_id),
+                    agent_id: InlineStr::new(agent_id),
+                    ..Default::default()
+                });
+                self.slot_by_agent.insert(key, index as u32);
                 index
             }
         };
@@ -420,58 +469,74 @@ impl AgentBook {
     }
 
     /// The agent's slot, found by the index of its profile in the compiled config when the
-    /// book is aligned with that config (no hashing), else by id.
-    pub fn slot_for_profile(&self, agent_table_id: u64, profile_index: u32, agent_id: &str) -> Option<&AgentSlot> {
+    /// book is aligned with that config (no hashing), else by (account, id).
+    pub fn slot_for_profile(
+        &self,
+        agent_table_id: u64,
+        profile_index: u32,
+        account_id: &str,
+        agent_id: &str,
+    ) -> Option<&AgentSlot> {
         if self.aligned_table_opt == Some(agent_table_id) {
             let slot = self.slots.get(profile_index as usize);
-            debug_assert!(slot.is_some_and(|slot| slot.agent_id == *agent_id), "aligned slot {profile_index}");
+            debug_assert!(
+                slot.is_some_and(|slot| slot.agent_id == *agent_id && slot.account_id == *account_id),
+                "aligned slot {profile_index}"
+            );
             return slot;
         }
-        self.slot(agent_id)
+        self.slot(account_id, agent_id)
     }
 
-    /// Renumbers the slots so that slot *i* is `agent_ids[i]` (the compiled config's profiles,
-    /// see [`crate::config::RouterConfig::agent_table_id`]); agents outside the config keep
-    /// slots after them. Routing is correct without it, only slower.
-    pub fn align(&mut self, agent_table_id: u64, agent_ids: &[String]) {
+    /// Renumbers the slots so that slot *i* is `agents[i]` (the compiled config's profiles as
+    /// (account, agent id), see [`crate::config::RouterConfig::agent_table_id`]); agents outside
+    /// the config keep slots after them. Routing is correct without it, only slower.
+    pub fn align(&mut self, agent_table_id: u64, agents: &[(String, String)]) {
         if self.aligned_table_opt == Some(agent_table_id) {
             return;
         }
         let mut previous: Vec<Option<AgentSlot>> = std::mem::take(&mut self.slots).into_iter().map(Some).collect();
-        let mut slots = Vec::with_capacity(agent_ids.len().max(previous.len()));
-        for agent_id in agent_ids {
+        let mut slots = Vec::with_capacity(agents.len().max(previous.len()));
+        for (account_id, agent_id) in agents {
             let slot = self
                 .slot_by_agent
-                .get(agent_id.as_bytes())
+                .get(InlineStr::scoped(account_id, agent_id).as_bytes())
                 .and_then(|index| previous[*index as usize].take())
-                .unwrap_or_else(|| AgentSlot { agent_id: InlineStr::new(agent_id), ..Default::default() });
+                .unwrap_or_else(|| AgentSlot {
+                    account_id: InlineStr::new(account_id),
+                    agent_id: InlineStr::new(agent_id),
+                    ..Default::default()
+                });
             slots.push(slot);
         }
         slots.extend(previous.into_iter().flatten());
-        self.slot_by_agent =
-            slots.iter().enumerate().map(|(index, slot)| (slot.agent_id.clone(), index as u32)).collect();
+        self.slot_by_agent = slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| (InlineStr::scoped(&slot.account_id, &slot.agent_id), index as u32))
+            .collect();
         self.slots = slots;
         self.aligned_table_opt = Some(agent_table_id);
     }
 
-    pub fn workload(&self, agent_id: &str) -> Option<&AgentWorkload> {
-        self.slot(agent_id).map(|slot| &slot.workload)
+    pub fn workload(&self, account_id: &str, agent_id: &str) -> Option<&AgentWorkload> {
+        self.slot(account_id, agent_id).map(|slot| &slot.workload)
     }
 
     /// The availability a command set for the agent, if any.
-    pub fn availability(&self, agent_id: &str) -> Option<bool> {
+    pub fn availability(&self, account_id: &str, agent_id: &str) -> Option<bool> {
         if self.availability_overrides == 0 {
             return None;
         }
-        self.slot(agent_id).and_then(|slot| slot.availability_opt)
+        self.slot(account_id, agent_id).and_then(|slot| slot.availability_opt)
     }
 
     pub fn has_availability_overrides(&self) -> bool {
         self.availability_overrides > 0
     }
 
-    pub fn set_availability(&mut self, agent_id: &str, available: bool) {
-        let slot = self.slot_mut(agent_id);
+    pub fn set_availability(&mut self, account_id: &str, agent_id: &str, available: bool) {
+        let slot = self.slot_mut(account_id, agent_id);
         let was_set = slot.availability_opt.replace(available).is_some();
         if !was_set {
             self.availability_overrides += 1;
@@ -484,26 +549,30 @@ impl AgentBook {
     }
 
     /// Restores an agent's recorded workload (snapshots).
-    pub fn restore_workload(&mut self, agent_id: &str, workload: AgentWorkload) {
-        self.slot_mut(agent_id).workload = workload;
+    pub fn restore_workload(&mut self, account_id: &str, agent_id: &str, workload: AgentWorkload) {
+        self.slot_mut(account_id, agent_id).workload = workload;
     }
 
-    pub fn take(&mut self, agent_id: &str, channel_id: &str, channel_type: i32, at_millis: u64) {
-        let workload = &mut self.slot_mut(agent_id).workload;
+    /// The agent the channel assigned last (round robin, R3).
+    pub fn last_round_robin_agent(&self, account_id: &str, channel_id: &str) -> Option<&InlineStr> {
+        self.last_round_robin_agent_by_channel.get(InlineStr::scoped(account_id, channel_id).as_bytes())
+    }
+
+    pub fn take(&mut self, account_id: &str, agent_id: &str, channel_id: &str, channel_type: i32, at_millis: u64) {
+        let workload = &mut self.slot_mut(account_id, agent_id).workload;
         workload.open_conversations += 1;
         workload.open_by_channel_type[channel_type_slot(channel_type)] += 1;
         workload.last_assigned_at_millis_opt = Some(at_millis);
-        match self.last_round_robin_agent_by_channel.get_mut(channel_id) {
+        let channel_key = InlineStr::scoped(account_id, channel_id);
+        match self.last_round_robin_agent_by_channel.get_mut(channel_key.as_bytes()) {
             Some(last) if *last == *agent_id => {}
             Some(last) => *last = InlineStr::new(agent_id),
-            None => {
-                drop(self.last_round_robin_agent_by_channel.insert(channel_id.to_owned(), InlineStr::new(agent_id)))
-            }
+            None => drop(self.last_round_robin_agent_by_channel.insert(channel_key, InlineStr::new(agent_id))),
         }
     }
 
-    pub fn release(&mut self, agent_id: &str, channel_type: i32) {
-        if let Some(index) = self.slot_by_agent.get(agent_id.as_bytes()) {
+    pub fn release(&mut self, account_id: &str, agent_id: &str, channel_type: i32) {
+        if let Some(index) = self.slot_by_agent.get(InlineStr::scoped(account_id, agent_id).as_bytes()) {
             let workload = &mut self.slots[*index as usize].workload;
             workload.open_conversations = workload.open_conversations.saturating_sub(1);
             let slot = &mut workload.open_by_channel_type[channel_type_slot(channel_type)];
@@ -656,17 +725,19 @@ pub struct RouterState {
     /// Open conversations by [`conversation_key`] and by thread (R10); closed ones are
     /// forgotten (their message ids stay in `dedup` for a while).
     pub conversations: OpenConversations,
-    /// C4: contacts by their id as a 128-bit key. Contact ids are the UUIDv5 of their channel
-    /// identity ([`contact_uuid_for`]), so one table serves lookups by id (commands) and by
-    /// identity (messages) without a second index. Boxed: small entries, cheap growth.
+    /// C4: contacts by their id as a 128-bit key. Contact ids are the UUIDv5 of their account
+    /// and channel identity ([`contact_uuid_for`]), so one table serves lookups by id
+    /// (commands) and by identity (messages) without a second index. Boxed: small entries,
+    /// cheap growth.
     pub contacts: FastMap<u128, Box<ContactState>>,
     /// C6: messages held for consent, by contact id, in arrival order.
     pub held_by_contact: FastMap<String, Vec<HeldMessage>>,
     /// Open tickets by id.
     pub tickets: FastMap<String, TicketState>,
     pub agents: AgentBook,
-    /// B3: open, unassigned conversations per channel, oldest first (started-at, key).
-    pub waiting_by_channel: FastMap<String, Backlog>,
+    /// B3: open, unassigned conversations per channel, by [`InlineStr::scoped`] (account,
+    /// channel id), oldest first (started-at, key).
+    pub waiting_by_channel: FastMap<InlineStr, Backlog>,
     pub dedup: MessageDedup,
     /// Request ids of applied (or rejected) commands.
     /// Keys ([`request_key`]) of the command request ids applied lately.
@@ -690,8 +761,8 @@ impl Default for RouterState {
 
 impl RouterState {
     /// R10: the id of the thread's open conversation.
-    pub fn open_conversation_id(&self, channel_id: &str, thread_key: &str) -> Option<String> {
-        self.conversations.by_thread(channel_id, thread_key).map(|(key, conversation)| conversation.id(key))
+    pub fn open_conversation_id(&self, account_id: &str, channel_id: &str, thread_key: &str) -> Option<String> {
+        self.conversations.by_thread(account_id, channel_id, thread_key).map(|(key, conversation)| conversation.id(key))
     }
 
     /// An open conversation by id, with its key.
@@ -700,24 +771,51 @@ impl RouterState {
         self.conversations.get(key).map(|conversation| (key, conversation))
     }
 
-    /// The contact of a channel identity (C4).
-    pub fn contact(&self, channel_id: &str, external_id: &str) -> Option<&ContactState> {
-        self.contact_with_uuid(contact_uuid_for(channel_id, external_id), channel_id, external_id)
+    /// The contact of a channel identity of an account (C4, M1).
+    pub fn contact(&self, account_id: &str, channel_id: &str, external_id: &str) -> Option<&ContactState> {
+        self.contact_with_uuid(
+            contact_uuid_for(account_id, channel_id, external_id),
+            account_id,
+            channel_id,
+            external_id,
+        )
     }
 
-    /// [`RouterState::contact`] when the caller already computed [`contact_uuid_for`].
-    pub fn contact_with_uuid(&self, uuid: uuid::Uuid, channel_id: &str, external_id: &str) -> Option<&ContactState> {
-        self.contacts
-            .get(&uuid.as_u128())
-            .map(|contact| &**contact)
-            .filter(|contact| contact.channel_id == channel_id && contact.external_id == *external_id)
+    /// [`RouterState::contact`] when the caller already computed [`contact_uuid_for`]. A
+    /// contact the log created before ids named the account is found under its legacy id, and
+    /// only within its own account.
+    pub fn contact_with_uuid(
+        &self,
+        uuid: uuid::Uuid,
+        account_id: &str,
+        channel_id: &str,
+        external_id: &str,
+    ) -> Option<&ContactState> {
+        let key = self.contact_key(uuid, account_id, channel_id, external_id)?;
+        self.contacts.get(&key).map(|contact| &**contact)
     }
 
-    fn contact_mut(&mut self, channel_id: &str, external_id: &str) -> Option<&mut ContactState> {
-        self.contacts
-            .get_mut(&contact_uuid_for(channel_id, external_id).as_u128())
-            .map(|contact| &mut **contact)
-            .filter(|contact| contact.channel_id == channel_id && contact.external_id == *external_id)
+    fn contact_mut(&mut self, account_id: &str, channel_id: &str, external_id: &str) -> Option<&mut ContactState> {
+        let uuid = contact_uuid_for(account_id, channel_id, external_id);
+        let key = self.contact_key(uuid, account_id, channel_id, external_id)?;
+        self.contacts.get_mut(&key).map(|contact| &mut **contact)
+    }
+
+    /// The key the identity's contact is stored under: its id as made now, or its legacy id.
+    fn contact_key(&self, uuid: uuid::Uuid, account_id: &str, channel_id: &str, external_id: &str) -> Option<u128> {
+        let is_identity = |key: &u128| {
+            self.contacts.get(key).is_some_and(|contact| {
+                contact.account_id == account_id
+                    && contact.channel_id == channel_id
+                    && contact.external_id == *external_id
+            })
+        };
+        let current = uuid.as_u128();
+        if is_identity(&current) {
+            return Some(current);
+        }
+        let legacy = legacy_contact_uuid_for(channel_id, external_id).as_u128();
+        is_identity(&legacy).then_some(legacy)
     }
 
     pub fn contact_by_id(&self, contact_id: &str) -> Option<&ContactState> {
@@ -744,24 +842,29 @@ impl RouterState {
         }
     }
 
-    fn stop_waiting(&mut self, conversation_key: u128, channel_id: &str, started_at_millis: u64) {
-        stop_waiting(&mut self.waiting_by_channel, conversation_key, channel_id, started_at_millis);
+    /// B3: the channel's open, unassigned conversations, oldest first.
+    pub fn waiting(&self, account_id: &str, channel_id: &str) -> Option<&Backlog> {
+        self.waiting_by_channel.get(InlineStr::scoped(account_id, channel_id).as_bytes())
     }
 
-    fn start_waiting(&mut self, conversation_key: u128, channel_id: &str, started_at_millis: u64) {
-        let waiting = match self.waiting_by_channel.get_mut(channel_id) {
-            Some(waiting) => waiting,
-            None => self.waiting_by_channel.entry(channel_id.to_owned()).or_default(),
-        };
-        waiting.insert(started_at_millis, conversation_key);
+    fn start_waiting(&mut self, conversation_key: u128, account_id: &str, channel_id: &str, started_at_millis: u64) {
+        start_waiting(&mut self.waiting_by_channel, conversation_key, account_id, channel_id, started_at_millis);
     }
 
     fn close_conversation(&mut self, conversation_id: &str) {
         let key = conversation_key(conversation_id);
         let Some(conversation) = self.conversations.remove(key) else { return };
         match &conversation.assignee_agent_id_opt {
-            Some(agent_id) => self.agents.release(agent_id.as_str(), conversation.channel_type),
-            None => self.stop_waiting(key, &conversation.channel_id, conversation.started_at_millis),
+            Some(agent_id) => {
+                self.agents.release(&conversation.account_id, agent_id.as_str(), conversation.channel_type)
+            }
+            None => stop_waiting(
+                &mut self.waiting_by_channel,
+                key,
+                &conversation.account_id,
+                &conversation.channel_id,
+                conversation.started_at_millis,
+            ),
         }
         for key in conversation.message_keys.iter() {
             self.dedup.retire_open(key);
@@ -772,17 +875,35 @@ impl RouterState {
 /// Removes a conversation from its channel's backlog (B3); a free function so callers can keep
 /// other fields of the state borrowed.
 fn stop_waiting(
-    waiting_by_channel: &mut FastMap<String, Backlog>,
+    waiting_by_channel: &mut FastMap<InlineStr, Backlog>,
     conversation_key: u128,
+    account_id: &str,
     channel_id: &str,
     started_at_millis: u64,
 ) {
-    if let Some(waiting) = waiting_by_channel.get_mut(channel_id) {
+    let channel_key = InlineStr::scoped(account_id, channel_id);
+    if let Some(waiting) = waiting_by_channel.get_mut(channel_key.as_bytes()) {
         waiting.remove(started_at_millis, conversation_key);
         if waiting.is_empty() {
-            waiting_by_channel.remove(channel_id);
+            waiting_by_channel.remove(channel_key.as_bytes());
         }
     }
+}
+
+/// Adds a conversation to its channel's backlog (B3).
+pub(crate) fn start_waiting(
+    waiting_by_channel: &mut FastMap<InlineStr, Backlog>,
+    conversation_key: u128,
+    account_id: &str,
+    channel_id: &str,
+    started_at_millis: u64,
+) {
+    let channel_key = InlineStr::scoped(account_id, channel_id);
+    let waiting = match waiting_by_channel.get_mut(channel_key.as_bytes()) {
+        Some(waiting) => waiting,
+        None => waiting_by_channel.entry(channel_key).or_default(),
+    };
+    waiting.insert(started_at_millis, conversation_key);
 }
 
 /// Applies one event emitted by [`crate::core::decide`] to the state.
@@ -795,13 +916,16 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         Some(Payload::ContactCreated(created)) if state.contact_by_id(&created.contact_id).is_none() => {
             state.insert_contact(ContactState {
                 contact_id: created.contact_id.clone(),
+                account_id: event.account_id.clone(),
                 channel_id: created.channel_id.clone(),
                 external_id: InlineStr::new(&created.external_id),
                 ..Default::default()
             });
         }
         Some(Payload::ContactConsentReceived(consent)) => {
-            if let Some(contact) = state.contact_mut(&consent.channel_id, &consent.sender_external_id) {
+            if let Some(contact) =
+                state.contact_mut(&event.account_id, &consent.channel_id, &consent.sender_external_id)
+            {
                 contact.consent_granted = consent.granted;
                 if consent.granted {
                     // The held messages are released by the events that follow this one.
@@ -826,7 +950,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             let key = message_key(&withheld.message_id);
             if withheld.reason == WithheldReason::AwaitingConsent as i32
                 && let Some(message) = &withheld.message
-                && let Some(contact) = state.contact(&withheld.channel_id, sender_identity(message))
+                && let Some(contact) = state.contact(&event.account_id, &withheld.channel_id, sender_identity(message))
             {
                 let contact_id = contact.contact_id.clone();
                 state.dedup.open(key);
@@ -845,6 +969,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                 key,
                 ConversationState {
                     noncanonical_id_opt,
+                    account_id: InlineStr::new(&event.account_id),
                     channel_id: InlineStr::new(&started.channel_id),
                     channel_type: started.channel_type,
                     thread_key: InlineStr::new(&started.thread_key),
@@ -868,15 +993,18 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                 && conversation.assignee_agent_id_opt.is_none()
             {
                 let (channel_id, started_at_millis) = (conversation.channel_id.clone(), conversation.started_at_millis);
-                state.start_waiting(key, &channel_id, started_at_millis);
+                state.start_waiting(key, &event.account_id, &channel_id, started_at_millis);
             }
         }
         Some(Payload::MessageAppended(appended)) => {
             // Through the thread when the event names it: the entries the decision just read.
             let key = conversation_key(&appended.conversation_id);
-            if let Some(conversation) =
-                state.conversations.get_mut_in_thread(key, &appended.channel_id, &appended.thread_key)
-            {
+            if let Some(conversation) = state.conversations.get_mut_in_thread(
+                key,
+                &event.account_id,
+                &appended.channel_id,
+                &appended.thread_key,
+            ) {
                 let message = message_key(&appended.message_id);
                 conversation.message_keys.push(message);
                 state.dedup.open(message);
@@ -891,13 +1019,14 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             let Some(conversation) = state.conversations.get_mut(key) else { return };
             match &mut conversation.assignee_agent_id_opt {
                 Some(previous) => {
-                    state.agents.release(previous.as_str(), conversation.channel_type);
+                    state.agents.release(&conversation.account_id, previous.as_str(), conversation.channel_type);
                     *previous = InlineStr::new(&assigned.assignee_agent_id);
                 }
                 None => {
                     stop_waiting(
                         &mut state.waiting_by_channel,
                         key,
+                        &conversation.account_id,
                         &conversation.channel_id,
                         conversation.started_at_millis,
                     );
@@ -905,6 +1034,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                 }
             }
             state.agents.take(
+                &conversation.account_id,
                 &assigned.assignee_agent_id,
                 &conversation.channel_id,
                 conversation.channel_type,
@@ -918,8 +1048,8 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             let Some(previous) = conversation.assignee_agent_id_opt.take() else { return };
             let (channel_id, channel_type, started_at_millis) =
                 (conversation.channel_id.clone(), conversation.channel_type, conversation.started_at_millis);
-            state.agents.release(previous.as_str(), channel_type);
-            state.start_waiting(key, &channel_id, started_at_millis);
+            state.agents.release(&event.account_id, previous.as_str(), channel_type);
+            state.start_waiting(key, &event.account_id, &channel_id, started_at_millis);
         }
         Some(Payload::ConversationClosed(closed)) => {
             state.remember_request(&closed.request_id);
@@ -951,7 +1081,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
         }
         Some(Payload::AgentAvailabilityChanged(changed)) => {
             state.remember_request(&changed.request_id);
-            state.agents.set_availability(&changed.agent_id, changed.available);
+            state.agents.set_availability(&event.account_id, &changed.agent_id, changed.available);
         }
         Some(Payload::CommandRejected(rejected)) => state.remember_request(&rejected.request_id),
         // Notifications and TicketNotCreated change nothing the router needs.

@@ -8,9 +8,12 @@ use uuid::Uuid;
 const SWITCHBOARD_NAMESPACE: Uuid = Uuid::from_u128(0x5b0a_7d1e_93c4_4f0e_a1f2_2c6e_8b7d_3e91);
 
 /// Switchboard's id for a provider message: every retry of the same provider message (same
-/// channel, same provider message id) gets the same id.
-pub fn message_id_for(channel_id: &str, provider_message_id: &str) -> Uuid {
-    let name = format!("message:{channel_id}:{provider_message_id}");
+/// account, channel and provider message id) gets the same id (B1). The account is part of it
+/// because channel ids are unique within an account only (M1): one mail sent to two accounts'
+/// `mail` channels is two messages.
+pub fn message_id_for(account_id: &str, channel_id: &str, provider_message_id: &str) -> Uuid {
+    // Lengths first: no choice of ids can make two different triples give the same name.
+    let name = format!("message:{}:{account_id}:{channel_id}:{provider_message_id}", account_id.len(),);
     Uuid::new_v5(&SWITCHBOARD_NAMESPACE, name.as_bytes())
 }
 
@@ -35,9 +38,12 @@ mod tests {
 
     #[test]
     fn b1_message_id_is_stable_across_retries_and_distinct_across_channels() {
-        assert_eq!(message_id_for("chat-1", "m-1"), message_id_for("chat-1", "m-1"));
-        assert_ne!(message_id_for("chat-1", "m-1"), message_id_for("chat-2", "m-1"));
-        assert_ne!(message_id_for("chat-1", "m-1"), message_id_for("chat-1", "m-2"));
+        assert_eq!(message_id_for("a", "chat-1", "m-1"), message_id_for("a", "chat-1", "m-1"));
+        assert_ne!(message_id_for("a", "chat-1", "m-1"), message_id_for("a", "chat-2", "m-1"));
+        assert_ne!(message_id_for("a", "chat-1", "m-1"), message_id_for("a", "chat-1", "m-2"));
+        // M1: the same channel id and provider id in two accounts are two messages.
+        assert_ne!(message_id_for("a", "chat-1", "m-1"), message_id_for("b", "chat-1", "m-1"));
+        assert_ne!(message_id_for("a:b", "c", "m"), message_id_for("a", "b:c", "m"));
     }
 
     #[test]

@@ -126,7 +126,7 @@ pub async fn seed(pool: &PgPool) -> anyhow::Result<Seeded> {
            ('vip-agent', 'acme', 'Vip Agent', '', 'agent', true, false, '{}', '{}', 0, '{}', now()),
            ('teammate', 'acme', 'Team Mate', '', 'agent', true, true, '{vip-team}', '{}', 0, '{}', now()),
            ('free-member', 'acme', 'Free Member', '', 'agent', false, true, '{}', '{}', 0, '{}', now());
-         INSERT INTO agent_workload (agent_id, channel_type, open_count) VALUES ('ana', 'chat', 1), ('vip-agent', 'team_email', 1);",
+         INSERT INTO agent_workload (account_id, agent_id, channel_type, open_count) VALUES ('acme', 'ana', 'chat', 1), ('acme', 'vip-agent', 'team_email', 1);",
     )
     .execute(pool)
     .await?;
@@ -148,7 +148,7 @@ pub async fn seed(pool: &PgPool) -> anyhow::Result<Seeded> {
     .execute(pool)
     .await?;
     sqlx::query(
-        "INSERT INTO contact_identities (channel_id, external_id, contact_id) VALUES ('web-chat', 'visitor-1', $1)",
+        "INSERT INTO contact_identities (account_id, channel_id, external_id, contact_id) VALUES ('acme', 'web-chat', 'visitor-1', $1)",
     )
     .bind(seeded.contact_id)
     .execute(pool)

@@ -86,7 +86,7 @@ pub fn inbound(account: &str, visitor: usize, message: usize) -> (String, Envelo
     let channel_id = format!("{account}-chat");
     let provider_message_id = format!("{account}-v{visitor}-m{message}");
     let payload = Payload::InboundMessageReceived(InboundMessageReceived {
-        message_id: switchboard_runtime::ids::message_id_for(&channel_id, &provider_message_id).to_string(),
+        message_id: switchboard_runtime::ids::message_id_for(account, &channel_id, &provider_message_id).to_string(),
         channel_id,
         inbox_id: format!("{account}-inbox"),
         channel_type: ChannelType::Chat as i32,

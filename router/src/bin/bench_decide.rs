@@ -117,7 +117,8 @@ fn inbound(sequence: u64, visitor: u64) -> Envelope {
         ACCOUNT,
         Utc.timestamp_opt(1_700_000_000 + sequence as i64, 0).unwrap(),
         Payload::InboundMessageReceived(InboundMessageReceived {
-            message_id: switchboard_runtime::ids::message_id_for(&channel_id, &provider_message_id).to_string(),
+            message_id: switchboard_runtime::ids::message_id_for(ACCOUNT, &channel_id, &provider_message_id)
+                .to_string(),
             channel_id,
             inbox_id: "inbox".into(),
             channel_type: ChannelType::Chat as i32,
@@ -203,8 +204,9 @@ impl Workload {
                 // follow-up to it (that would open a new conversation and grow the state).
                 let index = (next_random(&mut self.seed) % self.open_visitors.len() as u64) as usize;
                 let visitor = self.open_visitors.swap_remove(index);
-                let conversation_id =
-                    state.open_conversation_id(&channel_of(visitor), &thread_of(visitor)).expect("open conversation");
+                let conversation_id = state
+                    .open_conversation_id(ACCOUNT, &channel_of(visitor), &thread_of(visitor))
+                    .expect("open conversation");
                 self.sequence += 1;
                 batch.push(close_request(self.sequence, conversation_id));
                 self.closes += 1;

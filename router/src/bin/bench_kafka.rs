@@ -188,7 +188,8 @@ fn main() -> anyhow::Result<()> {
         let channel_id = format!("{account_id}-chat");
         let provider_message_id = format!("m-{index}");
         let payload = Payload::InboundMessageReceived(InboundMessageReceived {
-            message_id: switchboard_runtime::ids::message_id_for(&channel_id, &provider_message_id).to_string(),
+            message_id: switchboard_runtime::ids::message_id_for(&account_id, &channel_id, &provider_message_id)
+                .to_string(),
             channel_id,
             inbox_id: format!("{account_id}-inbox"),
             channel_type: ChannelType::Chat as i32,

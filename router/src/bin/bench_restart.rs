@@ -116,7 +116,7 @@ impl History {
     fn message(&mut self, visitor: u64, sequence: u32) -> anyhow::Result<()> {
         let provider_message_id = format!("v{visitor}-m{sequence}");
         self.route(Payload::InboundMessageReceived(InboundMessageReceived {
-            message_id: switchboard_runtime::ids::message_id_for("chat", &provider_message_id).to_string(),
+            message_id: switchboard_runtime::ids::message_id_for(ACCOUNT, "chat", &provider_message_id).to_string(),
             channel_id: "chat".into(),
             inbox_id: "inbox".into(),
             channel_type: ChannelType::Chat as i32,
@@ -133,7 +133,7 @@ impl History {
     }
 
     fn close(&mut self, visitor: u64) -> anyhow::Result<()> {
-        let conversation_id = self.state.open_conversation_id("chat", &format!("visitor-{visitor}"));
+        let conversation_id = self.state.open_conversation_id(ACCOUNT, "chat", &format!("visitor-{visitor}"));
         let Some(conversation_id) = conversation_id else { return Ok(()) };
         self.route(Payload::ConversationCloseRequested(ConversationCloseRequested {
             conversation_id,
