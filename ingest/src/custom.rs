@@ -77,7 +77,7 @@ pub fn to_inbound_event(
 ) -> Result<Envelope, IngestError> {
     let channel = channel::resolve(config, channel_id, ChannelType::Custom)?;
     let signing_key = secrets
-        .channel(channel_id)
+        .channel(&channel.account_id, channel_id)
         .and_then(|channel| channel.signing_key.as_ref())
         .ok_or_else(|| IngestError::SecretNotConfigured { channel_id: channel_id.to_owned(), secret: "signing_key" })?;
     signature::verify_custom(signing_key, request.timestamp, request.signature, request.body, now.timestamp())?;

@@ -67,7 +67,7 @@ pub fn verify_handshake(
         .channels
         .iter()
         .filter(|owned| owned.entity.channel_type == product.channel_type() as i32)
-        .filter_map(|owned| secrets.channel(&owned.entity.channel_id)?.verify_token.as_ref())
+        .filter_map(|owned| secrets.channel(&owned.account_id, &owned.entity.channel_id)?.verify_token.as_ref())
         .any(|verify_token| constant_time_eq(verify_token.expose(), token));
     if !known {
         return Err(IngestError::VerificationFailed("hub.verify_token matches no channel".into()));
@@ -90,7 +90,7 @@ pub fn verify_delivery<'c>(
             continue;
         }
         let app_secret = secrets
-            .channel(channel_id)
+            .channel(&owned.account_id, channel_id)
             .and_then(|channel| channel.app_secret.as_ref())
             .ok_or_else(|| IngestError::SecretNotConfigured { channel_id: channel_id.clone(), secret: "app_secret" })?;
         signature::verify_meta(app_secret, signature_header_opt, body)?;

@@ -789,10 +789,11 @@ async fn write_workload(
     .execute(&mut **transaction)
     .await?;
     if deltas.iter().any(|(_, delta)| **delta < 0) {
-        // A rebuild from a timestamp may see a close without the assignment that preceded it.
-        sqlx::query("UPDATE agent_workload SET open_count = 0 WHERE open_count < 0")
-            .execute(&mut **transaction)
-            .await?;
+        // A row holds an agent's open conversations, so an agent with none has no row: however
+        // the log was cut into batches (an assignment and its close in one batch or in two),
+        // the table ends the same. A rebuild from a timestamp may also see a close without the
+        // assignment that preceded it; that never leaves a negative count either.
+        sqlx::query("DELETE FROM agent_workload WHERE open_count <= 0").execute(&mut **transaction).await?;
     }
     Ok(())
 }

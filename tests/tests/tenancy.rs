@@ -7,8 +7,11 @@
 use std::time::Duration;
 
 use switchboard_api::auth::{Identity, Role};
+use switchboard_ingest::secrets::Secrets;
+use switchboard_ingest::signature::sign_hex;
 use switchboard_proto::api::v1::channel_settings::Settings;
 use switchboard_proto::api::v1::*;
+use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{AssignTarget, ChannelType, EmailSettings, MessengerSettings, WhatsAppSettings};
 use switchboard_tests::TestEnv;
 use switchboard_tests::api_seed::{Clients, clients_for};
@@ -254,6 +257,70 @@ async fn tenancy_apply_config_keeps_accounts_apart_and_refuses_claimed_identitie
     };
     assert_eq!(address(ACME).as_deref(), Some("support@acme.test"));
     assert_eq!(address(GLOBEX).as_deref(), Some("support@globex.test"));
+    env.cleanup().await;
+    Ok(())
+}
+
+const MAIL_TO_ACME: &str = "From: Bob <bob@customer.test>\r\nTo: Support <SUPPORT@acme.test>\r\n\
+Subject: Where is my order?\r\nMessage-ID: <order-1@customer.test>\r\nDate: Tue, 3 Mar 2026 10:00:00 +0100\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\r\nHello, where is my order?\r\n";
+
+const MESSENGER_TO_ACME: &str = r#"{"object":"page","entry":[{"id":"1001","time":1772530000000,"messaging":[
+  {"sender":{"id":"6543210987654321"},"recipient":{"id":"1001"},"timestamp":1772530000000,
+   "message":{"mid":"m_tenancy_1","text":"Hello from Messenger"}}]}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenancy_ingest_deliveries_to_contested_identities_reach_only_their_owner() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let url = env.start_api_server().await?;
+    let mut acme = clients_for(&url, &admin_of(ACME)).await?;
+    let mut globex = clients_for(&url, &admin_of(GLOBEX)).await?;
+    set_up_acme(&mut acme).await?;
+    globex.admin.create_inbox(inbox("support", "Globex Help")).await?;
+    // Globex tries to take acme's address and page, and connects its own channels of the same ids.
+    let taken =
+        globex.admin.connect_channel(channel("mail-2", ChannelType::TeamEmail, email("support@acme.test"))).await;
+    assert_eq!(code_of(taken), Code::AlreadyExists);
+    let taken = globex.admin.connect_channel(channel("fb-2", ChannelType::FacebookMessenger, page("1001"))).await;
+    assert_eq!(code_of(taken), Code::AlreadyExists);
+    globex.admin.connect_channel(channel("mail", ChannelType::TeamEmail, email("support@globex.test"))).await?;
+    globex.admin.connect_channel(channel("fb", ChannelType::FacebookMessenger, page("3003"))).await?;
+
+    // Each account's Messenger channel `fb` has its own app secret.
+    let secrets = Secrets::parse(
+        "[accounts.acme.channels.fb]\napp_secret = \"acme-app-secret\"\n\
+         [accounts.globex.channels.fb]\napp_secret = \"globex-app-secret\"\n",
+    )?;
+    let bound = env.start_ingest_with(secrets, false).await?;
+    let http = reqwest::Client::new();
+    let mail = http
+        .post(format!("http://{}/v1/email/inbound", bound.http))
+        .header("content-type", "message/rfc822")
+        .body(MAIL_TO_ACME)
+        .send()
+        .await?;
+    assert_eq!(mail.status().as_u16(), 202, "{}", mail.text().await?);
+    // Signed with globex's secret, acme's page's delivery is refused; with acme's, accepted.
+    let messenger = |secret: &'static [u8]| {
+        http.post(format!("http://{}/v1/webhooks/messenger", bound.http))
+            .header("x-hub-signature-256", format!("sha256={}", sign_hex(secret, &[MESSENGER_TO_ACME.as_bytes()])))
+            .body(MESSENGER_TO_ACME)
+            .send()
+    };
+    assert_eq!(messenger(b"globex-app-secret").await?.status().as_u16(), 403);
+    assert_eq!(messenger(b"acme-app-secret").await?.status().as_u16(), 200);
+
+    let events = env.read_committed_events(&env.topics.inbound)?;
+    let inbound: Vec<(&str, &str)> = events
+        .iter()
+        .filter_map(|event| match &event.payload {
+            Some(Payload::InboundMessageReceived(message)) => {
+                Some((event.account_id.as_str(), message.channel_id.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(inbound, [(ACME, "mail"), (ACME, "fb")], "delivered once, to acme only");
     env.cleanup().await;
     Ok(())
 }
