@@ -324,3 +324,95 @@ async fn tenancy_ingest_deliveries_to_contested_identities_reach_only_their_owne
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenancy_queries_and_commands_with_another_accounts_records_are_not_found() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    env.apply_config(switchboard_tests::api_seed::ACME_CONFIG).await?;
+    let seeded = switchboard_tests::api_seed::seed(&env.pool).await?;
+    let url = env.start_api_server().await?;
+    let mut globex = clients_for(&url, &admin_of(GLOBEX)).await?;
+    let not_found = |what: &str, code: Code| assert_eq!(code, Code::NotFound, "{what}");
+
+    // Queries with acme's conversation, message, contact and inbox ids.
+    let conversation_id = seeded.support_assigned.to_string();
+    not_found(
+        "GetConversation",
+        code_of(
+            globex
+                .conversations
+                .get_conversation(GetConversationRequest {
+                    conversation_id: conversation_id.clone(),
+                    ..Default::default()
+                })
+                .await,
+        ),
+    );
+    let message = GetMessageRequest { message_id: seeded.form_message_id.to_string(), ..Default::default() };
+    not_found("GetMessage", code_of(globex.conversations.get_message(message).await));
+    let timeline = GetContactTimelineRequest { contact_id: seeded.contact_id.to_string(), ..Default::default() };
+    not_found("GetContactTimeline", code_of(globex.workspace.get_contact_timeline(timeline).await));
+    let get_inbox = GetInboxRequest { inbox_id: "vip".into(), ..Default::default() };
+    not_found("GetInbox", code_of(globex.workspace.get_inbox(get_inbox).await));
+    let list = ListConversationsRequest { inbox_id: "support".into(), ..Default::default() };
+    not_found("ListConversations", code_of(globex.conversations.list_conversations(list).await));
+    let watch = WatchConversationsRequest { inbox_ids: vec!["support".into()], ..Default::default() };
+    not_found("WatchConversations", code_of(globex.conversations.watch_conversations(watch).await));
+    // Account-wide lists hold nothing of acme's.
+    let conversations =
+        globex.conversations.list_conversations(ListConversationsRequest::default()).await?.into_inner().conversations;
+    assert!(conversations.is_empty(), "{conversations:?}");
+    assert!(globex.workspace.list_inboxes(ListInboxesRequest::default()).await?.into_inner().inboxes.is_empty());
+    assert!(globex.workspace.list_agents(ListAgentsRequest::default()).await?.into_inner().agents.is_empty());
+    assert!(globex.workspace.list_contacts(ListContactsRequest::default()).await?.into_inner().contacts.is_empty());
+    assert!(globex.workspace.list_tickets(ListTicketsRequest::default()).await?.into_inner().tickets.is_empty());
+    let audit = globex.workspace.list_routing_audit(ListRoutingAuditRequest::default()).await?.into_inner();
+    assert!(audit.entries.is_empty(), "{:?}", audit.entries);
+
+    // Commands on acme's conversation, ticket, contact, inbox and agents.
+    let admin = &mut globex.admin;
+    let assign = AssignConversationRequest {
+        request_id: request_id(),
+        conversation_id: conversation_id.clone(),
+        assignee_agent_id: "root".into(),
+    };
+    not_found("AssignConversation", code_of(admin.assign_conversation(assign).await));
+    let unassign = UnassignConversationRequest { request_id: request_id(), conversation_id: conversation_id.clone() };
+    not_found("UnassignConversation", code_of(admin.unassign_conversation(unassign).await));
+    let close = CloseConversationRequest { request_id: request_id(), conversation_id };
+    not_found("CloseConversation", code_of(admin.close_conversation(close).await));
+    let move_ticket = MoveTicketStageRequest {
+        request_id: request_id(),
+        ticket_id: seeded.support_ticket.to_string(),
+        stage: "solved".into(),
+        close: false,
+    };
+    not_found("MoveTicketStage", code_of(admin.move_ticket_stage(move_ticket).await));
+    let owner = SetContactOwnerRequest {
+        request_id: request_id(),
+        contact_id: seeded.contact_id.to_string(),
+        owner_agent_id: String::new(),
+    };
+    not_found("SetContactOwner", code_of(admin.set_contact_owner(owner).await));
+    let access = SetInboxAccessRequest { request_id: request_id(), inbox_id: "vip".into(), ..Default::default() };
+    not_found("SetInboxAccess", code_of(admin.set_inbox_access(access).await));
+    let rename = RenameInboxRequest { request_id: request_id(), inbox_id: "vip".into(), name: "mine".into() };
+    not_found("RenameInbox", code_of(admin.rename_inbox(rename).await));
+    let skills = SetAgentSkillsRequest { request_id: request_id(), agent_id: "ana".into(), skills: vec![] };
+    not_found("SetAgentSkills", code_of(admin.set_agent_skills(skills).await));
+    let teams = SetAgentTeamsRequest { request_id: request_id(), agent_id: "ana".into(), team_ids: vec![] };
+    not_found("SetAgentTeams", code_of(admin.set_agent_teams(teams).await));
+    let capacity = SetAgentCapacityRequest { request_id: request_id(), agent_id: "ana".into(), ..Default::default() };
+    not_found("SetAgentCapacity", code_of(admin.set_agent_capacity(capacity).await));
+    let seat = SetAgentSeatRequest { request_id: request_id(), agent_id: "ana".into(), paid_seat: false };
+    not_found("SetAgentSeat", code_of(admin.set_agent_seat(seat).await));
+    let availability =
+        SetAgentAvailabilityRequest { request_id: request_id(), agent_id: "ana".into(), available: false };
+    not_found("SetAgentAvailability", code_of(admin.set_agent_availability(availability).await));
+
+    // Nothing reached the log on globex's behalf.
+    let inbound = env.read_committed_events(&env.topics.inbound)?;
+    assert!(inbound.iter().all(|event| event.account_id != GLOBEX), "{inbound:?}");
+    env.cleanup().await;
+    Ok(())
+}
