@@ -1289,3 +1289,31 @@ fn m1_accounts_sharing_a_partition_and_ids_never_share_conversations_contacts_or
     assert_eq!(names(&refused), ["command_rejected"]);
     assert!(given.state.conversation(&first_started.conversation_id).is_some());
 }
+
+/// M1 upgrade: a contact the log created before ids named the account keeps its id and is still
+/// found by identity, in its own account only.
+#[test]
+fn m1_contacts_created_before_ids_named_the_account_keep_their_id() {
+    let mut given = Given::new();
+    let legacy_id = crate::state::legacy_contact_uuid_for(CHANNEL, "visitor-old").hyphenated().to_string();
+    let mut created = given.input(Payload::ContactCreated(ContactCreated {
+        contact_id: legacy_id.clone(),
+        channel_id: CHANNEL.into(),
+        external_id: "visitor-old".into(),
+        ..Default::default()
+    }));
+    created.schema_version = 1;
+    evolve(&mut given.state, &created);
+    assert_eq!(given.state.legacy_contacts, 1);
+    let events = given.when("visitor-old", "m1");
+    assert!(!names(&events).contains(&"contact_created"), "{:?}", names(&events));
+    let started = payloads(&events).into_iter().find_map(|payload| match payload {
+        Payload::ConversationStarted(started) => Some(started.contact_id.clone()),
+        _ => None,
+    });
+    assert_eq!(started, Some(legacy_id.clone()));
+    assert!(given.state.contact("acct-2", CHANNEL, "visitor-old").is_none(), "never another account's");
+    // Contacts made now are not legacy: lookups of new senders stay one hash.
+    given.when("visitor-new", "m1");
+    assert_eq!(given.state.legacy_contacts, 1);
+}

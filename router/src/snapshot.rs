@@ -127,6 +127,7 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.opt_str(contact.owner_agent_id_opt.as_deref());
         out.bool(contact.consent_granted);
         out.u64(contact.ticket_count as u64);
+        out.bool(contact.legacy_id);
     }
     out.len(state.held_by_contact.len());
     for (contact_id, held) in &state.held_by_contact {
@@ -235,6 +236,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
             owner_agent_id_opt: input.opt_string()?,
             consent_granted: input.bool()?,
             ticket_count: input.u32()?,
+            legacy_id: input.bool()?,
         };
         state.insert_contact(contact);
     }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{Envelope, InboundMessageReceived, WithheldReason};
-use switchboard_runtime::envelope::recorded_at_millis;
+use switchboard_runtime::envelope::{ACCOUNT_SCOPED_IDS, recorded_at_millis};
 
 use crate::conversations::OpenConversations;
 use crate::fast_hash::{FastMap, FastSet};
@@ -239,6 +239,9 @@ pub struct ContactState {
     pub consent_granted: bool,
     /// Tickets ever associated with the contact (T2 / C7 association limit).
     pub ticket_count: u32,
+    /// Created by an event older than [`ACCOUNT_SCOPED_IDS`]: its id is the legacy derivation
+    /// ([`legacy_contact_uuid_for`]).
+    pub legacy_id: bool,
 }
 
 /// A message held until its sender consents (C6 explicit consent).
@@ -742,6 +745,9 @@ pub struct RouterState {
     /// Request ids of applied (or rejected) commands.
     /// Keys ([`request_key`]) of the command request ids applied lately.
     pub applied_requests: RecentSet<u128>,
+    /// Contacts with a legacy id. While there are none (any log written since ids named the
+    /// account), looking a sender up costs one hash, not two.
+    pub legacy_contacts: usize,
 }
 
 impl Default for RouterState {
@@ -755,6 +761,7 @@ impl Default for RouterState {
             waiting_by_channel: FastMap::default(),
             dedup: MessageDedup::default(),
             applied_requests: RecentSet::with_capacity(RECENT_REQUEST_WINDOW),
+            legacy_contacts: 0,
         }
     }
 }
@@ -814,6 +821,9 @@ impl RouterState {
         if is_identity(&current) {
             return Some(current);
         }
+        if self.legacy_contacts == 0 {
+            return None;
+        }
         let legacy = legacy_contact_uuid_for(channel_id, external_id).as_u128();
         is_identity(&legacy).then_some(legacy)
     }
@@ -833,7 +843,15 @@ impl RouterState {
     /// contact recorded under another id is still found by id, and by identity the next
     /// message simply creates the recipe's contact.
     pub fn insert_contact(&mut self, contact: ContactState) {
-        self.contacts.insert(message_key(&contact.contact_id), Box::new(contact));
+        let legacy_id = contact.legacy_id;
+        if let Some(replaced) = self.contacts.insert(message_key(&contact.contact_id), Box::new(contact))
+            && replaced.legacy_id
+        {
+            self.legacy_contacts -= 1;
+        }
+        if legacy_id {
+            self.legacy_contacts += 1;
+        }
     }
 
     fn remember_request(&mut self, request_id: &str) {
@@ -919,6 +937,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                 account_id: event.account_id.clone(),
                 channel_id: created.channel_id.clone(),
                 external_id: InlineStr::new(&created.external_id),
+                legacy_id: event.schema_version < ACCOUNT_SCOPED_IDS,
                 ..Default::default()
             });
         }

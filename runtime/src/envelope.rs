@@ -7,7 +7,11 @@ use switchboard_proto::events::v1::{Envelope, envelope::Payload};
 use uuid::Uuid;
 
 /// Schema version of every payload this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// - 1: the first.
+/// - 2: ids derived from a provider identity (message ids, contact ids) name the account (M1).
+pub const SCHEMA_VERSION: u32 = 2;
+/// The first schema version whose derived ids name the account.
+pub const ACCOUNT_SCOPED_IDS: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
