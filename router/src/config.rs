@@ -14,7 +14,7 @@ use switchboard_proto::events::v1::{
 use switchboard_runtime::config_store::ConfigSnapshot;
 
 use crate::fast_hash::FastMap;
-use crate::state::{CHANNEL_TYPE_SLOTS, channel_type_slot};
+use crate::state::{CHANNEL_TYPE_SLOTS, InlineStr, channel_type_slot};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentProfile {
@@ -60,8 +60,9 @@ impl ChannelProfile {
     }
 }
 
-/// Entities of one account by id (M1: ids are unique within an account only).
-pub type ByAccount<T> = FastMap<String, FastMap<String, T>>;
+/// Entities by [`InlineStr::scoped`] (account, id) (M1: ids are unique within an account only):
+/// one hash per lookup, as when ids were installation-wide.
+pub type ByAccount<T> = FastMap<InlineStr, T>;
 
 /// The config as `decide` reads it.
 #[derive(Debug, Clone, Default)]
@@ -94,8 +95,8 @@ impl RouterConfig {
             for limit in &agent.capacity_per_channel_type {
                 max_open_by_channel_type[channel_type_slot(limit.channel_type)] = limit.max_open;
             }
-            agents.entry(owned.account_id.clone()).or_default().insert(
-                agent.agent_id.clone(),
+            agents.insert(
+                InlineStr::scoped(&owned.account_id, &agent.agent_id),
                 AgentProfile {
                     account_id: owned.account_id.clone(),
                     paid_seat: agent.paid_seat,
@@ -112,7 +113,7 @@ impl RouterConfig {
         for owned in snapshot.agents.iter() {
             let (account_id, agent_id) = (owned.account_id.as_str(), owned.entity.agent_id.as_str());
             profile_index_by_agent.insert((account_id, agent_id), profiles.len() as u32);
-            profiles.push(agents[account_id][agent_id].clone());
+            profiles.push(agents[InlineStr::scoped(account_id, agent_id).as_bytes()].clone());
             profile_agents.push((account_id.to_owned(), agent_id.to_owned()));
         }
         let mut channels: ByAccount<ChannelProfile> = FastMap::default();
@@ -163,7 +164,7 @@ impl RouterConfig {
             if redrives && channel.enabled {
                 redrive_channel_ids_by_account.entry(account_id.clone()).or_default().push(channel_id.clone());
             }
-            channels.entry(account_id.clone()).or_default().insert(channel_id.clone(), profile);
+            channels.insert(InlineStr::scoped(account_id, channel_id), profile);
         }
         // BTreeMap iteration already gave sorted channel ids per account.
         drop(profile_index_by_agent);
@@ -185,12 +186,12 @@ impl RouterConfig {
 
     /// The channel `channel_id` of `account_id` (M1: never another account's channel).
     pub fn channel(&self, account_id: &str, channel_id: &str) -> Option<&ChannelProfile> {
-        self.channels.get(account_id)?.get(channel_id)
+        self.channels.get(InlineStr::scoped(account_id, channel_id).as_bytes())
     }
 
     /// The agent `agent_id` of `account_id` (M1: never another account's agent).
     pub fn agent(&self, account_id: &str, agent_id: &str) -> Option<&AgentProfile> {
-        self.agents.get(account_id)?.get(agent_id)
+        self.agents.get(InlineStr::scoped(account_id, agent_id).as_bytes())
     }
 }
 

@@ -122,10 +122,9 @@ impl OpenConversations {
                 ((chunk_index << CHUNK_BITS) + chunk.len() - 1) as Slot
             }
         };
-        let channel_key = InlineStr::scoped(&conversation.account_id, &conversation.channel_id);
-        let threads = match self.by_thread.get_mut(channel_key.as_bytes()) {
+        let threads = match self.by_thread.get_mut(conversation.channel_key.as_bytes()) {
             Some(threads) => threads,
-            None => self.by_thread.entry(channel_key).or_default(),
+            None => self.by_thread.entry(conversation.channel_key.clone()).or_default(),
         };
         threads.insert(conversation.thread_key.clone(), slot);
         self.by_key.insert(key, slot);
@@ -136,7 +135,7 @@ impl OpenConversations {
     pub fn remove(&mut self, key: u128) -> Option<ConversationState> {
         let slot = self.by_key.remove(&key)?;
         let entry = self.slot_mut(slot).take().expect("indexes point at occupied slots");
-        let channel_key = InlineStr::scoped(&entry.conversation.account_id, &entry.conversation.channel_id);
+        let channel_key = &entry.conversation.channel_key;
         if let Some(threads) = self.by_thread.get_mut(channel_key.as_bytes()) {
             // Only if the thread still points here: a conversation replaced under the same
             // thread must stay reachable.
@@ -171,10 +170,10 @@ impl PartialEq for OpenConversations {
             && self.iter().all(|(key, conversation)| {
                 other.get(key) == Some(conversation)
                     && other
-                        .by_thread(&conversation.account_id, &conversation.channel_id, &conversation.thread_key)
+                        .by_thread(conversation.account_id(), conversation.channel_id(), &conversation.thread_key)
                         .map(|(thread_conversation_key, _)| thread_conversation_key)
                         == self
-                            .by_thread(&conversation.account_id, &conversation.channel_id, &conversation.thread_key)
+                            .by_thread(conversation.account_id(), conversation.channel_id(), &conversation.thread_key)
                             .map(|(k, _)| k)
             })
     }
@@ -190,8 +189,7 @@ mod tests {
 
     fn in_account(account_id: &str, channel_id: &str, thread_key: &str) -> ConversationState {
         ConversationState {
-            account_id: account_id.into(),
-            channel_id: channel_id.into(),
+            channel_key: InlineStr::scoped(account_id, channel_id),
             thread_key: thread_key.into(),
             ..Default::default()
         }

@@ -29,7 +29,9 @@ use switchboard_runtime::envelope::{SCHEMA_VERSION, payload_name, recorded_at_mi
 
 pub use crate::config::RouterConfig;
 use crate::config::{AgentProfile, ChannelProfile};
-use crate::state::{AgentBook, AgentSlot, ContactState, ConversationState, message_key, request_key, sender_identity};
+use crate::state::{
+    AgentBook, AgentSlot, ContactState, ConversationState, InlineStr, message_key, request_key, sender_identity,
+};
 pub use crate::state::{RouterState, evolve};
 
 /// Upper bound of routing attempts one re-drive makes (B3): keeps the latency of a single
@@ -377,14 +379,8 @@ fn deliver(
     }
     if overlay.track {
         if let Some(agent_id) = &assignee_opt {
-            let account_id = &decision.cause.account_id;
-            overlay.agents.to_mut().take(
-                account_id,
-                agent_id,
-                &message.channel_id,
-                channel_type,
-                decision.cause_millis,
-            );
+            let channel_key = InlineStr::scoped(&decision.cause.account_id, &message.channel_id);
+            overlay.agents.to_mut().take(&channel_key, agent_id, channel_type, decision.cause_millis);
         }
         overlay.new_threads.push((message.channel_id.clone(), message.thread_key.clone(), conversation_id.clone()));
     }
@@ -798,7 +794,9 @@ fn open_conversation_for_command<'state>(
     }
     // M1: another account's conversation (same partition) is as unknown as a closed one.
     let account_id = &decision.cause.account_id;
-    let found = state.conversation(conversation_id).filter(|(_, conversation)| conversation.account_id == **account_id);
+    let found = state
+        .conversation(conversation_id)
+        .filter(|(_, conversation)| conversation.account_id() == account_id.as_str());
     if found.is_none() {
         decision.reject(command, request_id, format!("conversation `{conversation_id}` is not open"));
     }
@@ -855,7 +853,7 @@ fn decide_manual_assignment(
             request_id: request.request_id.clone(),
         }));
         redrive(state, config, decision, previous, Some(key), |agents| {
-            agents.release(&conversation.account_id, previous, conversation.channel_type);
+            agents.release(conversation.account_id(), previous, conversation.channel_type);
         });
         return;
     }
@@ -873,7 +871,7 @@ fn decide_manual_assignment(
         conversation_id: conversation.id(key),
         assignee_agent_id: request.assignee_agent_id.clone(),
         explanation: Some(RoutingExplanation {
-            channel_id: conversation.channel_id.to_string(),
+            channel_id: conversation.channel_id().to_owned(),
             eligible_agent_ids: vec![request.assignee_agent_id.clone()],
             ..Default::default()
         }),
@@ -883,15 +881,8 @@ fn decide_manual_assignment(
     if let Some(previous) = previous_opt {
         let cause_millis = decision.cause_millis;
         redrive(state, config, decision, previous, Some(key), |agents| {
-            let account_id = &conversation.account_id;
-            agents.release(account_id, previous, conversation.channel_type);
-            agents.take(
-                account_id,
-                &request.assignee_agent_id,
-                &conversation.channel_id,
-                conversation.channel_type,
-                cause_millis,
-            );
+            agents.release(conversation.account_id(), previous, conversation.channel_type);
+            agents.take(&conversation.channel_key, &request.assignee_agent_id, conversation.channel_type, cause_millis);
         });
     }
 }
@@ -932,7 +923,7 @@ fn close(
     // B3: the assignee has room for one more now.
     if let Some(previous) = conversation.assignee() {
         redrive(state, config, decision, previous, Some(key), |agents| {
-            agents.release(&conversation.account_id, previous, conversation.channel_type);
+            agents.release(conversation.account_id(), previous, conversation.channel_type);
         });
     }
 }
@@ -1084,9 +1075,8 @@ fn redrive(
         match routed.outcome {
             Outcome::Assigned(agent_id) => {
                 overlay.agents.to_mut().take(
-                    &conversation.account_id,
+                    &conversation.channel_key,
                     &agent_id,
-                    &conversation.channel_id,
                     conversation.channel_type,
                     decision.cause_millis,
                 );

@@ -104,8 +104,8 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
     out.len(state.conversations.len());
     for (key, conversation) in state.conversations.iter() {
         out.str(&conversation.id(key));
-        out.str(&conversation.account_id);
-        out.str(&conversation.channel_id);
+        out.str(conversation.account_id());
+        out.str(conversation.channel_id());
         out.i64(conversation.channel_type as i64);
         out.str(&conversation.thread_key);
         out.str(&conversation.contact_id);
@@ -196,8 +196,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         let key = conversation_key(&conversation_id);
         let mut conversation = ConversationState {
             noncanonical_id_opt: noncanonical_id(&conversation_id),
-            account_id: InlineStr::new(&input.string()?),
-            channel_id: InlineStr::new(&input.string()?),
+            channel_key: InlineStr::scoped(&input.string()?, &input.string()?),
             channel_type: input.i64()? as i32,
             thread_key: input.string()?.into(),
             contact_id: InlineStr::new(&input.string()?),
@@ -217,8 +216,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
             start_waiting(
                 &mut state.waiting_by_channel,
                 key,
-                &conversation.account_id,
-                &conversation.channel_id,
+                &conversation.channel_key,
                 conversation.started_at_millis,
             );
         }

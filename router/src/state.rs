@@ -124,11 +124,11 @@ pub struct ConversationState {
     /// The id as written when it is not a canonical UUID (router-made ids always are, so this
     /// is `None` in practice and the id is printed from the key).
     pub noncanonical_id_opt: Option<Box<str>>,
-    /// M1: the account; with the channel id it addresses the thread and the backlog.
-    pub account_id: InlineStr,
-    /// Inline like the other short ids: closing and following up read them, and a heap string
-    /// would be one more cache miss each time.
-    pub channel_id: InlineStr,
+    /// The account and channel as one [`InlineStr::scoped`] key (M1): it addresses the thread
+    /// index and the backlog as it is, and one field keeps the state as small as when it held
+    /// the channel id alone. Inline like the other short ids: closing and following up read
+    /// it, and a heap string would be one more cache miss each time.
+    pub channel_key: InlineStr,
     pub channel_type: i32,
     pub thread_key: InlineStr,
     pub contact_id: InlineStr,
@@ -157,6 +157,14 @@ impl ConversationState {
 
     pub fn assignee(&self) -> Option<&str> {
         self.assignee_agent_id_opt.as_ref().map(InlineStr::as_str)
+    }
+
+    pub fn account_id(&self) -> &str {
+        self.channel_key.scope().0
+    }
+
+    pub fn channel_id(&self) -> &str {
+        self.channel_key.scope().1
     }
 }
 
@@ -297,6 +305,16 @@ impl InlineStr {
             InlineStr::Inline { len: len as u8, bytes }
         } else {
             InlineStr::Heap(format!("{account_id}{}{id}", SCOPE_SEPARATOR as char).into())
+        }
+    }
+
+    /// The (account, id) of a [`InlineStr::scoped`] key. Ids never contain the separator, so
+    /// the last one splits them.
+    pub fn scope(&self) -> (&str, &str) {
+        let text = self.as_str();
+        match text.rfind(SCOPE_SEPARATOR as char) {
+            Some(at) => (&text[..at], &text[at + 1..]),
+            None => ("", text),
         }
     }
 
@@ -561,16 +579,17 @@ impl AgentBook {
         self.last_round_robin_agent_by_channel.get(InlineStr::scoped(account_id, channel_id).as_bytes())
     }
 
-    pub fn take(&mut self, account_id: &str, agent_id: &str, channel_id: &str, channel_type: i32, at_millis: u64) {
-        let workload = &mut self.slot_mut(account_id, agent_id).workload;
+    /// The agent of the channel's account takes a conversation of the channel (`channel_key`:
+    /// [`InlineStr::scoped`] (account, channel id)).
+    pub fn take(&mut self, channel_key: &InlineStr, agent_id: &str, channel_type: i32, at_millis: u64) {
+        let workload = &mut self.slot_mut(channel_key.scope().0, agent_id).workload;
         workload.open_conversations += 1;
         workload.open_by_channel_type[channel_type_slot(channel_type)] += 1;
         workload.last_assigned_at_millis_opt = Some(at_millis);
-        let channel_key = InlineStr::scoped(account_id, channel_id);
         match self.last_round_robin_agent_by_channel.get_mut(channel_key.as_bytes()) {
             Some(last) if *last == *agent_id => {}
             Some(last) => *last = InlineStr::new(agent_id),
-            None => drop(self.last_round_robin_agent_by_channel.insert(channel_key, InlineStr::new(agent_id))),
+            None => drop(self.last_round_robin_agent_by_channel.insert(channel_key.clone(), InlineStr::new(agent_id))),
         }
     }
 
@@ -865,22 +884,17 @@ impl RouterState {
         self.waiting_by_channel.get(InlineStr::scoped(account_id, channel_id).as_bytes())
     }
 
-    fn start_waiting(&mut self, conversation_key: u128, account_id: &str, channel_id: &str, started_at_millis: u64) {
-        start_waiting(&mut self.waiting_by_channel, conversation_key, account_id, channel_id, started_at_millis);
-    }
-
     fn close_conversation(&mut self, conversation_id: &str) {
         let key = conversation_key(conversation_id);
         let Some(conversation) = self.conversations.remove(key) else { return };
         match &conversation.assignee_agent_id_opt {
             Some(agent_id) => {
-                self.agents.release(&conversation.account_id, agent_id.as_str(), conversation.channel_type)
+                self.agents.release(conversation.account_id(), agent_id.as_str(), conversation.channel_type)
             }
             None => stop_waiting(
                 &mut self.waiting_by_channel,
                 key,
-                &conversation.account_id,
-                &conversation.channel_id,
+                &conversation.channel_key,
                 conversation.started_at_millis,
             ),
         }
@@ -895,11 +909,9 @@ impl RouterState {
 fn stop_waiting(
     waiting_by_channel: &mut FastMap<InlineStr, Backlog>,
     conversation_key: u128,
-    account_id: &str,
-    channel_id: &str,
+    channel_key: &InlineStr,
     started_at_millis: u64,
 ) {
-    let channel_key = InlineStr::scoped(account_id, channel_id);
     if let Some(waiting) = waiting_by_channel.get_mut(channel_key.as_bytes()) {
         waiting.remove(started_at_millis, conversation_key);
         if waiting.is_empty() {
@@ -908,18 +920,17 @@ fn stop_waiting(
     }
 }
 
-/// Adds a conversation to its channel's backlog (B3).
+/// Adds a conversation to its channel's backlog (B3); `channel_key` is [`InlineStr::scoped`]
+/// (account, channel id).
 pub(crate) fn start_waiting(
     waiting_by_channel: &mut FastMap<InlineStr, Backlog>,
     conversation_key: u128,
-    account_id: &str,
-    channel_id: &str,
+    channel_key: &InlineStr,
     started_at_millis: u64,
 ) {
-    let channel_key = InlineStr::scoped(account_id, channel_id);
     let waiting = match waiting_by_channel.get_mut(channel_key.as_bytes()) {
         Some(waiting) => waiting,
-        None => waiting_by_channel.entry(channel_key).or_default(),
+        None => waiting_by_channel.entry(channel_key.clone()).or_default(),
     };
     waiting.insert(started_at_millis, conversation_key);
 }
@@ -988,8 +999,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                 key,
                 ConversationState {
                     noncanonical_id_opt,
-                    account_id: InlineStr::new(&event.account_id),
-                    channel_id: InlineStr::new(&started.channel_id),
+                    channel_key: InlineStr::scoped(&event.account_id, &started.channel_id),
                     channel_type: started.channel_type,
                     thread_key: InlineStr::new(&started.thread_key),
                     contact_id: InlineStr::new(&started.contact_id),
@@ -1011,8 +1021,9 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             if let Some(conversation) = state.conversations.get(key)
                 && conversation.assignee_agent_id_opt.is_none()
             {
-                let (channel_id, started_at_millis) = (conversation.channel_id.clone(), conversation.started_at_millis);
-                state.start_waiting(key, &event.account_id, &channel_id, started_at_millis);
+                let (channel_key, started_at_millis) =
+                    (conversation.channel_key.clone(), conversation.started_at_millis);
+                start_waiting(&mut state.waiting_by_channel, key, &channel_key, started_at_millis);
             }
         }
         Some(Payload::MessageAppended(appended)) => {
@@ -1038,24 +1049,23 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             let Some(conversation) = state.conversations.get_mut(key) else { return };
             match &mut conversation.assignee_agent_id_opt {
                 Some(previous) => {
-                    state.agents.release(&conversation.account_id, previous.as_str(), conversation.channel_type);
+                    let account_id = conversation.channel_key.scope().0;
+                    state.agents.release(account_id, previous.as_str(), conversation.channel_type);
                     *previous = InlineStr::new(&assigned.assignee_agent_id);
                 }
                 None => {
                     stop_waiting(
                         &mut state.waiting_by_channel,
                         key,
-                        &conversation.account_id,
-                        &conversation.channel_id,
+                        &conversation.channel_key,
                         conversation.started_at_millis,
                     );
                     conversation.assignee_agent_id_opt = Some(InlineStr::new(&assigned.assignee_agent_id));
                 }
             }
             state.agents.take(
-                &conversation.account_id,
+                &conversation.channel_key,
                 &assigned.assignee_agent_id,
-                &conversation.channel_id,
                 conversation.channel_type,
                 at_millis,
             );
@@ -1065,10 +1075,10 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
             let key = conversation_key(&unassigned.conversation_id);
             let Some(conversation) = state.conversations.get_mut(key) else { return };
             let Some(previous) = conversation.assignee_agent_id_opt.take() else { return };
-            let (channel_id, channel_type, started_at_millis) =
-                (conversation.channel_id.clone(), conversation.channel_type, conversation.started_at_millis);
-            state.agents.release(&event.account_id, previous.as_str(), channel_type);
-            state.start_waiting(key, &event.account_id, &channel_id, started_at_millis);
+            let (channel_key, channel_type, started_at_millis) =
+                (conversation.channel_key.clone(), conversation.channel_type, conversation.started_at_millis);
+            state.agents.release(channel_key.scope().0, previous.as_str(), channel_type);
+            start_waiting(&mut state.waiting_by_channel, key, &channel_key, started_at_millis);
         }
         Some(Payload::ConversationClosed(closed)) => {
             state.remember_request(&closed.request_id);
