@@ -245,6 +245,7 @@ impl TestEnv {
             group_id: format!("{}projector{group_suffix}", self.topics.prefix),
             max_batch_records: 1_000,
             batch_linger: Duration::from_millis(10),
+            synchronous_commit: true,
         }
     }
 
