@@ -27,11 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .boxed(".switchboard.events.v1.MessageWithheld.message")
         .boxed(".switchboard.events.v1.Envelope.payload.channel_configured")
         .file_descriptor_set_path(out_dir.join("switchboard_descriptor.bin"))
-        .compile_with_config(
-            prost_config,
-            &protos.map(PathBuf::from),
-            &[PathBuf::from("."), well_known_includes],
-        )?;
+        .compile_with_config(prost_config, &protos.map(PathBuf::from), &[PathBuf::from("."), well_known_includes])?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
