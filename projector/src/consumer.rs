@@ -8,7 +8,9 @@
 //! per partition: every record is stamped with its partition's epoch when read, and the writer
 //! drops records of an older epoch (work in flight for a partition this instance no longer owns
 //! is aborted, never applied late). Correctness does not rest on that alone: the writer locks
-//! each partition's position in PostgreSQL and checks every batch against it.
+//! each partition's position in PostgreSQL and checks every batch against it, and what it knows
+//! it stored against what is stored ([`crate::positions`]): a failed batch is written again,
+//! never dropped, and a position the database lost (a crash, a failover) is read again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -33,13 +35,25 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::apply::{Notify, apply_events};
 use crate::facts::{Event, InputTopic, Poison, to_event, tombstone};
 use crate::metrics::Metrics;
-use crate::positions::{BatchCheck, check_batch};
+use crate::positions::{BatchCheck, Continuity, check_batch};
 
 /// Name under which the read models' own positions are stored (both input topics).
 pub const PROJECTION: &str = "read_models";
 
 /// A partition of one of the projector's input topics.
 pub type TopicPartition = (InputTopic, i32);
+
+/// The partitions' epochs as the writer sees them at the start of a batch.
+#[derive(Debug, Clone, Default)]
+pub struct EpochView {
+    pub current: HashMap<TopicPartition, u64>,
+    /// The epoch in which the last seek took effect, and the stored position it went to
+    /// (`None`: nothing stored).
+    pub sought: HashMap<TopicPartition, (u64, Option<i64>)>,
+    /// Assignments whose seek to the stored position has not taken effect yet, by epoch: their
+    /// records are not applied (the seek reads them again).
+    pub awaiting_seek: HashMap<TopicPartition, u64>,
+}
 
 #[derive(Debug, Clone)]
 pub struct ProjectorSettings {
@@ -50,6 +64,10 @@ pub struct ProjectorSettings {
     pub group_id: String,
     pub max_batch_records: usize,
     pub batch_linger: Duration,
+    /// Commit batches with the server's `synchronous_commit` (`true`, the default) or with it
+    /// off (faster; a crash can then lose acknowledged commits, which the position checks
+    /// re-project, but readers may have seen them in between).
+    pub synchronous_commit: bool,
 }
 
 impl ProjectorSettings {
@@ -63,10 +81,13 @@ impl ProjectorSettings {
 pub struct ProjectorContext {
     topics: Topics,
     epochs: Mutex<HashMap<TopicPartition, u64>>,
-    /// The epoch at which a seek (or an explicit assignment) last took effect per partition:
-    /// the first batch of that epoch starts where we asked, even if offsets jump (transaction
-    /// markers are never delivered), so it is trusted without a gap check.
-    sought: Mutex<HashMap<TopicPartition, u64>>,
+    /// The epoch at which a seek (or an explicit assignment) last took effect per partition,
+    /// and the stored position it went to (`None`: nothing stored, reading starts where it was
+    /// told). The reading of that epoch continues from there, even if offsets jump
+    /// (transaction markers are never delivered).
+    sought: Mutex<HashMap<TopicPartition, (u64, Option<i64>)>>,
+    /// The epoch of each assignment until the reader sought it to the stored position.
+    awaiting_seek: Mutex<HashMap<TopicPartition, u64>>,
     newly_assigned: Mutex<Vec<TopicPartition>>,
     metrics: Arc<Metrics>,
 }
@@ -77,6 +98,7 @@ impl ProjectorContext {
             topics,
             epochs: Mutex::default(),
             sought: Mutex::default(),
+            awaiting_seek: Mutex::default(),
             newly_assigned: Mutex::default(),
             metrics,
         }
@@ -110,10 +132,20 @@ impl ProjectorContext {
         self.epochs.lock().expect("epoch lock poisoned").get(&partition).copied().unwrap_or(0)
     }
 
-    /// Records that the partition now reads from an offset we chose (seek or assignment).
-    pub(crate) fn mark_sought(&self, partition: TopicPartition) {
+    /// Records that the partition now reads from an offset we chose (seek or assignment): the
+    /// stored position `stored_opt`, or where a replay starts (`None`).
+    pub(crate) fn mark_sought(&self, partition: TopicPartition, stored_opt: Option<i64>) {
         let epoch = self.bump(partition);
-        self.sought.lock().expect("seek lock poisoned").insert(partition, epoch);
+        self.sought.lock().expect("seek lock poisoned").insert(partition, (epoch, stored_opt));
+    }
+
+    /// The epochs, and the seeks and assignments of them (read in this order: both bump the
+    /// epoch first, so what is seen here always belongs to an epoch seen or older).
+    fn epoch_view(&self) -> EpochView {
+        let current = self.epochs.lock().expect("epoch lock poisoned").clone();
+        let sought = self.sought.lock().expect("seek lock poisoned").clone();
+        let awaiting_seek = self.awaiting_seek.lock().expect("assign lock poisoned").clone();
+        EpochView { current, sought, awaiting_seek }
     }
 
     fn partitions_of(&self, list: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -167,7 +199,7 @@ pub enum Command {
 }
 
 /// Runs the projection until `shutdown` turns true. A failed batch (e.g. PostgreSQL down) is
-/// rolled back and retried from the stored positions; only setup errors are returned.
+/// rolled back and written again; only setup errors are returned.
 pub async fn run_projector(
     settings: ProjectorSettings,
     pool: PgPool,
@@ -220,24 +252,33 @@ pub async fn run_projector_with(
         context,
         schema: SchemaChoice::Follow(schema),
         current_schema: String::new(),
-        positioned: HashMap::new(),
+        continuity: HashMap::new(),
+        reread_requested: HashMap::new(),
         commands: command_sender,
         dead_letter: Some(DeadLetter { producer, topics }),
         notify: Notify::Yes,
         metrics,
         parallel: DEFAULT_PARALLEL_WRITERS,
+        synchronous_commit: settings.synchronous_commit,
     };
     let mut window = (Instant::now(), 0usize);
+    let mut audit = tokio::time::interval(POSITION_AUDIT_INTERVAL);
+    audit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let batch = tokio::select! {
-            batch = batches.recv() => match batch { Some(batch) => batch, None => break },
+        let batch_opt = tokio::select! {
+            batch = batches.recv() => match batch { Some(batch) => Some(batch), None => break },
+            _ = audit.tick() => None,
             _ = shutdown.changed() => break,
         };
-        match writer.write(batch).await {
-            Ok(written) => window.1 += written.applied,
-            Err(error) => {
-                warn!(error = format!("{error:#}"), "projection batch failed; retrying from the stored positions");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        match batch_opt {
+            Some(batch) => match writer.write_retrying(&batch, &mut shutdown).await {
+                Some(written) => window.1 += written.applied,
+                None => break,
+            },
+            None => {
+                if let Err(error) = writer.audit_positions().await {
+                    warn!(error = format!("{error:#}"), "position audit failed; trying again in a second");
+                }
             }
         }
         if window.0.elapsed() >= Duration::from_secs(10) {
@@ -285,7 +326,8 @@ impl ConsumerContext for ContextHandle {
         if let Rebalance::Assign(list) = rebalance {
             let partitions = self.0.partitions_of(list);
             for partition in &partitions {
-                self.0.bump(*partition);
+                let epoch = self.0.bump(*partition);
+                self.0.awaiting_seek.lock().expect("assign lock poisoned").insert(*partition, epoch);
             }
             info!(partitions = partitions.len(), "projector partitions assigned");
             self.0.newly_assigned.lock().expect("assign lock poisoned").extend(partitions);
@@ -314,6 +356,10 @@ impl Reader {
     ) {
         let mut stream = self.consumer.stream();
         let mut schema_seen = self.stored.as_ref().map(|(_, schema)| schema.borrow().clone());
+        // Partitions whose stored positions could not be read at assignment, and when to try
+        // again (meanwhile the writer applies none of their records: it awaits the seek).
+        let mut seek_pending: Vec<TopicPartition> = Vec::new();
+        let mut seek_retry_at = tokio::time::Instant::now();
         loop {
             while let Ok(command) = commands.try_recv() {
                 self.execute(command);
@@ -330,8 +376,17 @@ impl Reader {
                     assigned = self.context.partitions_of(&assignment);
                 }
             }
-            if !assigned.is_empty() {
-                self.seek_to_stored(&assigned).await;
+            if !seek_pending.is_empty() && tokio::time::Instant::now() >= seek_retry_at {
+                // Only those still assigned (a new assignment of one is in `assigned` already).
+                let current =
+                    self.consumer.assignment().map(|list| self.context.partitions_of(&list)).unwrap_or_default();
+                assigned.extend(seek_pending.drain(..).filter(|partition| current.contains(partition)));
+                assigned.sort_unstable();
+                assigned.dedup();
+            }
+            if !assigned.is_empty() && !self.seek_to_stored(&assigned).await {
+                seek_pending = assigned;
+                seek_retry_at = tokio::time::Instant::now() + Duration::from_secs(1);
             }
             let mut batch = Batch::default();
             // Wait for a first record at most a moment, so commands and assignments are served.
@@ -443,7 +498,7 @@ impl Reader {
                     ?offset,
                     "seeked to the stored position"
                 );
-                self.context.mark_sought(partition);
+                self.context.mark_sought(partition, offset_opt);
             }
             Err(error) => {
                 // A new epoch without the "sought" mark: the next batch is checked again and
@@ -455,8 +510,9 @@ impl Reader {
     }
 
     /// On assignment: start each partition at the position stored with the read models.
-    async fn seek_to_stored(&self, partitions: &[TopicPartition]) {
-        let Some((pool, schema)) = &self.stored else { return };
+    /// `false` if the positions could not be read (the caller tries again).
+    async fn seek_to_stored(&self, partitions: &[TopicPartition]) -> bool {
+        let Some((pool, schema)) = &self.stored else { return true };
         let schema_name = schema.borrow().clone();
         let stored = load_positions(pool, &schema_name, partitions).await;
         match stored {
@@ -464,9 +520,11 @@ impl Reader {
                 for partition in partitions {
                     self.seek(*partition, stored.get(partition).copied());
                 }
+                true
             }
             Err(error) => {
-                warn!(%error, "failed to load stored positions after assignment; the first batch checks them")
+                warn!(%error, "failed to load stored positions after assignment; trying again in a second");
+                false
             }
         }
     }
@@ -564,8 +622,12 @@ pub struct Writer {
     pub context: Arc<ProjectorContext>,
     pub schema: SchemaChoice,
     pub current_schema: String,
-    /// Partitions checked against their stored position, with the epoch they were checked in.
-    pub positioned: HashMap<TopicPartition, u64>,
+    /// What this writer knows of each partition's reading, with the epoch it holds for; set by
+    /// committed batches only (docs in [`crate::positions`]).
+    pub continuity: HashMap<TopicPartition, (u64, Continuity)>,
+    /// The epoch in which this writer asked to read a partition again: its later records of
+    /// that epoch are dropped quietly (the seek starts a new epoch).
+    pub reread_requested: HashMap<TopicPartition, u64>,
     pub commands: mpsc::UnboundedSender<Command>,
     /// `None` in replays: poison was dead-lettered by the live projector already.
     pub dead_letter: Option<DeadLetter>,
@@ -573,10 +635,17 @@ pub struct Writer {
     pub metrics: Arc<Metrics>,
     /// Transactions written side by side per batch (each with its own partitions).
     pub parallel: usize,
+    /// `false`: batch transactions commit with `synchronous_commit = off` (replays); `true`:
+    /// with the server's setting (`on` in scripts/stack), so nothing a reader saw can vanish.
+    pub synchronous_commit: bool,
 }
 
 /// Default number of side-by-side transactions per batch.
 pub const DEFAULT_PARALLEL_WRITERS: usize = 2;
+
+/// How often the live writer compares the positions it knows with the stored ones, so a
+/// partition that receives nothing more is re-read too after the database lost commits.
+pub const POSITION_AUDIT_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 pub struct WriteOutcome {
@@ -584,29 +653,72 @@ pub struct WriteOutcome {
     pub poison: usize,
 }
 
+/// What a batch transaction decided for one partition, acted upon once it committed.
+#[derive(Debug, Clone, Copy)]
+enum PartitionDecision {
+    /// Every record before `next_offset` is applied (by this batch or before); `stored` when
+    /// this transaction wrote the position.
+    Reached { next_offset: i64, stored: bool },
+    /// Not applied: read the partition again from `stored_opt`. `went_back_from_opt` is the
+    /// position this writer had stored or sought to, when the stored one is behind it.
+    Reread { stored_opt: Option<i64>, went_back_from_opt: Option<i64> },
+    /// Not applied: this epoch's records are read again after a seek that is pending (asked
+    /// for by this writer, or the seek to the stored position that follows an assignment).
+    AwaitingSeek,
+}
+
+/// A committed batch transaction: what it wrote, and per partition the epoch of its records
+/// and the decision.
+struct GroupOutcome {
+    written: WriteOutcome,
+    decisions: Vec<(TopicPartition, u64, PartitionDecision)>,
+}
+
 impl Writer {
-    pub async fn write(&mut self, batch: Batch) -> anyhow::Result<WriteOutcome> {
+    /// Writes a batch, and writes it again after a pause for as long as that fails (PostgreSQL
+    /// down, a lost connection); `None` if `shutdown` turns true first. A failed batch is never
+    /// dropped: the writer's [`Continuity`] assumes that every record of an epoch is written.
+    pub async fn write_retrying(
+        &mut self,
+        batch: &Batch,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<WriteOutcome> {
+        loop {
+            match self.write(batch).await {
+                Ok(outcome) => return Some(outcome),
+                Err(error) => {
+                    warn!(
+                        error = format!("{error:#}"),
+                        "projection batch failed; writing it again in a second, checked against the stored positions"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        Ok(()) = shutdown.changed() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, batch: &Batch) -> anyhow::Result<WriteOutcome> {
         let schema = match &self.schema {
             SchemaChoice::Follow(receiver) => receiver.borrow().clone(),
             SchemaChoice::Fixed(schema) => schema.clone(),
         };
+        let started = Instant::now();
+        let epochs = self.context.epoch_view();
         if schema != self.current_schema {
-            // Continue in the new schema from its own stored positions: every partition is
-            // checked (and sought) again.
+            // Positions known in the old schema say nothing about the new one: continue from the
+            // new schema's own stored positions, every partition checked (and sought) again.
             info!(schema, "projecting into schema");
             self.current_schema = schema;
-            self.positioned.clear();
+            self.continuity =
+                epochs.current.iter().map(|(partition, epoch)| (*partition, (*epoch, Continuity::Unknown))).collect();
         }
-        let started = Instant::now();
-        let (epochs, sought) = {
-            let epochs = self.context.epochs.lock().expect("epoch lock poisoned").clone();
-            let sought = self.context.sought.lock().expect("seek lock poisoned").clone();
-            (epochs, sought)
-        };
         let mut by_partition: BTreeMap<TopicPartition, Vec<&Record>> = BTreeMap::new();
         for record in &batch.records {
             // Stale: read before a revoke, a reassignment or a seek of its partition.
-            if epochs.get(&record.partition).copied().unwrap_or(0) != record.epoch {
+            if epochs.current.get(&record.partition).copied().unwrap_or(0) != record.epoch {
                 continue;
             }
             by_partition.entry(record.partition).or_default().push(record);
@@ -623,44 +735,20 @@ impl Writer {
             groups[index % self.parallel.max(1)].insert(partition, records);
         }
         groups.retain(|group| !group.is_empty());
-        let results = futures::future::join_all(groups.iter().map(|group| self.write_partitions(group, &sought)))
+        let results = futures::future::join_all(groups.iter().map(|group| self.write_partitions(group, &epochs)))
             .instrument(span)
             .await;
         let mut total = WriteOutcome::default();
         let mut first_error = None;
-        for (group, result) in groups.iter().zip(results) {
+        for result in results {
             match result {
-                Ok((outcome, stored, seeks)) => {
-                    for (partition, records) in group {
-                        if !seeks.iter().any(|(sought_partition, _)| sought_partition == partition) {
-                            self.positioned.insert(*partition, records[0].epoch);
-                        }
-                    }
-                    for (partition, offset_opt) in seeks {
-                        info!(
-                            topic = partition.0.base_name(),
-                            partition = partition.1,
-                            ?offset_opt,
-                            "batch does not start at the stored position; seeking"
-                        );
-                        self.positioned.remove(&partition);
-                        let _ = self.commands.send(Command::Seek(partition, offset_opt));
-                    }
-                    for ((topic, partition), next_offset) in &stored {
-                        self.metrics.record_position(topic.base_name(), *partition, *next_offset);
-                    }
-                    if !stored.is_empty() {
-                        let _ = self.commands.send(Command::Commit(stored));
-                    }
-                    total.applied += outcome.applied;
-                    total.poison += outcome.poison;
+                Ok(group) => {
+                    self.act_on(group.decisions);
+                    total.applied += group.written.applied;
+                    total.poison += group.written.poison;
                 }
+                // Rolled back; the caller writes the batch again.
                 Err(error) => {
-                    // Rolled back. Later batches of these partitions start after this one, so
-                    // the position check seeks each back to its stored position.
-                    for partition in group.keys() {
-                        self.positioned.remove(partition);
-                    }
                     first_error.get_or_insert(error);
                 }
             }
@@ -677,52 +765,179 @@ impl Writer {
         Ok(total)
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn write_partitions(
+    /// Compares the stored position of every partition whose position this writer knows (it
+    /// stored it or sought to it) with what it knows. Batches check their own partitions; this
+    /// also catches a partition that receives nothing more after the database lost commits.
+    pub async fn audit_positions(&mut self) -> anyhow::Result<()> {
+        if self.current_schema.is_empty() {
+            return Ok(());
+        }
+        let epochs = self.context.epoch_view();
+        let known: Vec<(TopicPartition, u64, i64)> = epochs
+            .current
+            .iter()
+            .filter_map(|(partition, epoch)| match self.continuity_of(*partition, *epoch, &epochs) {
+                Continuity::ContinuesFrom(Some(expected)) => Some((*partition, *epoch, expected)),
+                Continuity::ContinuesFrom(None) | Continuity::Unknown => None,
+            })
+            .collect();
+        if known.is_empty() {
+            return Ok(());
+        }
+        let partitions: Vec<TopicPartition> = known.iter().map(|(partition, _, _)| *partition).collect();
+        let stored = load_positions(&self.pool, &self.current_schema, &partitions)
+            .await
+            .context("failed to load stored positions for the position audit")?;
+        for (partition, epoch, expected) in known {
+            let stored_opt = stored.get(&partition).copied();
+            if stored_opt < Some(expected) {
+                self.reread(partition, epoch, stored_opt, Some(expected));
+            }
+        }
+        Ok(())
+    }
+
+    /// What this writer knows of a partition's reading in `epoch`: its own record of that epoch,
+    /// else the position the epoch's seek went to, else nothing.
+    fn continuity_of(&self, partition: TopicPartition, epoch: u64, epochs: &EpochView) -> Continuity {
+        match (self.continuity.get(&partition), epochs.sought.get(&partition)) {
+            (Some((known_epoch, continuity)), _) if *known_epoch == epoch => *continuity,
+            (_, Some((sought_epoch, stored_opt))) if *sought_epoch == epoch => Continuity::ContinuesFrom(*stored_opt),
+            _ => Continuity::Unknown,
+        }
+    }
+
+    /// Checks a partition's records of one batch against its stored position: the epoch of the
+    /// records, the index to apply them from, and the decision.
+    fn check_partition(
         &self,
-        by_partition: &BTreeMap<TopicPartition, Vec<&Record>>,
-        sought: &HashMap<TopicPartition, u64>,
-    ) -> anyhow::Result<(WriteOutcome, Vec<(TopicPartition, i64)>, Vec<(TopicPartition, Option<i64>)>)> {
+        partition: TopicPartition,
+        records: &[&Record],
+        stored_opt: Option<i64>,
+        epochs: &EpochView,
+    ) -> (u64, usize, PartitionDecision) {
+        let epoch = records[0].epoch;
+        if self.reread_requested.get(&partition) == Some(&epoch) || epochs.awaiting_seek.get(&partition) == Some(&epoch)
+        {
+            return (epoch, records.len(), PartitionDecision::AwaitingSeek);
+        }
+        let offsets: Vec<i64> = records.iter().map(|record| record.offset).collect();
+        let next_offset = offsets[offsets.len() - 1] + 1;
+        match check_batch(stored_opt, self.continuity_of(partition, epoch, epochs), &offsets) {
+            BatchCheck::ApplyFrom(index) => {
+                (epoch, index, PartitionDecision::Reached { next_offset, stored: index < records.len() })
+            }
+            BatchCheck::SeekTo(stored_opt) => {
+                (epoch, records.len(), PartitionDecision::Reread { stored_opt, went_back_from_opt: None })
+            }
+            BatchCheck::StoredPositionWentBack { stored_opt, expected } => {
+                (epoch, records.len(), PartitionDecision::Reread { stored_opt, went_back_from_opt: Some(expected) })
+            }
+        }
+    }
+
+    /// After a commit: remembers how far each partition got and asks for the seeks.
+    fn act_on(&mut self, decisions: Vec<(TopicPartition, u64, PartitionDecision)>) {
+        let mut stored_positions = Vec::new();
+        for (partition, epoch, decision) in decisions {
+            match decision {
+                PartitionDecision::Reached { next_offset, stored } => {
+                    self.continuity.insert(partition, (epoch, Continuity::ContinuesFrom(Some(next_offset))));
+                    if stored {
+                        self.metrics.record_position(partition.0.base_name(), partition.1, next_offset);
+                        stored_positions.push((partition, next_offset));
+                    }
+                }
+                PartitionDecision::Reread { stored_opt, went_back_from_opt } => {
+                    self.reread(partition, epoch, stored_opt, went_back_from_opt)
+                }
+                PartitionDecision::AwaitingSeek => {}
+            }
+        }
+        if !stored_positions.is_empty() {
+            let _ = self.commands.send(Command::Commit(stored_positions));
+        }
+    }
+
+    /// A gap: the partition's records of `epoch` are not applied, and it is read again from the
+    /// stored position. Logged and counted, never skipped.
+    fn reread(
+        &mut self,
+        partition: TopicPartition,
+        epoch: u64,
+        stored_opt: Option<i64>,
+        went_back_from_opt: Option<i64>,
+    ) {
+        self.continuity.insert(partition, (epoch, Continuity::Unknown));
+        self.reread_requested.insert(partition, epoch);
+        self.metrics.gaps.fetch_add(1, Ordering::Relaxed);
+        let topic = partition.0.base_name();
+        match went_back_from_opt {
+            Some(expected) => {
+                self.metrics.lost_commits.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    topic,
+                    partition = partition.1,
+                    stored_next_offset = ?stored_opt,
+                    committed_next_offset = expected,
+                    "stored position is behind what this projector committed: the database lost committed batches \
+                     (crash with asynchronous commit, failover, restore); reading the partition again from the stored position"
+                );
+            }
+            None => info!(
+                topic,
+                partition = partition.1,
+                ?stored_opt,
+                "batch does not start at the stored position; seeking"
+            ),
+        }
+        let _ = self.commands.send(Command::Seek(partition, stored_opt));
+    }
+
+    /// One transaction: begin, schema, commit mode.
+    async fn begin_batch_transaction(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         let mut transaction = self.pool.begin().await.context("failed to begin transaction")?;
         sqlx::query(&format!("SET LOCAL search_path TO {}", self.current_schema))
             .execute(&mut *transaction)
             .await
             .context("failed to select the read-model schema")?;
-        // The read models are derived: if PostgreSQL crashes before flushing this commit, the
-        // positions roll back with the rows and the records are projected again from Kafka.
-        sqlx::query("SET LOCAL synchronous_commit TO off").execute(&mut *transaction).await?;
+        if !self.synchronous_commit {
+            // A crash can lose this commit after it was acknowledged; its position goes back
+            // with the rows, and the position checks read the records again.
+            sqlx::query("SET LOCAL synchronous_commit TO off").execute(&mut *transaction).await?;
+        }
         // Every read and update of the writer is by key. A fresh replay schema has no
         // statistics yet, and the planner would happily scan a growing table per batch.
         sqlx::query("SET LOCAL enable_seqscan TO off").execute(&mut *transaction).await?;
+        Ok(transaction)
+    }
+
+    async fn write_partitions(
+        &self,
+        by_partition: &BTreeMap<TopicPartition, Vec<&Record>>,
+        epochs: &EpochView,
+    ) -> anyhow::Result<GroupOutcome> {
+        let mut transaction = self.begin_batch_transaction().await?;
         let partitions: Vec<TopicPartition> = by_partition.keys().copied().collect();
         let stored =
             load_positions_in(&mut transaction, &partitions, true).await.context("failed to load positions")?;
 
-        let mut seeks = Vec::new();
+        let mut decisions = Vec::with_capacity(by_partition.len());
         let mut to_apply: Vec<&Record> = Vec::new();
-        let mut new_positions: Vec<(TopicPartition, i64)> = Vec::new();
         for (partition, records) in by_partition {
-            let epoch = records[0].epoch;
-            let positioned = self.positioned.get(partition) == Some(&epoch) || sought.get(partition) == Some(&epoch);
-            let offsets: Vec<i64> = records.iter().map(|record| record.offset).collect();
-            match check_batch(stored.get(partition).copied(), positioned, &offsets) {
-                BatchCheck::ApplyFrom(index) => {
-                    if index < records.len() {
-                        to_apply.extend(&records[index..]);
-                        new_positions.push((*partition, records[records.len() - 1].offset + 1));
-                    }
-                }
-                BatchCheck::SeekTo(offset_opt) => seeks.push((*partition, offset_opt)),
-            }
+            let (epoch, apply_from, decision) =
+                self.check_partition(*partition, records, stored.get(partition).copied(), epochs);
+            to_apply.extend(&records[apply_from..]);
+            decisions.push((*partition, epoch, decision));
         }
 
-        let mut outcome = WriteOutcome::default();
+        let mut written = WriteOutcome::default();
         let mut events: Vec<&Event> = Vec::with_capacity(to_apply.len());
         for record in &to_apply {
             match &record.input {
                 Ok(event) => events.push(event),
                 Err(poison) => {
-                    outcome.poison += 1;
+                    written.poison += 1;
                     warn!(topic = record.partition.0.base_name(), partition = record.partition.1, offset = record.offset,
                         reason = %poison, "poison record: not projected");
                     if let Some(dead_letter) = &self.dead_letter {
@@ -738,47 +953,37 @@ impl Writer {
                 // event at a time (savepoints), dead-letter it, keep the rest.
                 warn!(%error, "batch refused by postgres; applying its events one by one");
                 transaction.rollback().await?;
-                return Box::pin(self.write_one_by_one(by_partition, sought)).await;
+                return Box::pin(self.write_one_by_one(by_partition, epochs)).await;
             }
             Err(error) => return Err(anyhow::Error::new(error).context("failed to apply batch")),
         }
-        outcome.applied = events.len();
-        store_positions(&mut transaction, &new_positions).await?;
+        written.applied = events.len();
+        store_positions(&mut transaction, &new_positions(&decisions)).await?;
         transaction.commit().await.context("failed to commit projection batch")?;
-        Ok((outcome, new_positions, seeks))
+        Ok(GroupOutcome { written, decisions })
     }
 
-    #[allow(clippy::type_complexity)]
     async fn write_one_by_one(
         &self,
         by_partition: &BTreeMap<TopicPartition, Vec<&Record>>,
-        sought: &HashMap<TopicPartition, u64>,
-    ) -> anyhow::Result<(WriteOutcome, Vec<(TopicPartition, i64)>, Vec<(TopicPartition, Option<i64>)>)> {
-        let mut transaction = self.pool.begin().await?;
-        sqlx::query(&format!("SET LOCAL search_path TO {}", self.current_schema)).execute(&mut *transaction).await?;
+        epochs: &EpochView,
+    ) -> anyhow::Result<GroupOutcome> {
+        let mut transaction = self.begin_batch_transaction().await?;
         let partitions: Vec<TopicPartition> = by_partition.keys().copied().collect();
         let stored = load_positions_in(&mut transaction, &partitions, true).await?;
-        let mut outcome = WriteOutcome::default();
-        let mut seeks = Vec::new();
-        let mut new_positions = Vec::new();
+        let mut written = WriteOutcome::default();
+        let mut decisions = Vec::with_capacity(by_partition.len());
         for (partition, records) in by_partition {
-            let epoch = records[0].epoch;
-            let positioned = self.positioned.get(partition) == Some(&epoch) || sought.get(partition) == Some(&epoch);
-            let offsets: Vec<i64> = records.iter().map(|record| record.offset).collect();
-            let index = match check_batch(stored.get(partition).copied(), positioned, &offsets) {
-                BatchCheck::ApplyFrom(index) => index,
-                BatchCheck::SeekTo(offset_opt) => {
-                    seeks.push((*partition, offset_opt));
-                    continue;
-                }
-            };
-            for record in &records[index..] {
+            let (epoch, apply_from, decision) =
+                self.check_partition(*partition, records, stored.get(partition).copied(), epochs);
+            decisions.push((*partition, epoch, decision));
+            for record in &records[apply_from..] {
                 let failure = match &record.input {
                     Ok(event) => {
                         sqlx::query("SAVEPOINT one_event").execute(&mut *transaction).await?;
                         match apply_events(&mut transaction, &[event], self.notify).await {
                             Ok(_) => {
-                                outcome.applied += 1;
+                                written.applied += 1;
                                 None
                             }
                             Err(error) if is_data_error(&error) => {
@@ -791,21 +996,31 @@ impl Writer {
                     Err(poison) => Some(poison.0.clone()),
                 };
                 if let Some(reason) = failure {
-                    outcome.poison += 1;
+                    written.poison += 1;
                     warn!(offset = record.offset, reason, "poison record: not projected");
                     if let (Some(dead_letter), Some(_)) = (&self.dead_letter, &record.raw) {
                         dead_letter.send(&self.context, record, &reason).await?;
                     }
                 }
             }
-            if index < records.len() {
-                new_positions.push((*partition, records[records.len() - 1].offset + 1));
-            }
         }
-        store_positions(&mut transaction, &new_positions).await?;
+        store_positions(&mut transaction, &new_positions(&decisions)).await?;
         transaction.commit().await?;
-        Ok((outcome, new_positions, seeks))
+        Ok(GroupOutcome { written, decisions })
     }
+}
+
+/// The positions a batch transaction stores: those of partitions it applied records of.
+fn new_positions(decisions: &[(TopicPartition, u64, PartitionDecision)]) -> Vec<(TopicPartition, i64)> {
+    decisions
+        .iter()
+        .filter_map(|(partition, _, decision)| match decision {
+            PartitionDecision::Reached { next_offset, stored: true } => Some((*partition, *next_offset)),
+            PartitionDecision::Reached { stored: false, .. }
+            | PartitionDecision::Reread { .. }
+            | PartitionDecision::AwaitingSeek => None,
+        })
+        .collect()
 }
 
 /// SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation): retrying the

@@ -31,6 +31,11 @@ struct Args {
     /// Consumer group of the live projector (default `<prefix>projector`).
     #[arg(long, env = "PROJECTOR_GROUP_ID", global = true)]
     group_id: Option<String>,
+    /// Live projector: commit each batch with the server's `synchronous_commit` (true) or with
+    /// it off (false: a crash can lose acknowledged batches; they are projected again, but
+    /// readers may have seen them in between). docs/read-models.md, "How exactly-once holds".
+    #[arg(long, env = "PROJECTOR_SYNCHRONOUS_COMMIT", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    synchronous_commit: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -184,6 +189,7 @@ async fn run(
         topic: topics.conversations,
         max_batch_records: args.batch_records,
         batch_linger: Duration::from_millis(args.batch_linger_ms),
+        synchronous_commit: args.synchronous_commit,
     };
     let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

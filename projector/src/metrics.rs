@@ -18,6 +18,10 @@ pub struct Metrics {
     pub last_batch_records: AtomicU64,
     pub last_batch_micros: AtomicU64,
     pub batch_failures: AtomicU64,
+    /// Batches of a partition refused because they did not continue from its stored position.
+    pub gaps: AtomicU64,
+    /// Stored positions found behind what this instance had committed (lost commits).
+    pub lost_commits: AtomicU64,
     partitions: Mutex<BTreeMap<(String, i32), PartitionLag>>,
 }
 
@@ -61,6 +65,16 @@ impl Metrics {
             ("projector_batches_total", "Batches committed.", &self.batches),
             ("projector_dead_lettered_total", "Records sent to the dead-letter topic.", &self.dead_lettered),
             ("projector_batch_failures_total", "Batches rolled back and retried.", &self.batch_failures),
+            (
+                "projector_gaps_total",
+                "Batches of a partition that did not continue from its stored position: not applied, the partition is read again from the stored position.",
+                &self.gaps,
+            ),
+            (
+                "projector_lost_commits_total",
+                "Stored positions found behind what this projector had committed (the database lost committed batches: crash with asynchronous commit, failover, restore); each is read again from the stored position.",
+                &self.lost_commits,
+            ),
         ];
         for (name, help, value) in counters {
             write_metric(&mut out, "counter", name, help, value.load(Ordering::Relaxed));

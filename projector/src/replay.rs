@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use crate::apply::Notify;
-use crate::consumer::{Batch, ContextHandle, ProjectorContext, Reader, SchemaChoice, TopicPartition, Writer};
+use crate::consumer::{Batch, Command, ContextHandle, ProjectorContext, Reader, SchemaChoice, TopicPartition, Writer};
 use crate::facts::InputTopic;
 use crate::metrics::Metrics;
 use crate::schema::{SWITCH_CHANNEL, active_schema, migrate_schema, validate_schema_name};
@@ -109,8 +109,8 @@ pub async fn run(settings: ReplaySettings, pool: &PgPool) -> anyhow::Result<Repl
         }
         consumer.assign(&assignment).context("failed to assign replay partitions")?;
         for element in assignment.elements() {
-            // Reading starts exactly where we said: the first batch needs no gap check.
-            context.mark_sought((topic, element.partition()));
+            // Reading starts exactly where we said, into a schema with no positions yet.
+            context.mark_sought((topic, element.partition()), None);
         }
         let (_commands_sender, commands) = mpsc::unbounded_channel();
         let reader = Reader {
@@ -125,34 +125,34 @@ pub async fn run(settings: ReplaySettings, pool: &PgPool) -> anyhow::Result<Repl
     }
     drop(batch_sender);
 
-    let (command_sender, _commands) = mpsc::unbounded_channel();
+    let (command_sender, mut commands) = mpsc::unbounded_channel();
     let mut writer = Writer {
         pool: pool.clone(),
         context: context.clone(),
         schema: SchemaChoice::Fixed(schema.clone()),
         current_schema: String::new(),
-        positioned: HashMap::new(),
+        continuity: HashMap::new(),
+        reread_requested: HashMap::new(),
         commands: command_sender,
         dead_letter: None,
         notify: Notify::No,
         metrics: metrics.clone(),
         parallel: crate::consumer::DEFAULT_PARALLEL_WRITERS,
+        // Nobody reads the schema before the switch, and the end of the replay is checked.
+        synchronous_commit: false,
     };
     let mut at_end: BTreeSet<TopicPartition> = BTreeSet::new();
     let started = Instant::now();
     let mut reporter = Reporter::new(settings.progress, starts.clone());
+    let mut never_stopped = shutdown.clone();
     while at_end.len() < starts.len() {
         let batch = tokio::time::timeout(Duration::from_millis(500), batches.recv()).await;
         match batch {
             Ok(Some(batch)) => {
-                let ended = batch.at_end.clone();
-                match writer.write(batch).await {
-                    Ok(_) => at_end.extend(ended),
-                    Err(error) => {
-                        tracing::warn!(error = format!("{error:#}"), "replay batch failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
+                if writer.write_retrying(&batch, &mut never_stopped).await.is_some() {
+                    at_end.extend(batch.at_end.iter().copied());
                 }
+                ensure_no_seek_requested(&mut commands, &schema)?;
             }
             Ok(None) => bail!("replay readers stopped before reaching the end of the log"),
             Err(_) => {}
@@ -169,8 +169,28 @@ pub async fn run(settings: ReplaySettings, pool: &PgPool) -> anyhow::Result<Repl
         seconds = format!("{:.1}", indexes_started.elapsed().as_secs_f64()),
         "secondary indexes built"
     );
+    // The index builds committed synchronously, so every batch before them is durable now;
+    // a crash before that may have lost the last ones: they must all still be there.
+    writer.audit_positions().await?;
+    ensure_no_seek_requested(&mut commands, &schema)?;
     reporter.finish(&metrics, started);
     Ok(ReplaySummary { schema, events: metrics.events_applied.load(Ordering::Relaxed), elapsed: started.elapsed() })
+}
+
+/// A replay reads each partition once, front to back, and cannot seek back: if the writer asks
+/// for a seek (the database lost committed batches, e.g. in a crash), the replay stops.
+fn ensure_no_seek_requested(commands: &mut mpsc::UnboundedReceiver<Command>, schema: &str) -> anyhow::Result<()> {
+    while let Ok(command) = commands.try_recv() {
+        if let Command::Seek(partition, stored_opt) = command {
+            bail!(
+                "the database lost committed replay batches of {}/{} (position {stored_opt:?}; crash or failover?): \
+                 drop schema {schema} and run the replay again",
+                partition.0.base_name(),
+                partition.1
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Drops the schema's non-unique indexes; returns their definitions to recreate them.

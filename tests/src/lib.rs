@@ -246,6 +246,7 @@ impl TestEnv {
             group_id: format!("{}projector{group_suffix}", self.topics.prefix),
             max_batch_records: 1_000,
             batch_linger: Duration::from_millis(10),
+            synchronous_commit: true,
         }
     }
 
@@ -345,6 +346,7 @@ impl TestEnv {
             match reader.poll(Duration::from_secs(5)) {
                 Some(Ok(record)) => records.push(RawRecord {
                     partition: record.partition(),
+                    offset: record.offset(),
                     key: record.key().map(<[u8]>::to_vec),
                     payload: record.payload().map(<[u8]>::to_vec),
                     headers: record
@@ -511,6 +513,7 @@ impl Drop for KillOnDrop {
 #[derive(Debug, Clone)]
 pub struct RawRecord {
     pub partition: i32,
+    pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: std::collections::BTreeMap<String, String>,
@@ -544,6 +547,22 @@ impl TestEnv {
             command.env(name, value);
         }
         command.spawn().map(KillOnDrop).context("failed to start the router binary")
+    }
+
+    /// Starts the projector binary (`projector run`) as a child process with its default group,
+    /// serving `/metrics` on `metrics_addr`; it is killed when dropped.
+    pub fn spawn_projector_process(&self, metrics_addr: SocketAddr) -> anyhow::Result<KillOnDrop> {
+        Command::new(binary_path("projector")?)
+            .args(["run", "--metrics-addr", &metrics_addr.to_string()])
+            .env("KAFKA_BROKERS", &self.brokers)
+            .env("DATABASE_URL", &self.database_url)
+            .env("SWITCHBOARD_TOPIC_PREFIX", &self.topics.prefix)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map(KillOnDrop)
+            .context("failed to start the projector binary")
     }
 
     /// Produces envelopes with their keys to a topic (partitioned by key, as services do) and

@@ -9,6 +9,8 @@
 //! ```text
 //! eval "$(STACK_STATE_DIR=/work/main/.stack scripts/stack env)"
 //! cargo run --release -p switchboard-projector --bin bench_projector -- --events 1000000
+//! # the live projector's commit mode (docs/benchmarks.md, "Projector commit mode"):
+//! cargo run --release -p switchboard-projector --bin bench_projector -- --skip-replay --synchronous-commit false
 //! ```
 
 use std::sync::Arc;
@@ -50,9 +52,15 @@ struct Args {
     batch_records: usize,
     #[arg(long, default_value_t = 20)]
     batch_linger_ms: u64,
+    /// The live projector's commit mode (`false`: `synchronous_commit = off` per batch).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    synchronous_commit: bool,
     /// Skip the live-projector phase (replay only).
     #[arg(long)]
     skip_live: bool,
+    /// Skip the replay phase (live only, e.g. to compare commit modes).
+    #[arg(long)]
+    skip_replay: bool,
     /// Compare the live result with the replayed schema (`replay verify`).
     #[arg(long)]
     verify: bool,
@@ -97,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             group_id: format!("{}projector", topics.prefix),
             max_batch_records: args.batch_records,
             batch_linger: Duration::from_millis(args.batch_linger_ms),
+            synchronous_commit: args.synchronous_commit,
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let started = Instant::now();
@@ -127,44 +136,53 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let replay_settings = ReplaySettings {
-        brokers: args.kafka_brokers.clone(),
-        database_url: database_url.clone(),
-        topics: topics.clone(),
-        from: None,
-        schema: Some(format!("rm_bench_{}", Utc::now().format("%Y%m%d%H%M%S"))),
-        max_batch_records: args.batch_records,
-        batch_linger: Duration::from_millis(args.batch_linger_ms),
-        progress: Progress::detect(),
-    };
-    let summary = replay::run(replay_settings, &pool).await?;
-    println!(
-        "replay: {} events into {} in {:.1} s ({:.0} events/s)",
-        summary.events,
-        summary.schema,
-        summary.elapsed.as_secs_f64(),
-        summary.events as f64 / summary.elapsed.as_secs_f64()
-    );
-    if args.verify && !args.skip_live {
-        let started = Instant::now();
-        let reports = verify::verify(&pool, "public", &summary.schema).await?;
-        let (text, all_match) = verify::render(&reports, "public", &summary.schema);
-        print!("{text}");
-        println!("verify took {:.1} s", started.elapsed().as_secs_f64());
-        anyhow::ensure!(all_match, "live and replayed read models differ");
+    let mut replay_summary_opt = None;
+    if !args.skip_replay {
+        let replay_settings = ReplaySettings {
+            brokers: args.kafka_brokers.clone(),
+            database_url: database_url.clone(),
+            topics: topics.clone(),
+            from: None,
+            schema: Some(format!("rm_bench_{}", Utc::now().format("%Y%m%d%H%M%S"))),
+            max_batch_records: args.batch_records,
+            batch_linger: Duration::from_millis(args.batch_linger_ms),
+            progress: Progress::detect(),
+        };
+        let summary = replay::run(replay_settings, &pool).await?;
+        println!(
+            "replay: {} events into {} in {:.1} s ({:.0} events/s)",
+            summary.events,
+            summary.schema,
+            summary.elapsed.as_secs_f64(),
+            summary.events as f64 / summary.elapsed.as_secs_f64()
+        );
+        if args.verify && !args.skip_live {
+            let started = Instant::now();
+            let reports = verify::verify(&pool, "public", &summary.schema).await?;
+            let (text, all_match) = verify::render(&reports, "public", &summary.schema);
+            print!("{text}");
+            println!("verify took {:.1} s", started.elapsed().as_secs_f64());
+            anyhow::ensure!(all_match, "live and replayed read models differ");
+        }
+        replay_summary_opt = Some(summary);
     }
-    print_settings(&pool).await?;
+    print_settings(&pool, args.synchronous_commit).await?;
     if let Some((seconds, rate, per_batch)) = live_figures {
-        println!("SUMMARY live: {rate:.0} events/s ({seconds:.1} s, ~{per_batch} events/batch)");
+        println!(
+            "SUMMARY live: {rate:.0} events/s ({seconds:.1} s, ~{per_batch} events/batch, synchronous_commit {})",
+            if args.synchronous_commit { "server's" } else { "off" }
+        );
     }
-    println!(
-        "SUMMARY replay: {} events in {:.1} s = {:.0} events/s (batch {} records, linger {} ms)",
-        summary.events,
-        summary.elapsed.as_secs_f64(),
-        summary.events as f64 / summary.elapsed.as_secs_f64(),
-        args.batch_records,
-        args.batch_linger_ms
-    );
+    if let Some(summary) = &replay_summary_opt {
+        println!(
+            "SUMMARY replay: {} events in {:.1} s = {:.0} events/s (batch {} records, linger {} ms)",
+            summary.events,
+            summary.elapsed.as_secs_f64(),
+            summary.events as f64 / summary.elapsed.as_secs_f64(),
+            args.batch_records,
+            args.batch_linger_ms
+        );
+    }
 
     if !args.keep {
         pool.close().await;
@@ -174,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn print_settings(pool: &PgPool) -> anyhow::Result<()> {
+async fn print_settings(pool: &PgPool, synchronous_commit: bool) -> anyhow::Result<()> {
     let names = [
         "shared_buffers",
         "work_mem",
@@ -190,7 +208,11 @@ async fn print_settings(pool: &PgPool) -> anyhow::Result<()> {
         parts.push(format!("{name}={value}"));
     }
     let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(pool).await?;
-    println!("postgres {version}: {} (projector transactions: synchronous_commit=off)", parts.join(" "));
+    let live_commit = if synchronous_commit { "the server's synchronous_commit" } else { "synchronous_commit=off" };
+    println!(
+        "postgres {version}: {} (live projector transactions: {live_commit}; replay: synchronous_commit=off)",
+        parts.join(" ")
+    );
     Ok(())
 }
 
