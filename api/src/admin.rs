@@ -426,11 +426,7 @@ fn validate_request_id(request_id: &str) -> Result<(), ApiError> {
 fn check_entity_id(violations: &mut Violations, field: &str, id: &str) {
     if id.is_empty() {
         violations.add(field, "is required");
-    } else if id.len() > 64
-        || !id.chars().all(|character| {
-            character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_' || character == '-'
-        })
-    {
+    } else if !config_rules::is_entity_id(id) {
         violations.add(field, "must be 1..64 characters of a-z, 0-9, '_' and '-'");
     }
 }

@@ -18,7 +18,7 @@ use switchboard_proto::events::v1::{
     ChatHoursRange, ChatSettings, ConsentMode, EmailSettings, InboxAccessMode, InboxConfigured, InboxKind,
     MessengerSettings, RoutingRulesConfigured, TicketSettingsConfigured, WhatsAppSettings,
 };
-use switchboard_runtime::config_store::{ConfigSnapshot, Owned, config_key};
+use switchboard_runtime::config_store::{ConfigSnapshot, config_key};
 
 use crate::config_rules::{self, Breach};
 use switchboard_runtime::{envelope, kafka};
@@ -419,7 +419,7 @@ impl ConfigFile {
             .chain(self.channels.iter().map(|channel| ("channel", &channel.id)))
             .chain(self.agents.iter().map(|agent| ("agent", &agent.id)));
         for (kind, id) in ids {
-            if !is_entity_id(id) {
+            if !config_rules::is_entity_id(id) {
                 bail!("{kind} id `{id}` must be 1..64 characters of a-z, 0-9, '_' and '-'");
             }
         }
@@ -572,9 +572,7 @@ impl ConfigFile {
             }
         }
         for rules in prospective.routing_rules.in_account(&self.account_id) {
-            let seat = |agent_id: &str| {
-                prospective.agents.get(&self.account_id, agent_id).map(|agent: &Owned<_>| agent.entity.paid_seat)
-            };
+            let seat = |agent_id: &str| prospective.agents.get(&self.account_id, agent_id).map(|a| a.entity.paid_seat);
             breaches.extend(config_rules::unpaid_agents_in_rule(&rules.entity, seat));
         }
         if !breaches.is_empty() {
@@ -586,16 +584,6 @@ impl ConfigFile {
         }
         Ok(())
     }
-}
-
-/// Ids chosen for config entities: 1..64 of `[a-z0-9_-]`, as AdminService requires (they are
-/// the last part of config keys, which is why they never contain `/`).
-pub fn is_entity_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id.chars().all(|character| {
-            character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_' || character == '-'
-        })
 }
 
 /// Config entities whose version is recorded in decisions (B2).

@@ -11,6 +11,16 @@
 use switchboard_proto::events::v1::{AgentConfigured, ChannelConfigured, ChannelType, RoutingRulesConfigured};
 use switchboard_runtime::config_store::ConfigSnapshot;
 
+/// Ids chosen for config entities: 1..64 of `[a-z0-9_-]` (they are the last part of config
+/// keys, which is why they never contain `/`, and never the scope separator the router uses).
+pub fn is_entity_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.chars().all(|character| {
+            character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_' || character == '-'
+        })
+}
+
 /// A provider identity: what a provider (or a customer's app, or a visitor's browser) uses to
 /// reach one channel. Values are normalised so that equal identities compare equal.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
