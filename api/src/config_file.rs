@@ -856,7 +856,10 @@ mod tests {
         let mut current = ConfigSnapshot::default();
         for payload in file.to_payloads(&current).unwrap() {
             if let Payload::RoutingRulesConfigured(rules) = payload {
-                current.routing_rules.insert(Owned { account_id: file.account_id.clone(), entity: rules });
+                current.routing_rules.insert(switchboard_runtime::config_store::Owned {
+                    account_id: file.account_id.clone(),
+                    entity: rules,
+                });
             }
         }
         let unchanged = file.to_payloads(&current).unwrap();
