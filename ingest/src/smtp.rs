@@ -227,6 +227,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    switchboard_runtime::tcp::configure_accepted_connection(&stream);
                     let session = Session { settings: settings.clone(), config: config.clone(), intake: intake.clone(), peer };
                     let span = tracing::info_span!("smtp_session", %peer);
                     tokio::spawn(async move {
