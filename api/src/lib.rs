@@ -97,6 +97,13 @@ pub async fn serve(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         authenticator,
     );
+    // `Server::tcp_nodelay` applies only to listeners tonic binds itself, so accepted
+    // connections are configured here.
+    let incoming = futures::StreamExt::inspect(TcpListenerStream::new(listener), |accepted| {
+        if let Ok(stream) = accepted {
+            switchboard_runtime::tcp::configure_accepted_connection(stream);
+        }
+    });
     tracing::info!(%local_addr, "api listening");
     let result = tonic::transport::Server::builder()
         // gRPC-Web for browser clients (HTTP/1.1 + CORS-free same-origin or behind a proxy).
@@ -111,7 +118,7 @@ pub async fn serve(
         .add_service(conversations)
         .add_service(workspace)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("api server failed");
     let _ = stop_sender.send(true);

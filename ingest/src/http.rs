@@ -14,6 +14,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::json;
@@ -165,8 +166,11 @@ pub async fn serve_all(
     };
     tracing::info!(%http_address, smtp_address = ?smtp_address, "ingest listening");
     let _ = bound.send(BoundAddresses { http: http_address, smtp: smtp_address });
-    let result =
-        axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await.context("ingest server failed");
+    let configured_listener = listener.tap_io(|stream| switchboard_runtime::tcp::configure_accepted_connection(stream));
+    let result = axum::serve(configured_listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("ingest server failed");
     let _ = stop_sender.send(true);
     result
 }

@@ -227,6 +227,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    switchboard_runtime::tcp::configure_accepted_connection(&stream);
                     let session = Session { settings: settings.clone(), config: config.clone(), intake: intake.clone(), peer };
                     let span = tracing::info_span!("smtp_session", %peer);
                     tokio::spawn(async move {
@@ -251,9 +252,14 @@ struct Session {
     peer: SocketAddr,
 }
 
+/// Writes one reply line with a single write, so it leaves in one TCP segment (written as text
+/// and CRLF, it went out as two packets, and without `TCP_NODELAY` the CRLF could wait for the
+/// client's ACK of the text).
 async fn reply(writer: &mut (impl AsyncWrite + Unpin), text: &str) -> std::io::Result<()> {
-    writer.write_all(text.as_bytes()).await?;
-    writer.write_all(b"\r\n").await?;
+    let mut line = Vec::with_capacity(text.len() + 2);
+    line.extend_from_slice(text.as_bytes());
+    line.extend_from_slice(b"\r\n");
+    writer.write_all(&line).await?;
     writer.flush().await
 }
 

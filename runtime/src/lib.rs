@@ -7,7 +7,8 @@
 //! - [`ids`]: deterministic identifiers;
 //! - [`config_store`]: the in-memory view of the compacted config topic;
 //! - `read_models` (feature `read-models`): which read-model schema is active;
-//! - `metrics_http` (feature `metrics-http`): the `/metrics` endpoint of router and projector.
+//! - `metrics_http` (feature `metrics-http`): the `/metrics` endpoint of router and projector;
+//! - [`tcp`]: the options every listener sets on an accepted connection (`TCP_NODELAY`).
 
 pub mod config_store;
 pub mod envelope;
@@ -17,6 +18,7 @@ pub mod kafka;
 pub mod metrics_http;
 #[cfg(feature = "read-models")]
 pub mod read_models;
+pub mod tcp;
 pub mod telemetry;
 pub mod topics;
 

@@ -2,6 +2,7 @@
 //! projector): Prometheus text rendered on each scrape.
 
 use anyhow::Context;
+use axum::serve::ListenerExt as _;
 
 /// Serves `GET /metrics` with whatever `render` returns, until the process ends.
 pub async fn serve_metrics<Render>(address: std::net::SocketAddr, render: Render) -> anyhow::Result<()>
@@ -15,8 +16,10 @@ where
             async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()) }
         }),
     );
-    let listener =
-        tokio::net::TcpListener::bind(address).await.with_context(|| format!("failed to bind metrics on {address}"))?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("failed to bind metrics on {address}"))?
+        .tap_io(|stream| crate::tcp::configure_accepted_connection(stream));
     axum::serve(listener, app).await.context("metrics server failed")
 }
 

@@ -480,6 +480,37 @@ pub async fn connect_channel(url: &str) -> anyhow::Result<Channel> {
     }
 }
 
+/// Whether the server side of `client`'s connection has `TCP_NODELAY` set, for a listener
+/// served in this process (in-process services, as [`TestEnv`] starts them). The accepted socket
+/// is found among the process's file descriptors (Linux `/proc/self/fd`) by its two addresses,
+/// so this checks each listener as it is wired, not a helper it should call. Call it once the
+/// server has answered on the connection (it configures a connection before serving it).
+pub fn accepted_connection_has_nodelay(client: &tokio::net::TcpStream) -> anyhow::Result<bool> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    let server_address = client.peer_addr()?;
+    let client_address = client.local_addr()?;
+    for entry in std::fs::read_dir("/proc/self/fd").context("failed to list /proc/self/fd")? {
+        let entry = entry?;
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else { continue };
+        let is_socket =
+            std::fs::read_link(entry.path()).is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: the descriptor is borrowed only to duplicate it at once; all further calls go
+        // to the duplicate, which this function owns and closes. Should another thread close the
+        // original in between, the duplication fails or yields a socket whose addresses do not
+        // match; neither touches memory.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let Ok(duplicate) = borrowed.try_clone_to_owned() else { continue };
+        let socket = std::net::TcpStream::from(duplicate);
+        if socket.local_addr().ok() == Some(server_address) && socket.peer_addr().ok() == Some(client_address) {
+            return Ok(socket.nodelay()?);
+        }
+    }
+    bail!("no accepted connection {server_address} <- {client_address} in this process")
+}
+
 /// An authenticated ConversationService client for the API at `url`.
 pub async fn connect_api(url: &str, token: BearerToken) -> anyhow::Result<ApiClient> {
     Ok(ConversationServiceClient::with_interceptor(connect_channel(url).await?, token))

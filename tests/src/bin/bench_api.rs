@@ -1,16 +1,22 @@
-//! API benchmark (issue 6): seeds 100,000 conversations and 1,000,000 messages into the read
-//! models with SQL, serves the API in-process, drives `GetConversation` and 50-row
-//! `ListConversations` at a fixed open-loop rate (latency measured from each request's scheduled
-//! start, so queueing counts), and meanwhile commits conversation changes the way the projector
-//! does and measures how long a watch stream takes to deliver them.
+//! API benchmark (issues 6 and 13): seeds 100,000 conversations and 1,000,000 messages into
+//! the read models with SQL and serves the API in-process. First, on the idle API, it calls
+//! `GetConversation` and 50-row `ListConversations` the way an interactive client does: one
+//! channel, one call after another, each waiting for the previous answer; once from Rust
+//! (tonic) and once through Python grpcio (tests/python/grpcio_sequential.py), a client no one on
+//! the team wrote. Then it drives the same two calls at a fixed open-loop rate (latency measured
+//! from each request's scheduled start, so queueing counts), and meanwhile commits conversation
+//! changes the way the projector does and measures how long a watch stream takes to deliver
+//! them.
 //!
 //! `cargo run --release -p switchboard-tests --bin bench-api -- --rate 1000 --seconds 20`
-//! (needs KAFKA_BROKERS and DATABASE_URL, as `scripts/stack env` prints).
+//! (needs KAFKA_BROKERS and DATABASE_URL, as `scripts/stack env` prints; `--seconds 0` measures
+//! only the sequential calls, `--grpcio-calls 0` leaves out Python).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Parser;
 use switchboard_api::auth::{Identity, Role};
 use switchboard_proto::api::v1::{
@@ -37,9 +43,22 @@ struct Args {
     /// HTTP/2 connections the load is spread over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Timed calls of each kind made one after another on one channel, before the load
+    /// (0: none).
+    #[arg(long, default_value_t = 2000)]
+    sequential_calls: usize,
+    /// Timed calls of each kind made one after another through Python grpcio, before the load
+    /// (0: none; the first run creates a virtualenv with pip).
+    #[arg(long, default_value_t = 1000)]
+    grpcio_calls: usize,
 }
 
 const INBOXES: i64 = 10;
+/// Untimed calls before each sequential series (connection set-up, cold caches).
+const SEQUENTIAL_WARMUP_CALLS: usize = 100;
+/// At most this many conversation ids are handed to the Python client (in an environment
+/// variable, which Linux caps at 128 KiB); it cycles through them.
+const GRPCIO_MAX_IDS: usize = 2000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -70,10 +89,127 @@ async fn run(args: &Args, env: &TestEnv) -> anyhow::Result<()> {
     let url = env.start_api_server().await?;
     // A plain agent: every call resolves inbox access, the realistic (slower) path.
     let agent = Identity { user_id: "agent-1".into(), account_id: "bench".into(), role: Role::Agent, team_ids: vec![] };
-    let token = BearerToken::for_identity(&agent)?;
+    let raw_token = switchboard_api::auth::mint_token(
+        switchboard_tests::TEST_JWT_SECRET.as_bytes(),
+        &agent,
+        Duration::from_secs(86_400),
+    )?;
+    let token = BearerToken::new(&raw_token)?;
+    if args.sequential_calls > 0 {
+        sequential_calls(&url, &token, &conversation_ids, args.sequential_calls).await?;
+    }
+    if args.grpcio_calls > 0 {
+        sequential_calls_through_grpcio(&url, &raw_token, &conversation_ids, args.grpcio_calls).await?;
+    }
+    if args.seconds > 0 {
+        concurrent_load(args, env, &url, &token, conversation_ids).await?;
+    }
+    Ok(())
+}
+
+/// The position of the conversation the `index`th call fetches: spread over the table, the
+/// same sequence in every series.
+fn conversation_index(index: usize, conversation_count: usize) -> usize {
+    index * 104_729 % conversation_count
+}
+
+/// One channel, one call after another, each waiting for the previous answer: how an agent's
+/// screen or a script calls the API. Each figure is one call's own round trip, so a stall per
+/// response (e.g. Nagle's algorithm waiting for the client's delayed ACK, issue 13) shows in
+/// every call; under concurrent load other calls' traffic hides it.
+async fn sequential_calls(
+    url: &str,
+    token: &BearerToken,
+    conversation_ids: &[String],
+    calls: usize,
+) -> anyhow::Result<()> {
+    let mut client = ConversationServiceClient::with_interceptor(connect_channel(url).await?, token.clone());
+    let mut get_latencies = Vec::with_capacity(calls);
+    for index in 0..SEQUENTIAL_WARMUP_CALLS + calls {
+        let conversation_id = conversation_ids[conversation_index(index, conversation_ids.len())].clone();
+        let started = Instant::now();
+        client.get_conversation(GetConversationRequest { conversation_id, ..Default::default() }).await?;
+        if index >= SEQUENTIAL_WARMUP_CALLS {
+            get_latencies.push(started.elapsed());
+        }
+    }
+    let mut list_latencies = Vec::with_capacity(calls);
+    for index in 0..SEQUENTIAL_WARMUP_CALLS + calls {
+        let request = ListConversationsRequest {
+            inbox_id: format!("inbox-{}", index % INBOXES as usize),
+            page_size: 50,
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let listed = client.list_conversations(request).await?.into_inner();
+        if index >= SEQUENTIAL_WARMUP_CALLS {
+            list_latencies.push(started.elapsed());
+        }
+        assert_eq!(listed.conversations.len(), 50);
+    }
+    println!("sequential, tonic, one channel ({SEQUENTIAL_WARMUP_CALLS} warm-up calls of each kind excluded):");
+    report("GetConversation (10 messages)", &mut get_latencies);
+    report("ListConversations (50 rows)", &mut list_latencies);
+    Ok(())
+}
+
+/// The same sequential calls through Python grpcio (tests/python/grpcio_sequential.py), timed
+/// by the Python client around each call.
+async fn sequential_calls_through_grpcio(
+    url: &str,
+    raw_token: &str,
+    conversation_ids: &[String],
+    calls: usize,
+) -> anyhow::Result<()> {
+    let ids_for_python: Vec<&str> = (0..(SEQUENTIAL_WARMUP_CALLS + calls).min(GRPCIO_MAX_IDS))
+        .map(|index| conversation_ids[conversation_index(index, conversation_ids.len())].as_str())
+        .collect();
+    let mut command = std::process::Command::new("bash");
+    command
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python/run_grpcio_client.sh"))
+        .arg("grpcio_sequential.py")
+        .env("API_ADDR", url.trim_start_matches("http://"))
+        .env("API_TOKEN", raw_token)
+        .env("BENCH_CONVERSATION_IDS", ids_for_python.join(","))
+        .env("BENCH_INBOX", "inbox-0")
+        .env("BENCH_CALLS", calls.to_string())
+        .env("BENCH_WARMUP_CALLS", SEQUENTIAL_WARMUP_CALLS.to_string())
+        .stderr(std::process::Stdio::inherit());
+    let output = tokio::task::spawn_blocking(move || command.output()).await?.context("failed to run python")?;
+    anyhow::ensure!(output.status.success(), "python grpcio client failed: {}", output.status);
+    println!("sequential, Python grpcio, one channel ({SEQUENTIAL_WARMUP_CALLS} warm-up calls of each kind excluded):");
+    for line in String::from_utf8(output.stdout)?.lines() {
+        let series: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("unexpected line {line}"))?;
+        let mut latencies: Vec<Duration> = series["latencies_ms"]
+            .as_array()
+            .context("no latencies_ms")?
+            .iter()
+            .filter_map(serde_json::Value::as_f64)
+            .map(|milliseconds| Duration::from_secs_f64(milliseconds / 1e3))
+            .collect();
+        let name = match series["call"].as_str() {
+            Some("GetConversation") => "GetConversation (10 messages)",
+            Some("ListConversations") => "ListConversations (50 rows)",
+            _ => anyhow::bail!("unexpected call in {line}"),
+        };
+        report(name, &mut latencies);
+    }
+    Ok(())
+}
+
+/// The open-loop load (half `GetConversation`, half `ListConversations`) with a watch stream
+/// following committed changes meanwhile.
+async fn concurrent_load(
+    args: &Args,
+    env: &TestEnv,
+    url: &str,
+    token: &BearerToken,
+    conversation_ids: Arc<Vec<String>>,
+) -> anyhow::Result<()> {
     let mut clients = Vec::new();
     for _ in 0..args.connections {
-        clients.push(ConversationServiceClient::with_interceptor(connect_channel(&url).await?, token.clone()));
+        clients.push(ConversationServiceClient::with_interceptor(connect_channel(url).await?, token.clone()));
     }
 
     // Watch: one stream; changes committed every 20 ms during the load.
@@ -153,7 +289,7 @@ async fn run(args: &Args, env: &TestEnv) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let is_get = index % 2 == 0;
             let outcome = if is_get {
-                let id = ids[(index as usize * 104_729) % ids.len()].clone();
+                let id = ids[conversation_index(index as usize, ids.len())].clone();
                 client
                     .get_conversation(GetConversationRequest { conversation_id: id, ..Default::default() })
                     .await
@@ -187,7 +323,7 @@ async fn run(args: &Args, env: &TestEnv) -> anyhow::Result<()> {
 
     let latencies = latencies.lock().unwrap().clone();
     println!(
-        "load: {total} requests at {} req/s scheduled, {:.0} req/s achieved, {} errors, {} s warm-up excluded",
+        "concurrent load: {total} requests at {} req/s scheduled, {:.0} req/s achieved, {} errors, {} s warm-up excluded",
         args.rate,
         total as f64 / elapsed.as_secs_f64(),
         errors.load(std::sync::atomic::Ordering::Relaxed),
@@ -211,9 +347,10 @@ fn report(name: &str, sample: &mut [Duration]) {
             .unwrap_or_default()
     };
     println!(
-        "{name:<36} n={:<6} p50={:>7.2} ms  p99={:>7.2} ms  max={:>7.2} ms",
+        "{name:<36} n={:<6} p50={:>7.2} ms  p90={:>7.2} ms  p99={:>7.2} ms  max={:>7.2} ms",
         sample.len(),
         at(0.50).as_secs_f64() * 1e3,
+        at(0.90).as_secs_f64() * 1e3,
         at(0.99).as_secs_f64() * 1e3,
         sample.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
