@@ -21,4 +21,5 @@ cd "$REPO_ROOT/proto"
   switchboard/events/v1/events.proto switchboard/api/v1/conversations.proto switchboard/api/v1/workspace.proto \
   switchboard/api/v1/admin.proto
 SCRIPT=${1:-grpcio_client.py}
-PYTHONPATH=$STUBS exec "$VENV/bin/python" "$REPO_ROOT/tests/python/$SCRIPT"
+# No exec: the EXIT trap must still remove the generated stubs.
+PYTHONPATH=$STUBS "$VENV/bin/python" "$REPO_ROOT/tests/python/$SCRIPT"
