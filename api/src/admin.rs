@@ -229,7 +229,7 @@ impl Admin {
         let mut updates = self.config.subscribe();
         let echoed = tokio::time::timeout(
             CONFIG_ECHO_TIMEOUT,
-            updates.wait_for(|snapshot| config_contains(snapshot, &identity.account_id, &payload)),
+            updates.wait_for(|snapshot| snapshot.holds(&identity.account_id, &payload)),
         )
         .await;
         if !matches!(echoed, Ok(Ok(_))) {
@@ -382,29 +382,6 @@ fn inbox_access_of(account_id: &str, inbox: &InboxConfigured) -> InboxAccess {
         },
         access_user_ids: inbox.access_user_ids.clone(),
         access_team_ids: inbox.access_team_ids.clone(),
-    }
-}
-
-/// Whether the config view already holds `payload` as its entity's state.
-fn config_contains(snapshot: &ConfigSnapshot, account_id: &str, payload: &Payload) -> bool {
-    match payload {
-        Payload::InboxConfigured(inbox) => {
-            snapshot.inboxes.get(account_id, &inbox.inbox_id).is_some_and(|current| &current.entity == inbox)
-        }
-        Payload::ChannelConfigured(channel) => {
-            snapshot.channels.get(account_id, &channel.channel_id).is_some_and(|current| current.entity == **channel)
-        }
-        Payload::RoutingRulesConfigured(rules) => {
-            snapshot.routing_rules.get(account_id, &rules.channel_id).is_some_and(|current| &current.entity == rules)
-        }
-        Payload::AgentConfigured(agent) => {
-            snapshot.agents.get(account_id, &agent.agent_id).is_some_and(|current| &current.entity == agent)
-        }
-        Payload::TicketSettingsConfigured(settings) => snapshot
-            .ticket_settings
-            .get(account_id, &settings.channel_id)
-            .is_some_and(|current| &current.entity == settings),
-        _ => true,
     }
 }
 
@@ -634,9 +611,9 @@ impl AdminService for Admin {
             violations.into_result()?;
             let _guard = self.config_lock.lock().await;
             let snapshot = self.snapshot();
-            let access = self.inbox_of(&snapshot, &identity, &body.inbox_id)?;
-            access::check_act(&identity, &access, "inbox", &body.inbox_id)?;
             let mut inbox = self.inbox_entity(&snapshot, &identity, &body.inbox_id)?;
+            let access = inbox_access_of(&identity.account_id, &inbox);
+            access::check_act(&identity, &access, "inbox", &body.inbox_id)?;
             inbox.name = body.name.trim().to_owned();
             Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
         })
@@ -655,10 +632,10 @@ impl AdminService for Admin {
             violations.into_result()?;
             let _guard = self.config_lock.lock().await;
             let snapshot = self.snapshot();
-            let access = self.inbox_of(&snapshot, &identity, &body.inbox_id)?;
+            let mut inbox = self.inbox_entity(&snapshot, &identity, &body.inbox_id)?;
+            let access = inbox_access_of(&identity.account_id, &inbox);
             access::check_act(&identity, &access, "inbox", &body.inbox_id)?;
             check_keeps_caller(&identity, mode, &body.access_user_ids, &body.access_team_ids)?;
-            let mut inbox = self.inbox_entity(&snapshot, &identity, &body.inbox_id)?;
             inbox.access_mode = mode as i32;
             inbox.access_user_ids = body.access_user_ids.clone();
             inbox.access_team_ids = body.access_team_ids.clone();

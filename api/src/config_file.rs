@@ -620,29 +620,6 @@ pub fn next_version<T: Versioned>(existing_opt: Option<&T>, candidate: &T) -> u6
     }
 }
 
-/// Whether `payload` already is the entity's current state in `current`.
-fn is_current(current: &ConfigSnapshot, account_id: &str, payload: &Payload) -> bool {
-    match payload {
-        Payload::InboxConfigured(inbox) => {
-            current.inboxes.get(account_id, &inbox.inbox_id).is_some_and(|stored| &stored.entity == inbox)
-        }
-        Payload::ChannelConfigured(channel) => {
-            current.channels.get(account_id, &channel.channel_id).is_some_and(|stored| stored.entity == **channel)
-        }
-        Payload::RoutingRulesConfigured(rules) => {
-            current.routing_rules.get(account_id, &rules.channel_id).is_some_and(|stored| &stored.entity == rules)
-        }
-        Payload::AgentConfigured(agent) => {
-            current.agents.get(account_id, &agent.agent_id).is_some_and(|stored| &stored.entity == agent)
-        }
-        Payload::TicketSettingsConfigured(settings) => current
-            .ticket_settings
-            .get(account_id, &settings.channel_id)
-            .is_some_and(|stored| &stored.entity == settings),
-        _ => false,
-    }
-}
-
 /// Publishes the file's changed entities to the config topic; returns how many were published.
 pub async fn apply_config(
     brokers: &str,
@@ -657,7 +634,7 @@ pub async fn apply_config(
     file.check_rules(current, &payloads)?;
     let mut published = 0;
     for payload in payloads {
-        if is_current(current, &file.account_id, &payload) {
+        if current.holds(&file.account_id, &payload) {
             continue;
         }
         let key = config_key(&file.account_id, &payload).expect("config payloads have keys");
@@ -708,7 +685,7 @@ mod tests {
         let payloads = b.to_payloads(&after_a).unwrap();
         b.check_rules(&after_a, &payloads).unwrap();
         // Nothing of b's is "current" in a's state: every entity is published for b.
-        assert!(payloads.iter().all(|payload| !is_current(&after_a, "b", payload)));
+        assert!(payloads.iter().all(|payload| !after_a.holds("b", payload)));
         let after_b = applied(&after_a, &b);
         assert_eq!(after_b.inboxes.len(), 2);
         assert_eq!(after_b.channels.get("a", "mail").unwrap().account_id, "a");
@@ -863,7 +840,7 @@ mod tests {
             }
         }
         let unchanged = file.to_payloads(&current).unwrap();
-        assert!(unchanged.iter().all(|payload| is_current(&current, &file.account_id, payload)
+        assert!(unchanged.iter().all(|payload| current.holds(&file.account_id, payload)
             || !matches!(payload, Payload::RoutingRulesConfigured(_))));
         let edited = DEMO.replace("strategy = \"round_robin\"", "strategy = \"balanced\"");
         let changed = ConfigFile::parse(&edited).unwrap().to_payloads(&current).unwrap();

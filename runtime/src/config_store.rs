@@ -275,6 +275,31 @@ impl ConfigSnapshot {
         }
     }
 
+    /// Whether `payload` is already the current state of its entity of `account_id`: what
+    /// apply-config skips, and what a config command waits to see. False for a payload that is
+    /// not a config entity.
+    pub fn holds(&self, account_id: &str, payload: &Payload) -> bool {
+        match payload {
+            Payload::InboxConfigured(inbox) => {
+                self.inboxes.get(account_id, &inbox.inbox_id).is_some_and(|stored| &stored.entity == inbox)
+            }
+            Payload::ChannelConfigured(channel) => {
+                self.channels.get(account_id, &channel.channel_id).is_some_and(|stored| stored.entity == **channel)
+            }
+            Payload::RoutingRulesConfigured(rules) => {
+                self.routing_rules.get(account_id, &rules.channel_id).is_some_and(|stored| &stored.entity == rules)
+            }
+            Payload::AgentConfigured(agent) => {
+                self.agents.get(account_id, &agent.agent_id).is_some_and(|stored| &stored.entity == agent)
+            }
+            Payload::TicketSettingsConfigured(settings) => self
+                .ticket_settings
+                .get(account_id, &settings.channel_id)
+                .is_some_and(|stored| &stored.entity == settings),
+            _ => false,
+        }
+    }
+
     /// Whether an entity of `kind` (a config key's kind) is stored as (account, id).
     pub fn contains(&self, kind: &str, account_id: &str, id: &str) -> bool {
         match kind {
