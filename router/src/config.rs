@@ -18,7 +18,6 @@ use crate::state::{CHANNEL_TYPE_SLOTS, InlineStr, channel_type_slot};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentProfile {
-    pub account_id: String,
     pub paid_seat: bool,
     /// The configured availability; `AgentAvailabilityChanged` overrides it once seen.
     pub available: bool,
@@ -98,7 +97,6 @@ impl RouterConfig {
             agents.insert(
                 InlineStr::scoped(&owned.account_id, &agent.agent_id),
                 AgentProfile {
-                    account_id: owned.account_id.clone(),
                     paid_seat: agent.paid_seat,
                     available: agent.available,
                     skills: agent.skills.iter().cloned().collect(),
