@@ -43,17 +43,18 @@ impl AgentOpenConversations {
 /// none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpenConversations {
-    by_agent: HashMap<(String, String), AgentOpenConversations>,
+    /// By account, then agent id: a lookup borrows both ids.
+    by_agent: HashMap<String, HashMap<String, AgentOpenConversations>>,
 }
 
 impl OpenConversations {
     /// From `agent_workload` rows (`account_id`, `agent_id`, `channel_type`, `open_count`);
     /// negative counts (which the projector never writes) count as zero.
     pub fn from_rows(rows: impl IntoIterator<Item = (String, String, String, i32)>) -> OpenConversations {
-        let mut by_agent: HashMap<(String, String), AgentOpenConversations> = HashMap::new();
+        let mut by_agent: HashMap<String, HashMap<String, AgentOpenConversations>> = HashMap::new();
         for (account_id, agent_id, channel_type, open_count) in rows {
             let open_count = u32::try_from(open_count).unwrap_or(0);
-            let agent = by_agent.entry((account_id, agent_id)).or_default();
+            let agent = by_agent.entry(account_id).or_default().entry(agent_id).or_default();
             agent.total = agent.total.saturating_add(open_count);
             *agent.by_channel_type.entry(channel_type).or_default() += open_count;
         }
@@ -61,7 +62,7 @@ impl OpenConversations {
     }
 
     pub fn of_agent(&self, account_id: &str, agent_id: &str) -> Option<&AgentOpenConversations> {
-        self.by_agent.get(&(account_id.to_owned(), agent_id.to_owned()))
+        self.by_agent.get(account_id)?.get(agent_id)
     }
 }
 
