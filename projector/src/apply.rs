@@ -1,27 +1,25 @@
-//! How a batch of events changes the read models, with a handful of bulk statements per batch
-//! instead of a few per event.
+//! The I/O half of applying a batch: a handful of bulk statements per batch instead of a few
+//! per event. The decisions are made in [`crate::fold`].
 //!
 //! 1. Load the current state of every conversation the batch touches (one `SELECT`).
 //! 2. Insert the rows events create, keyed by their natural ids (`ON CONFLICT DO NOTHING
 //!    RETURNING`): what comes back is what is new. Events without a natural key are recorded in
 //!    `applied_events`. An event seen before (redelivered, or published twice) changes nothing.
-//! 3. Fold the new events, in log order, into the in-memory state (counters, assignee,
-//!    workload, reply window, change feed).
-//! 4. Write the folded state back with multi-row `UNNEST` statements.
-//!
-//! Everything written is a function of the log (event times, never `now()`), so rebuilding the
-//! read models from the log gives identical rows (B4). Cross-topic lookups (e.g. a channel's
-//! inbox from the config topic) are avoided on purpose: the relative order of two topics is not
-//! reproducible, the order within a partition is.
+//! 3. Fold the batch ([`fold_batch`], pure) into [`Writes`].
+//! 4. Execute the writes with multi-row `UNNEST` statements.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::facts::{Event, Fact, has_reply_window};
+use crate::facts::{Event, Fact};
+use crate::fold::{
+    AuditRow, BatchInput, Change, Claimed, ContactOwner, ConversationRow, SourcePosition, StoredConversation,
+    TicketStageUpdate, WorkloadDelta, fold_batch,
+};
 
 /// Whether the writer announces changes with `pg_notify` (the live projector) or not (a replay
 /// into a schema nobody reads yet).
@@ -37,59 +35,8 @@ pub struct Written {
     pub changes: usize,
 }
 
-/// A conversation as the batch sees it: loaded from the table, or started in this batch.
-#[derive(Debug, Clone)]
-struct Conversation {
-    new: bool,
-    dirty: bool,
-    account_id: String,
-    inbox_id: String,
-    channel_id: String,
-    channel_type: String,
-    thread_key: String,
-    contact_external_id: String,
-    contact_name: String,
-    started_at: DateTime<Utc>,
-    open: bool,
-    assignee_id: Option<String>,
-    message_count: i32,
-    last_message_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    closed_at: Option<DateTime<Utc>>,
-    ticket_id: Option<Uuid>,
-    reply_window_ends_at: Option<DateTime<Utc>>,
-    contact_id: Option<Uuid>,
-    subject: String,
-}
-
-type ConversationRow = (
-    Uuid,
-    String,
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-    i32,
-    DateTime<Utc>,
-    DateTime<Utc>,
-    Option<DateTime<Utc>>,
-    Option<Uuid>,
-    Option<DateTime<Utc>>,
-    Option<Uuid>,
-    String,
-);
-
-struct Change<'a> {
-    account_id: &'a str,
-    inbox_id: String,
-    conversation_id: Uuid,
-    kind: &'static str,
-    event_id: &'a str,
-    at: DateTime<Utc>,
-}
-
-/// Applies `events` (already position-checked, in log order per partition) in `transaction`.
+/// Applies `events` (already position-checked, in log order per partition) in `transaction`:
+/// reads what the fold needs, folds, writes.
 pub async fn apply_events(
     transaction: &mut Transaction<'_, Postgres>,
     events: &[&Event],
@@ -98,214 +45,25 @@ pub async fn apply_events(
     if events.is_empty() {
         return Ok(Written::default());
     }
-    let mut conversations = load_conversations(transaction, events).await?;
-    let mut new_messages = insert_messages(transaction, events).await?;
-    let mut new_decisions = insert_assignments(transaction, events, &conversations).await?;
-    let mut new_keyless = insert_applied_events(transaction, events).await?;
+    let stored_conversations = load_conversations(transaction, events).await?;
+    let message_ids = insert_messages(transaction, events).await?;
+    let decision_event_ids = insert_assignments(transaction, events, &stored_conversations).await?;
+    let keyless_event_ids = insert_applied_events(transaction, events).await?;
     insert_contacts(transaction, events).await?;
-    let mut new_tickets = insert_tickets(transaction, events).await?;
+    let ticket_ids = insert_tickets(transaction, events).await?;
+    let claimed = Claimed { message_ids, decision_event_ids, keyless_event_ids, ticket_ids };
 
-    // (account, agent, channel type) -> change in open conversations.
-    let mut workload: BTreeMap<(String, String, String), i32> = BTreeMap::new();
-    let mut changes: Vec<Change<'_>> = Vec::new();
-    let mut ticket_updates: BTreeMap<Uuid, (String, bool, DateTime<Utc>)> = BTreeMap::new();
-    let mut owners: BTreeMap<Uuid, Option<String>> = BTreeMap::new();
-    let mut audits: Vec<(&Event, &crate::facts::Audit, String, String)> = Vec::new();
-    let mut left_unassigned_audits: Vec<(&Event, crate::facts::Audit, String)> = Vec::new();
-    let mut sources: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let writes = fold_batch(BatchInput { events, stored_conversations, claimed });
 
-    for &event in events {
-        if let Some((topic, partition, offset)) = &event.source {
-            let next = sources.entry((topic.clone(), *partition)).or_insert(0);
-            *next = (*next).max(offset + 1);
-        }
-        let change = |conversation: &Conversation, conversation_id: Uuid, kind: &'static str| Change {
-            account_id: &event.account_id,
-            inbox_id: conversation.inbox_id.clone(),
-            conversation_id,
-            kind,
-            event_id: &event.event_id,
-            at: event.recorded_at,
-        };
-        match &event.fact {
-            Fact::ConversationStarted(started) => {
-                if conversations.contains_key(&started.conversation_id) {
-                    continue;
-                }
-                let conversation = Conversation {
-                    new: true,
-                    dirty: true,
-                    account_id: event.account_id.clone(),
-                    inbox_id: started.inbox_id.clone(),
-                    channel_id: started.channel_id.clone(),
-                    channel_type: started.channel_type.to_owned(),
-                    thread_key: started.thread_key.clone(),
-                    contact_external_id: started.contact_external_id.clone(),
-                    contact_name: started.contact_name.clone(),
-                    started_at: event.occurred_at,
-                    open: true,
-                    assignee_id: None,
-                    message_count: 0,
-                    last_message_at: event.occurred_at,
-                    updated_at: event.recorded_at,
-                    closed_at: None,
-                    ticket_id: None,
-                    reply_window_ends_at: None,
-                    contact_id: started.contact_id,
-                    subject: String::new(),
-                };
-                changes.push(change(&conversation, started.conversation_id, "started"));
-                conversations.insert(started.conversation_id, conversation);
-            }
-            Fact::MessageAppended(message) => {
-                if !new_messages.remove(&message.message_id) {
-                    continue;
-                }
-                let Some(conversation) = conversations.get_mut(&message.conversation_id) else { continue };
-                conversation.message_count += 1;
-                conversation.last_message_at = conversation.last_message_at.max(event.occurred_at);
-                conversation.updated_at = conversation.updated_at.max(event.recorded_at);
-                if has_reply_window(&conversation.channel_type) {
-                    // Every appended message is the customer's (agents' replies are not events
-                    // of this log): the window runs 24 h from the latest one.
-                    let ends_at = event.occurred_at + Duration::hours(24);
-                    conversation.reply_window_ends_at =
-                        Some(conversation.reply_window_ends_at.map_or(ends_at, |current| current.max(ends_at)));
-                }
-                if conversation.contact_id.is_none() {
-                    conversation.contact_id = message.contact_id;
-                }
-                if conversation.subject.is_empty() && !message.subject.is_empty() {
-                    conversation.subject = message.subject.clone();
-                }
-                conversation.dirty = true;
-                changes.push(change(conversation, message.conversation_id, "message"));
-            }
-            Fact::Assigned { conversation_id, assignee_id, .. } => {
-                if !new_decisions.remove(&event.event_id) {
-                    continue;
-                }
-                let Some(conversation) = conversations.get_mut(conversation_id) else { continue };
-                if conversation.open && conversation.assignee_id.as_deref() != Some(assignee_id) {
-                    if let Some(previous) = &conversation.assignee_id {
-                        *workload.entry(workload_key(conversation, previous)).or_default() -= 1;
-                    }
-                    *workload.entry(workload_key(conversation, assignee_id)).or_default() += 1;
-                }
-                conversation.assignee_id = Some(assignee_id.clone());
-                conversation.updated_at = conversation.updated_at.max(event.recorded_at);
-                conversation.dirty = true;
-                changes.push(change(conversation, *conversation_id, "assigned"));
-            }
-            Fact::LeftUnassigned { conversation_id, reason, explanation } => {
-                if !new_decisions.remove(&event.event_id) {
-                    continue;
-                }
-                let inbox_id = conversations.get(conversation_id).map(|c| c.inbox_id.clone()).unwrap_or_default();
-                let audit = crate::facts::Audit {
-                    kind: "left_unassigned",
-                    reason: (*reason).to_owned(),
-                    channel_id: explanation.channel_id.clone(),
-                    inbox_id: inbox_id.clone(),
-                    conversation_id: Some(*conversation_id),
-                    message_id: None,
-                    detail: explanation.json.clone(),
-                };
-                left_unassigned_audits.push((event, audit, inbox_id));
-            }
-            Fact::Unassigned { conversation_id, .. } => {
-                if !new_decisions.remove(&event.event_id) {
-                    continue;
-                }
-                let Some(conversation) = conversations.get_mut(conversation_id) else { continue };
-                if conversation.open
-                    && let Some(previous) = conversation.assignee_id.take()
-                {
-                    *workload.entry(workload_key(conversation, &previous)).or_default() -= 1;
-                }
-                conversation.assignee_id = None;
-                conversation.updated_at = conversation.updated_at.max(event.recorded_at);
-                conversation.dirty = true;
-                changes.push(change(conversation, *conversation_id, "unassigned"));
-            }
-            Fact::Closed { conversation_id, .. } => {
-                if !new_keyless.remove(&event.event_id) {
-                    continue;
-                }
-                let Some(conversation) = conversations.get_mut(conversation_id) else { continue };
-                if conversation.open {
-                    if let Some(assignee) = &conversation.assignee_id {
-                        *workload.entry(workload_key(conversation, assignee)).or_default() -= 1;
-                    }
-                    conversation.open = false;
-                    conversation.closed_at = Some(event.occurred_at);
-                }
-                conversation.updated_at = conversation.updated_at.max(event.recorded_at);
-                conversation.dirty = true;
-                changes.push(change(conversation, *conversation_id, "closed"));
-            }
-            Fact::TicketCreated(ticket) => {
-                if !new_tickets.remove(&ticket.ticket_id) {
-                    continue;
-                }
-                let Some(conversation) = conversations.get_mut(&ticket.conversation_id) else { continue };
-                conversation.ticket_id = Some(ticket.ticket_id);
-                conversation.updated_at = conversation.updated_at.max(event.recorded_at);
-                conversation.dirty = true;
-                changes.push(change(conversation, ticket.conversation_id, "ticket"));
-            }
-            Fact::TicketStageChanged { ticket_id, conversation_id, stage, closed } => {
-                if !new_keyless.remove(&event.event_id) {
-                    continue;
-                }
-                ticket_updates.insert(*ticket_id, (stage.clone(), *closed, event.recorded_at));
-                if let Some(conversation_id) = conversation_id
-                    && let Some(conversation) = conversations.get_mut(conversation_id)
-                {
-                    conversation.updated_at = conversation.updated_at.max(event.recorded_at);
-                    conversation.dirty = true;
-                    changes.push(change(conversation, *conversation_id, "ticket"));
-                }
-            }
-            Fact::ContactOwnerChanged { contact_id, owner_agent_id } => {
-                if new_keyless.remove(&event.event_id) {
-                    owners.insert(*contact_id, owner_agent_id.clone());
-                }
-            }
-            Fact::Audit(audit) => {
-                let (inbox_id, channel_id) = audit
-                    .conversation_id
-                    .and_then(|id| conversations.get(&id))
-                    .map(|conversation| (conversation.inbox_id.clone(), conversation.channel_id.clone()))
-                    .unwrap_or_default();
-                let channel_id = if audit.channel_id.is_empty() { channel_id } else { audit.channel_id.clone() };
-                let inbox_id = if inbox_id.is_empty() { audit.inbox_id.clone() } else { inbox_id };
-                audits.push((event, audit, inbox_id, channel_id));
-            }
-            Fact::ContactCreated(_) => {}
-            Fact::Inbox(_)
-            | Fact::Channel(_)
-            | Fact::RoutingRules { .. }
-            | Fact::TicketSettings { .. }
-            | Fact::Agent(_)
-            | Fact::RouterStateEcho
-            | Fact::Tombstone { .. } => {}
-        }
-    }
-
-    write_conversations(transaction, &conversations).await?;
-    write_workload(transaction, &workload).await?;
-    write_tickets(transaction, &ticket_updates).await?;
-    write_owners(transaction, &owners).await?;
-    let mut audit_rows: Vec<(&Event, &crate::facts::Audit, String, String)> = audits;
-    for (event, audit, inbox_id) in &left_unassigned_audits {
-        audit_rows.push((event, audit, inbox_id.clone(), audit.channel_id.clone()));
-    }
-    write_audits(transaction, &audit_rows).await?;
-    write_changes(transaction, &changes, notify).await?;
-    crate::config::apply_config(transaction, events).await?;
-    write_sources(transaction, &sources).await?;
-    Ok(Written { changes: changes.len() })
+    write_conversations(transaction, &writes.new_conversations, &writes.updated_conversations).await?;
+    write_workload(transaction, &writes.workload_deltas).await?;
+    write_tickets(transaction, &writes.ticket_stages).await?;
+    write_owners(transaction, &writes.contact_owners).await?;
+    write_audits(transaction, &writes.audits).await?;
+    write_changes(transaction, &writes.changes, notify).await?;
+    crate::config::write_config(transaction, &writes.config).await?;
+    write_sources(transaction, &writes.sources).await?;
+    Ok(Written { changes: writes.changes.len() })
 }
 
 fn conversation_ids(events: &[&Event]) -> Vec<Uuid> {
@@ -331,12 +89,12 @@ fn conversation_ids(events: &[&Event]) -> Vec<Uuid> {
 async fn load_conversations(
     transaction: &mut Transaction<'_, Postgres>,
     events: &[&Event],
-) -> sqlx::Result<HashMap<Uuid, Conversation>> {
+) -> sqlx::Result<HashMap<Uuid, StoredConversation>> {
     let ids = conversation_ids(events);
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows: Vec<ConversationRow> = sqlx::query_as(
+    let rows: Vec<StoredConversation> = sqlx::query_as(
         "SELECT conversation_id, account_id, inbox_id, channel_id, channel_type, status, assignee_id, message_count, \
          last_message_at, updated_at, closed_at, ticket_id, reply_window_ends_at, contact_id, subject \
          FROM conversations WHERE conversation_id = ANY($1)",
@@ -344,34 +102,7 @@ async fn load_conversations(
     .bind(&ids)
     .fetch_all(&mut **transaction)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let conversation = Conversation {
-                new: false,
-                dirty: false,
-                account_id: row.1,
-                inbox_id: row.2,
-                channel_id: row.3,
-                channel_type: row.4,
-                thread_key: String::new(),
-                contact_external_id: String::new(),
-                contact_name: String::new(),
-                started_at: row.8,
-                open: row.5 == "open",
-                assignee_id: row.6,
-                message_count: row.7,
-                last_message_at: row.8,
-                updated_at: row.9,
-                closed_at: row.10,
-                ticket_id: row.11,
-                reply_window_ends_at: row.12,
-                contact_id: row.13,
-                subject: row.14,
-            };
-            (row.0, conversation)
-        })
-        .collect())
+    Ok(rows.into_iter().map(|row| (row.conversation_id, row)).collect())
 }
 
 async fn insert_messages(
@@ -462,7 +193,7 @@ struct MessageColumns<'a> {
 async fn insert_assignments(
     transaction: &mut Transaction<'_, Postgres>,
     events: &[&Event],
-    conversations: &HashMap<Uuid, Conversation>,
+    stored_conversations: &HashMap<Uuid, StoredConversation>,
 ) -> sqlx::Result<HashSet<String>> {
     let mut event_ids: Vec<&str> = Vec::new();
     let mut conversation_ids: Vec<Uuid> = Vec::new();
@@ -508,7 +239,7 @@ async fn insert_assignments(
                 skipped.push(&explanation.skipped);
             }
             None => {
-                let channel_id = conversations
+                let channel_id = stored_conversations
                     .get(&conversation_id)
                     .map(|conversation| conversation.channel_id.as_str())
                     .or_else(|| started_here.get(&conversation_id).copied())
@@ -689,12 +420,9 @@ async fn insert_tickets(transaction: &mut Transaction<'_, Postgres>, events: &[&
 
 async fn write_conversations(
     transaction: &mut Transaction<'_, Postgres>,
-    conversations: &HashMap<Uuid, Conversation>,
+    new: &[ConversationRow],
+    updated: &[ConversationRow],
 ) -> sqlx::Result<()> {
-    // Sorted by id: two instances touching rows in the same order cannot deadlock.
-    let mut dirty: Vec<(&Uuid, &Conversation)> = conversations.iter().filter(|(_, c)| c.dirty).collect();
-    dirty.sort_by_key(|(id, _)| **id);
-    let (new, existing): (Vec<_>, Vec<_>) = dirty.into_iter().partition(|(_, c)| c.new);
     if !new.is_empty() {
         sqlx::query(
             "INSERT INTO conversations (conversation_id, account_id, inbox_id, channel_id, channel_type, thread_key, \
@@ -705,29 +433,29 @@ async fn write_conversations(
              $14::timestamptz[], $15::timestamptz[], $16::uuid[], $17::timestamptz[], $18::uuid[], $19::text[]) \
              ON CONFLICT (conversation_id) DO NOTHING",
         )
-        .bind(new.iter().map(|(id, _)| **id).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.account_id.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.inbox_id.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.channel_id.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.channel_type.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.thread_key.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.contact_external_id.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.contact_name.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.started_at).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| status(c)).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.assignee_id.as_deref()).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.message_count).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.last_message_at).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.updated_at).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.closed_at).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.ticket_id).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.reply_window_ends_at).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.contact_id).collect::<Vec<_>>())
-        .bind(new.iter().map(|(_, c)| c.subject.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.conversation_id).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.account_id.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.inbox_id.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.channel_id.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.channel_type.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.thread_key.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.contact_external_id.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.contact_name.as_str()).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.started_at).collect::<Vec<_>>())
+        .bind(new.iter().map(ConversationRow::status).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.assignee_id.as_deref()).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.message_count).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.last_message_at).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.updated_at).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.closed_at).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.ticket_id).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.reply_window_ends_at).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.contact_id).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.subject.as_str()).collect::<Vec<_>>())
         .execute(&mut **transaction)
         .await?;
     }
-    if !existing.is_empty() {
+    if !updated.is_empty() {
         sqlx::query(
             "UPDATE conversations AS c SET status = u.status, assignee_id = u.assignee_id, \
              message_count = u.message_count, last_message_at = u.last_message_at, updated_at = u.updated_at, \
@@ -739,39 +467,25 @@ async fn write_conversations(
              ticket_id, reply_window_ends_at, contact_id, subject) \
              WHERE c.conversation_id = u.conversation_id",
         )
-        .bind(existing.iter().map(|(id, _)| **id).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| status(c)).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| c.assignee_id.as_deref()).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| c.message_count).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| c.last_message_at).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| c.updated_at).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| c.closed_at).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| c.ticket_id).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| c.reply_window_ends_at).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| c.contact_id).collect::<Vec<_>>())
-        .bind(existing.iter().map(|(_, c)| c.subject.as_str()).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.conversation_id).collect::<Vec<_>>())
+        .bind(updated.iter().map(ConversationRow::status).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.assignee_id.as_deref()).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.message_count).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.last_message_at).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.updated_at).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.closed_at).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.ticket_id).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.reply_window_ends_at).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.contact_id).collect::<Vec<_>>())
+        .bind(updated.iter().map(|c| c.subject.as_str()).collect::<Vec<_>>())
         .execute(&mut **transaction)
         .await?;
     }
     Ok(())
 }
 
-fn status(conversation: &Conversation) -> &'static str {
-    if conversation.open { "open" } else { "closed" }
-}
-
-/// The workload row an assignment of `conversation` to `agent_id` counts in (M1: agents are
-/// addressed by account and id).
-fn workload_key(conversation: &Conversation, agent_id: &str) -> (String, String, String) {
-    (conversation.account_id.clone(), agent_id.to_owned(), conversation.channel_type.clone())
-}
-
 /// R8 bookkeeping: open conversations per agent and channel type, as the log says it.
-async fn write_workload(
-    transaction: &mut Transaction<'_, Postgres>,
-    workload: &BTreeMap<(String, String, String), i32>,
-) -> sqlx::Result<()> {
-    let deltas: Vec<(&(String, String, String), &i32)> = workload.iter().filter(|(_, delta)| **delta != 0).collect();
+async fn write_workload(transaction: &mut Transaction<'_, Postgres>, deltas: &[WorkloadDelta]) -> sqlx::Result<()> {
     if deltas.is_empty() {
         return Ok(());
     }
@@ -782,13 +496,13 @@ async fn write_workload(
          ON CONFLICT (account_id, agent_id, channel_type) DO UPDATE \
          SET open_count = GREATEST(0, agent_workload.open_count + EXCLUDED.open_count)",
     )
-    .bind(deltas.iter().map(|((account, _, _), _)| account.as_str()).collect::<Vec<_>>())
-    .bind(deltas.iter().map(|((_, agent, _), _)| agent.as_str()).collect::<Vec<_>>())
-    .bind(deltas.iter().map(|((_, _, channel_type), _)| channel_type.as_str()).collect::<Vec<_>>())
-    .bind(deltas.iter().map(|(_, delta)| **delta).collect::<Vec<_>>())
+    .bind(deltas.iter().map(|delta| delta.key.account_id.as_str()).collect::<Vec<_>>())
+    .bind(deltas.iter().map(|delta| delta.key.agent_id.as_str()).collect::<Vec<_>>())
+    .bind(deltas.iter().map(|delta| delta.key.channel_type.as_str()).collect::<Vec<_>>())
+    .bind(deltas.iter().map(|delta| delta.delta).collect::<Vec<_>>())
     .execute(&mut **transaction)
     .await?;
-    if deltas.iter().any(|(_, delta)| **delta < 0) {
+    if deltas.iter().any(|delta| delta.delta < 0) {
         // A row holds an agent's open conversations, so an agent with none has no row: however
         // the log was cut into batches (an assignment and its close in one batch or in two),
         // the table ends the same. A rebuild from a timestamp may also see a close without the
@@ -800,7 +514,7 @@ async fn write_workload(
 
 async fn write_tickets(
     transaction: &mut Transaction<'_, Postgres>,
-    updates: &BTreeMap<Uuid, (String, bool, DateTime<Utc>)>,
+    updates: &[TicketStageUpdate<'_>],
 ) -> sqlx::Result<()> {
     if updates.is_empty() {
         return Ok(());
@@ -811,19 +525,16 @@ async fn write_tickets(
          FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[]) AS u(ticket_id, stage, closed, at) \
          WHERE t.ticket_id = u.ticket_id",
     )
-    .bind(updates.keys().copied().collect::<Vec<_>>())
-    .bind(updates.values().map(|(stage, _, _)| stage.as_str()).collect::<Vec<_>>())
-    .bind(updates.values().map(|(_, closed, _)| *closed).collect::<Vec<_>>())
-    .bind(updates.values().map(|(_, _, at)| *at).collect::<Vec<_>>())
+    .bind(updates.iter().map(|update| update.ticket_id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|update| update.stage).collect::<Vec<_>>())
+    .bind(updates.iter().map(|update| update.closed).collect::<Vec<_>>())
+    .bind(updates.iter().map(|update| update.at).collect::<Vec<_>>())
     .execute(&mut **transaction)
     .await?;
     Ok(())
 }
 
-async fn write_owners(
-    transaction: &mut Transaction<'_, Postgres>,
-    owners: &BTreeMap<Uuid, Option<String>>,
-) -> sqlx::Result<()> {
+async fn write_owners(transaction: &mut Transaction<'_, Postgres>, owners: &[ContactOwner<'_>]) -> sqlx::Result<()> {
     if owners.is_empty() {
         return Ok(());
     }
@@ -831,18 +542,15 @@ async fn write_owners(
         "UPDATE contacts AS c SET owner_agent_id = u.owner FROM UNNEST($1::uuid[], $2::text[]) AS u(contact_id, owner) \
          WHERE c.contact_id = u.contact_id",
     )
-    .bind(owners.keys().copied().collect::<Vec<_>>())
-    .bind(owners.values().map(Option::as_deref).collect::<Vec<_>>())
+    .bind(owners.iter().map(|owner| owner.contact_id).collect::<Vec<_>>())
+    .bind(owners.iter().map(|owner| owner.owner_agent_id_opt).collect::<Vec<_>>())
     .execute(&mut **transaction)
     .await?;
     Ok(())
 }
 
 /// Why a message never reached the inbox, or a conversation stayed unassigned (B2).
-async fn write_audits(
-    transaction: &mut Transaction<'_, Postgres>,
-    audits: &[(&Event, &crate::facts::Audit, String, String)],
-) -> sqlx::Result<()> {
+async fn write_audits(transaction: &mut Transaction<'_, Postgres>, audits: &[AuditRow<'_>]) -> sqlx::Result<()> {
     if audits.is_empty() {
         return Ok(());
     }
@@ -852,16 +560,16 @@ async fn write_audits(
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::uuid[], \
          $8::uuid[], $9::jsonb[], $10::timestamptz[]) ON CONFLICT (event_id) DO NOTHING",
     )
-    .bind(audits.iter().map(|(event, ..)| event.event_id.as_str()).collect::<Vec<_>>())
-    .bind(audits.iter().map(|(event, ..)| event.account_id.as_str()).collect::<Vec<_>>())
-    .bind(audits.iter().map(|(_, audit, ..)| audit.kind).collect::<Vec<_>>())
-    .bind(audits.iter().map(|(_, audit, ..)| audit.reason.as_str()).collect::<Vec<_>>())
-    .bind(audits.iter().map(|(.., channel_id)| channel_id.as_str()).collect::<Vec<_>>())
-    .bind(audits.iter().map(|(_, _, inbox_id, _)| inbox_id.as_str()).collect::<Vec<_>>())
-    .bind(audits.iter().map(|(_, audit, ..)| audit.conversation_id).collect::<Vec<_>>())
-    .bind(audits.iter().map(|(_, audit, ..)| audit.message_id).collect::<Vec<_>>())
-    .bind(audits.iter().map(|(_, audit, ..)| &audit.detail).collect::<Vec<_>>())
-    .bind(audits.iter().map(|(event, ..)| event.recorded_at).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.event_id).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.account_id).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.kind).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.reason).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.channel_id.as_str()).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.inbox_id.as_str()).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.conversation_id).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.message_id).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.detail).collect::<Vec<_>>())
+    .bind(audits.iter().map(|audit| audit.at).collect::<Vec<_>>())
     .execute(&mut **transaction)
     .await?;
     Ok(())
@@ -899,7 +607,7 @@ async fn write_changes(
     .execute(&mut **transaction)
     .await?;
     if notify == Notify::Yes {
-        let inboxes: std::collections::BTreeSet<&str> = changes.iter().map(|change| change.inbox_id.as_str()).collect();
+        let inboxes: BTreeSet<&str> = changes.iter().map(|change| change.inbox_id.as_str()).collect();
         // Delivered on commit only, so a watcher woken by it always finds the rows.
         sqlx::query("SELECT pg_notify('conversation_changes', inbox) FROM UNNEST($1::text[]) AS inbox")
             .bind(inboxes.into_iter().collect::<Vec<_>>())
@@ -912,7 +620,7 @@ async fn write_changes(
 /// B6: how far the read models have seen each input partition of the router.
 async fn write_sources(
     transaction: &mut Transaction<'_, Postgres>,
-    sources: &BTreeMap<(String, i32), i64>,
+    sources: &[SourcePosition<'_>],
 ) -> sqlx::Result<()> {
     if sources.is_empty() {
         return Ok(());
@@ -923,9 +631,9 @@ async fn write_sources(
          ON CONFLICT (projection, topic, partition) DO UPDATE \
          SET next_offset = GREATEST(projector_positions.next_offset, EXCLUDED.next_offset), updated_at = now()",
     )
-    .bind(sources.keys().map(|(topic, _)| topic.as_str()).collect::<Vec<_>>())
-    .bind(sources.keys().map(|(_, partition)| *partition).collect::<Vec<_>>())
-    .bind(sources.values().copied().collect::<Vec<_>>())
+    .bind(sources.iter().map(|source| source.topic).collect::<Vec<_>>())
+    .bind(sources.iter().map(|source| source.partition).collect::<Vec<_>>())
+    .bind(sources.iter().map(|source| source.next_offset).collect::<Vec<_>>())
     .execute(&mut **transaction)
     .await?;
     Ok(())

@@ -15,32 +15,52 @@ use crate::facts::{Event, Fact};
 /// One config entity: the table its row is in, the row's account (M1; `None` only for a
 /// tombstone of a legacy key, which named no account) and id, and which part of the row the
 /// entity is. Sorted, so concurrent writers lock rows in the same order.
-type EntityKey = (&'static str, Option<String>, String, &'static str);
+type EntityKey<'a> = (&'static str, Option<&'a str>, &'a str, &'static str);
 
-enum ConfigChange<'a> {
+/// What a batch does to one config entity.
+#[derive(Debug, Clone)]
+pub enum ConfigWrite<'a> {
+    /// Replace the entity with the state `event` carries (only moving forward).
     Upsert(&'a Event),
-    Delete,
+    /// Delete the entity (`kind`: inbox, channel, rules, ticket_settings or agent).
+    Delete { kind: &'static str, account_id_opt: Option<&'a str>, id: &'a str },
 }
 
-pub async fn apply_config(transaction: &mut Transaction<'_, Postgres>, events: &[&Event]) -> sqlx::Result<()> {
+/// Two upserts are equal when they carry the same event (by id).
+impl PartialEq for ConfigWrite<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ConfigWrite::Upsert(event), ConfigWrite::Upsert(other_event)) => event.event_id == other_event.event_id,
+            (
+                ConfigWrite::Delete { kind, account_id_opt, id },
+                ConfigWrite::Delete { kind: other_kind, account_id_opt: other_account_id_opt, id: other_id },
+            ) => kind == other_kind && account_id_opt == other_account_id_opt && id == other_id,
+            (ConfigWrite::Upsert(_), ConfigWrite::Delete { .. })
+            | (ConfigWrite::Delete { .. }, ConfigWrite::Upsert(_)) => false,
+        }
+    }
+}
+
+impl Eq for ConfigWrite<'_> {}
+
+/// The config writes of a batch: the last event per entity wins, in entity order. Pure.
+pub fn fold_config<'a>(events: &[&'a Event]) -> Vec<ConfigWrite<'a>> {
     // BTreeMap: statements run in key order, the same order on every instance.
-    let mut latest: BTreeMap<EntityKey, ConfigChange<'_>> = BTreeMap::new();
+    let mut latest: BTreeMap<EntityKey<'a>, ConfigWrite<'a>> = BTreeMap::new();
     for &event in events {
-        let account = || Some(event.account_id.clone());
-        let (key, change) = match &event.fact {
-            Fact::Inbox(inbox) => {
-                (("inboxes", account(), inbox.inbox_id.clone(), "inbox"), ConfigChange::Upsert(event))
-            }
+        let account = Some(event.account_id.as_str());
+        let (key, write) = match &event.fact {
+            Fact::Inbox(inbox) => (("inboxes", account, inbox.inbox_id.as_str(), "inbox"), ConfigWrite::Upsert(event)),
             Fact::Channel(channel) => {
-                (("channels", account(), channel.channel_id.clone(), "channel"), ConfigChange::Upsert(event))
+                (("channels", account, channel.channel_id.as_str(), "channel"), ConfigWrite::Upsert(event))
             }
             Fact::RoutingRules { channel_id, .. } => {
-                (("channels", account(), channel_id.clone(), "rules"), ConfigChange::Upsert(event))
+                (("channels", account, channel_id.as_str(), "rules"), ConfigWrite::Upsert(event))
             }
             Fact::TicketSettings { channel_id, .. } => {
-                (("channels", account(), channel_id.clone(), "ticket_settings"), ConfigChange::Upsert(event))
+                (("channels", account, channel_id.as_str(), "ticket_settings"), ConfigWrite::Upsert(event))
             }
-            Fact::Agent(agent) => (("agents", account(), agent.agent_id.clone(), "agent"), ConfigChange::Upsert(event)),
+            Fact::Agent(agent) => (("agents", account, agent.agent_id.as_str(), "agent"), ConfigWrite::Upsert(event)),
             Fact::Tombstone { kind, account_id_opt, id } => {
                 let (table, kind) = match kind.as_str() {
                     "inbox" => ("inboxes", "inbox"),
@@ -53,16 +73,22 @@ pub async fn apply_config(transaction: &mut Transaction<'_, Postgres>, events: &
                         continue;
                     }
                 };
-                ((table, account_id_opt.clone(), id.clone(), kind), ConfigChange::Delete)
+                let account_id_opt = account_id_opt.as_deref();
+                ((table, account_id_opt, id.as_str(), kind), ConfigWrite::Delete { kind, account_id_opt, id })
             }
             _ => continue,
         };
-        latest.insert(key, change);
+        latest.insert(key, write);
     }
-    for ((_, account_id_opt, id, kind), change) in latest {
-        match change {
-            ConfigChange::Upsert(event) => upsert(transaction, event).await?,
-            ConfigChange::Delete => delete(transaction, kind, account_id_opt.as_deref(), &id).await?,
+    latest.into_values().collect()
+}
+
+/// Executes [`fold_config`]'s writes, in order.
+pub async fn write_config(transaction: &mut Transaction<'_, Postgres>, writes: &[ConfigWrite<'_>]) -> sqlx::Result<()> {
+    for write in writes {
+        match write {
+            ConfigWrite::Upsert(event) => upsert(transaction, event).await?,
+            ConfigWrite::Delete { kind, account_id_opt, id } => delete(transaction, kind, *account_id_opt, id).await?,
         }
     }
     Ok(())

@@ -667,11 +667,25 @@ enum PartitionDecision {
     AwaitingSeek,
 }
 
-/// A committed batch transaction: what it wrote, and per partition the epoch of its records
-/// and the decision.
+/// What a batch transaction decided for one partition: the epoch of its records, and the
+/// decision.
+struct PartitionOutcome {
+    partition: TopicPartition,
+    epoch: u64,
+    decision: PartitionDecision,
+}
+
+/// A partition's records of one batch checked against its stored position.
+struct PartitionCheck<'b> {
+    outcome: PartitionOutcome,
+    /// The records to apply (those past the stored position; none unless the check passed).
+    to_apply: &'b [&'b Record],
+}
+
+/// A committed batch transaction: what it wrote, and what it decided per partition.
 struct GroupOutcome {
     written: WriteOutcome,
-    decisions: Vec<(TopicPartition, u64, PartitionDecision)>,
+    decisions: Vec<PartitionOutcome>,
 }
 
 impl Writer {
@@ -807,39 +821,51 @@ impl Writer {
         }
     }
 
-    /// Checks a partition's records of one batch against its stored position: the epoch of the
-    /// records, the index to apply them from, and the decision.
-    fn check_partition(
+    /// Checks a partition's records of one batch against its stored position.
+    fn check_partition<'b>(
         &self,
         partition: TopicPartition,
+        records: &'b [&'b Record],
+        stored_opt: Option<i64>,
+        epochs: &EpochView,
+    ) -> PartitionCheck<'b> {
+        let epoch = records[0].epoch;
+        let (apply_from, decision) = self.decide_partition(partition, epoch, records, stored_opt, epochs);
+        PartitionCheck { outcome: PartitionOutcome { partition, epoch, decision }, to_apply: &records[apply_from..] }
+    }
+
+    /// The index to apply a partition's records from, and the decision.
+    fn decide_partition(
+        &self,
+        partition: TopicPartition,
+        epoch: u64,
         records: &[&Record],
         stored_opt: Option<i64>,
         epochs: &EpochView,
-    ) -> (u64, usize, PartitionDecision) {
-        let epoch = records[0].epoch;
+    ) -> (usize, PartitionDecision) {
         if self.reread_requested.get(&partition) == Some(&epoch) || epochs.awaiting_seek.get(&partition) == Some(&epoch)
         {
-            return (epoch, records.len(), PartitionDecision::AwaitingSeek);
+            return (records.len(), PartitionDecision::AwaitingSeek);
         }
         let offsets: Vec<i64> = records.iter().map(|record| record.offset).collect();
         let next_offset = offsets[offsets.len() - 1] + 1;
         match check_batch(stored_opt, self.continuity_of(partition, epoch, epochs), &offsets) {
             BatchCheck::ApplyFrom(index) => {
-                (epoch, index, PartitionDecision::Reached { next_offset, stored: index < records.len() })
+                (index, PartitionDecision::Reached { next_offset, stored: index < records.len() })
             }
             BatchCheck::SeekTo(stored_opt) => {
-                (epoch, records.len(), PartitionDecision::Reread { stored_opt, went_back_from_opt: None })
+                (records.len(), PartitionDecision::Reread { stored_opt, went_back_from_opt: None })
             }
             BatchCheck::StoredPositionWentBack { stored_opt, expected } => {
-                (epoch, records.len(), PartitionDecision::Reread { stored_opt, went_back_from_opt: Some(expected) })
+                (records.len(), PartitionDecision::Reread { stored_opt, went_back_from_opt: Some(expected) })
             }
         }
     }
 
     /// After a commit: remembers how far each partition got and asks for the seeks.
-    fn act_on(&mut self, decisions: Vec<(TopicPartition, u64, PartitionDecision)>) {
+    fn act_on(&mut self, decisions: Vec<PartitionOutcome>) {
         let mut stored_positions = Vec::new();
-        for (partition, epoch, decision) in decisions {
+        for PartitionOutcome { partition, epoch, decision } in decisions {
             match decision {
                 PartitionDecision::Reached { next_offset, stored } => {
                     self.continuity.insert(partition, (epoch, Continuity::ContinuesFrom(Some(next_offset))));
@@ -894,8 +920,14 @@ impl Writer {
         let _ = self.commands.send(Command::Seek(partition, stored_opt));
     }
 
-    /// One transaction: begin, schema, commit mode.
-    async fn begin_batch_transaction(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    /// Begins a batch transaction (schema, commit mode, planner settings), locks the group's
+    /// partitions and checks each one's records against its stored position. Every batch
+    /// transaction starts here, whether it applies the group in bulk or one event at a time.
+    async fn begin_group<'b>(
+        &self,
+        by_partition: &'b BTreeMap<TopicPartition, Vec<&'b Record>>,
+        epochs: &EpochView,
+    ) -> anyhow::Result<(sqlx::Transaction<'static, sqlx::Postgres>, Vec<PartitionCheck<'b>>)> {
         let mut transaction = self.pool.begin().await.context("failed to begin transaction")?;
         sqlx::query(&format!("SET LOCAL search_path TO {}", self.current_schema))
             .execute(&mut *transaction)
@@ -909,7 +941,16 @@ impl Writer {
         // Every read and update of the writer is by key. A fresh replay schema has no
         // statistics yet, and the planner would happily scan a growing table per batch.
         sqlx::query("SET LOCAL enable_seqscan TO off").execute(&mut *transaction).await?;
-        Ok(transaction)
+        let partitions: Vec<TopicPartition> = by_partition.keys().copied().collect();
+        let stored =
+            load_positions_in(&mut transaction, &partitions, true).await.context("failed to load positions")?;
+        let checks = by_partition
+            .iter()
+            .map(|(partition, records)| {
+                self.check_partition(*partition, records, stored.get(partition).copied(), epochs)
+            })
+            .collect();
+        Ok((transaction, checks))
     }
 
     async fn write_partitions(
@@ -917,23 +958,10 @@ impl Writer {
         by_partition: &BTreeMap<TopicPartition, Vec<&Record>>,
         epochs: &EpochView,
     ) -> anyhow::Result<GroupOutcome> {
-        let mut transaction = self.begin_batch_transaction().await?;
-        let partitions: Vec<TopicPartition> = by_partition.keys().copied().collect();
-        let stored =
-            load_positions_in(&mut transaction, &partitions, true).await.context("failed to load positions")?;
-
-        let mut decisions = Vec::with_capacity(by_partition.len());
-        let mut to_apply: Vec<&Record> = Vec::new();
-        for (partition, records) in by_partition {
-            let (epoch, apply_from, decision) =
-                self.check_partition(*partition, records, stored.get(partition).copied(), epochs);
-            to_apply.extend(&records[apply_from..]);
-            decisions.push((*partition, epoch, decision));
-        }
-
+        let (mut transaction, checks) = self.begin_group(by_partition, epochs).await?;
         let mut written = WriteOutcome::default();
-        let mut events: Vec<&Event> = Vec::with_capacity(to_apply.len());
-        for record in &to_apply {
+        let mut events: Vec<&Event> = Vec::with_capacity(checks.iter().map(|check| check.to_apply.len()).sum());
+        for record in checks.iter().flat_map(|check| check.to_apply) {
             match &record.input {
                 Ok(event) => events.push(event),
                 Err(poison) => {
@@ -958,6 +986,7 @@ impl Writer {
             Err(error) => return Err(anyhow::Error::new(error).context("failed to apply batch")),
         }
         written.applied = events.len();
+        let decisions: Vec<PartitionOutcome> = checks.into_iter().map(|check| check.outcome).collect();
         store_positions(&mut transaction, &new_positions(&decisions)).await?;
         transaction.commit().await.context("failed to commit projection batch")?;
         Ok(GroupOutcome { written, decisions })
@@ -968,42 +997,35 @@ impl Writer {
         by_partition: &BTreeMap<TopicPartition, Vec<&Record>>,
         epochs: &EpochView,
     ) -> anyhow::Result<GroupOutcome> {
-        let mut transaction = self.begin_batch_transaction().await?;
-        let partitions: Vec<TopicPartition> = by_partition.keys().copied().collect();
-        let stored = load_positions_in(&mut transaction, &partitions, true).await?;
+        let (mut transaction, checks) = self.begin_group(by_partition, epochs).await?;
         let mut written = WriteOutcome::default();
-        let mut decisions = Vec::with_capacity(by_partition.len());
-        for (partition, records) in by_partition {
-            let (epoch, apply_from, decision) =
-                self.check_partition(*partition, records, stored.get(partition).copied(), epochs);
-            decisions.push((*partition, epoch, decision));
-            for record in &records[apply_from..] {
-                let failure = match &record.input {
-                    Ok(event) => {
-                        sqlx::query("SAVEPOINT one_event").execute(&mut *transaction).await?;
-                        match apply_events(&mut transaction, &[event], self.notify).await {
-                            Ok(_) => {
-                                written.applied += 1;
-                                None
-                            }
-                            Err(error) if is_data_error(&error) => {
-                                sqlx::query("ROLLBACK TO SAVEPOINT one_event").execute(&mut *transaction).await?;
-                                Some(format!("refused by postgres: {error}"))
-                            }
-                            Err(error) => return Err(error.into()),
+        for record in checks.iter().flat_map(|check| check.to_apply) {
+            let failure = match &record.input {
+                Ok(event) => {
+                    sqlx::query("SAVEPOINT one_event").execute(&mut *transaction).await?;
+                    match apply_events(&mut transaction, &[event], self.notify).await {
+                        Ok(_) => {
+                            written.applied += 1;
+                            None
                         }
+                        Err(error) if is_data_error(&error) => {
+                            sqlx::query("ROLLBACK TO SAVEPOINT one_event").execute(&mut *transaction).await?;
+                            Some(format!("refused by postgres: {error}"))
+                        }
+                        Err(error) => return Err(error.into()),
                     }
-                    Err(poison) => Some(poison.0.clone()),
-                };
-                if let Some(reason) = failure {
-                    written.poison += 1;
-                    warn!(offset = record.offset, reason, "poison record: not projected");
-                    if let (Some(dead_letter), Some(_)) = (&self.dead_letter, &record.raw) {
-                        dead_letter.send(&self.context, record, &reason).await?;
-                    }
+                }
+                Err(poison) => Some(poison.0.clone()),
+            };
+            if let Some(reason) = failure {
+                written.poison += 1;
+                warn!(offset = record.offset, reason, "poison record: not projected");
+                if let (Some(dead_letter), Some(_)) = (&self.dead_letter, &record.raw) {
+                    dead_letter.send(&self.context, record, &reason).await?;
                 }
             }
         }
+        let decisions: Vec<PartitionOutcome> = checks.into_iter().map(|check| check.outcome).collect();
         store_positions(&mut transaction, &new_positions(&decisions)).await?;
         transaction.commit().await?;
         Ok(GroupOutcome { written, decisions })
@@ -1011,10 +1033,10 @@ impl Writer {
 }
 
 /// The positions a batch transaction stores: those of partitions it applied records of.
-fn new_positions(decisions: &[(TopicPartition, u64, PartitionDecision)]) -> Vec<(TopicPartition, i64)> {
+fn new_positions(decisions: &[PartitionOutcome]) -> Vec<(TopicPartition, i64)> {
     decisions
         .iter()
-        .filter_map(|(partition, _, decision)| match decision {
+        .filter_map(|PartitionOutcome { partition, decision, .. }| match decision {
             PartitionDecision::Reached { next_offset, stored: true } => Some((*partition, *next_offset)),
             PartitionDecision::Reached { stored: false, .. }
             | PartitionDecision::Reread { .. }

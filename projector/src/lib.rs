@@ -2,7 +2,8 @@
 //!
 //! - Input enters in [`consumer`] (Kafka, `read_committed`, batched, epochs per partition).
 //! - Records become [`facts`] (ids parsed, enums named) or poison (dead-letter topic).
-//! - Rows are written in bulk by [`apply`] and [`config`], idempotently.
+//! - A batch is folded into the rows it writes by [`fold`] (pure), and written in bulk by
+//!   [`apply`] and [`config`], idempotently.
 //! - Positions are checked in [`positions`] and stored in the same transaction as the rows.
 //! - [`schema`] knows the active read-model schema; [`replay`] rebuilds one from the log and
 //!   [`verify`] compares two.
@@ -11,6 +12,7 @@ pub mod apply;
 pub mod config;
 pub mod consumer;
 pub mod facts;
+pub mod fold;
 pub mod metrics;
 pub mod positions;
 pub mod replay;
