@@ -3,13 +3,14 @@
 //! one (B4, docs/contracts.md).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{IsTerminal, Write as _};
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -266,19 +267,38 @@ fn start_offsets(
     Ok(list)
 }
 
-/// Progress on a terminal (a bar redrawn in place) or as periodic log lines.
+/// Progress on a terminal (an indicatif bar, redrawn in place) or as periodic log lines.
 struct Reporter {
     mode: Progress,
     starts: BTreeMap<TopicPartition, i64>,
     last: Instant,
     last_events: u64,
     rate: f64,
-    drawn_lines: usize,
+    /// The bar and, under it, the lag line (`Progress::Bar` only). indicatif draws nothing when
+    /// stderr is not a terminal.
+    bars_opt: Option<(ProgressBar, ProgressBar)>,
 }
 
 impl Reporter {
     fn new(mode: Progress, starts: BTreeMap<TopicPartition, i64>) -> Self {
-        Reporter { mode, starts, last: Instant::now(), last_events: 0, rate: 0.0, drawn_lines: 0 }
+        let bars_opt = (mode == Progress::Bar).then(|| {
+            let lines = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+            let bar = lines.add(
+                ProgressBar::new(0).with_style(
+                    ProgressStyle::with_template("[{bar:30}] {percent:>3}%  {pos}/{len} records  {msg}")
+                        .expect("the progress template is valid")
+                        .progress_chars("= "),
+                ),
+            );
+            let lag = lines.add(
+                ProgressBar::new(0).with_style(
+                    ProgressStyle::with_template("  lag per conversations partition: {msg}")
+                        .expect("the lag template is valid"),
+                ),
+            );
+            (bar, lag)
+        });
+        Reporter { mode, starts, last: Instant::now(), last_events: 0, rate: 0.0, bars_opt }
     }
 
     fn report(&mut self, metrics: &Metrics, at_end: &BTreeSet<TopicPartition>, started: Instant) {
@@ -304,32 +324,20 @@ impl Reporter {
             .filter(|((topic, _), _)| *topic == InputTopic::Conversations)
             .map(|((_, partition), lag)| format!("{partition}:{}", short(*lag)))
             .collect();
-        match self.mode {
-            Progress::Bar => {
-                let width = 30usize;
-                let fraction = if total == 0 { 1.0 } else { done as f64 / total as f64 };
-                let filled = ((fraction * width as f64) as usize).min(width);
-                let mut out = std::io::stderr().lock();
-                if self.drawn_lines > 0 {
-                    let _ = write!(out, "\x1b[{}A", self.drawn_lines);
-                }
-                let _ = writeln!(
-                    out,
-                    "\x1b[2K[{}{}] {:>5.1}%  {}/{} records  {:>8.0} events/s  ETA {}  partitions at end {}/{}",
-                    "=".repeat(filled),
-                    " ".repeat(width - filled),
-                    fraction * 100.0,
-                    done,
-                    total,
+        match (&self.bars_opt, self.mode) {
+            (Some((bar, lag)), _) => {
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_message(format!(
+                    "{:>8.0} events/s  ETA {}  partitions at end {}/{}",
                     self.rate,
                     if eta.is_finite() { format!("{eta:.0}s") } else { "?".into() },
                     at_end.len(),
                     self.starts.len(),
-                );
-                let _ = writeln!(out, "\x1b[2K  lag per conversations partition: {}", lag_text.join(" "));
-                self.drawn_lines = 2;
+                ));
+                lag.set_message(lag_text.join(" "));
             }
-            Progress::Lines => info!(
+            (None, Progress::Lines) => info!(
                 records_done = done,
                 records_total = total,
                 events_per_second = self.rate as u64,
@@ -338,7 +346,7 @@ impl Reporter {
                 lag = lag_text.join(" "),
                 "replay progress"
             ),
-            Progress::Quiet => {}
+            (None, Progress::Bar | Progress::Quiet) => {}
         }
     }
 
@@ -362,9 +370,12 @@ impl Reporter {
     fn finish(&mut self, metrics: &Metrics, started: Instant) {
         let events = metrics.events_applied.load(Ordering::Relaxed);
         let seconds = started.elapsed().as_secs_f64();
-        if self.mode == Progress::Bar {
+        if let Some((bar, lag)) = self.bars_opt.clone() {
             self.last = Instant::now() - Duration::from_secs(1);
             self.report(metrics, &self.starts.keys().copied().collect(), started);
+            // Left on screen: the final figures stay above the summary line.
+            bar.abandon();
+            lag.abandon();
         }
         info!(
             events,
