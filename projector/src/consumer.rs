@@ -830,34 +830,30 @@ impl Writer {
         epochs: &EpochView,
     ) -> PartitionCheck<'b> {
         let epoch = records[0].epoch;
-        let (apply_from, decision) = self.decide_partition(partition, epoch, records, stored_opt, epochs);
-        PartitionCheck { outcome: PartitionOutcome { partition, epoch, decision }, to_apply: &records[apply_from..] }
-    }
-
-    /// The index to apply a partition's records from, and the decision.
-    fn decide_partition(
-        &self,
-        partition: TopicPartition,
-        epoch: u64,
-        records: &[&Record],
-        stored_opt: Option<i64>,
-        epochs: &EpochView,
-    ) -> (usize, PartitionDecision) {
+        let apply_none = |decision| PartitionCheck {
+            outcome: PartitionOutcome { partition, epoch, decision },
+            to_apply: &records[records.len()..],
+        };
         if self.reread_requested.get(&partition) == Some(&epoch) || epochs.awaiting_seek.get(&partition) == Some(&epoch)
         {
-            return (records.len(), PartitionDecision::AwaitingSeek);
+            return apply_none(PartitionDecision::AwaitingSeek);
         }
         let offsets: Vec<i64> = records.iter().map(|record| record.offset).collect();
         let next_offset = offsets[offsets.len() - 1] + 1;
         match check_batch(stored_opt, self.continuity_of(partition, epoch, epochs), &offsets) {
-            BatchCheck::ApplyFrom(index) => {
-                (index, PartitionDecision::Reached { next_offset, stored: index < records.len() })
-            }
+            BatchCheck::ApplyFrom(index) => PartitionCheck {
+                outcome: PartitionOutcome {
+                    partition,
+                    epoch,
+                    decision: PartitionDecision::Reached { next_offset, stored: index < records.len() },
+                },
+                to_apply: &records[index..],
+            },
             BatchCheck::SeekTo(stored_opt) => {
-                (records.len(), PartitionDecision::Reread { stored_opt, went_back_from_opt: None })
+                apply_none(PartitionDecision::Reread { stored_opt, went_back_from_opt: None })
             }
             BatchCheck::StoredPositionWentBack { stored_opt, expected } => {
-                (records.len(), PartitionDecision::Reread { stored_opt, went_back_from_opt: Some(expected) })
+                apply_none(PartitionDecision::Reread { stored_opt, went_back_from_opt: Some(expected) })
             }
         }
     }

@@ -267,6 +267,14 @@ fn start_offsets(
     Ok(list)
 }
 
+/// How far a replay got, in records (up to the partitions' known ends).
+struct ReplayFigures {
+    done: u64,
+    total: u64,
+    /// Records still to read, per partition.
+    lags: Vec<(TopicPartition, i64)>,
+}
+
 /// Progress on a terminal (an indicatif bar, redrawn in place) or as periodic log lines.
 struct Reporter {
     mode: Progress,
@@ -316,7 +324,7 @@ impl Reporter {
         self.rate = if self.rate == 0.0 { instant_rate } else { 0.7 * self.rate + 0.3 * instant_rate };
         self.last = Instant::now();
         self.last_events = events;
-        let (done, total, lags) = self.figures(metrics);
+        let ReplayFigures { done, total, lags } = self.figures(metrics);
         let remaining = total.saturating_sub(done);
         let eta = if self.rate > 0.0 { remaining as f64 / self.rate } else { f64::INFINITY };
         let lag_text: Vec<String> = lags
@@ -350,8 +358,7 @@ impl Reporter {
         }
     }
 
-    /// Records done, records to do (up to the known ends), and lag per partition.
-    fn figures(&self, metrics: &Metrics) -> (u64, u64, Vec<(TopicPartition, i64)>) {
+    fn figures(&self, metrics: &Metrics) -> ReplayFigures {
         let partitions = metrics.partitions();
         let mut done = 0u64;
         let mut total = 0u64;
@@ -364,7 +371,7 @@ impl Reporter {
             total += (end - start) as u64;
             lags.push((*partition, end - next));
         }
-        (done, total, lags)
+        ReplayFigures { done, total, lags }
     }
 
     fn finish(&mut self, metrics: &Metrics, started: Instant) {

@@ -22,11 +22,18 @@ const SKIPPED_COLUMNS: &[(&str, &str)] =
 pub struct TableReport {
     pub table: String,
     /// `None`: the table does not exist in that schema.
-    pub a: Option<(i64, String)>,
-    pub b: Option<(i64, String)>,
+    pub a: Option<TableChecksum>,
+    pub b: Option<TableChecksum>,
     /// Up to five rows (as text) found only in the first schema, then only in the second.
     pub only_in_a: Vec<String>,
     pub only_in_b: Vec<String>,
+}
+
+/// A table's row count and the sum of its rows' 64-bit hashes (as text: it outgrows `bigint`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TableChecksum {
+    pub row_count: i64,
+    pub hash_sum: String,
 }
 
 impl TableReport {
@@ -109,9 +116,10 @@ fn row_text_query(schema: &str, table: &str, columns: &[String]) -> String {
 
 /// Row count and the sum of 64-bit row hashes: independent of row order and streaming (no
 /// sort, no giant string), so it works on millions of rows.
-async fn checksum(pool: &PgPool, schema: &str, table: &str, columns: &[String]) -> anyhow::Result<(i64, String)> {
+async fn checksum(pool: &PgPool, schema: &str, table: &str, columns: &[String]) -> anyhow::Result<TableChecksum> {
     let statement = format!(
-        "SELECT count(*), coalesce(sum(('x' || substr(md5(r), 1, 16))::bit(64)::bigint::numeric), 0)::text FROM ({}) rows",
+        "SELECT count(*) AS row_count, \
+         coalesce(sum(('x' || substr(md5(r), 1, 16))::bit(64)::bigint::numeric), 0)::text AS hash_sum FROM ({}) rows",
         row_text_query(schema, table, columns)
     );
     sqlx::query_as(&statement).fetch_one(pool).await.with_context(|| format!("failed to checksum {schema}.{table}"))
@@ -140,10 +148,10 @@ pub fn render(reports: &[TableReport], schema_a: &str, schema_b: &str) -> (Strin
     let _ = writeln!(out, "{:<24} {:>12} {:>12}  result", "table", schema_a, schema_b);
     for report in reports {
         let count =
-            |side: &Option<(i64, String)>| side.as_ref().map_or("missing".to_owned(), |(count, _)| count.to_string());
+            |side: &Option<TableChecksum>| side.as_ref().map_or("missing".to_owned(), |sum| sum.row_count.to_string());
         let result = if report.matches() {
             "same"
-        } else if report.a.as_ref().map(|(count, _)| count) == report.b.as_ref().map(|(count, _)| count) {
+        } else if report.a.as_ref().map(|sum| sum.row_count) == report.b.as_ref().map(|sum| sum.row_count) {
             "DIFFERENT CONTENT"
         } else {
             "DIFFERENT COUNT"
