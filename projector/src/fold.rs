@@ -992,4 +992,136 @@ mod tests {
         // Then nothing is written
         assert_eq!(again, Writes::default());
     }
+
+    /// The read models as the shell leaves them, kept in memory: what the idempotency inserts
+    /// claimed, the conversations and workload rows (with the statements' semantics), and the
+    /// change feed.
+    #[derive(Debug, Default)]
+    struct MemoryReadModels {
+        message_ids: HashSet<Uuid>,
+        event_ids: HashSet<String>,
+        conversations: HashMap<Uuid, StoredConversation>,
+        workload: BTreeMap<WorkloadKey, i32>,
+        changes: Vec<(Uuid, &'static str, String)>,
+    }
+
+    impl MemoryReadModels {
+        fn apply(&mut self, events: &[&Event]) {
+            // As the inserts do: the first event of a key, in this batch or before, claims it
+            // (each guard records the key).
+            let mut claimed = Claimed::default();
+            for event in events {
+                match &event.fact {
+                    Fact::MessageAppended(message) if self.message_ids.insert(message.message_id) => {
+                        claimed.message_ids.insert(message.message_id);
+                    }
+                    Fact::Assigned { .. } | Fact::Unassigned { .. }
+                        if self.event_ids.insert(event.event_id.clone()) =>
+                    {
+                        claimed.decision_event_ids.insert(event.event_id.clone());
+                    }
+                    Fact::Closed { .. } if self.event_ids.insert(event.event_id.clone()) => {
+                        claimed.keyless_event_ids.insert(event.event_id.clone());
+                    }
+                    _ => {}
+                }
+            }
+            let writes = fold_batch(BatchInput { events, stored_conversations: self.conversations.clone(), claimed });
+            for row in writes.new_conversations {
+                self.conversations.entry(row.conversation_id).or_insert_with(|| stored_from(&row));
+            }
+            for row in writes.updated_conversations {
+                // An updated row carries the stored identifying columns unchanged.
+                let stored = self.conversations.get_mut(&row.conversation_id).expect("updates stored rows only");
+                *stored = stored_from(&row);
+            }
+            let any_decrement = writes.workload_deltas.iter().any(|delta| delta.delta < 0);
+            for WorkloadDelta { key, delta } in writes.workload_deltas {
+                self.workload.entry(key).and_modify(|count| *count = (*count + delta).max(0)).or_insert(delta);
+            }
+            if any_decrement {
+                self.workload.retain(|_, count| *count > 0);
+            }
+            self.changes.extend(
+                writes.changes.iter().map(|change| (change.conversation_id, change.kind, change.event_id.to_owned())),
+            );
+        }
+    }
+
+    fn stored_from(row: &ConversationRow) -> StoredConversation {
+        StoredConversation {
+            conversation_id: row.conversation_id,
+            account_id: row.account_id.clone(),
+            inbox_id: row.inbox_id.clone(),
+            channel_id: row.channel_id.clone(),
+            channel_type: row.channel_type.clone(),
+            status: row.status().to_owned(),
+            assignee_id: row.assignee_id.clone(),
+            message_count: row.message_count,
+            last_message_at: row.last_message_at,
+            updated_at: row.updated_at,
+            closed_at: row.closed_at,
+            ticket_id: row.ticket_id,
+            reply_window_ends_at: row.reply_window_ends_at,
+            contact_id: row.contact_id,
+            subject: row.subject.clone(),
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// One event of a small log: two conversations (one with a reply window), two agents,
+        /// messages that may be published twice.
+        fn fact_strategy() -> impl Strategy<Value = Fact> {
+            let conversation = 1u128..=2;
+            let agent = prop_oneof![Just("ana"), Just("bob")];
+            prop_oneof![
+                conversation.clone().prop_map(|c| started(c, if c == 1 { "whatsapp" } else { "chat" })),
+                (conversation.clone(), 10u128..16).prop_map(|(c, m)| message(c, m, "subject")),
+                (conversation.clone(), agent).prop_map(|(c, agent)| assigned(c, agent)),
+                conversation.clone().prop_map(|c| Fact::Unassigned { conversation_id: id(c), actor: json!({}) }),
+                conversation.prop_map(closed),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+            /// However the log is cut into batches, the conversations, the workload and the
+            /// change feed end the same (and reading it all again changes nothing).
+            #[test]
+            fn cutting_the_log_into_batches_does_not_change_the_read_models(
+                facts in proptest::collection::vec(fact_strategy(), 0..40),
+                cuts in proptest::collection::btree_set(0usize..40, 0..6),
+            ) {
+                let log: Vec<Event> = facts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, fact)| event(&format!("e{index}"), index as i64, fact))
+                    .collect();
+                let events: Vec<&Event> = log.iter().collect();
+                let mut whole = MemoryReadModels::default();
+                whole.apply(&events);
+
+                let mut batched = MemoryReadModels::default();
+                let mut start = 0;
+                for cut in cuts.into_iter().filter(|cut| *cut < events.len()).chain([events.len()]) {
+                    batched.apply(&events[start..cut]);
+                    start = cut;
+                }
+                prop_assert_eq!(&batched.conversations, &whole.conversations);
+                prop_assert_eq!(&batched.workload, &whole.workload);
+                prop_assert_eq!(&batched.changes, &whole.changes);
+
+                let changes_before = whole.changes.len();
+                let conversations_before = whole.conversations.clone();
+                whole.apply(&events);
+                prop_assert_eq!(whole.changes.len(), changes_before);
+                prop_assert_eq!(whole.conversations, conversations_before);
+            }
+        }
+    }
 }
