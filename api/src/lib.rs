@@ -11,6 +11,7 @@ pub mod config_file;
 pub mod config_rules;
 pub mod conversations;
 pub mod error;
+pub mod idempotency;
 pub mod position;
 pub mod read;
 pub mod scope;
@@ -25,6 +26,7 @@ use switchboard_proto::api::v1::admin_service_server::AdminServiceServer;
 use switchboard_proto::api::v1::conversation_service_server::ConversationServiceServer;
 use switchboard_proto::api::v1::workspace_service_server::WorkspaceServiceServer;
 use switchboard_runtime::config_store::ConfigStore;
+use switchboard_runtime::publisher::EnvelopePublisher;
 use switchboard_runtime::topics::Topics;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -67,7 +69,7 @@ pub async fn serve(
     let config = ConfigStore::start(&settings.brokers, &settings.topics.config, "switchboard-api")
         .await
         .context("failed to read the config topic")?;
-    let publisher = admin::Publisher::new(&settings.brokers, settings.topics.clone())?;
+    let publisher = EnvelopePublisher::new(&settings.brokers, "switchboard-api", admin::PUBLISH_TIMEOUT)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ConversationServiceServer<conversations::Conversations>>().await;
@@ -92,7 +94,7 @@ pub async fn serve(
         authenticator.clone(),
     );
     let admin = InterceptedService::new(
-        AdminServiceServer::new(admin::Admin::new(read, config, publisher))
+        AdminServiceServer::new(admin::Admin::new(read, config, publisher, settings.topics.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         authenticator,

@@ -585,6 +585,41 @@ async fn commands_are_validated_idempotent_and_published_with_positions() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_records_carry_the_trace_context_of_the_call_and_their_type() -> anyhow::Result<()> {
+    let fixture = fixture().await?;
+    let mut admin = as_user(&fixture, "admin-member", Role::Admin, &[]).await?;
+    let availability = admin
+        .admin
+        .set_agent_availability(SetAgentAvailabilityRequest {
+            request_id: request_id(),
+            agent_id: "ana".into(),
+            available: false,
+        })
+        .await?
+        .into_inner();
+    // One command record on inbound.v1 and one config record, at the positions returned.
+    for position in availability.position.split(',') {
+        let mut parts = position.split(':');
+        let (base_topic, partition, offset) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let topic = match base_topic {
+            "inbound.v1" => &fixture.env.topics.inbound,
+            _ => &fixture.env.topics.config,
+        };
+        let records = fixture.env.read_committed_records(topic)?;
+        let record = records
+            .iter()
+            .find(|record| record.partition.to_string() == partition && record.offset.to_string() == offset)
+            .unwrap_or_else(|| panic!("a record at {position}"));
+        let traceparent = record.headers.get("traceparent").unwrap_or_else(|| panic!("traceparent at {position}"));
+        assert_eq!(switchboard_runtime::telemetry::trace_id_from_traceparent(traceparent).map(str::len), Some(32));
+        let expected_type = if base_topic == "inbound.v1" { "agent_availability_changed" } else { "agent_configured" };
+        assert_eq!(record.headers.get("sb-event-type").map(String::as_str), Some(expected_type));
+    }
+    fixture.env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_visible_changes_resumes_and_ends_on_schema_switch() -> anyhow::Result<()> {
     let fixture = fixture().await?;
     let seeded = fixture.seeded.clone();
