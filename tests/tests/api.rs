@@ -620,6 +620,41 @@ async fn command_records_carry_the_trace_context_of_the_call_and_their_type() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_migrations_adopt_tables_made_by_hand_and_keep_apart_from_the_projectors() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    // A database whose api tables were created by the hand-written DDL of earlier releases.
+    sqlx::raw_sql(
+        "CREATE SCHEMA IF NOT EXISTS api; \
+         CREATE TABLE IF NOT EXISTS api.command_requests (account_id text NOT NULL, request_id text NOT NULL, \
+           command text NOT NULL, request_digest text NOT NULL, position text, \
+           claimed_at timestamptz NOT NULL DEFAULT now(), completed_at timestamptz, \
+           PRIMARY KEY (account_id, request_id)); \
+         CREATE TABLE IF NOT EXISTS api.config_versions (config_key text PRIMARY KEY, version bigint NOT NULL); \
+         INSERT INTO api.config_versions VALUES ('tickets/acme/web', 7);",
+    )
+    .execute(&env.pool)
+    .await?;
+    let projector_migrations: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM public._sqlx_migrations").fetch_one(&env.pool).await?;
+    switchboard_api::migrate(&env.pool).await?;
+    switchboard_api::migrate(&env.pool).await?;
+    let api_migrations: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM api._sqlx_migrations").fetch_one(&env.pool).await?;
+    assert!(api_migrations >= 1);
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM public._sqlx_migrations").fetch_one(&env.pool).await?;
+    assert_eq!(after, projector_migrations, "the projector's migration record is untouched");
+    let version: i64 =
+        sqlx::query_scalar("SELECT version FROM api.config_versions WHERE config_key = 'tickets/acme/web'")
+            .fetch_one(&env.pool)
+            .await?;
+    assert_eq!(version, 7, "existing rows are kept");
+    // The projector's migrator still finds only its own migrations.
+    switchboard_projector::migrate(&env.pool).await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_visible_changes_resumes_and_ends_on_schema_switch() -> anyhow::Result<()> {
     let fixture = fixture().await?;
     let seeded = fixture.seeded.clone();
