@@ -1,6 +1,6 @@
 -- Tables owned by the API (not read models: never rebuilt by replay), in their own schema.
--- Every statement is idempotent: the API applies this file at start. (Not an sqlx migrator:
--- its bookkeeping table would collide with the projector's in the same database.)
+-- Applied by sqlx's migrator with search_path = api (see `switchboard_api::migrate`). Every
+-- statement is idempotent: databases created before the migrator already have these tables.
 CREATE SCHEMA IF NOT EXISTS api;
 
 -- Idempotent commands: one row per (account, client request id). `position` is set once the

@@ -1,6 +1,7 @@
 //! `switchboard.api.v1.AdminService`: commands. Each one is (1) checked against a stored
-//! request id (a retry returns the original position, B6), (2) authorised (roles, I2-I4),
-//! (3) validated with field-level details, and only then (4) published: configuration as the
+//! request id ([`crate::idempotency`]: a retry returns the original position, B6), (2) authorised
+//! (roles, I2-I4), (3) validated with field-level details, and only then (4) published through
+//! the runtime's `EnvelopePublisher` (trace context and event type headers): configuration as the
 //! entity's whole new state on the compacted config topic (as `apply-config` does), routing-state
 //! commands on `inbound.v1` keyed by account so the router orders them with the messages they
 //! affect (docs/contracts.md).
@@ -10,9 +11,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use prost::Message as _;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use switchboard_proto::api::v1::admin_service_server::AdminService;
 use switchboard_proto::api::v1::channel_settings::Settings;
@@ -27,6 +25,7 @@ use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore, config_key}
 
 use crate::config_rules::{self, Breach};
 use switchboard_runtime::envelope;
+use switchboard_runtime::publisher::EnvelopePublisher;
 use switchboard_runtime::topics::Topics;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -34,22 +33,16 @@ use uuid::Uuid;
 use crate::access::{self, ConversationAction, InboxAccess};
 use crate::auth::{Identity, Role};
 use crate::error::{ApiError, Violations};
+use crate::idempotency::{self, Claim, validate_request_id};
 use crate::position::Position;
 use crate::read::ReadModels;
 use crate::scope;
 
-/// A command whose first attempt is still running (or crashed) holds its request id this long
-/// before a retry may take it over.
-const CLAIM_TIMEOUT_SECONDS: i32 = 30;
 /// How long a config command waits to see its own write in the config view, so the next
 /// command of this API instance starts from it.
 const CONFIG_ECHO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Publishes events to Kafka and reports where they landed.
-pub struct Publisher {
-    producer: FutureProducer,
-    topics: Topics,
-}
+/// How long a command waits for Kafka to acknowledge its records before UNAVAILABLE.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The two topics commands go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,54 +51,19 @@ enum Destination {
     Inbound,
 }
 
-impl Publisher {
-    pub fn new(brokers: &str, topics: Topics) -> anyhow::Result<Publisher> {
-        let producer = switchboard_runtime::kafka::idempotent_producer_config(brokers, "switchboard-api", 10_000)
-            .create()
-            .map_err(|error| anyhow::Error::new(error).context("failed to create kafka producer"))?;
-        Ok(Publisher { producer, topics })
-    }
-
-    #[tracing::instrument(skip_all, fields(key, event_type))]
-    async fn publish(
-        &self,
-        destination: Destination,
-        key: &str,
-        event: &switchboard_proto::events::v1::Envelope,
-    ) -> Result<Position, ApiError> {
-        let (topic, base_name) = match destination {
-            Destination::Config => (&self.topics.config, "config.v1"),
-            Destination::Inbound => (&self.topics.inbound, "inbound.v1"),
-        };
-        let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
-        tracing::Span::current().record("key", key).record("event_type", event_type);
-        let bytes = envelope::encode(event);
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: switchboard_runtime::kafka::header::EVENT_TYPE, value: Some(event_type) });
-        let delivery = self
-            .producer
-            .send(FutureRecord::to(topic).key(key).payload(&bytes).headers(headers), Duration::from_secs(10))
-            .await
-            .map_err(|(error, _)| {
-                tracing::warn!(%error, "failed to publish command");
-                ApiError::Unavailable("the event log is unavailable; retry the command with the same request_id".into())
-            })?;
-        Ok(Position { topic: base_name.to_owned(), partition: delivery.partition, offset: delivery.offset })
-    }
-}
-
 pub struct Admin {
     read: ReadModels,
     config: ConfigStore,
-    publisher: Publisher,
+    publisher: EnvelopePublisher,
+    topics: Topics,
     /// Config commands of this instance run one at a time, each starting from the state the
     /// previous one published (read-modify-write of whole entities).
     config_lock: tokio::sync::Mutex<()>,
 }
 
 impl Admin {
-    pub fn new(read: ReadModels, config: ConfigStore, publisher: Publisher) -> Self {
-        Admin { read, config, publisher, config_lock: tokio::sync::Mutex::new(()) }
+    pub fn new(read: ReadModels, config: ConfigStore, publisher: EnvelopePublisher, topics: Topics) -> Self {
+        Admin { read, config, publisher, topics, config_lock: tokio::sync::Mutex::new(()) }
     }
 
     fn pool(&self) -> &PgPool {
@@ -125,107 +83,51 @@ impl Admin {
         Fut: Future<Output = Result<Vec<Position>, ApiError>>,
     {
         validate_request_id(request_id)?;
-        let digest: String = Sha256::new()
-            .chain_update(command)
-            .chain_update(&request_bytes)
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let digest = idempotency::request_digest(command, &request_bytes);
         let account_id = identity.account_id.as_str();
-        if let Some(position) = self.stored_result(account_id, request_id, &digest).await? {
+        if let Claim::Replay(position) =
+            idempotency::try_claim(self.pool(), account_id, request_id, command, &digest).await?
+        {
             return Ok(Response::new(CommandResult { position, replayed: true }));
         }
-        self.claim(account_id, request_id, command, &digest).await?;
         match body.await {
             Ok(positions) => {
                 let position = Position::join(&positions);
-                sqlx::query(
-                    "UPDATE api.command_requests SET position = $3, completed_at = now() \
-                     WHERE account_id = $1 AND request_id = $2",
-                )
-                .bind(account_id)
-                .bind(request_id)
-                .bind(&position)
-                .execute(self.pool())
-                .await
-                .map_err(ApiError::from)?;
+                idempotency::record_position(self.pool(), account_id, request_id, &position).await?;
                 tracing::info!(command, request_id, %position, user = %identity.user_id, "command published");
                 Ok(Response::new(CommandResult { position, replayed: false }))
             }
             Err(error) => {
                 // Nothing was published: free the id so the client may retry (fixed) requests.
-                sqlx::query(
-                    "DELETE FROM api.command_requests WHERE account_id = $1 AND request_id = $2 AND position IS NULL",
-                )
-                .bind(account_id)
-                .bind(request_id)
-                .execute(self.pool())
-                .await
-                .map_err(ApiError::from)?;
+                idempotency::release(self.pool(), account_id, request_id).await?;
                 Err(error.into())
             }
         }
     }
 
-    async fn stored_result(
+    /// Publishes `event` and answers with its position (topic named without the environment
+    /// prefix, as clients see it).
+    async fn publish(
         &self,
-        account_id: &str,
-        request_id: &str,
-        digest: &str,
-    ) -> Result<Option<String>, ApiError> {
-        let row: Option<(String, Option<String>, bool)> = sqlx::query_as(
-            "SELECT request_digest, position, claimed_at > now() - make_interval(secs => $3) \
-             FROM api.command_requests WHERE account_id = $1 AND request_id = $2",
-        )
-        .bind(account_id)
-        .bind(request_id)
-        .bind(f64::from(CLAIM_TIMEOUT_SECONDS))
-        .fetch_optional(self.pool())
-        .await?;
-        match row {
-            None => Ok(None),
-            Some((stored_digest, _, _)) if stored_digest != digest => {
-                Err(ApiError::invalid("request_id", "was already used for a different request"))
-            }
-            Some((_, Some(position), _)) => Ok(Some(position)),
-            Some((_, None, true)) => {
-                Err(ApiError::Aborted("a request with this request_id is still being processed; retry shortly".into()))
-            }
-            Some((_, None, false)) => Ok(None),
-        }
-    }
-
-    async fn claim(&self, account_id: &str, request_id: &str, command: &str, digest: &str) -> Result<(), ApiError> {
-        let claimed = sqlx::query(
-            "INSERT INTO api.command_requests (account_id, request_id, command, request_digest) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (account_id, request_id) DO UPDATE SET claimed_at = now() \
-             WHERE api.command_requests.position IS NULL \
-               AND api.command_requests.request_digest = EXCLUDED.request_digest \
-               AND api.command_requests.claimed_at <= now() - make_interval(secs => $5)",
-        )
-        .bind(account_id)
-        .bind(request_id)
-        .bind(command)
-        .bind(digest)
-        .bind(f64::from(CLAIM_TIMEOUT_SECONDS))
-        .execute(self.pool())
-        .await?
-        .rows_affected();
-        if claimed == 1 {
-            Ok(())
-        } else {
-            Err(ApiError::Aborted(
-                "a request with this request_id is being processed concurrently; retry shortly".into(),
-            ))
-        }
+        destination: Destination,
+        event: &switchboard_proto::events::v1::Envelope,
+    ) -> Result<Position, ApiError> {
+        let (topic, base_name) = match destination {
+            Destination::Config => (&self.topics.config, "config.v1"),
+            Destination::Inbound => (&self.topics.inbound, "inbound.v1"),
+        };
+        let published = self.publisher.publish(topic, event).await.map_err(|error| {
+            tracing::warn!(error = format!("{:#}", anyhow::Error::new(error)), "failed to publish command");
+            ApiError::Unavailable("the event log is unavailable; retry the command with the same request_id".into())
+        })?;
+        Ok(Position { topic: base_name.to_owned(), partition: published.partition, offset: published.offset })
     }
 
     /// Publishes a config entity and waits until this instance's config view shows it.
     async fn publish_config(&self, identity: &Identity, payload: Payload) -> Result<Position, ApiError> {
         let key = config_key(&identity.account_id, &payload).expect("config payloads have keys");
         let event = envelope::new_root(&identity.account_id, &key, Utc::now(), payload.clone());
-        let position = self.publisher.publish(Destination::Config, &key, &event).await?;
+        let position = self.publish(Destination::Config, &event).await?;
         let mut updates = self.config.subscribe();
         let echoed = tokio::time::timeout(
             CONFIG_ECHO_TIMEOUT,
@@ -240,7 +142,7 @@ impl Admin {
 
     async fn publish_command(&self, identity: &Identity, payload: Payload) -> Result<Position, ApiError> {
         let event = envelope::new_root(&identity.account_id, &identity.account_id, Utc::now(), payload);
-        self.publisher.publish(Destination::Inbound, &identity.account_id, &event).await
+        self.publish(Destination::Inbound, &event).await
     }
 
     fn snapshot(&self) -> std::sync::Arc<ConfigSnapshot> {
@@ -319,12 +221,15 @@ impl Admin {
         Ok(vec![self.publish_config(identity, Payload::AgentConfigured(agent)).await?])
     }
 
-    /// Conversation facts needed to authorise a manual action.
-    async fn conversation_for_action(
+    /// The frame of every manual action on a conversation: the conversation as the read model
+    /// has it, authorised for `action` (I2-I4) against the current configuration.
+    async fn authorised_conversation(
         &self,
         identity: &Identity,
-        conversation_id: Uuid,
-    ) -> Result<(String, Option<String>, String), ApiError> {
+        conversation_id_text: &str,
+        action: ConversationAction<'_>,
+    ) -> Result<AuthorisedConversation, ApiError> {
+        let conversation_id = scope::parse_uuid("conversation_id", conversation_id_text)?;
         let mut connection = self.read.connection().await?;
         let row: Option<(String, Option<String>, String)> = sqlx::query_as(
             "SELECT inbox_id, assignee_id, status FROM conversations WHERE conversation_id = $1 AND account_id = $2",
@@ -333,26 +238,28 @@ impl Admin {
         .bind(&identity.account_id)
         .fetch_optional(&mut *connection)
         .await?;
-        row.ok_or_else(|| ApiError::not_found("conversation", conversation_id.to_string()))
-    }
-
-    /// I2-I4 for a manual action on a conversation; returns its inbox.
-    fn authorise_conversation_action(
-        &self,
-        snapshot: &ConfigSnapshot,
-        identity: &Identity,
-        conversation_id: Uuid,
-        inbox_id: &str,
-        current_assignee_opt: Option<&str>,
-        action: ConversationAction<'_>,
-    ) -> Result<InboxAccess, ApiError> {
+        let Some((inbox_id, current_assignee_opt, status)) = row else {
+            return Err(ApiError::not_found("conversation", conversation_id.to_string()));
+        };
+        let snapshot = self.snapshot();
         let inbox = self
-            .inbox_of(snapshot, identity, inbox_id)
+            .inbox_of(&snapshot, identity, &inbox_id)
             .map_err(|_| ApiError::not_found("conversation", conversation_id.to_string()))?;
         access::check_act(identity, &inbox, "conversation", &conversation_id.to_string())?;
-        access::check_seat_allows(identity, caller_has_paid_seat(snapshot, identity), current_assignee_opt, action)?;
-        Ok(inbox)
+        let caller_paid_seat = caller_has_paid_seat(&snapshot, identity);
+        access::check_seat_allows(identity, caller_paid_seat, current_assignee_opt.as_deref(), action)?;
+        Ok(AuthorisedConversation { conversation_id, inbox, snapshot, current_assignee_opt, is_open: status == "open" })
     }
+}
+
+/// A conversation a caller may act on, with what the action's own checks need.
+struct AuthorisedConversation {
+    conversation_id: Uuid,
+    inbox: InboxAccess,
+    /// The configuration the action was authorised against.
+    snapshot: std::sync::Arc<ConfigSnapshot>,
+    current_assignee_opt: Option<String>,
+    is_open: bool,
 }
 
 /// I4: whether the caller holds a paid seat in their account.
@@ -388,16 +295,6 @@ fn inbox_access_of(account_id: &str, inbox: &InboxConfigured) -> InboxAccess {
 // ---------------------------------------------------------------------------------------------
 // Field validation (pure).
 // ---------------------------------------------------------------------------------------------
-
-fn validate_request_id(request_id: &str) -> Result<(), ApiError> {
-    if request_id.is_empty() {
-        return Err(ApiError::invalid("request_id", "is required (any unique string per command, e.g. a UUID)"));
-    }
-    if request_id.len() > 128 || request_id.chars().any(char::is_control) {
-        return Err(ApiError::invalid("request_id", "must be 1..128 printable characters"));
-    }
-    Ok(())
-}
 
 /// Ids chosen by clients for config entities: 1..64 of `[a-z0-9_-]` (they end up in Kafka keys).
 fn check_entity_id(violations: &mut Violations, field: &str, id: &str) {
@@ -953,38 +850,33 @@ impl AdminService for Admin {
         request: Request<AssignConversationRequest>,
     ) -> Result<Response<CommandResult>, Status> {
         command!(self, request, "AssignConversation", |identity, body| {
-            let conversation_id = scope::parse_uuid("conversation_id", &body.conversation_id)?;
             let assignee_id = if body.assignee_agent_id.is_empty() {
                 identity.user_id.clone()
             } else {
                 body.assignee_agent_id.clone()
             };
-            let (inbox_id, current_assignee_opt, status) =
-                self.conversation_for_action(&identity, conversation_id).await?;
-            let snapshot = self.snapshot();
-            let inbox = self.authorise_conversation_action(
-                &snapshot,
-                &identity,
-                conversation_id,
-                &inbox_id,
-                current_assignee_opt.as_deref(),
-                ConversationAction::Assign { assignee_id: &assignee_id },
-            )?;
-            if status != "open" {
+            let conversation = self
+                .authorised_conversation(
+                    &identity,
+                    &body.conversation_id,
+                    ConversationAction::Assign { assignee_id: &assignee_id },
+                )
+                .await?;
+            if !conversation.is_open {
                 return Err(ApiError::FailedPrecondition("the conversation is closed".into()));
             }
-            let assignee = self.agent_of(&snapshot, &identity, &assignee_id).map_err(|_| {
+            let assignee = self.agent_of(&conversation.snapshot, &identity, &assignee_id).map_err(|_| {
                 ApiError::invalid("assignee_agent_id", format!("`{assignee_id}` is not an agent of this account"))
             })?;
             // I2: the assignee must be able to work in the inbox.
-            if !inbox.has_member(&assignee.agent_id, &assignee.team_ids) {
+            if !conversation.inbox.has_member(&assignee.agent_id, &assignee.team_ids) {
                 return Err(ApiError::invalid(
                     "assignee_agent_id",
-                    format!("`{assignee_id}` has no access to inbox `{inbox_id}`"),
+                    format!("`{assignee_id}` has no access to inbox `{}`", conversation.inbox.inbox_id),
                 ));
             }
             let command = Payload::ManualAssignmentRequested(ManualAssignmentRequested {
-                conversation_id: conversation_id.to_string(),
+                conversation_id: conversation.conversation_id.to_string(),
                 assignee_agent_id: assignee_id,
                 request_id: body.request_id.clone(),
                 actor: actor(&identity),
@@ -998,21 +890,13 @@ impl AdminService for Admin {
         request: Request<UnassignConversationRequest>,
     ) -> Result<Response<CommandResult>, Status> {
         command!(self, request, "UnassignConversation", |identity, body| {
-            let conversation_id = scope::parse_uuid("conversation_id", &body.conversation_id)?;
-            let (inbox_id, current_assignee_opt, _) = self.conversation_for_action(&identity, conversation_id).await?;
-            self.authorise_conversation_action(
-                &self.snapshot(),
-                &identity,
-                conversation_id,
-                &inbox_id,
-                current_assignee_opt.as_deref(),
-                ConversationAction::Unassign,
-            )?;
-            if current_assignee_opt.is_none() {
+            let conversation =
+                self.authorised_conversation(&identity, &body.conversation_id, ConversationAction::Unassign).await?;
+            if conversation.current_assignee_opt.is_none() {
                 return Err(ApiError::FailedPrecondition("the conversation is not assigned".into()));
             }
             let command = Payload::ManualAssignmentRequested(ManualAssignmentRequested {
-                conversation_id: conversation_id.to_string(),
+                conversation_id: conversation.conversation_id.to_string(),
                 assignee_agent_id: String::new(),
                 request_id: body.request_id.clone(),
                 actor: actor(&identity),
@@ -1026,22 +910,13 @@ impl AdminService for Admin {
         request: Request<CloseConversationRequest>,
     ) -> Result<Response<CommandResult>, Status> {
         command!(self, request, "CloseConversation", |identity, body| {
-            let conversation_id = scope::parse_uuid("conversation_id", &body.conversation_id)?;
-            let (inbox_id, current_assignee_opt, status) =
-                self.conversation_for_action(&identity, conversation_id).await?;
-            self.authorise_conversation_action(
-                &self.snapshot(),
-                &identity,
-                conversation_id,
-                &inbox_id,
-                current_assignee_opt.as_deref(),
-                ConversationAction::Close,
-            )?;
-            if status != "open" {
+            let conversation =
+                self.authorised_conversation(&identity, &body.conversation_id, ConversationAction::Close).await?;
+            if !conversation.is_open {
                 return Err(ApiError::FailedPrecondition("the conversation is already closed".into()));
             }
             let command = Payload::ConversationCloseRequested(ConversationCloseRequested {
-                conversation_id: conversation_id.to_string(),
+                conversation_id: conversation.conversation_id.to_string(),
                 request_id: body.request_id.clone(),
                 actor: actor(&identity),
             });

@@ -139,7 +139,9 @@ impl Authenticator {
                 let digest: [u8; 32] = match (&decl.key, &decl.key_sha256) {
                     (Some(key), None) if key.len() >= 16 => Sha256::digest(key.as_bytes()).into(),
                     (Some(_), None) => bail!("API key #{index}: keys must be at least 16 characters"),
-                    (None, Some(hex)) => decode_hex_digest(hex).with_context(|| format!("API key #{index}"))?,
+                    (None, Some(key_sha256)) => {
+                        decode_hex_digest(key_sha256).with_context(|| format!("API key #{index}"))?
+                    }
                     _ => bail!("API key #{index}: give exactly one of `key` and `key_sha256`"),
                 };
                 let role = Role::parse(&decl.role)
@@ -212,14 +214,12 @@ impl Authenticator {
     }
 }
 
-fn decode_hex_digest(hex: &str) -> anyhow::Result<[u8; 32]> {
-    if hex.len() != 64 {
+fn decode_hex_digest(hex_digest: &str) -> anyhow::Result<[u8; 32]> {
+    if hex_digest.len() != 64 {
         bail!("key_sha256 must be 64 hex digits");
     }
     let mut digest = [0u8; 32];
-    for (index, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).context("key_sha256 must be hex")?;
-    }
+    hex::decode_to_slice(hex_digest, &mut digest).context("key_sha256 must be hex")?;
     Ok(digest)
 }
 

@@ -9,8 +9,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, bail};
 use chrono::Utc;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
@@ -21,7 +19,8 @@ use switchboard_proto::events::v1::{
 use switchboard_runtime::config_store::{ConfigSnapshot, config_key};
 
 use crate::config_rules::{self, Breach};
-use switchboard_runtime::{envelope, kafka};
+use switchboard_runtime::envelope;
+use switchboard_runtime::publisher::EnvelopePublisher;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -627,9 +626,7 @@ pub async fn apply_config(
     file: &ConfigFile,
     current: &ConfigSnapshot,
 ) -> anyhow::Result<usize> {
-    let producer: FutureProducer = kafka::idempotent_producer_config(brokers, "switchboard-config", 30_000)
-        .create()
-        .context("failed to create kafka producer")?;
+    let publisher = EnvelopePublisher::new(brokers, "switchboard-config", std::time::Duration::from_secs(30))?;
     let payloads = file.to_payloads(current)?;
     file.check_rules(current, &payloads)?;
     let mut published = 0;
@@ -639,16 +636,7 @@ pub async fn apply_config(
         }
         let key = config_key(&file.account_id, &payload).expect("config payloads have keys");
         let event = envelope::new_root(&file.account_id, &key, Utc::now(), payload);
-        let bytes = envelope::encode(&event);
-        let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
-        let headers = OwnedHeaders::new().insert(Header { key: kafka::header::EVENT_TYPE, value: Some(event_type) });
-        producer
-            .send(
-                FutureRecord::to(config_topic).key(&key).payload(&bytes).headers(headers),
-                std::time::Duration::from_secs(30),
-            )
-            .await
-            .map_err(|(error, _)| anyhow::Error::new(error).context(format!("failed to publish config `{key}`")))?;
+        publisher.publish(config_topic, &event).await.with_context(|| format!("failed to publish config `{key}`"))?;
         published += 1;
     }
     Ok(published)

@@ -11,6 +11,7 @@ pub mod config_file;
 pub mod config_rules;
 pub mod conversations;
 pub mod error;
+pub mod idempotency;
 pub mod position;
 pub mod read;
 pub mod scope;
@@ -21,10 +22,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use switchboard_proto::api::v1::admin_service_server::AdminServiceServer;
 use switchboard_proto::api::v1::conversation_service_server::ConversationServiceServer;
 use switchboard_proto::api::v1::workspace_service_server::WorkspaceServiceServer;
 use switchboard_runtime::config_store::ConfigStore;
+use switchboard_runtime::publisher::EnvelopePublisher;
 use switchboard_runtime::topics::Topics;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -36,9 +39,9 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// tonic applies this per response future, which for a stream is the stream's opening).
 const MAX_CALL_DURATION: Duration = Duration::from_secs(30);
 
-/// The API's own tables (idempotency records), applied at start; see the file for why this is
-/// not an sqlx migrator.
-const API_SCHEMA: &str = include_str!("../migrations/0001_api.sql");
+/// Schema of the API's own tables (idempotency records, config versions): not read models,
+/// never rebuilt by replay.
+const API_SCHEMA: &str = "api";
 
 /// Everything the API needs besides its listener.
 pub struct ApiSettings {
@@ -48,10 +51,29 @@ pub struct ApiSettings {
     pub topics: Topics,
 }
 
-/// Applies the API's own schema (idempotent).
+/// Runs the API's migrations (`api/migrations`) in the `api` schema.
+///
+/// The API and the projector may share a database, and sqlx records applied migrations in an
+/// unqualified `_sqlx_migrations` table: run with `search_path` set to `api`, the API's record is
+/// `api._sqlx_migrations`, apart from the projector's in its read-model schema. Databases whose
+/// `api` tables predate the migrator start too: the first migration only creates what is missing.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::raw_sql(API_SCHEMA).execute(pool).await.context("failed to apply the api schema")?;
-    Ok(())
+    let options = (*pool.connect_options()).clone().options([("search_path", API_SCHEMA)]);
+    // A pool of one (not a bare connection): its future is `Send`, so `serve` stays spawnable.
+    let migration_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .context("failed to connect to postgres for the api migrations")?;
+    // The migrator's own table is created before any migration runs, so the schema must exist.
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {API_SCHEMA}"))
+        .execute(&migration_pool)
+        .await
+        .context("failed to create the api schema")?;
+    let migrated =
+        sqlx::migrate!("./migrations").run(&migration_pool).await.context("failed to run the api migrations");
+    migration_pool.close().await;
+    migrated
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -67,7 +89,7 @@ pub async fn serve(
     let config = ConfigStore::start(&settings.brokers, &settings.topics.config, "switchboard-api")
         .await
         .context("failed to read the config topic")?;
-    let publisher = admin::Publisher::new(&settings.brokers, settings.topics.clone())?;
+    let publisher = EnvelopePublisher::new(&settings.brokers, "switchboard-api", admin::PUBLISH_TIMEOUT)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ConversationServiceServer<conversations::Conversations>>().await;
@@ -92,7 +114,7 @@ pub async fn serve(
         authenticator.clone(),
     );
     let admin = InterceptedService::new(
-        AdminServiceServer::new(admin::Admin::new(read, config, publisher))
+        AdminServiceServer::new(admin::Admin::new(read, config, publisher, settings.topics.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         authenticator,

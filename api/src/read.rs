@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use anyhow::Context;
+use backon::{ConstantBuilder, ExponentialBuilder, Retryable};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres};
@@ -94,40 +95,74 @@ impl ReadModels {
     }
 
     /// Waits until every position is reflected in the read models (B6), polling
-    /// `projector_positions` of the active schema until `deadline`.
+    /// `projector_positions` of the active schema until `wait.until`.
     pub async fn wait_for_positions(&self, positions: &[Position], wait: PositionWait) -> Result<(), ApiError> {
-        let mut pause = Duration::from_millis(2);
         for position in positions {
-            loop {
-                let schema = self.active_schema();
-                let next_offset_opt: Option<i64> = sqlx::query_scalar(&format!(
-                    "SELECT next_offset FROM {}.projector_positions WHERE projection = $1 AND topic = $2 AND partition = $3",
-                    quote_identifier(&schema)
-                ))
-                .bind(projection_of(&position.topic))
-                .bind(&position.topic)
-                .bind(position.partition)
-                .fetch_optional(&self.pool)
-                .await?;
-                if next_offset_opt.is_some_and(|next_offset| next_offset > position.offset) {
-                    break;
-                }
-                if Instant::now() + pause >= wait.until {
-                    let message = format!(
-                        "read models have not reached position {position} yet (at {}); retry later",
-                        next_offset_opt.map_or_else(|| "nothing".to_owned(), |next| format!("offset {}", next - 1))
-                    );
-                    return Err(if wait.client_deadline {
-                        ApiError::DeadlineExceeded(message)
-                    } else {
-                        ApiError::Unavailable(message)
-                    });
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(20));
-            }
+            (|| self.check_position(position))
+                .retry(POSITION_POLL)
+                .adjust(|outcome, pause_opt| match outcome {
+                    // Poll again only if the next poll still comes before the deadline.
+                    PositionCheck::Behind { .. } => pause_opt.filter(|pause| Instant::now() + *pause < wait.until),
+                    PositionCheck::Failed(_) => None,
+                })
+                .await
+                .map_err(|outcome| outcome.into_error(position, wait))?;
         }
         Ok(())
+    }
+
+    /// One look at whether the read models reached `position`.
+    async fn check_position(&self, position: &Position) -> Result<(), PositionCheck> {
+        let schema = self.active_schema();
+        let next_offset_opt: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT next_offset FROM {}.projector_positions WHERE projection = $1 AND topic = $2 AND partition = $3",
+            quote_identifier(&schema)
+        ))
+        .bind(projection_of(&position.topic))
+        .bind(&position.topic)
+        .bind(position.partition)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|error| PositionCheck::Failed(error.into()))?;
+        if next_offset_opt.is_some_and(|next_offset| next_offset > position.offset) {
+            Ok(())
+        } else {
+            Err(PositionCheck::Behind { next_offset_opt })
+        }
+    }
+}
+
+/// How `wait_for_positions` polls: 2 ms, doubling up to 20 ms, until the deadline.
+const POSITION_POLL: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(2))
+    .with_max_delay(Duration::from_millis(20))
+    .with_factor(2.0)
+    .without_max_times();
+
+/// How the notification listener reconnects: every second, for ever.
+const LISTENER_RECONNECT: ConstantBuilder =
+    ConstantBuilder::new().with_delay(Duration::from_secs(1)).without_max_times();
+
+/// Why a position is not (yet) confirmed.
+enum PositionCheck {
+    /// The read models are behind it (`next_offset_opt`: where they are; none: nothing yet).
+    Behind { next_offset_opt: Option<i64> },
+    /// The database could not be asked: not retried.
+    Failed(ApiError),
+}
+
+impl PositionCheck {
+    fn into_error(self, position: &Position, wait: PositionWait) -> ApiError {
+        match self {
+            PositionCheck::Behind { next_offset_opt } => {
+                let message = format!(
+                    "read models have not reached position {position} yet (at {}); retry later",
+                    next_offset_opt.map_or_else(|| "nothing".to_owned(), |next| format!("offset {}", next - 1))
+                );
+                if wait.client_deadline { ApiError::DeadlineExceeded(message) } else { ApiError::Unavailable(message) }
+            }
+            PositionCheck::Failed(error) => error,
+        }
     }
 }
 
@@ -204,20 +239,20 @@ async fn follow_notifications(
         }
         Err(error) => tracing::warn!(error = format!("{error:#}"), "failed to refresh the active schema"),
     };
+    let connect = || async {
+        let mut listener = PgListener::connect_with(&pool)
+            .await
+            .map_err(|error| ("failed to connect the notification listener", error))?;
+        listener.listen_all([CHANGES_CHANNEL, SWITCH_CHANNEL]).await.map_err(|error| ("failed to LISTEN", error))?;
+        Ok::<_, (&str, sqlx::Error)>(listener)
+    };
     loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::warn!(%error, "failed to connect the notification listener; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if let Err(error) = listener.listen_all([CHANGES_CHANNEL, SWITCH_CHANNEL]).await {
-            tracing::warn!(%error, "failed to LISTEN; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
+        let connected = connect
+            .retry(LISTENER_RECONNECT)
+            .notify(|(failure, error), _| tracing::warn!(%error, "{failure}; retrying"))
+            .await;
+        // Retried for ever: an error here is impossible, but is retried all the same.
+        let Ok(mut listener) = connected else { continue };
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {

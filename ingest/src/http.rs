@@ -19,13 +19,13 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::json;
 use switchboard_runtime::config_store::ConfigStore;
+use switchboard_runtime::publisher::{EnvelopePublisher, LogPosition};
 use switchboard_runtime::telemetry::trace_id_of;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::error::IngestError;
 use crate::intake::{Intake, Published};
-use crate::publisher::{LogPosition, Publisher};
 use crate::secrets::Secrets;
 use crate::workload::{WorkloadCache, WorkloadSettings};
 use crate::{calls, chat, custom, email, forms, meta, smtp, widget, workload};
@@ -132,8 +132,8 @@ pub async fn serve_all(
     bound: tokio::sync::oneshot::Sender<BoundAddresses>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let publisher = Publisher::new(&settings.brokers, &settings.inbound_topic, settings.delivery_timeout)?;
-    let intake = Intake::new(publisher, settings.recently_published_capacity);
+    let publisher = EnvelopePublisher::new(&settings.brokers, "switchboard-ingest", settings.delivery_timeout)?;
+    let intake = Intake::new(publisher, &settings.inbound_topic, settings.recently_published_capacity);
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let workload = match &settings.workload_opt {
         Some(workload_settings) => workload::spawn_refresher(workload_settings, stop.clone())?,

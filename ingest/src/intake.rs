@@ -13,10 +13,10 @@ use std::time::Instant;
 use serde::Serialize;
 use switchboard_proto::events::v1::Envelope;
 use switchboard_proto::events::v1::envelope::Payload;
+use switchboard_runtime::publisher::{EnvelopePublisher, LogPosition};
 
 use crate::error::IngestError;
 use crate::metrics::Metrics;
-use crate::publisher::{LogPosition, Publisher};
 
 /// What the caller gets back for each event.
 #[derive(Debug, Clone, Serialize)]
@@ -95,15 +95,17 @@ pub fn dedup_key(event: &Envelope) -> String {
 
 #[derive(Clone)]
 pub struct Intake {
-    publisher: Publisher,
+    publisher: EnvelopePublisher,
+    inbound_topic: Arc<str>,
     recently_published: Arc<RecentlyPublished>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Intake {
-    pub fn new(publisher: Publisher, recent_capacity: usize) -> Self {
+    pub fn new(publisher: EnvelopePublisher, inbound_topic: &str, recent_capacity: usize) -> Self {
         Intake {
             publisher,
+            inbound_topic: Arc::from(inbound_topic),
             recently_published: Arc::new(RecentlyPublished::new(recent_capacity)),
             metrics: Arc::default(),
         }
@@ -124,7 +126,11 @@ impl Intake {
                 return Ok(Published { id: key, event_type, event_id, position, duplicate: true });
             }
             let started = Instant::now();
-            let position = self.publisher.publish(&event).await.map_err(IngestError::LogUnavailable)?;
+            let position = self
+                .publisher
+                .publish(&self.inbound_topic, &event)
+                .await
+                .map_err(|error| IngestError::LogUnavailable(error.into()))?;
             self.metrics.publish_latency(channel_type, started.elapsed());
             self.recently_published.insert(key.clone(), event.event_id.clone(), position);
             Ok::<_, IngestError>(Published {

@@ -2,8 +2,8 @@
 //! turns its provider's wire format into events, purely ([`email`], [`chat`], [`messenger`],
 //! [`whatsapp`], [`forms`], [`calls`], [`custom`]; [`widget`] answers the chat widget, with
 //! open-conversation counts that [`workload`] reads from the read models in the background); output
-//! leaves through [`intake`] and [`publisher`], which answer only once Kafka has made the
-//! events durable.
+//! leaves through [`intake`] and the runtime's `EnvelopePublisher`, which answer only once Kafka
+//! has made the events durable.
 
 pub mod calls;
 pub mod channel;
@@ -19,7 +19,6 @@ pub mod intake;
 pub mod messenger;
 pub mod meta;
 pub mod metrics;
-pub mod publisher;
 pub mod secrets;
 pub mod signature;
 pub mod smtp;

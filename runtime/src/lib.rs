@@ -4,6 +4,8 @@
 //! - [`kafka`]: how Kafka clients are configured (producers, transactional producers, consumers);
 //! - [`topics`]: topic names and specs, read from `deploy/topics.txt`;
 //! - [`envelope`]: building, encoding and decoding the event envelope;
+//! - [`publisher`]: publishing an envelope with every header and waiting for the acknowledgement
+//!   (ingest, API commands, `apply-config`);
 //! - [`ids`]: deterministic identifiers;
 //! - [`config_store`]: the in-memory view of the compacted config topic;
 //! - `read_models` (feature `read-models`): which read-model schema is active;
@@ -16,6 +18,7 @@ pub mod ids;
 pub mod kafka;
 #[cfg(feature = "metrics-http")]
 pub mod metrics_http;
+pub mod publisher;
 #[cfg(feature = "read-models")]
 pub mod read_models;
 pub mod tcp;

@@ -585,6 +585,76 @@ async fn commands_are_validated_idempotent_and_published_with_positions() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_records_carry_the_trace_context_of_the_call_and_their_type() -> anyhow::Result<()> {
+    let fixture = fixture().await?;
+    let mut admin = as_user(&fixture, "admin-member", Role::Admin, &[]).await?;
+    let availability = admin
+        .admin
+        .set_agent_availability(SetAgentAvailabilityRequest {
+            request_id: request_id(),
+            agent_id: "ana".into(),
+            available: false,
+        })
+        .await?
+        .into_inner();
+    // One command record on inbound.v1 and one config record, at the positions returned.
+    for position in availability.position.split(',') {
+        let mut parts = position.split(':');
+        let (base_topic, partition, offset) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let topic = match base_topic {
+            "inbound.v1" => &fixture.env.topics.inbound,
+            _ => &fixture.env.topics.config,
+        };
+        let records = fixture.env.read_committed_records(topic)?;
+        let record = records
+            .iter()
+            .find(|record| record.partition.to_string() == partition && record.offset.to_string() == offset)
+            .unwrap_or_else(|| panic!("a record at {position}"));
+        let traceparent = record.headers.get("traceparent").unwrap_or_else(|| panic!("traceparent at {position}"));
+        assert_eq!(switchboard_runtime::telemetry::trace_id_from_traceparent(traceparent).map(str::len), Some(32));
+        let expected_type = if base_topic == "inbound.v1" { "agent_availability_changed" } else { "agent_configured" };
+        assert_eq!(record.headers.get("sb-event-type").map(String::as_str), Some(expected_type));
+    }
+    fixture.env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_migrations_adopt_tables_made_by_hand_and_keep_apart_from_the_projectors() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    // A database whose api tables were created by the hand-written DDL of earlier releases.
+    sqlx::raw_sql(
+        "CREATE SCHEMA IF NOT EXISTS api; \
+         CREATE TABLE IF NOT EXISTS api.command_requests (account_id text NOT NULL, request_id text NOT NULL, \
+           command text NOT NULL, request_digest text NOT NULL, position text, \
+           claimed_at timestamptz NOT NULL DEFAULT now(), completed_at timestamptz, \
+           PRIMARY KEY (account_id, request_id)); \
+         CREATE TABLE IF NOT EXISTS api.config_versions (config_key text PRIMARY KEY, version bigint NOT NULL); \
+         INSERT INTO api.config_versions VALUES ('tickets/acme/web', 7);",
+    )
+    .execute(&env.pool)
+    .await?;
+    let projector_migrations: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM public._sqlx_migrations").fetch_one(&env.pool).await?;
+    switchboard_api::migrate(&env.pool).await?;
+    switchboard_api::migrate(&env.pool).await?;
+    let api_migrations: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM api._sqlx_migrations").fetch_one(&env.pool).await?;
+    assert!(api_migrations >= 1);
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM public._sqlx_migrations").fetch_one(&env.pool).await?;
+    assert_eq!(after, projector_migrations, "the projector's migration record is untouched");
+    let version: i64 =
+        sqlx::query_scalar("SELECT version FROM api.config_versions WHERE config_key = 'tickets/acme/web'")
+            .fetch_one(&env.pool)
+            .await?;
+    assert_eq!(version, 7, "existing rows are kept");
+    // The projector's migrator still finds only its own migrations.
+    switchboard_projector::migrate(&env.pool).await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_visible_changes_resumes_and_ends_on_schema_switch() -> anyhow::Result<()> {
     let fixture = fixture().await?;
     let seeded = fixture.seeded.clone();
