@@ -29,7 +29,7 @@ use switchboard_runtime::read_models::active_schema;
 pub struct AgentOpenConversations {
     /// Over every channel type (the overall limit, `max_open_conversations`).
     pub total: u32,
-    /// By the read model's channel type name (`chat`, `team_email`, …; see `channel::type_label`).
+    /// By the read model's channel type name (`chat`, `team_email`, …; see `switchboard_proto::names`).
     pub by_channel_type: HashMap<String, u32>,
 }
 
