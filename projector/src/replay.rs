@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{IsTerminal, Write as _};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -174,7 +173,7 @@ pub async fn run(settings: ReplaySettings, pool: &PgPool) -> anyhow::Result<Repl
     writer.audit_positions().await?;
     ensure_no_seek_requested(&mut commands, &schema)?;
     reporter.finish(&metrics, started);
-    Ok(ReplaySummary { schema, events: metrics.events_applied.load(Ordering::Relaxed), elapsed: started.elapsed() })
+    Ok(ReplaySummary { schema, events: metrics.events_applied.get(), elapsed: started.elapsed() })
 }
 
 /// A replay reads each partition once, front to back, and cannot seek back: if the writer asks
@@ -290,7 +289,7 @@ impl Reporter {
         if self.last.elapsed() < interval {
             return;
         }
-        let events = metrics.events_applied.load(Ordering::Relaxed);
+        let events = metrics.events_applied.get();
         let instant_rate = (events - self.last_events) as f64 / self.last.elapsed().as_secs_f64();
         // Smoothed, so the ETA does not jump with every batch.
         self.rate = if self.rate == 0.0 { instant_rate } else { 0.7 * self.rate + 0.3 * instant_rate };
@@ -360,7 +359,7 @@ impl Reporter {
     }
 
     fn finish(&mut self, metrics: &Metrics, started: Instant) {
-        let events = metrics.events_applied.load(Ordering::Relaxed);
+        let events = metrics.events_applied.get();
         let seconds = started.elapsed().as_secs_f64();
         if self.mode == Progress::Bar {
             self.last = Instant::now() - Duration::from_secs(1);
