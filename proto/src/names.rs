@@ -28,7 +28,7 @@ pub trait ShortNamed: Copy + Eq + Into<i32> + TryFrom<i32> + 'static {
     fn proto_name(self) -> &'static str;
     /// The value of a `.proto` value name (prost's `from_str_name`).
     fn from_proto_name(proto_name: &str) -> Option<Self>;
-    /// The short names by value, derived once (see [`derive_short_names`]).
+    /// The short names by value, derived once from the proto names.
     fn short_names() -> &'static [Option<String>];
 }
 
@@ -37,7 +37,7 @@ pub trait ShortNamed: Copy + Eq + Into<i32> + TryFrom<i32> + 'static {
 const HIGHEST_VALUE: i32 = 255;
 
 /// The short name of every value of `Enum`, indexed by value (`None` where the enum has no value).
-pub fn derive_short_names<Enum: ShortNamed>() -> Vec<Option<String>> {
+fn derive_short_names<Enum: ShortNamed>() -> Vec<Option<String>> {
     let mut names: Vec<Option<String>> = (0..=HIGHEST_VALUE)
         .map(|number| {
             let value = Enum::try_from(number).ok()?;
@@ -199,8 +199,8 @@ mod tests {
         assert_round_trip::<ConversationStatus>();
     }
 
-    /// The names as the hand-written tables of ingest, projector and api wrote and read them
-    /// before this module: stored in PostgreSQL and config files, they must never change.
+    /// Every stored name, written out: PostgreSQL rows, config files, metric labels and the API
+    /// docs hold them, so a change to a `.proto` value name must not change them unnoticed.
     #[test]
     fn stored_names_are_unchanged() {
         fn assert_names<Enum: ShortNamed + std::fmt::Debug>(expected: &[&str]) {
