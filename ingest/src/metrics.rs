@@ -43,23 +43,19 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = metrics::new_registry("ingest");
         let received = Family::default();
-        registry.register("received", "Requests or mails received.", received.clone());
+        registry.register("received", "Requests or mails received", received.clone());
         let accepted = Family::default();
-        registry.register("accepted", "Events acknowledged by Kafka.", accepted.clone());
+        registry.register("accepted", "Events acknowledged by Kafka", accepted.clone());
         let duplicates = Family::default();
-        registry.register("duplicates", "Events skipped as recently published (B1).", duplicates.clone());
+        registry.register("duplicates", "Events skipped as recently published (B1)", duplicates.clone());
         let rejected = Family::default();
-        registry.register("rejected", "Requests rejected, by reason.", rejected.clone());
+        registry.register("rejected", "Requests rejected, by reason", rejected.clone());
         let publish_latency = Family::new_with_constructor(metrics::seconds_histogram as fn() -> Histogram);
-        registry.register(
-            "publish_latency_seconds",
-            "Time until Kafka acknowledged an event.",
-            publish_latency.clone(),
-        );
+        registry.register("publish_latency_seconds", "Time until Kafka acknowledged an event", publish_latency.clone());
         let widget_answers = Family::default();
         registry.register(
             "widget_answers",
-            "Chat widget answers, by state shown and what was known about capacity.",
+            "Chat widget answers, by state shown and what was known about capacity",
             widget_answers.clone(),
         );
         Metrics { registry, received, accepted, duplicates, rejected, publish_latency, widget_answers }

@@ -173,20 +173,20 @@ impl WorkloadCache {
         let mut registry = switchboard_runtime::metrics::new_registry("ingest");
         registry.register(
             "workload_configured",
-            "1 when DATABASE_URL is set (the chat widget checks capacity).",
+            "1 when DATABASE_URL is set (the chat widget checks capacity)",
             ConstGauge::new(i64::from(self.shared.configured)),
         );
         let fresh = matches!(self.knowledge(now), CapacityKnowledge::Known(_));
         registry.register(
             "workload_fresh",
-            "1 when the open-conversation counts are recent enough to decide capacity.",
+            "1 when the open-conversation counts are recent enough to decide capacity",
             ConstGauge::new(i64::from(fresh)),
         );
         let latest_opt = self.shared.latest_opt.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(latest) = &*latest_opt {
             registry.register(
                 "workload_age_seconds",
-                "Age of the newest open-conversation counts.",
+                "Age of the newest open-conversation counts",
                 ConstGauge::new(now.saturating_duration_since(latest.loaded_at).as_secs_f64()),
             );
         }
@@ -198,7 +198,7 @@ impl WorkloadCache {
         refreshes
             .get_or_create(&OutcomeLabels { outcome: "failed" })
             .inc_by(self.shared.refreshes_failed.load(Ordering::Relaxed));
-        registry.register("workload_refreshes", "Reads of the agent_workload read model, by outcome.", refreshes);
+        registry.register("workload_refreshes", "Reads of the agent_workload read model, by outcome", refreshes);
         out.push_str(&switchboard_runtime::metrics::render(&registry));
     }
 }

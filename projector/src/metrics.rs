@@ -60,26 +60,26 @@ impl Default for Metrics {
             registry.register(name, help, counter.clone());
             counter
         };
-        let events_applied = counter("events_applied", "Events applied to the read models.");
-        let batches = counter("batches", "Batches committed.");
-        let dead_lettered = counter("dead_lettered", "Records sent to the dead-letter topic.");
-        let batch_failures = counter("batch_failures", "Batches rolled back and retried.");
+        let events_applied = counter("events_applied", "Events applied to the read models");
+        let batches = counter("batches", "Batches committed");
+        let dead_lettered = counter("dead_lettered", "Records sent to the dead-letter topic");
+        let batch_failures = counter("batch_failures", "Batches rolled back and retried");
         let gaps = counter(
             "gaps",
-            "Batches of a partition that did not continue from its stored position: not applied, the partition is read again from the stored position.",
+            "Batches of a partition that did not continue from its stored position: not applied, the partition is read again from the stored position",
         );
         let lost_commits = counter(
             "lost_commits",
-            "Stored positions found behind what this projector had committed (the database lost committed batches: crash with asynchronous commit, failover, restore); each is read again from the stored position.",
+            "Stored positions found behind what this projector had committed (the database lost committed batches: crash with asynchronous commit, failover, restore); each is read again from the stored position",
         );
         let last_batch_records = Gauge::default();
-        registry.register("last_batch_records", "Records in the last batch.", last_batch_records.clone());
+        registry.register("last_batch_records", "Records in the last batch", last_batch_records.clone());
         let batch_seconds = metrics::seconds_histogram();
-        registry.register("batch_seconds", "Time to write each batch.", batch_seconds.clone());
+        registry.register("batch_seconds", "Time to write each batch", batch_seconds.clone());
         let partition_lag = Family::default();
         registry.register(
             "partition_lag",
-            "Records between the stored position and the end of the partition.",
+            "Records between the stored position and the end of the partition",
             partition_lag.clone(),
         );
         Metrics {

@@ -69,45 +69,45 @@ impl Default for RouterMetrics {
             registry.register(name, help, counter.clone());
             counter
         };
-        let inputs_routed = counter("inputs_routed", "Inbound records routed (committed).");
-        let events_produced = counter("events_produced", "Decision events written (committed).");
-        let dead_lettered = counter("dead_lettered", "Inbound records sent to the dead-letter topic (committed).");
-        let snapshots_written = counter("snapshots_written", "State snapshots written (committed).");
-        let transactions_committed = counter("transactions_committed", "Transactions committed.");
+        let inputs_routed = counter("inputs_routed", "Inbound records routed (committed)");
+        let events_produced = counter("events_produced", "Decision events written (committed)");
+        let dead_lettered = counter("dead_lettered", "Inbound records sent to the dead-letter topic (committed)");
+        let snapshots_written = counter("snapshots_written", "State snapshots written (committed)");
+        let transactions_committed = counter("transactions_committed", "Transactions committed");
         let transactions_aborted =
-            counter("transactions_aborted", "Transactions aborted and rewound to the last committed offsets.");
-        let partitions_recovered = counter("partitions_recovered", "Partition states recovered (snapshot + tail).");
-        let rebalances = counter("rebalances", "Partition assignments and revocations.");
+            counter("transactions_aborted", "Transactions aborted and rewound to the last committed offsets");
+        let partitions_recovered = counter("partitions_recovered", "Partition states recovered (snapshot + tail)");
+        let rebalances = counter("rebalances", "Partition assignments and revocations");
         let recovery_seconds = Counter::<f64, AtomicU64>::default();
         registry.register(
             "recovery_seconds",
-            "Time routing waited for partition state recoveries.",
+            "Time routing waited for partition state recoveries",
             recovery_seconds.clone(),
         );
         let consecutive_aborts = Gauge::default();
         registry.register(
             "consecutive_aborts",
-            "Transactions aborted in a row since the last commit (an output the broker keeps refusing shows here).",
+            "Transactions aborted in a row since the last commit (an output the broker keeps refusing shows here)",
             consecutive_aborts.clone(),
         );
         let last_batch_records = Gauge::default();
         registry.register(
             "last_batch_records",
-            "Inbound records in the last committed batch.",
+            "Inbound records in the last committed batch",
             last_batch_records.clone(),
         );
         let batch_seconds = metrics::seconds_histogram();
-        registry.register("batch_seconds", "Poll to commit of each committed batch.", batch_seconds.clone());
+        registry.register("batch_seconds", "Poll to commit of each committed batch", batch_seconds.clone());
         let partition_lag = Family::default();
         registry.register(
             "partition_lag",
-            "Committed inbound records not yet routed, per input partition.",
+            "Committed inbound records not yet routed, per input partition",
             partition_lag.clone(),
         );
         let partition_open_conversations = Family::default();
         registry.register(
             "open_conversations",
-            "Open conversations in the routing state, per input partition.",
+            "Open conversations in the routing state, per input partition",
             partition_open_conversations.clone(),
         );
         RouterMetrics {

@@ -15,7 +15,8 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 pub const SECONDS_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// A registry whose metrics are named `switchboard_<service>_...`: `service` is the part after
-/// the common prefix (`router`).
+/// the common prefix (`router`). Help texts are registered without a final full stop: the
+/// registry adds one.
 pub fn new_registry(service: &str) -> Registry {
     Registry::with_prefix(format!("switchboard_{service}"))
 }
@@ -49,17 +50,21 @@ mod tests {
     fn metrics_are_prefixed_and_label_values_escaped() {
         let mut registry = new_registry("test");
         let counter = Counter::<u64>::default();
-        registry.register("things", "Things seen.", counter.clone());
+        registry.register("things", "Things seen", counter.clone());
         let by_reason = Family::<Labels, Counter>::default();
-        registry.register("refusals", "Refusals by reason.", by_reason.clone());
+        registry.register("refusals", "Refusals by reason", by_reason.clone());
         let histogram = seconds_histogram();
-        registry.register("wait_seconds", "Waits.", histogram.clone());
+        registry.register("wait_seconds", "Waits", histogram.clone());
         counter.inc_by(3);
         by_reason.get_or_create(&Labels { reason: "say \"no\"\\\n".into() }).inc();
         histogram.observe(0.003);
         let text = render(&registry);
         assert!(
-            text.contains("# TYPE switchboard_test_things_total counter\nswitchboard_test_things_total 3\n"),
+            text.contains(
+                "# HELP switchboard_test_things_total Things seen.\n\
+                 # TYPE switchboard_test_things_total counter\n\
+                 switchboard_test_things_total 3\n"
+            ),
             "{text}"
         );
         assert!(text.contains("switchboard_test_refusals_total{reason=\"say \\\"no\\\"\\\\\\n\"} 1\n"), "{text}");
