@@ -17,7 +17,7 @@ use crate::events::v1::{
     WithheldReason,
 };
 
-/// A protobuf enum with short names. Implemented by [`short_names!`] for every enum whose values
+/// A protobuf enum with short names. Implemented by `short_names!` (below) for every enum whose values
 /// are stored or shown as text.
 pub trait ShortNamed: Copy + Eq + Into<i32> + TryFrom<i32> + 'static {
     /// What protoc puts before every value name of this enum (`CHANNEL_TYPE_`).
