@@ -283,10 +283,7 @@ fn inbox_access_of(account_id: &str, inbox: &InboxConfigured) -> InboxAccess {
     InboxAccess {
         inbox_id: inbox.inbox_id.clone(),
         account_id: account_id.to_owned(),
-        access_mode: match InboxAccessMode::try_from(inbox.access_mode) {
-            Ok(InboxAccessMode::SpecificUsersAndTeams) => "specific_users_and_teams".into(),
-            _ => "everyone".into(),
-        },
+        access_mode: switchboard_proto::names::name_of_or(inbox.access_mode, InboxAccessMode::Everyone).into(),
         access_user_ids: inbox.access_user_ids.clone(),
         access_team_ids: inbox.access_team_ids.clone(),
     }

@@ -16,6 +16,7 @@ use switchboard_proto::events::v1::{
     ChatHoursRange, ChatSettings, ConsentMode, EmailSettings, InboxAccessMode, InboxConfigured, InboxKind,
     MessengerSettings, RoutingRulesConfigured, TicketSettingsConfigured, WhatsAppSettings,
 };
+use switchboard_proto::names;
 use switchboard_runtime::config_store::{ConfigSnapshot, config_key};
 
 use crate::config_rules::{self, Breach};
@@ -364,10 +365,8 @@ impl ChannelDecl {
             });
         }
         if let Some(messenger) = &self.messenger {
-            let consent_mode = match messenger.consent_mode.as_str() {
-                "implicit" => ConsentMode::Implicit,
-                "explicit" => ConsentMode::Explicit,
-                other => bail!("channel `{}`: unknown consent_mode `{other}`", self.id),
+            let Some(consent_mode) = names::parse::<ConsentMode>(&messenger.consent_mode) else {
+                bail!("channel `{}`: unknown consent_mode `{}`", self.id, messenger.consent_mode);
             };
             channel.messenger = Some(MessengerSettings {
                 page_id: messenger.page_id.clone(),
@@ -388,16 +387,7 @@ impl ChannelDecl {
 }
 
 fn channel_type(name: &str) -> anyhow::Result<ChannelType> {
-    Ok(match name {
-        "team_email" => ChannelType::TeamEmail,
-        "chat" => ChannelType::Chat,
-        "facebook_messenger" => ChannelType::FacebookMessenger,
-        "forms" => ChannelType::Forms,
-        "whatsapp" => ChannelType::Whatsapp,
-        "calling" => ChannelType::Calling,
-        "custom" => ChannelType::Custom,
-        other => bail!("unknown channel type `{other}`"),
-    })
+    names::parse(name).with_context(|| format!("unknown channel type `{name}`"))
 }
 
 impl ConfigFile {
@@ -449,10 +439,11 @@ impl ConfigFile {
     pub fn to_payloads(&self, current: &ConfigSnapshot) -> anyhow::Result<Vec<Payload>> {
         let mut payloads = Vec::new();
         for inbox in &self.inboxes {
-            let access_mode = match inbox.access.as_str() {
-                "everyone" => InboxAccessMode::Everyone,
-                "specific_users_and_teams" => InboxAccessMode::SpecificUsersAndTeams,
-                other => bail!("inbox `{}`: unknown access `{other}`", inbox.id),
+            let Some(access_mode) = names::parse::<InboxAccessMode>(&inbox.access) else {
+                bail!("inbox `{}`: unknown access `{}`", inbox.id, inbox.access);
+            };
+            let Some(kind) = names::parse::<InboxKind>(&inbox.kind) else {
+                bail!("inbox `{}`: unknown kind `{}`", inbox.id, inbox.kind);
             };
             payloads.push(Payload::InboxConfigured(InboxConfigured {
                 inbox_id: inbox.id.clone(),
@@ -460,11 +451,7 @@ impl ConfigFile {
                 access_mode: access_mode as i32,
                 access_user_ids: inbox.access_users.clone(),
                 access_team_ids: inbox.access_teams.clone(),
-                kind: match inbox.kind.as_str() {
-                    "conversations" => InboxKind::Conversations,
-                    "help_desk" => InboxKind::HelpDesk,
-                    other => bail!("inbox `{}`: unknown kind `{other}`", inbox.id),
-                } as i32,
+                kind: kind as i32,
             }));
         }
         for agent in &self.agents {
@@ -521,16 +508,11 @@ impl ConfigFile {
                 payloads.push(Payload::TicketSettingsConfigured(settings));
             }
             let routing = &channel.routing;
-            let target = match routing.assign_to.as_str() {
-                "nobody" => AssignTarget::Nobody,
-                "specific_users_and_teams" => AssignTarget::SpecificUsersAndTeams,
-                "contact_owner" => AssignTarget::ContactOwner,
-                other => bail!("channel `{}`: unknown assign_to `{other}`", channel.id),
+            let Some(target) = names::parse::<AssignTarget>(&routing.assign_to) else {
+                bail!("channel `{}`: unknown assign_to `{}`", channel.id, routing.assign_to);
             };
-            let strategy = match routing.strategy.as_str() {
-                "round_robin" => AssignmentStrategy::RoundRobin,
-                "balanced" => AssignmentStrategy::Balanced,
-                other => bail!("channel `{}`: unknown strategy `{other}`", channel.id),
+            let Some(strategy) = names::parse::<AssignmentStrategy>(&routing.strategy) else {
+                bail!("channel `{}`: unknown strategy `{}`", channel.id, routing.strategy);
             };
             let mut rules = RoutingRulesConfigured {
                 channel_id: channel.id.clone(),

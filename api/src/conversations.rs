@@ -213,11 +213,7 @@ impl From<AssignmentRow> for Assignment {
 }
 
 fn status_from_name(name: &str) -> ConversationStatus {
-    match name {
-        "open" => ConversationStatus::Open,
-        "closed" => ConversationStatus::Closed,
-        _ => ConversationStatus::Unspecified,
-    }
+    switchboard_proto::names::parse(name).unwrap_or(ConversationStatus::Unspecified)
 }
 
 /// Validated ListConversations parameters ("parse, don't validate").
@@ -243,8 +239,7 @@ impl ListQuery {
         }
         let status_opt = match ConversationStatus::try_from(request.status) {
             Ok(ConversationStatus::Unspecified) => None,
-            Ok(ConversationStatus::Open) => Some("open"),
-            Ok(ConversationStatus::Closed) => Some("closed"),
+            Ok(status) => Some(switchboard_proto::names::name(status)),
             Err(_) => {
                 violations.add("status", "unknown status value");
                 None

@@ -6,6 +6,7 @@ use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
     ChannelConfigured, ChannelType, Envelope, InboundContent, InboundMessageReceived, Sender,
 };
+use switchboard_proto::names;
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::{envelope, ids};
 
@@ -17,20 +18,6 @@ pub const MAX_ID_BYTES: usize = 512;
 /// the cut is recorded in `provider_attributes["text_truncated"]`; Kafka's record limit is
 /// 1 MiB, and a record the broker refuses would be a message lost.
 pub const MAX_EVENT_TEXT_BYTES: usize = 256 * 1024;
-
-/// Short lower-case name of a channel type, as used in metrics labels and errors.
-pub fn type_label(channel_type: ChannelType) -> &'static str {
-    match channel_type {
-        ChannelType::TeamEmail => "team_email",
-        ChannelType::Chat => "chat",
-        ChannelType::FacebookMessenger => "facebook_messenger",
-        ChannelType::Forms => "forms",
-        ChannelType::Whatsapp => "whatsapp",
-        ChannelType::Calling => "calling",
-        ChannelType::Custom => "custom",
-        ChannelType::Unspecified => "unspecified",
-    }
-}
 
 /// The channel whose public address (the id in ingest's URLs) is `channel_id`; it must be of
 /// type `expected`. Such addresses belong to one channel in the installation (M2), so the
@@ -49,10 +36,10 @@ pub fn resolve<'c>(
         return Err(IngestError::AmbiguousChannel { channel_id: channel_id.to_owned() });
     }
     if owned.entity.channel_type != expected as i32 {
-        let actual = ChannelType::try_from(owned.entity.channel_type).map_or("unknown", type_label).to_owned();
+        let actual = ChannelType::try_from(owned.entity.channel_type).map_or("unknown", names::name).to_owned();
         return Err(IngestError::WrongChannelType {
             channel_id: channel_id.to_owned(),
-            expected: type_label(expected),
+            expected: names::name(expected),
             actual,
         });
     }

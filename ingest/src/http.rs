@@ -397,8 +397,8 @@ async fn post_custom_message(
     .await
 }
 
-async fn metrics(State(state): State<AppState>) -> String {
+async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
     let mut text = state.intake.metrics.render();
     state.workload.render_metrics(&mut text, std::time::Instant::now());
-    text
+    switchboard_runtime::metrics_http::metrics_response(text)
 }

@@ -149,7 +149,7 @@ pub fn has_room(agent: &AgentConfigured, open_opt: Option<&AgentOpenConversation
         .iter()
         .find(|limit| limit.channel_type == channel_type as i32)
         .map_or(0, |limit| limit.max_open);
-    let type_full = type_limit > 0 && open.of_channel_type(channel::type_label(channel_type)) >= type_limit;
+    let type_full = type_limit > 0 && open.of_channel_type(switchboard_proto::names::name(channel_type)) >= type_limit;
     !(overall_full || type_full)
 }
 

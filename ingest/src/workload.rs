@@ -14,7 +14,6 @@
 //! one refresh.
 
 use std::collections::HashMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ use switchboard_runtime::read_models::active_schema;
 pub struct AgentOpenConversations {
     /// Over every channel type (the overall limit, `max_open_conversations`).
     pub total: u32,
-    /// By the read model's channel type name (`chat`, `team_email`, …; see `channel::type_label`).
+    /// By the read model's channel type name (`chat`, `team_email`, …; see `switchboard_proto::names`).
     pub by_channel_type: HashMap<String, u32>,
 }
 
@@ -159,42 +158,48 @@ impl WorkloadCache {
         }
     }
 
-    /// Prometheus text: whether capacity counts are fresh, their age, refresh outcomes.
+    /// Prometheus text: whether capacity counts are fresh, their age, refresh outcomes; read as
+    /// of `now`, at each scrape.
     pub fn render_metrics(&self, out: &mut String, now: Instant) {
-        let fresh = matches!(self.knowledge(now), CapacityKnowledge::Known(_));
-        let _ = writeln!(
-            out,
-            "# HELP switchboard_ingest_workload_configured 1 when DATABASE_URL is set (the chat widget checks capacity).\n\
-             # TYPE switchboard_ingest_workload_configured gauge\n\
-             switchboard_ingest_workload_configured {}",
-            u8::from(self.shared.configured)
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::ConstGauge;
+
+        #[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+        struct OutcomeLabels {
+            outcome: &'static str,
+        }
+
+        let mut registry = switchboard_runtime::metrics::new_registry("ingest");
+        registry.register(
+            "workload_configured",
+            "1 when DATABASE_URL is set (the chat widget checks capacity)",
+            ConstGauge::new(i64::from(self.shared.configured)),
         );
-        let _ = writeln!(
-            out,
-            "# HELP switchboard_ingest_workload_fresh 1 when the open-conversation counts are recent enough to decide capacity.\n\
-             # TYPE switchboard_ingest_workload_fresh gauge\n\
-             switchboard_ingest_workload_fresh {}",
-            u8::from(fresh)
+        let fresh = matches!(self.knowledge(now), CapacityKnowledge::Known(_));
+        registry.register(
+            "workload_fresh",
+            "1 when the open-conversation counts are recent enough to decide capacity",
+            ConstGauge::new(i64::from(fresh)),
         );
         let latest_opt = self.shared.latest_opt.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(latest) = &*latest_opt {
-            let _ = writeln!(
-                out,
-                "# HELP switchboard_ingest_workload_age_seconds Age of the newest open-conversation counts.\n\
-                 # TYPE switchboard_ingest_workload_age_seconds gauge\n\
-                 switchboard_ingest_workload_age_seconds {}",
-                now.saturating_duration_since(latest.loaded_at).as_secs_f64()
+            registry.register(
+                "workload_age_seconds",
+                "Age of the newest open-conversation counts",
+                ConstGauge::new(now.saturating_duration_since(latest.loaded_at).as_secs_f64()),
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP switchboard_ingest_workload_refreshes_total Reads of the agent_workload read model, by outcome.\n\
-             # TYPE switchboard_ingest_workload_refreshes_total counter\n\
-             switchboard_ingest_workload_refreshes_total{{outcome=\"ok\"}} {}\n\
-             switchboard_ingest_workload_refreshes_total{{outcome=\"failed\"}} {}",
-            self.shared.refreshes_succeeded.load(Ordering::Relaxed),
-            self.shared.refreshes_failed.load(Ordering::Relaxed)
-        );
+        drop(latest_opt);
+        let refreshes = Family::<OutcomeLabels, Counter>::default();
+        refreshes
+            .get_or_create(&OutcomeLabels { outcome: "ok" })
+            .inc_by(self.shared.refreshes_succeeded.load(Ordering::Relaxed));
+        refreshes
+            .get_or_create(&OutcomeLabels { outcome: "failed" })
+            .inc_by(self.shared.refreshes_failed.load(Ordering::Relaxed));
+        registry.register("workload_refreshes", "Reads of the agent_workload read model, by outcome", refreshes);
+        out.push_str(&switchboard_runtime::metrics::render(&registry));
     }
 }
 

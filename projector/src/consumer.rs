@@ -13,7 +13,6 @@
 //! never dropped, and a position the database lost (a crash, a failover) is read again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -767,15 +766,15 @@ impl Writer {
                 }
             }
         }
-        self.metrics.events_applied.fetch_add(total.applied as u64, Ordering::Relaxed);
-        self.metrics.dead_lettered.fetch_add(total.poison as u64, Ordering::Relaxed);
+        self.metrics.events_applied.inc_by(total.applied as u64);
+        self.metrics.dead_lettered.inc_by(total.poison as u64);
         if let Some(error) = first_error {
-            self.metrics.batch_failures.fetch_add(1, Ordering::Relaxed);
+            self.metrics.batch_failures.inc();
             return Err(error);
         }
-        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
-        self.metrics.last_batch_records.store(batch.records.len() as u64, Ordering::Relaxed);
-        self.metrics.last_batch_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.metrics.batches.inc();
+        self.metrics.last_batch_records.set(batch.records.len() as i64);
+        self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         Ok(total)
     }
 
@@ -892,11 +891,11 @@ impl Writer {
     ) {
         self.continuity.insert(partition, (epoch, Continuity::Unknown));
         self.reread_requested.insert(partition, epoch);
-        self.metrics.gaps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.gaps.inc();
         let topic = partition.0.base_name();
         match went_back_from_opt {
             Some(expected) => {
-                self.metrics.lost_commits.fetch_add(1, Ordering::Relaxed);
+                self.metrics.lost_commits.inc();
                 warn!(
                     topic,
                     partition = partition.1,

@@ -6,11 +6,12 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    AgentConfigured, AssignmentStrategy, CallDirection, CallState, ChannelConfigured, ChannelType, CloseReason,
-    ConsentMode, ConsentState, Envelope, InboundContent, InboxAccessMode, InboxKind, MessageKind,
+    AgentConfigured, AssignTarget, AssignmentStrategy, CallDirection, CallState, ChannelConfigured, ChannelType,
+    CloseReason, ConsentMode, ConsentState, Envelope, InboundContent, InboxAccessMode, InboxKind, MessageKind,
     RoutingRulesConfigured, SkipReason, TicketNotCreatedReason, TicketOwnerSource, TicketSettingsConfigured,
     UnassignedReason, WithheldReason,
 };
+use switchboard_proto::names;
 use switchboard_runtime::config_store::ConfigKey;
 use switchboard_runtime::envelope::{payload_name, to_datetime};
 use uuid::Uuid;
@@ -275,7 +276,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
                 conversation_id: uuid("conversation_id", &started.conversation_id)?,
                 inbox_id: started.inbox_id,
                 channel_id: started.channel_id,
-                channel_type: channel_type_name(started.channel_type),
+                channel_type: names::name_of::<ChannelType>(started.channel_type),
                 thread_key: started.thread_key,
                 contact_external_id: contact.external_id,
                 contact_name: contact.display_name,
@@ -296,7 +297,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
                 body: appended.text,
                 source_event_id: appended.source_event_id,
                 contact_id: optional_uuid("contact_id", &appended.contact_id)?,
-                kind: message_kind_name(content.kind),
+                kind: names::name_of_or(content.kind, MessageKind::Text),
                 subject: content.subject.clone(),
                 content: visible,
                 hidden_fields,
@@ -314,7 +315,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
         }
         Payload::ConversationLeftUnassigned(left) => Fact::LeftUnassigned {
             conversation_id: uuid("conversation_id", &left.conversation_id)?,
-            reason: unassigned_reason_name(left.reason),
+            reason: names::name_of::<UnassignedReason>(left.reason),
             explanation: explanation(left.explanation.unwrap_or_default()),
         },
         Payload::ConversationUnassigned(unassigned) => Fact::Unassigned {
@@ -323,11 +324,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
         },
         Payload::ConversationClosed(closed) => Fact::Closed {
             conversation_id: uuid("conversation_id", &closed.conversation_id)?,
-            reason: match CloseReason::try_from(closed.reason).unwrap_or(CloseReason::Unspecified) {
-                CloseReason::Unspecified => "unspecified",
-                CloseReason::Agent => "agent",
-                CloseReason::TicketClosed => "ticket_closed",
-            },
+            reason: names::name_of::<CloseReason>(closed.reason),
             actor: actor_json(closed.actor.as_ref(), &closed.request_id),
         },
         Payload::ContactCreated(created) => Fact::ContactCreated(ContactCreated {
@@ -350,14 +347,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
             pipeline: created.pipeline,
             stage: created.stage,
             owner_agent_id: optional_text(&created.owner_agent_id),
-            owner_source: match TicketOwnerSource::try_from(created.owner_source)
-                .unwrap_or(TicketOwnerSource::Unspecified)
-            {
-                TicketOwnerSource::Unspecified => "unspecified",
-                TicketOwnerSource::ConversationAssignee => "conversation_assignee",
-                TicketOwnerSource::Fixed => "fixed",
-                TicketOwnerSource::None => "none",
-            },
+            owner_source: names::name_of::<TicketOwnerSource>(created.owner_source),
             name: created.name,
             description: created.description,
         }),
@@ -371,13 +361,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
             let sender = withheld.sender.unwrap_or_default();
             Fact::Audit(Audit {
                 kind: "withheld",
-                reason: match WithheldReason::try_from(withheld.reason).unwrap_or(WithheldReason::Unspecified) {
-                    WithheldReason::Unspecified => "unspecified",
-                    WithheldReason::ChannelOff => "channel_off",
-                    WithheldReason::AwaitingConsent => "awaiting_consent",
-                    WithheldReason::UnknownChannel => "unknown_channel",
-                }
-                .to_owned(),
+                reason: names::name_of::<WithheldReason>(withheld.reason).to_owned(),
                 channel_id: withheld.channel_id,
                 // Older events lack the field; a held message (C6) still names its inbox.
                 inbox_id: if withheld.inbox_id.is_empty() {
@@ -396,13 +380,7 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
         }
         Payload::TicketNotCreated(not_created) => Fact::Audit(Audit {
             kind: "ticket_not_created",
-            reason: match TicketNotCreatedReason::try_from(not_created.reason)
-                .unwrap_or(TicketNotCreatedReason::Unspecified)
-            {
-                TicketNotCreatedReason::Unspecified => "unspecified",
-                TicketNotCreatedReason::ContactAtAssociationLimit => "contact_at_association_limit",
-            }
-            .to_owned(),
+            reason: names::name_of::<TicketNotCreatedReason>(not_created.reason).to_owned(),
             channel_id: String::new(),
             inbox_id: String::new(),
             conversation_id: optional_uuid("conversation_id", &not_created.conversation_id)?,
@@ -441,15 +419,8 @@ fn config_fact(payload: Payload) -> Result<Fact, Poison> {
                 return Err(Poison("inbox_configured without an inbox id".into()));
             }
             Fact::Inbox(InboxRow {
-                kind: match InboxKind::try_from(inbox.kind).unwrap_or(InboxKind::Unspecified) {
-                    InboxKind::HelpDesk => "help_desk",
-                    InboxKind::Unspecified | InboxKind::Conversations => "conversations",
-                },
-                access_mode: match InboxAccessMode::try_from(inbox.access_mode).unwrap_or(InboxAccessMode::Unspecified)
-                {
-                    InboxAccessMode::SpecificUsersAndTeams => "specific_users_and_teams",
-                    InboxAccessMode::Unspecified | InboxAccessMode::Everyone => "everyone",
-                },
+                kind: names::name_of_or(inbox.kind, InboxKind::Conversations),
+                access_mode: names::name_of_or(inbox.access_mode, InboxAccessMode::Everyone),
                 inbox_id: inbox.inbox_id,
                 name: inbox.name,
                 access_user_ids: inbox.access_user_ids,
@@ -462,7 +433,7 @@ fn config_fact(payload: Payload) -> Result<Fact, Poison> {
             }
             Fact::Channel(ChannelRow {
                 settings: channel_settings_json(&channel),
-                channel_type: channel_type_name(channel.channel_type),
+                channel_type: names::name_of::<ChannelType>(channel.channel_type),
                 channel_id: channel.channel_id,
                 inbox_id: channel.inbox_id,
                 name: channel.name,
@@ -503,7 +474,7 @@ fn agent_row(agent: AgentConfigured) -> AgentRow {
     let capacity: serde_json::Map<String, Value> = agent
         .capacity_per_channel_type
         .iter()
-        .map(|capacity| (channel_type_name(capacity.channel_type).to_owned(), json!(capacity.max_open)))
+        .map(|capacity| (names::name_of::<ChannelType>(capacity.channel_type).to_owned(), json!(capacity.max_open)))
         .collect();
     AgentRow {
         role: if agent.role.is_empty() { "agent".to_owned() } else { agent.role },
@@ -559,11 +530,7 @@ fn channel_settings_json(channel: &ChannelConfigured) -> Value {
         );
     }
     if let Some(messenger) = &channel.messenger {
-        let consent_mode = match ConsentMode::try_from(messenger.consent_mode).unwrap_or(ConsentMode::Unspecified) {
-            ConsentMode::Unspecified => "unspecified",
-            ConsentMode::Implicit => "implicit",
-            ConsentMode::Explicit => "explicit",
-        };
+        let consent_mode = names::name_of::<ConsentMode>(messenger.consent_mode);
         settings.insert(
             "messenger".into(),
             json!({
@@ -585,12 +552,7 @@ fn channel_settings_json(channel: &ChannelConfigured) -> Value {
 }
 
 fn rules_json(rules: &RoutingRulesConfigured) -> Value {
-    let target = match rules.target {
-        1 => "nobody",
-        2 => "specific_users_and_teams",
-        3 => "contact_owner",
-        _ => "unspecified",
-    };
+    let target = names::name_of::<AssignTarget>(rules.target);
     json!({
         "version": rules.version,
         "auto_assign": rules.auto_assign,
@@ -598,7 +560,7 @@ fn rules_json(rules: &RoutingRulesConfigured) -> Value {
         "user_ids": rules.user_ids,
         "team_ids": rules.team_ids,
         "only_available": rules.only_available,
-        "strategy": strategy_name(rules.strategy),
+        "strategy": names::name_of::<AssignmentStrategy>(rules.strategy),
         "required_skills": rules.required_skills,
         "redrive_backlog": rules.redrive_backlog,
     })
@@ -624,15 +586,10 @@ fn explanation(explanation: switchboard_proto::events::v1::RoutingExplanation) -
     let skipped: Vec<Value> = explanation
         .skipped
         .iter()
-        .map(|skip| json!({"agent_id": skip.agent_id, "reason": skip_reason_name(skip.reason)}))
+        .map(|skip| json!({"agent_id": skip.agent_id, "reason": names::name_of::<SkipReason>(skip.reason)}))
         .collect();
-    let strategy = strategy_name(explanation.strategy);
-    let target = match explanation.target {
-        1 => "nobody",
-        2 => "specific_users_and_teams",
-        3 => "contact_owner",
-        _ => "unspecified",
-    };
+    let strategy = names::name_of::<AssignmentStrategy>(explanation.strategy);
+    let target = names::name_of::<AssignTarget>(explanation.target);
     Explanation {
         json: json!({
             "channel_id": explanation.channel_id,
@@ -715,19 +672,8 @@ pub fn split_content(content: &InboundContent) -> (Value, Value) {
         );
     }
     if let Some(call) = &content.call {
-        let state = match CallState::try_from(call.state).unwrap_or(CallState::Unspecified) {
-            CallState::Unspecified => "unspecified",
-            CallState::Ringing => "ringing",
-            CallState::Answered => "answered",
-            CallState::Completed => "completed",
-            CallState::Missed => "missed",
-            CallState::Voicemail => "voicemail",
-        };
-        let direction = match CallDirection::try_from(call.direction).unwrap_or(CallDirection::Unspecified) {
-            CallDirection::Unspecified => "unspecified",
-            CallDirection::Inbound => "inbound",
-            CallDirection::Outbound => "outbound",
-        };
+        let state = names::name_of::<CallState>(call.state);
+        let direction = names::name_of::<CallDirection>(call.direction);
         visible.insert(
             "call".into(),
             json!({
@@ -747,10 +693,8 @@ pub fn split_content(content: &InboundContent) -> (Value, Value) {
     if !content.interactive_reply_id.is_empty() {
         visible.insert("interactive_reply_id".into(), json!(content.interactive_reply_id));
     }
-    match ConsentState::try_from(content.consent).unwrap_or(ConsentState::Unspecified) {
-        ConsentState::Unspecified => {}
-        ConsentState::Given => drop(visible.insert("consent".into(), json!("given"))),
-        ConsentState::NotGiven => drop(visible.insert("consent".into(), json!("not_given"))),
+    if let Ok(consent @ (ConsentState::Given | ConsentState::NotGiven)) = ConsentState::try_from(content.consent) {
+        visible.insert("consent".into(), json!(names::name(consent)));
     }
     if !content.provider_attributes.is_empty() {
         // Sorted keys: a map's iteration order must not make two replays differ.
@@ -760,71 +704,10 @@ pub fn split_content(content: &InboundContent) -> (Value, Value) {
     (Value::Object(visible), Value::Array(hidden))
 }
 
-pub fn channel_type_name(channel_type: i32) -> &'static str {
-    match ChannelType::try_from(channel_type).unwrap_or(ChannelType::Unspecified) {
-        ChannelType::Unspecified => "unspecified",
-        ChannelType::TeamEmail => "team_email",
-        ChannelType::Chat => "chat",
-        ChannelType::FacebookMessenger => "facebook_messenger",
-        ChannelType::Forms => "forms",
-        ChannelType::Whatsapp => "whatsapp",
-        ChannelType::Calling => "calling",
-        ChannelType::Custom => "custom",
-    }
-}
-
 /// C6/C8: channel types whose provider only allows replies within 24 h of the customer's
 /// last message.
 pub fn has_reply_window(channel_type: &str) -> bool {
     matches!(channel_type, "facebook_messenger" | "whatsapp")
-}
-
-fn message_kind_name(kind: i32) -> &'static str {
-    match MessageKind::try_from(kind).unwrap_or(MessageKind::Unspecified) {
-        MessageKind::Unspecified | MessageKind::Text => "text",
-        MessageKind::Email => "email",
-        MessageKind::Image => "image",
-        MessageKind::Document => "document",
-        MessageKind::Audio => "audio",
-        MessageKind::Video => "video",
-        MessageKind::Location => "location",
-        MessageKind::InteractiveReply => "interactive_reply",
-        MessageKind::FormSubmission => "form_submission",
-        MessageKind::Call => "call",
-        MessageKind::Sticker => "sticker",
-        MessageKind::Contacts => "contacts",
-        MessageKind::Unsupported => "unsupported",
-    }
-}
-
-fn unassigned_reason_name(reason: i32) -> &'static str {
-    match UnassignedReason::try_from(reason).unwrap_or(UnassignedReason::Unspecified) {
-        UnassignedReason::Unspecified => "unassigned",
-        UnassignedReason::AutoAssignmentOff => "auto_assignment_off",
-        UnassignedReason::TargetNobody => "target_nobody",
-        UnassignedReason::NoEligibleAgent => "no_eligible_agent",
-        UnassignedReason::NoRoutingRules => "no_routing_rules",
-        UnassignedReason::ContactHasNoOwner => "contact_has_no_owner",
-    }
-}
-
-fn skip_reason_name(reason: i32) -> &'static str {
-    match SkipReason::try_from(reason).unwrap_or(SkipReason::Unspecified) {
-        SkipReason::Unspecified => "unspecified",
-        SkipReason::Offline => "offline",
-        SkipReason::NoPaidSeat => "no_paid_seat",
-        SkipReason::AtCapacity => "at_capacity",
-        SkipReason::MissingSkill => "missing_skill",
-        SkipReason::UnknownAgent => "unknown_agent",
-    }
-}
-
-fn strategy_name(strategy: i32) -> &'static str {
-    match AssignmentStrategy::try_from(strategy).unwrap_or(AssignmentStrategy::Unspecified) {
-        AssignmentStrategy::Unspecified => "",
-        AssignmentStrategy::RoundRobin => "round_robin",
-        AssignmentStrategy::Balanced => "balanced",
-    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -175,7 +174,7 @@ pub async fn run(settings: ReplaySettings, pool: &PgPool) -> anyhow::Result<Repl
     writer.audit_positions().await?;
     ensure_no_seek_requested(&mut commands, &schema)?;
     reporter.finish(&metrics, started);
-    Ok(ReplaySummary { schema, events: metrics.events_applied.load(Ordering::Relaxed), elapsed: started.elapsed() })
+    Ok(ReplaySummary { schema, events: metrics.events_applied.get(), elapsed: started.elapsed() })
 }
 
 /// A replay reads each partition once, front to back, and cannot seek back: if the writer asks
@@ -318,7 +317,7 @@ impl Reporter {
         if self.last.elapsed() < interval {
             return;
         }
-        let events = metrics.events_applied.load(Ordering::Relaxed);
+        let events = metrics.events_applied.get();
         let instant_rate = (events - self.last_events) as f64 / self.last.elapsed().as_secs_f64();
         // Smoothed, so the ETA does not jump with every batch.
         self.rate = if self.rate == 0.0 { instant_rate } else { 0.7 * self.rate + 0.3 * instant_rate };
@@ -375,7 +374,7 @@ impl Reporter {
     }
 
     fn finish(&mut self, metrics: &Metrics, started: Instant) {
-        let events = metrics.events_applied.load(Ordering::Relaxed);
+        let events = metrics.events_applied.get();
         let seconds = started.elapsed().as_secs_f64();
         if let Some((bar, lag)) = self.bars_opt.clone() {
             self.last = Instant::now() - Duration::from_secs(1);

@@ -1,4 +1,7 @@
-//! Generated protobuf types. Hand-written helpers live with the code that uses them.
+//! Generated protobuf types, and [`names`]: the short names under which enum values are stored
+//! and shown. Other hand-written helpers live with the code that uses them.
+
+pub mod names;
 
 pub mod events {
     pub mod v1 {

@@ -9,13 +9,16 @@
 //! - [`ids`]: deterministic identifiers;
 //! - [`config_store`]: the in-memory view of the compacted config topic;
 //! - `read_models` (feature `read-models`): which read-model schema is active;
-//! - `metrics_http` (feature `metrics-http`): the `/metrics` endpoint of router and projector;
+//! - `metrics` and `metrics_http` (feature `metrics-http`): the prometheus-client registry every
+//!   service's metrics live in, and the `/metrics` endpoint of router and projector;
 //! - [`tcp`]: the options every listener sets on an accepted connection (`TCP_NODELAY`).
 
 pub mod config_store;
 pub mod envelope;
 pub mod ids;
 pub mod kafka;
+#[cfg(feature = "metrics-http")]
+pub mod metrics;
 #[cfg(feature = "metrics-http")]
 pub mod metrics_http;
 pub mod publisher;

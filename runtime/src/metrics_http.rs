@@ -1,5 +1,5 @@
 //! The `/metrics` endpoint of services without an HTTP server of their own (router,
-//! projector): Prometheus text rendered on each scrape.
+//! projector): Prometheus text rendered on each scrape (see [`crate::metrics`]).
 
 use anyhow::Context;
 use axum::serve::ListenerExt as _;
@@ -13,7 +13,7 @@ where
         "/metrics",
         axum::routing::get(move || {
             let render = render.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()) }
+            async move { metrics_response(render()) }
         }),
     );
     let listener = tokio::net::TcpListener::bind(address)
@@ -36,41 +36,8 @@ where
     });
 }
 
-/// Appends one unlabelled metric with its `HELP` and `TYPE` lines (`kind`: counter, gauge).
-pub fn write_metric(out: &mut String, kind: &str, name: &str, help: &str, value: impl std::fmt::Display) {
-    use std::fmt::Write as _;
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-}
-
-/// Appends a labelled metric: its `HELP` and `TYPE` lines, then one sample per `(labels,
-/// value)`, labels written as Prometheus expects them inside braces (`partition="3"`).
-pub fn write_labelled<Value: std::fmt::Display>(
-    out: &mut String,
-    kind: &str,
-    name: &str,
-    help: &str,
-    samples: impl IntoIterator<Item = (String, Value)>,
-) {
-    use std::fmt::Write as _;
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{{{labels}}} {value}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metrics_are_written_in_the_prometheus_text_format() {
-        let mut out = String::new();
-        write_metric(&mut out, "counter", "a_total", "As seen.", 3);
-        write_labelled(&mut out, "gauge", "b", "Bs by partition.", [("partition=\"1\"".to_string(), 0.5)]);
-        assert_eq!(
-            out,
-            "# HELP a_total As seen.\n# TYPE a_total counter\na_total 3\n\
-             # HELP b Bs by partition.\n# TYPE b gauge\nb{partition=\"1\"} 0.5\n"
-        );
-    }
+/// The answer to a scrape: `text` (from [`crate::metrics::render`]) with its content type. Also
+/// used by ingest, which serves `/metrics` on its own HTTP server.
+pub fn metrics_response(text: String) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
 }

@@ -293,9 +293,13 @@ impl Services {
         Ok(text
             .lines()
             .filter(|line| {
-                ["projector_batch_failures_total ", "projector_gaps_total ", "projector_lost_commits_total "]
-                    .iter()
-                    .any(|name| line.starts_with(name))
+                [
+                    "switchboard_projector_batch_failures_total ",
+                    "switchboard_projector_gaps_total ",
+                    "switchboard_projector_lost_commits_total ",
+                ]
+                .iter()
+                .any(|name| line.starts_with(name))
             })
             .collect::<Vec<_>>()
             .join(", "))

@@ -14,7 +14,6 @@
 //! ```
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -113,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
         let mut first_batch_at = None;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let applied = metrics.events_applied.load(Ordering::Relaxed);
+            let applied = metrics.events_applied.get();
             if applied > 0 && first_batch_at.is_none() {
                 first_batch_at = Some(Instant::now());
             }
@@ -123,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(started.elapsed() < Duration::from_secs(900), "live projection did not finish in 15 min");
         }
         let since_first = first_batch_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
-        let batches = metrics.batches.load(Ordering::Relaxed);
+        let batches = metrics.batches.get();
         let _ = stop.send(true);
         projector.await??;
         live_figures = Some((since_first, total as f64 / since_first, total / batches.max(1)));
