@@ -184,6 +184,7 @@ pub fn run_router(
     // Batches committed so far, and how many aborts followed one another without one.
     let mut committed_batches = 0u64;
     let mut consecutive_aborts = 0u32;
+    let mut abort_backoff = AbortBackoff::new();
     while !shutdown.load(Ordering::Relaxed) {
         let consumer = subscribe_to_inbound(settings, metrics)?;
         // Each pass starts from the committed offsets with empty state. A pass ends only
@@ -212,7 +213,7 @@ pub fn run_router(
                     // A failure that repeats (an output the broker keeps refusing, a broker in
                     // trouble) is retried with growing pauses: rewriting the same batch at full
                     // speed only adds aborted records to the log and load to the broker.
-                    pause_unless_shutdown(abort_backoff(consecutive_aborts), shutdown);
+                    pause_unless_shutdown(abort_backoff.pause_after(consecutive_aborts), shutdown);
                     match rewind_to_committed_offsets(&consumer) {
                         Ok(rewound) => info!(partitions = rewound, "inbound consumer rewound to the committed offsets"),
                         Err(rewind_error) => {
@@ -233,14 +234,38 @@ pub fn run_router(
     Ok(())
 }
 
-/// The pause before retrying after `consecutive_aborts` aborted transactions in a row: none
-/// after the first (a one-off failure is retried at once), then 100 ms doubling up to 5 s.
-fn abort_backoff(consecutive_aborts: u32) -> Duration {
-    const FIRST: Duration = Duration::from_millis(100);
-    const LONGEST: Duration = Duration::from_secs(5);
-    match consecutive_aborts {
-        0 | 1 => Duration::ZERO,
-        repeats => FIRST.saturating_mul(1 << (repeats - 2).min(16)).min(LONGEST),
+/// The pauses before retrying after aborted transactions: none after the first abort of a
+/// series (a one-off failure is retried at once), then 100 ms doubling up to 5 s for each
+/// further abort in a row. A committed batch ends the series.
+struct AbortBackoff {
+    /// The pauses still ahead in the current series; `None` before its second abort.
+    pauses_opt: Option<backon::ExponentialBackoff>,
+}
+
+impl AbortBackoff {
+    fn new() -> Self {
+        AbortBackoff { pauses_opt: None }
+    }
+
+    /// The pause before the next attempt, `consecutive_aborts` (at least 1) having failed in a
+    /// row.
+    fn pause_after(&mut self, consecutive_aborts: u32) -> Duration {
+        use backon::BackoffBuilder;
+        if consecutive_aborts <= 1 {
+            self.pauses_opt = None;
+            return Duration::ZERO;
+        }
+        let pauses = self.pauses_opt.get_or_insert_with(|| {
+            backon::ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(100))
+                .with_factor(2.0)
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times()
+                .build()
+        });
+        let pause = pauses.next().unwrap_or(Duration::from_secs(5));
+        // backon scales in f32 seconds (200 ms comes out as 200.000003 ms): whole milliseconds.
+        Duration::from_millis(pause.as_secs_f64().mul_add(1e3, 0.5) as u64)
     }
 }
 
@@ -714,18 +739,19 @@ fn abort_transaction(producer: &BaseProducer, timeout: Duration) -> KafkaResult<
     }
 }
 
+/// Commits the open transaction, retrying a retriable failure at once, up to 5 times.
 fn commit_with_retries(producer: &BaseProducer) -> Result<(), TransactionFailure> {
-    let mut attempts = 0;
-    loop {
-        match producer.commit_transaction(KAFKA_TIMEOUT) {
-            Ok(()) => return Ok(()),
-            Err(KafkaError::Transaction(error)) if error.is_retriable() && attempts < 5 => {
-                attempts += 1;
-                warn!(%error, attempts, "retrying transaction commit");
-            }
-            Err(error) => return Err(classify(error)),
-        }
-    }
+    use backon::BlockingRetryable;
+    let mut attempts = 0u32;
+    (|| producer.commit_transaction(KAFKA_TIMEOUT))
+        .retry(backon::ConstantBuilder::new().with_delay(Duration::ZERO).with_max_times(5))
+        .when(|error| matches!(error, KafkaError::Transaction(transaction_error) if transaction_error.is_retriable()))
+        .notify(|error, _| {
+            attempts += 1;
+            warn!(%error, attempts, "retrying transaction commit");
+        })
+        .call()
+        .map_err(classify)
 }
 
 /// Classifies a transactional API error (rust-rdkafka's retriable / abort / fatal split).
@@ -1119,17 +1145,21 @@ impl Throughput {
 mod tests {
     use std::time::Duration;
 
-    use super::{abort_backoff, drop_records_of_revoked_partitions};
+    use super::{AbortBackoff, drop_records_of_revoked_partitions};
 
     #[test]
     fn a_repeated_abort_is_retried_after_growing_pauses_a_one_off_at_once() {
-        let pauses: Vec<Duration> = (1..=9).map(abort_backoff).collect();
+        let mut backoff = AbortBackoff::new();
+        let pauses: Vec<Duration> = (1..=9).map(|aborts| backoff.pause_after(aborts)).collect();
         assert_eq!(pauses[0], Duration::ZERO, "a one-off failure is retried at once");
         assert_eq!(pauses[1], Duration::from_millis(100));
         assert_eq!(pauses[2], Duration::from_millis(200));
+        assert_eq!(pauses[6], Duration::from_millis(3200));
         assert!(pauses.windows(2).all(|pair| pair[0] <= pair[1]));
         assert_eq!(pauses[8], Duration::from_secs(5), "never longer than 5 s");
-        assert_eq!(abort_backoff(u32::MAX), Duration::from_secs(5));
+        assert!((10..10_000).all(|aborts| backoff.pause_after(aborts) == Duration::from_secs(5)));
+        assert_eq!(backoff.pause_after(1), Duration::ZERO, "a commit in between starts a new series");
+        assert_eq!(backoff.pause_after(2), Duration::from_millis(100));
     }
 
     /// A polled record as far as batch filtering cares: (partition, offset).
