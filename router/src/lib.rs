@@ -2,17 +2,19 @@
 //! assignments.
 //!
 //! - Input enters in [`shell`] (Kafka consumer of the inbound topic).
-//! - Decisions are made in [`core`] (`decide`, pure and deterministic) over the state in
-//!   [`state`] (`evolve` folds the router's own output) and the compiled config in [`config`].
+//! - Decisions are made in [`decide`] (pure and deterministic) over the state in [`state`]
+//!   (`evolve` folds the router's own output) and the compiled config in [`config`].
 //! - Output leaves in [`shell`] (transactional producer to the conversations topic, with
 //!   periodic state snapshots from [`snapshot`] in the same transactions).
 
 #[doc(hidden)]
 pub mod bench_support;
+pub mod compact;
 pub mod config;
 pub mod conversations;
-pub mod core;
+pub mod decide;
 pub mod fast_hash;
+pub mod ids;
 pub mod metrics;
 pub mod shell;
 pub mod snapshot;

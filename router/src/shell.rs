@@ -6,7 +6,7 @@
 //! accounts and the instance that owns input partition `p` is the only writer of the routing
 //! state of those accounts. Its output goes to the same partition index `p` of the
 //! conversations topic, which therefore is also the state's changelog: a newly assigned
-//! partition's state is rebuilt by folding that output partition with `core::evolve`.
+//! partition's state is rebuilt by folding that output partition with `decide::evolve`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +27,7 @@ use switchboard_runtime::telemetry::{TraceContextHeaders, adopt_trace_context};
 use switchboard_runtime::topics::Topics;
 use tracing::{info, info_span, warn};
 
-use crate::core::{self, RouterConfig, RouterState};
+use crate::decide::{self, RouterConfig, RouterState};
 use crate::metrics::{BatchFigures, RouterMetrics};
 use crate::snapshot::{self, Manifest};
 
@@ -63,7 +63,7 @@ impl RouterSettings {
             topics,
             instance_id: instance_id.to_owned(),
             // Only reached with a backlog (a batch ends when the consumer has nothing more within
-            // `batch_linger`); large batches amortise the ~100 ms transaction commit.
+            // `batch_linger`); large batches amortise the transaction commit.
             max_batch_records: 20_000,
             batch_linger: Duration::from_millis(5),
             snapshot_every_records: 200_000,
@@ -264,7 +264,7 @@ impl AbortBackoff {
                 .build()
         });
         let pause = pauses.next().unwrap_or(Duration::from_secs(5));
-        // backon scales in f32 seconds (200 ms comes out as 200.000003 ms): whole milliseconds.
+        // backon scales in f32 seconds, off by nanoseconds: the pauses are whole milliseconds.
         Duration::from_millis(pause.as_secs_f64().mul_add(1e3, 0.5) as u64)
     }
 }
@@ -291,9 +291,9 @@ fn subscribe_to_inbound(
         &settings.group_id,
     );
     // Incremental rebalancing: when an instance joins or leaves, only the partitions that change
-    // owner are revoked. With the eager protocol every instance gave up every partition and then
-    // recovered the state of all of them (snapshot + tail) before routing again. Partitions an
-    // instance keeps keep their in-memory state: nobody else can have routed them meanwhile.
+    // owner are revoked (an eager rebalance would make every instance recover the state of every
+    // partition before routing again). Partitions an instance keeps keep their in-memory state:
+    // nobody else can have routed them meanwhile.
     consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
     consumer_config.set("statistics.interval.ms", CONSUMER_STATISTICS_INTERVAL.as_millis().to_string());
     for (key, value) in &settings.consumer_overrides {
@@ -588,8 +588,8 @@ fn route_record(
         }
     };
     span.record("event_id", input.event_id.as_str());
-    core::align_state(state, config);
-    let decided = match core::decide(state, config, input) {
+    decide::align_state(state, config);
+    let decided = match decide::decide(state, config, input) {
         Ok(decided) => decided,
         Err(rejection) => {
             return dead_letter(settings, producer, record, &span, &rejection.to_string())
@@ -605,7 +605,7 @@ fn route_record(
     let trace_headers = TraceContextHeaders::of(&span);
     let count = decided.len();
     for mut event in decided {
-        core::evolve(state, &event);
+        decide::evolve(state, &event);
         event.source_position = Some(KafkaPosition {
             topic: source_topic.to_owned(),
             partition: record.partition(),
@@ -717,7 +717,7 @@ fn await_deliveries(producer: &BaseProducer, timeout: Duration) -> Result<(), Tr
 /// and rust-rdkafka delivers reports as events that only this thread's `poll` serves: its
 /// `commit_transaction` flushes first, its `abort_transaction` does not. So an abort with records
 /// still queued (a failure in the middle of a batch: a send refused, the offsets refused after a
-/// rebalance) used to block for its whole timeout and then fail, stopping the router. The abort
+/// rebalance) would block for its whole timeout and then fail, stopping the router. The abort
 /// is resumable: each attempt waits one step, the reports are served, and the next attempt
 /// carries on where the last one stopped.
 fn abort_transaction(producer: &BaseProducer, timeout: Duration) -> KafkaResult<()> {
@@ -821,7 +821,7 @@ fn poll_batch<'consumer>(
 ///
 /// The router's group uses cooperative assignment (`cooperative-sticky`): only the partitions
 /// that move are revoked, and the rest of the batch stays valid. (Under eager assignment a
-/// rebalance revoked every partition, which emptied the batch.)
+/// rebalance revokes every partition and empties the batch.)
 fn drop_records_of_revoked_partitions<Record>(
     batch: &mut Vec<Record>,
     revoked_partitions: &[i32],
@@ -1011,7 +1011,7 @@ fn fold_output_tail(
                         .as_ref()
                         .is_some_and(|source| source.partition == partition && source.offset < skip_inputs_below);
                     if !covered {
-                        core::evolve(state, &event);
+                        decide::evolve(state, &event);
                         stats.tail_events += 1;
                     }
                 }

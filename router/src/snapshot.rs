@@ -9,9 +9,11 @@
 use prost::Message;
 use switchboard_proto::events::v1::InboundMessageReceived;
 
+use crate::compact::InlineStr;
+use crate::conversations::ConversationState;
+use crate::ids::{conversation_key, message_key, noncanonical_id};
 use crate::state::{
-    AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, InlineStr, RouterState,
-    TicketState, conversation_key, message_key, noncanonical_id, start_waiting,
+    AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, HeldMessage, RouterState, TicketState, start_waiting,
 };
 
 const MAGIC: &[u8; 4] = b"SBRS";
@@ -468,7 +470,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::request_key;
+    use crate::ids::request_key;
 
     #[test]
     fn b4_manifest_and_chunks_round_trip() {

@@ -1053,7 +1053,7 @@ fn b3_closing_frees_capacity_and_the_oldest_waiting_conversation_is_assigned() {
             .state
             .waiting(ACCOUNT, CHANNEL)
             .expect("a backlog")
-            .contains(crate::state::conversation_key(&conversation_of(&waiting_younger)))
+            .contains(crate::ids::conversation_key(&conversation_of(&waiting_younger)))
     );
 }
 
@@ -1320,7 +1320,7 @@ fn m1_accounts_sharing_a_partition_and_ids_never_share_conversations_contacts_or
 #[test]
 fn m1_contacts_created_before_ids_named_the_account_keep_their_id() {
     let mut given = Given::new();
-    let legacy_id = crate::state::legacy_contact_uuid_for(CHANNEL, "visitor-old").hyphenated().to_string();
+    let legacy_id = crate::ids::legacy_contact_uuid_for(CHANNEL, "visitor-old").hyphenated().to_string();
     let mut created = given.input(Payload::ContactCreated(ContactCreated {
         contact_id: legacy_id.clone(),
         channel_id: CHANNEL.into(),
