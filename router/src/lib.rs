@@ -16,6 +16,8 @@ pub mod decide;
 pub mod fast_hash;
 pub mod ids;
 pub mod metrics;
+pub mod recovery;
+pub mod settings;
 pub mod shell;
 pub mod snapshot;
 pub mod state;
