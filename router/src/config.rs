@@ -49,7 +49,7 @@ pub struct ChannelProfile {
     /// channel's account (resolved once here instead of a lookup per decision).
     pub pool_profiles: Vec<Option<u32>>,
     /// Each pool member's position in `pool`: round robin resumes after the last assignee
-    /// without scanning the pool (members are unique, see [`candidate_pool`]).
+    /// without scanning the pool (members are unique, see `candidate_pool`).
     pub pool_position: FastMap<String, u32>,
     pub tickets_opt: Option<TicketSettingsConfigured>,
 }

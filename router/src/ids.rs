@@ -115,8 +115,8 @@ pub fn contact_uuid_for(account_id: &str, channel_id: &str, external_id: &str) -
     uuid::Uuid::new_v5(&CONTACT_NAMESPACE, &name)
 }
 
-/// Contact ids made before they named the account: UUIDv5(namespace, "<channel id>\n<external
-/// id>"). Contacts the log created that way keep their id; they are still found by identity
+/// Contact ids made before they named the account: UUIDv5(namespace,
+/// `"<channel id>\n<external id>"`). Contacts the log created that way keep their id; they are still found by identity
 /// (within their own account only, see [`crate::state::RouterState::contact`]).
 pub fn legacy_contact_uuid_for(channel_id: &str, external_id: &str) -> uuid::Uuid {
     let mut name = Vec::with_capacity(channel_id.len() + external_id.len() + 1);

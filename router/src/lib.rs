@@ -6,6 +6,7 @@
 //!   (`evolve` folds the router's own output) and the compiled config in [`config`].
 //! - Output leaves in [`shell`] (transactional producer to the conversations topic, with
 //!   periodic state snapshots from [`snapshot`] in the same transactions).
+//! - A partition's state is rebuilt in [`recovery`] (latest snapshot, then the committed output).
 
 #[doc(hidden)]
 pub mod bench_support;
