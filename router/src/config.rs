@@ -13,8 +13,9 @@ use switchboard_proto::events::v1::{
 };
 use switchboard_runtime::config_store::ConfigSnapshot;
 
+use crate::compact::InlineStr;
 use crate::fast_hash::FastMap;
-use crate::state::{CHANNEL_TYPE_SLOTS, InlineStr, channel_type_slot};
+use crate::state::{CHANNEL_TYPE_SLOTS, channel_type_slot};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentProfile {
@@ -48,7 +49,7 @@ pub struct ChannelProfile {
     /// channel's account (resolved once here instead of a lookup per decision).
     pub pool_profiles: Vec<Option<u32>>,
     /// Each pool member's position in `pool`: round robin resumes after the last assignee
-    /// without scanning the pool (members are unique, see [`candidate_pool`]).
+    /// without scanning the pool (members are unique, see `candidate_pool`).
     pub pool_position: FastMap<String, u32>,
     pub tickets_opt: Option<TicketSettingsConfigured>,
 }
@@ -60,7 +61,7 @@ impl ChannelProfile {
 }
 
 /// Entities by [`InlineStr::scoped`] (account, id) (M1: ids are unique within an account only):
-/// one hash per lookup, as when ids were installation-wide.
+/// one hash per lookup.
 pub type ByAccount<T> = FastMap<InlineStr, T>;
 
 /// The config as `decide` reads it.

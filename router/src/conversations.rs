@@ -1,21 +1,69 @@
 //! The open conversations of a partition: stored once, in a slab, and found by id or by thread.
 //!
 //! Most inputs are follow-ups (R10): they find their conversation by (channel, thread key), and
-//! the `MessageAppended` they produce finds it again in `evolve`. With a thread index that gave
-//! the conversation's id and a second table from id to a boxed state, a follow-up paid three
-//! dependent cache misses before reading anything of its conversation: the thread entry, the
-//! id entry and the box. Here both indexes give the conversation's slot, so a follow-up pays
-//! the thread entry and the slot, and `evolve` re-reads the same two (docs/router.md, "state
+//! the `MessageAppended` they produce finds it again in `evolve`. Both indexes give the
+//! conversation's slot, so a follow-up reads two places (the thread entry and the slot) before
+//! it has its conversation, and `evolve` re-reads the same two (docs/router.md, "state
 //! layout").
 
+use crate::compact::{InlineStr, MessageKeys};
 use crate::fast_hash::FastMap;
-use crate::state::{ConversationState, InlineStr};
+
+/// One open conversation as routing needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConversationState {
+    /// The id as written when it is not a canonical UUID (router-made ids always are, so this
+    /// is `None` in practice and the id is printed from the key).
+    pub noncanonical_id_opt: Option<Box<str>>,
+    /// The account and channel as one [`InlineStr::scoped`] key (M1): it addresses the thread
+    /// index and the backlog as it is, and one field keeps the state as small as when it held
+    /// the channel id alone. Inline like the other short ids: closing and following up read
+    /// it, and a heap string would be one more cache miss each time.
+    pub channel_key: InlineStr,
+    pub channel_type: i32,
+    pub thread_key: InlineStr,
+    pub contact_id: InlineStr,
+    /// The contact's channel-scoped identity: a follow-up from the same sender needs no
+    /// contact lookup (the contact is this one).
+    pub contact_external_id: InlineStr,
+    pub assignee_agent_id_opt: Option<InlineStr>,
+    /// Recorded-at of the ConversationStarted event: the backlog is re-driven oldest first (B3).
+    pub started_at_millis: u64,
+    /// Message ids in the conversation; retired into the recent window when it closes (B1).
+    pub message_keys: MessageKeys,
+    pub ticket_id_opt: Option<String>,
+}
+
+impl ConversationState {
+    /// The conversation's id, given its key.
+    pub fn id(&self, key: u128) -> String {
+        match &self.noncanonical_id_opt {
+            Some(id) => id.to_string(),
+            None => {
+                let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                uuid::Uuid::from_u128(key).hyphenated().encode_lower(&mut buffer).to_owned()
+            }
+        }
+    }
+
+    pub fn assignee(&self) -> Option<&str> {
+        self.assignee_agent_id_opt.as_ref().map(InlineStr::as_str)
+    }
+
+    pub fn account_id(&self) -> &str {
+        self.channel_key.scope().0
+    }
+
+    pub fn channel_id(&self) -> &str {
+        self.channel_key.scope().1
+    }
+}
 
 /// Where a conversation lives in the slab.
 type Slot = u32;
 
 /// Slots per chunk. Chunks never grow, so adding conversations never moves the ones stored
-/// (a single vector of ~450-byte states would copy tens of MB while routing waits).
+/// (a single growing vector of states would copy all of them while routing waits).
 const CHUNK_BITS: u32 = 10;
 const CHUNK_SLOTS: usize = 1 << CHUNK_BITS;
 
@@ -25,7 +73,7 @@ struct Entry {
     conversation: ConversationState,
 }
 
-/// Open conversations by [`crate::state::conversation_key`] and by (channel id, thread key).
+/// Open conversations by [`crate::ids::conversation_key`] and by (channel id, thread key).
 #[derive(Debug, Clone, Default)]
 pub struct OpenConversations {
     chunks: Vec<Vec<Option<Entry>>>,
@@ -45,6 +93,11 @@ impl OpenConversations {
 
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
+    }
+
+    /// Slots ever handed out: each is occupied (indexed by key) or vacant.
+    fn slot_count(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum()
     }
 
     fn slot(&self, slot: Slot) -> &Option<Entry> {
@@ -128,7 +181,9 @@ impl OpenConversations {
         };
         threads.insert(conversation.thread_key.clone(), slot);
         self.by_key.insert(key, slot);
+        debug_assert!(self.slot(slot).is_none(), "a conversation takes a vacant slot");
         *self.slot_mut(slot) = Some(Entry { key, conversation });
+        debug_assert_eq!(self.by_key.len() + self.vacant.len(), self.slot_count(), "slots are open or vacant");
     }
 
     /// Forgets an open conversation (it closed), returning its state.
@@ -147,6 +202,7 @@ impl OpenConversations {
             }
         }
         self.vacant.push(slot);
+        debug_assert_eq!(self.by_key.len() + self.vacant.len(), self.slot_count(), "slots are open or vacant");
         Some(entry.conversation)
     }
 

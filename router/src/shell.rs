@@ -6,7 +6,7 @@
 //! accounts and the instance that owns input partition `p` is the only writer of the routing
 //! state of those accounts. Its output goes to the same partition index `p` of the
 //! conversations topic, which therefore is also the state's changelog: a newly assigned
-//! partition's state is rebuilt by folding that output partition with `core::evolve`.
+//! partition's state is rebuilt by folding that output partition with `decide::evolve`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,77 +20,19 @@ use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use switchboard_proto::events::v1::{Envelope, KafkaPosition};
-use switchboard_runtime::config_store::ConfigStore;
+use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore};
 use switchboard_runtime::envelope;
 use switchboard_runtime::kafka::{self, header};
 use switchboard_runtime::telemetry::{TraceContextHeaders, adopt_trace_context};
-use switchboard_runtime::topics::Topics;
 use tracing::{info, info_span, warn};
 
-use crate::core::{self, RouterConfig, RouterState};
+use crate::decide::{self, RouterConfig, RouterState};
 use crate::metrics::{BatchFigures, RouterMetrics};
+use crate::recovery::{self, PartitionState};
 use crate::snapshot::{self, Manifest};
 
-const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
-
-#[derive(Debug, Clone)]
-pub struct RouterSettings {
-    pub brokers: String,
-    pub topics: Topics,
-    pub group_id: String,
-    /// Stable per instance: it is the transactional id's suffix, so a restarted instance
-    /// fences its predecessor's unfinished transaction at once.
-    pub instance_id: String,
-    pub max_batch_records: usize,
-    pub batch_linger: Duration,
-    /// A partition's state is snapshotted (in the batch's transaction) once this many inputs
-    /// were routed since its last snapshot...
-    pub snapshot_every_records: u64,
-    /// ...or this much time passed with at least one input routed.
-    pub snapshot_every: Duration,
-    /// Raw librdkafka settings applied over the router's producer config
-    /// (`kafka::transactional_producer_config`), e.g. for benchmarks of client tuning.
-    pub producer_overrides: Vec<(String, String)>,
-    /// Raw librdkafka settings applied over the inbound consumer's config.
-    pub consumer_overrides: Vec<(String, String)>,
-}
-
-impl RouterSettings {
-    pub fn new(brokers: &str, topics: Topics, instance_id: &str) -> Self {
-        RouterSettings {
-            brokers: brokers.to_owned(),
-            group_id: format!("{}router", topics.prefix),
-            topics,
-            instance_id: instance_id.to_owned(),
-            // Only reached with a backlog (a batch ends when the consumer has nothing more within
-            // `batch_linger`); large batches amortise the ~100 ms transaction commit.
-            max_batch_records: 20_000,
-            batch_linger: Duration::from_millis(5),
-            snapshot_every_records: 200_000,
-            snapshot_every: Duration::from_secs(300),
-            producer_overrides: Vec::new(),
-            consumer_overrides: Vec::new(),
-        }
-    }
-
-    /// The compacted topic holding router state snapshots (`deploy/topics.txt`), one partition
-    /// per input partition.
-    pub fn snapshot_topic(&self) -> String {
-        format!("{}{}", self.topics.prefix, SNAPSHOT_TOPIC)
-    }
-}
-
-/// Base name of the snapshot topic (declared in `deploy/topics.txt`).
-pub const SNAPSHOT_TOPIC: &str = "router-snapshots.v1";
-
-/// The routing state of one input partition, with its snapshot bookkeeping.
-pub struct PartitionState {
-    pub state: RouterState,
-    records_since_snapshot: u64,
-    last_snapshot_at: Instant,
-    /// Chunk count of the latest snapshot: keys beyond a smaller new snapshot get tombstones.
-    last_chunk_count: u32,
-}
+use crate::settings::KAFKA_TIMEOUT;
+pub use crate::settings::{RouterSettings, SNAPSHOT_TOPIC};
 
 /// Remembers partitions taken away by a rebalance. librdkafka runs rebalance callbacks inside
 /// `consumer.poll` on the routing thread, so `poll_batch` takes this list after every poll: the
@@ -181,20 +123,21 @@ pub fn run_router(
     producer.init_transactions(KAFKA_TIMEOUT).context("failed to initialise kafka transactions")?;
     info!(transactional_id, "router producer ready");
 
-    // Batches committed so far, and how many aborts followed one another without one.
-    let mut committed_batches = 0u64;
+    // How many aborts followed one another without a committed batch.
     let mut consecutive_aborts = 0u32;
+    let mut abort_backoff = AbortBackoff::new();
     while !shutdown.load(Ordering::Relaxed) {
         let consumer = subscribe_to_inbound(settings, metrics)?;
-        // Each pass starts from the committed offsets with empty state. A pass ends only
+        // Each session starts from the committed offsets with empty state. A session ends only
         // after an aborted transaction, whose effects on in-memory state must be forgotten.
         loop {
-            let committed_before = committed_batches;
-            match route_until_failure(settings, config, &producer, &consumer, shutdown, metrics, &mut committed_batches)
-            {
+            let mut session = RoutingSession::new(settings, config, &producer, &consumer, metrics);
+            match session.route_until_failure(shutdown) {
                 Ok(()) => return Ok(()),
                 Err(TransactionFailure::AbortAndRewind(error)) => {
-                    consecutive_aborts = if committed_batches > committed_before { 1 } else { consecutive_aborts + 1 };
+                    consecutive_aborts = if session.committed_batches > 0 { 1 } else { consecutive_aborts + 1 };
+                    // Its states and the records of its batch go before the abort.
+                    drop(session);
                     metrics.transaction_aborted(consecutive_aborts);
                     warn!(
                         error = format!("{error:#}"),
@@ -212,7 +155,7 @@ pub fn run_router(
                     // A failure that repeats (an output the broker keeps refusing, a broker in
                     // trouble) is retried with growing pauses: rewriting the same batch at full
                     // speed only adds aborted records to the log and load to the broker.
-                    pause_unless_shutdown(abort_backoff(consecutive_aborts), shutdown);
+                    pause_unless_shutdown(abort_backoff.pause_after(consecutive_aborts), shutdown);
                     match rewind_to_committed_offsets(&consumer) {
                         Ok(rewound) => info!(partitions = rewound, "inbound consumer rewound to the committed offsets"),
                         Err(rewind_error) => {
@@ -233,14 +176,38 @@ pub fn run_router(
     Ok(())
 }
 
-/// The pause before retrying after `consecutive_aborts` aborted transactions in a row: none
-/// after the first (a one-off failure is retried at once), then 100 ms doubling up to 5 s.
-fn abort_backoff(consecutive_aborts: u32) -> Duration {
-    const FIRST: Duration = Duration::from_millis(100);
-    const LONGEST: Duration = Duration::from_secs(5);
-    match consecutive_aborts {
-        0 | 1 => Duration::ZERO,
-        repeats => FIRST.saturating_mul(1 << (repeats - 2).min(16)).min(LONGEST),
+/// The pauses before retrying after aborted transactions: none after the first abort of a
+/// series (a one-off failure is retried at once), then 100 ms doubling up to 5 s for each
+/// further abort in a row. A committed batch ends the series.
+struct AbortBackoff {
+    /// The pauses still ahead in the current series; `None` before its second abort.
+    pauses_opt: Option<backon::ExponentialBackoff>,
+}
+
+impl AbortBackoff {
+    fn new() -> Self {
+        AbortBackoff { pauses_opt: None }
+    }
+
+    /// The pause before the next attempt, `consecutive_aborts` (at least 1) having failed in a
+    /// row.
+    fn pause_after(&mut self, consecutive_aborts: u32) -> Duration {
+        use backon::BackoffBuilder;
+        if consecutive_aborts <= 1 {
+            self.pauses_opt = None;
+            return Duration::ZERO;
+        }
+        let pauses = self.pauses_opt.get_or_insert_with(|| {
+            backon::ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(100))
+                .with_factor(2.0)
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times()
+                .build()
+        });
+        let pause = pauses.next().unwrap_or(Duration::from_secs(5));
+        // backon scales in f32 seconds, off by nanoseconds: the pauses are whole milliseconds.
+        Duration::from_millis(pause.as_secs_f64().mul_add(1e3, 0.5) as u64)
     }
 }
 
@@ -252,10 +219,10 @@ fn pause_unless_shutdown(pause: Duration, shutdown: &AtomicBool) {
     }
 }
 
-/// A new member of the router group, subscribed to the inbound topic.
 /// How often librdkafka reports the inbound consumer's statistics (lag per partition).
 const CONSUMER_STATISTICS_INTERVAL: Duration = Duration::from_secs(5);
 
+/// A new member of the router group, subscribed to the inbound topic.
 fn subscribe_to_inbound(
     settings: &RouterSettings,
     metrics: &Arc<RouterMetrics>,
@@ -266,9 +233,9 @@ fn subscribe_to_inbound(
         &settings.group_id,
     );
     // Incremental rebalancing: when an instance joins or leaves, only the partitions that change
-    // owner are revoked. With the eager protocol every instance gave up every partition and then
-    // recovered the state of all of them (snapshot + tail) before routing again. Partitions an
-    // instance keeps keep their in-memory state: nobody else can have routed them meanwhile.
+    // owner are revoked (an eager rebalance would make every instance recover the state of every
+    // partition before routing again). Partitions an instance keeps keep their in-memory state:
+    // nobody else can have routed them meanwhile.
     consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
     consumer_config.set("statistics.interval.ms", CONSUMER_STATISTICS_INTERVAL.as_millis().to_string());
     for (key, value) in &settings.consumer_overrides {
@@ -329,38 +296,90 @@ fn rewind_to_committed_offsets(consumer: &BaseConsumer<RebalanceTracker>) -> any
     Ok(rewound)
 }
 
-fn route_until_failure<'consumer>(
-    settings: &RouterSettings,
-    config: &ConfigStore,
-    producer: &BaseProducer,
+/// Routing with one consumer from its subscription (or its latest rewind) until shutdown or the
+/// first failed transaction: the partitions' states, the compiled config, and the batch loop.
+///
+/// A session ends with a failed transaction, and with it every in-memory state that the
+/// aborted transaction may have changed: the next session recovers from the committed output.
+struct RoutingSession<'run, 'consumer> {
+    settings: &'run RouterSettings,
+    config_store: &'run ConfigStore,
     consumer: &'consumer BaseConsumer<RebalanceTracker>,
-    shutdown: &AtomicBool,
-    metrics: &RouterMetrics,
-    committed_batches: &mut u64,
-) -> Result<(), TransactionFailure> {
-    let mut state_by_partition: HashMap<i32, PartitionState> = HashMap::new();
-    let mut stats = Throughput::new();
-    let mut compiled: Option<(std::sync::Arc<switchboard_runtime::config_store::ConfigSnapshot>, RouterConfig)> = None;
-    // Reused across batches: the records of one batch, and one output's encoding.
-    let mut batch: Vec<BorrowedMessage<'consumer>> = Vec::with_capacity(settings.max_batch_records);
-    let mut encode_buffer: Vec<u8> = Vec::with_capacity(4096);
-    while !shutdown.load(Ordering::Relaxed) {
-        let poll_started = Instant::now();
-        let revoked_partitions = poll_batch(consumer, &mut batch, settings.max_batch_records, settings.batch_linger);
-        let route_started = Instant::now();
+    metrics: &'run RouterMetrics,
+    output: Output<'run>,
+    state_by_partition: HashMap<i32, PartitionState>,
+    /// The config compiled for routing, with the snapshot it was compiled from: compiled once
+    /// per change, not per decision.
+    compiled_opt: Option<(Arc<ConfigSnapshot>, RouterConfig)>,
+    throughput: Throughput,
+    /// Batches this session committed.
+    committed_batches: u64,
+    /// Reused across batches: the records of one batch, and one output's encoding.
+    batch: Vec<BorrowedMessage<'consumer>>,
+    encode_buffer: Vec<u8>,
+}
+
+impl<'run, 'consumer> RoutingSession<'run, 'consumer> {
+    fn new(
+        settings: &'run RouterSettings,
+        config_store: &'run ConfigStore,
+        producer: &'run BaseProducer,
+        consumer: &'consumer BaseConsumer<RebalanceTracker>,
+        metrics: &'run RouterMetrics,
+    ) -> Self {
+        RoutingSession {
+            settings,
+            config_store,
+            consumer,
+            metrics,
+            output: Output { settings, producer },
+            state_by_partition: HashMap::new(),
+            compiled_opt: None,
+            throughput: Throughput::new(),
+            committed_batches: 0,
+            batch: Vec::with_capacity(settings.max_batch_records),
+            encode_buffer: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Routes batch after batch, one transaction each, until `shutdown` is set (`Ok`) or a
+    /// transaction fails.
+    fn route_until_failure(&mut self, shutdown: &AtomicBool) -> Result<(), TransactionFailure> {
+        while !shutdown.load(Ordering::Relaxed) {
+            let poll_started = Instant::now();
+            let revoked_partitions =
+                poll_batch(self.consumer, &mut self.batch, self.settings.max_batch_records, self.settings.batch_linger);
+            self.process_revoke_partitions(&revoked_partitions);
+            if self.batch.is_empty() {
+                continue;
+            }
+            self.route_batch(poll_started)?;
+        }
+        Ok(())
+    }
+
+    /// Partitions taken away: their state goes (someone else may route them before they come
+    /// back, so it is recovered again then).
+    fn process_revoke_partitions(&mut self, revoked_partitions: &[i32]) {
         for partition in revoked_partitions {
-            state_by_partition.remove(&partition);
+            self.state_by_partition.remove(partition);
         }
-        if batch.is_empty() {
-            continue;
+    }
+
+    /// Compiles the store's current config snapshot for routing, unless that one already is.
+    fn compile_config(&mut self) {
+        let snapshot_now = self.config_store.snapshot();
+        if self.compiled_opt.as_ref().is_none_or(|(source, _)| !Arc::ptr_eq(source, &snapshot_now)) {
+            self.compiled_opt = Some((snapshot_now.clone(), RouterConfig::new(snapshot_now)));
         }
-        // The config is compiled for routing once per change, not per decision.
-        let snapshot_now = config.snapshot();
-        if compiled.as_ref().is_none_or(|(source, _)| !std::sync::Arc::ptr_eq(source, &snapshot_now)) {
-            compiled = Some((snapshot_now.clone(), RouterConfig::new(snapshot_now)));
-        }
-        let router_config = &compiled.as_ref().expect("compiled above").1;
-        producer.begin_transaction().map_err(classify)?;
+    }
+
+    /// Routes the polled batch in one transaction, with the consumed offsets, and commits it.
+    fn route_batch(&mut self, poll_started: Instant) -> Result<(), TransactionFailure> {
+        let route_started = Instant::now();
+        let (settings, output) = (self.settings, self.output);
+        self.compile_config();
+        output.producer.begin_transaction().map_err(classify)?;
         // Next offset per partition, turned into the offsets list once per batch (adding to
         // a TopicPartitionList per record is a linear search in librdkafka: quadratic).
         let mut next_offset_by_partition: HashMap<i32, i64> = HashMap::new();
@@ -368,30 +387,25 @@ fn route_until_failure<'consumer>(
         let mut dead_lettered = 0u64;
         let mut snapshotted: Vec<i32> = Vec::new();
         let load_started = Instant::now();
-        recover_missing_states(settings, &batch, &mut state_by_partition, metrics)
+        recovery::recover_missing_states(settings, &self.batch, &mut self.state_by_partition, self.metrics)
             .map_err(TransactionFailure::AbortAndRewind)?;
         let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
-        let record_count = batch.len();
+        let router_config = &self.compiled_opt.as_ref().expect("compiled above").1;
+        let record_count = self.batch.len();
         // Each record is released to librdkafka right after it is routed (drain), which lets
         // the allocator reuse its memory (and its parsed headers') for the next one.
-        for record in batch.drain(..) {
+        for record in self.batch.drain(..) {
             let partition = record.partition();
-            let partition_state = state_by_partition.get_mut(&partition).expect("state recovered before the batch");
+            let partition_state =
+                self.state_by_partition.get_mut(&partition).expect("state recovered before the batch");
             // The snapshot holds the state before this batch's first record of the partition:
             // exactly what the committed output below the current end describes.
             if !snapshotted.contains(&partition) && snapshot_due(settings, partition_state) {
-                write_snapshot(settings, producer, partition, record.offset(), partition_state)?;
+                output.write_snapshot(partition, record.offset(), partition_state)?;
                 snapshotted.push(partition);
             }
             partition_state.records_since_snapshot += 1;
-            match route_record(
-                settings,
-                producer,
-                &mut partition_state.state,
-                router_config,
-                &record,
-                &mut encode_buffer,
-            )? {
+            match route_record(output, &mut partition_state.state, router_config, &record, &mut self.encode_buffer)? {
                 Routed::Events(count) => produced += count,
                 Routed::DeadLettered => dead_lettered += 1,
             }
@@ -403,14 +417,17 @@ fn route_until_failure<'consumer>(
                 .add_partition_offset(&settings.topics.inbound, *partition, Offset::Offset(*next_offset))
                 .map_err(|error| TransactionFailure::Fatal(error.into()))?;
         }
-        let group_metadata =
-            consumer.group_metadata().context("consumer has no group metadata").map_err(TransactionFailure::Fatal)?;
+        let group_metadata = self
+            .consumer
+            .group_metadata()
+            .context("consumer has no group metadata")
+            .map_err(TransactionFailure::Fatal)?;
         let offsets_started = Instant::now();
-        producer.send_offsets_to_transaction(&next_offsets, &group_metadata, KAFKA_TIMEOUT).map_err(classify)?;
+        output.producer.send_offsets_to_transaction(&next_offsets, &group_metadata, KAFKA_TIMEOUT).map_err(classify)?;
         let acks_started = Instant::now();
-        await_deliveries(producer, KAFKA_TIMEOUT)?;
+        await_deliveries(output.producer, KAFKA_TIMEOUT)?;
         let commit_started = Instant::now();
-        commit_with_retries(producer)?;
+        commit_with_retries(output.producer)?;
         tracing::debug!(
             records = record_count,
             produced,
@@ -422,22 +439,22 @@ fn route_until_failure<'consumer>(
             load_ms,
             "batch committed"
         );
-        stats.record(record_count, produced);
-        *committed_batches += 1;
+        self.throughput.record(record_count, produced);
+        self.committed_batches += 1;
         let figures = BatchFigures {
             inputs: record_count as u64,
             events: produced as u64,
             dead_lettered,
             snapshots: snapshotted.len() as u64,
         };
-        metrics.batch_committed(&figures, poll_started.elapsed());
+        self.metrics.batch_committed(&figures, poll_started.elapsed());
         for partition in next_offset_by_partition.keys() {
-            if let Some(partition_state) = state_by_partition.get(partition) {
-                metrics.record_open_conversations(*partition, partition_state.state.conversations.len());
+            if let Some(partition_state) = self.state_by_partition.get(partition) {
+                self.metrics.record_open_conversations(*partition, partition_state.state.conversations.len());
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 fn snapshot_due(settings: &RouterSettings, partition_state: &PartitionState) -> bool {
@@ -446,87 +463,147 @@ fn snapshot_due(settings: &RouterSettings, partition_state: &PartitionState) -> 
             && partition_state.last_snapshot_at.elapsed() >= settings.snapshot_every)
 }
 
-/// Writes the partition's state as chunks plus a manifest to the snapshot topic, inside the
-/// open transaction: if the batch aborts, so does the snapshot.
-fn write_snapshot(
-    settings: &RouterSettings,
-    producer: &BaseProducer,
-    partition: i32,
-    input_next_offset: i64,
-    partition_state: &mut PartitionState,
-) -> Result<(), TransactionFailure> {
-    let started = Instant::now();
-    // Everything committed so far in the output partition is below its high watermark; this
-    // instance is the partition's only writer and its earlier transactions are committed.
-    let (_, output_next_offset) = producer
-        .client()
-        .fetch_watermarks(&settings.topics.conversations, partition, KAFKA_TIMEOUT)
-        .context("failed to read the output partition's end for a snapshot")
-        .map_err(TransactionFailure::AbortAndRewind)?;
-    let bytes = snapshot::encode_state(&partition_state.state);
-    let chunks = snapshot::split_into_chunks(&bytes);
-    let topic = settings.snapshot_topic();
-    let no_headers = OwnedHeaders::new;
-    for (index, chunk) in chunks.iter().enumerate() {
-        let value = snapshot::chunk_value(input_next_offset, index as u32, chunk);
-        send_with_backpressure(
-            producer,
-            &topic,
-            partition,
-            snapshot::chunk_key(index as u32).as_bytes(),
-            &value,
-            no_headers(),
-        )?;
-    }
-    let chunk_count = chunks.len() as u32;
-    let stale_chunks = partition_state.last_chunk_count.saturating_sub(chunk_count);
-    for index in chunk_count..partition_state.last_chunk_count {
-        send_tombstone(producer, &topic, partition, snapshot::chunk_key(index).as_bytes())?;
-    }
-    let manifest = Manifest {
-        input_next_offset,
-        output_next_offset,
-        chunk_count,
-        records_before_manifest: chunk_count + stale_chunks,
-        state_bytes: bytes.len() as u64,
-    };
-    send_with_backpressure(
-        producer,
-        &topic,
-        partition,
-        snapshot::MANIFEST_KEY.as_bytes(),
-        &manifest.encode(),
-        no_headers(),
-    )?;
-    partition_state.last_chunk_count = chunk_count;
-    partition_state.records_since_snapshot = 0;
-    partition_state.last_snapshot_at = Instant::now();
-    info!(
-        partition,
-        input_next_offset,
-        output_next_offset,
-        chunk_count,
-        state_bytes = bytes.len(),
-        conversations = partition_state.state.conversations.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "router state snapshot written"
-    );
-    Ok(())
+/// Where the router writes inside the open transaction: decided events (conversations topic),
+/// dead letters and state snapshots.
+#[derive(Clone, Copy)]
+struct Output<'run> {
+    settings: &'run RouterSettings,
+    producer: &'run BaseProducer,
 }
 
-fn send_tombstone(producer: &BaseProducer, topic: &str, partition: i32, key: &[u8]) -> Result<(), TransactionFailure> {
-    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(partition).key(key);
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                producer.poll(Duration::from_millis(10));
-                record = returned;
-            }
-            Err((error, _)) => {
-                return Err(TransactionFailure::AbortAndRewind(
-                    anyhow::Error::new(error).context("failed to enqueue tombstone"),
-                ));
+impl Output<'_> {
+    /// Writes the partition's state as chunks plus a manifest to the snapshot topic, inside the
+    /// open transaction: if the batch aborts, so does the snapshot.
+    fn write_snapshot(
+        &self,
+        partition: i32,
+        input_next_offset: i64,
+        partition_state: &mut PartitionState,
+    ) -> Result<(), TransactionFailure> {
+        let started = Instant::now();
+        // Everything committed so far in the output partition is below its high watermark; this
+        // instance is the partition's only writer and its earlier transactions are committed.
+        let (_, output_next_offset) = self
+            .producer
+            .client()
+            .fetch_watermarks(&self.settings.topics.conversations, partition, KAFKA_TIMEOUT)
+            .context("failed to read the output partition's end for a snapshot")
+            .map_err(TransactionFailure::AbortAndRewind)?;
+        let bytes = snapshot::encode_state(&partition_state.state);
+        let chunks = snapshot::split_into_chunks(&bytes);
+        let topic = self.settings.snapshot_topic();
+        let no_headers = OwnedHeaders::new;
+        for (index, chunk) in chunks.iter().enumerate() {
+            let value = snapshot::chunk_value(input_next_offset, index as u32, chunk);
+            let key = snapshot::chunk_key(index as u32);
+            self.send_with_backpressure(&topic, partition, key.as_bytes(), Some(&value), no_headers())?;
+        }
+        let chunk_count = chunks.len() as u32;
+        let stale_chunks = partition_state.last_chunk_count.saturating_sub(chunk_count);
+        for index in chunk_count..partition_state.last_chunk_count {
+            // A tombstone: compaction forgets the chunk of a larger earlier snapshot.
+            let key = snapshot::chunk_key(index);
+            self.send_with_backpressure(&topic, partition, key.as_bytes(), None, no_headers())?;
+        }
+        let manifest = Manifest {
+            input_next_offset,
+            output_next_offset,
+            chunk_count,
+            records_before_manifest: chunk_count + stale_chunks,
+            state_bytes: bytes.len() as u64,
+        };
+        let manifest_key = snapshot::MANIFEST_KEY.as_bytes();
+        self.send_with_backpressure(&topic, partition, manifest_key, Some(&manifest.encode()), no_headers())?;
+        partition_state.last_chunk_count = chunk_count;
+        partition_state.records_since_snapshot = 0;
+        partition_state.last_snapshot_at = Instant::now();
+        info!(
+            partition,
+            input_next_offset,
+            output_next_offset,
+            chunk_count,
+            state_bytes = bytes.len(),
+            conversations = partition_state.state.conversations.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "router state snapshot written"
+        );
+        Ok(())
+    }
+
+    /// One decided event, to the output partition of its cause's partition.
+    fn produce(
+        &self,
+        partition: i32,
+        event: &Envelope,
+        trace_headers: &TraceContextHeaders,
+        encode_buffer: &mut Vec<u8>,
+    ) -> Result<(), TransactionFailure> {
+        // librdkafka copies the payload on send, so one buffer serves every output.
+        encode_buffer.clear();
+        envelope::encode_into(event, encode_buffer);
+        let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
+        let headers =
+            trace_headers.to_kafka_headers(1).insert(Header { key: header::EVENT_TYPE, value: Some(event_type) });
+        let topic = &self.settings.topics.conversations;
+        self.send_with_backpressure(topic, partition, event.partition_key.as_bytes(), Some(encode_buffer), headers)
+    }
+
+    /// A record that cannot be routed goes to the dead-letter topic, in the same transaction,
+    /// with its original key, bytes and headers plus the reason. The router keeps going.
+    fn dead_letter(
+        &self,
+        record: &BorrowedMessage<'_>,
+        span: &tracing::Span,
+        reason: &str,
+    ) -> Result<(), TransactionFailure> {
+        span.in_scope(|| {
+            warn!(reason, partition = record.partition(), offset = record.offset(), "dead-lettering inbound record");
+        });
+        let source = format!("{}/{}/{}", record.topic(), record.partition(), record.offset());
+        let headers = kafka::copy_headers(
+            record.headers(),
+            &[(header::DEADLETTER_REASON, reason), (header::DEADLETTER_SOURCE, &source)],
+        );
+        let topics = &self.settings.topics;
+        let partition = record.partition() % topics.declared_partitions(&topics.deadletter).unwrap_or(1).max(1);
+        let payload = record.payload().unwrap_or_default();
+        self.send_with_backpressure(
+            &topics.deadletter,
+            partition,
+            record.key().unwrap_or_default(),
+            Some(payload),
+            headers,
+        )
+    }
+
+    /// Enqueues one record (`payload_opt` `None`: a tombstone). When librdkafka's queue is full,
+    /// delivery reports are served to make room and the send is retried.
+    fn send_with_backpressure(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        payload_opt: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<(), TransactionFailure> {
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(topic).partition(partition).key(key).headers(headers);
+        if let Some(payload) = payload_opt {
+            record = record.payload(payload);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    self.producer.poll(Duration::from_millis(10));
+                    record = returned;
+                }
+                Err((error, _)) => {
+                    let what = if payload_opt.is_some() { "record" } else { "tombstone" };
+                    return Err(TransactionFailure::AbortAndRewind(
+                        anyhow::Error::new(error).context(format!("failed to enqueue {what}")),
+                    ));
+                }
             }
         }
     }
@@ -542,8 +619,7 @@ enum Routed {
 
 /// Routes one record: decide, evolve, produce.
 fn route_record(
-    settings: &RouterSettings,
-    producer: &BaseProducer,
+    output: Output<'_>,
     state: &mut RouterState,
     config: &RouterConfig,
     record: &BorrowedMessage<'_>,
@@ -559,107 +635,36 @@ fn route_record(
     let input = match envelope::decode(record.payload()) {
         Ok(input) => input,
         Err(error) => {
-            return dead_letter(settings, producer, record, &span, &error.to_string()).map(|()| Routed::DeadLettered);
+            return output.dead_letter(record, &span, &error.to_string()).map(|()| Routed::DeadLettered);
         }
     };
     span.record("event_id", input.event_id.as_str());
-    core::align_state(state, config);
-    let decided = match core::decide(state, config, input) {
+    decide::align_state(state, config);
+    let decided = match decide::decide(state, config, input) {
         Ok(decided) => decided,
         Err(rejection) => {
-            return dead_letter(settings, producer, record, &span, &rejection.to_string())
-                .map(|()| Routed::DeadLettered);
+            return output.dead_letter(record, &span, &rejection.to_string()).map(|()| Routed::DeadLettered);
         }
     };
     if decided.is_empty() {
         return Ok(Routed::Events(0));
     }
     // B6: every decision says where its cause was read (topic without the environment prefix).
-    let source_topic = record.topic().strip_prefix(settings.topics.prefix.as_str()).unwrap_or(record.topic());
+    let prefix = output.settings.topics.prefix.as_str();
+    let source_topic = record.topic().strip_prefix(prefix).unwrap_or(record.topic());
     // Every output of this input carries the route span's trace context: computed once.
     let trace_headers = TraceContextHeaders::of(&span);
     let count = decided.len();
     for mut event in decided {
-        core::evolve(state, &event);
+        decide::evolve(state, &event);
         event.source_position = Some(KafkaPosition {
             topic: source_topic.to_owned(),
             partition: record.partition(),
             offset: record.offset(),
         });
-        produce(producer, &settings.topics.conversations, record.partition(), &event, &trace_headers, encode_buffer)?;
+        output.produce(record.partition(), &event, &trace_headers, encode_buffer)?;
     }
     Ok(Routed::Events(count))
-}
-
-fn produce(
-    producer: &BaseProducer,
-    topic: &str,
-    partition: i32,
-    event: &Envelope,
-    trace_headers: &TraceContextHeaders,
-    encode_buffer: &mut Vec<u8>,
-) -> Result<(), TransactionFailure> {
-    // librdkafka copies the payload on send, so one buffer serves every output.
-    encode_buffer.clear();
-    envelope::encode_into(event, encode_buffer);
-    let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
-    let headers = trace_headers.to_kafka_headers(1).insert(Header { key: header::EVENT_TYPE, value: Some(event_type) });
-    send_with_backpressure(producer, topic, partition, event.partition_key.as_bytes(), encode_buffer, headers)
-}
-
-/// A record that cannot be routed goes to the dead-letter topic, in the same transaction, with
-/// its original key, bytes and headers plus the reason. The router keeps going.
-fn dead_letter(
-    settings: &RouterSettings,
-    producer: &BaseProducer,
-    record: &BorrowedMessage<'_>,
-    span: &tracing::Span,
-    reason: &str,
-) -> Result<(), TransactionFailure> {
-    span.in_scope(|| {
-        warn!(reason, partition = record.partition(), offset = record.offset(), "dead-lettering inbound record");
-    });
-    let source = format!("{}/{}/{}", record.topic(), record.partition(), record.offset());
-    let headers = kafka::copy_headers(
-        record.headers(),
-        &[(header::DEADLETTER_REASON, reason), (header::DEADLETTER_SOURCE, &source)],
-    );
-    let partition =
-        record.partition() % settings.topics.declared_partitions(&settings.topics.deadletter).unwrap_or(1).max(1);
-    send_with_backpressure(
-        producer,
-        &settings.topics.deadletter,
-        partition,
-        record.key().unwrap_or_default(),
-        record.payload().unwrap_or_default(),
-        headers,
-    )
-}
-
-fn send_with_backpressure(
-    producer: &BaseProducer,
-    topic: &str,
-    partition: i32,
-    key: &[u8],
-    payload: &[u8],
-    headers: OwnedHeaders,
-) -> Result<(), TransactionFailure> {
-    let mut record = BaseRecord::to(topic).partition(partition).key(key).payload(payload).headers(headers);
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                // librdkafka's queue is full: serve delivery reports to make room, then retry.
-                producer.poll(Duration::from_millis(10));
-                record = returned;
-            }
-            Err((error, _)) => {
-                return Err(TransactionFailure::AbortAndRewind(
-                    anyhow::Error::new(error).context("failed to enqueue record"),
-                ));
-            }
-        }
-    }
 }
 
 /// Waits until every record produced so far is acknowledged, in 1 ms steps.
@@ -692,7 +697,7 @@ fn await_deliveries(producer: &BaseProducer, timeout: Duration) -> Result<(), Tr
 /// and rust-rdkafka delivers reports as events that only this thread's `poll` serves: its
 /// `commit_transaction` flushes first, its `abort_transaction` does not. So an abort with records
 /// still queued (a failure in the middle of a batch: a send refused, the offsets refused after a
-/// rebalance) used to block for its whole timeout and then fail, stopping the router. The abort
+/// rebalance) would block for its whole timeout and then fail, stopping the router. The abort
 /// is resumable: each attempt waits one step, the reports are served, and the next attempt
 /// carries on where the last one stopped.
 fn abort_transaction(producer: &BaseProducer, timeout: Duration) -> KafkaResult<()> {
@@ -714,18 +719,19 @@ fn abort_transaction(producer: &BaseProducer, timeout: Duration) -> KafkaResult<
     }
 }
 
+/// Commits the open transaction, retrying a retriable failure at once, up to 5 times.
 fn commit_with_retries(producer: &BaseProducer) -> Result<(), TransactionFailure> {
-    let mut attempts = 0;
-    loop {
-        match producer.commit_transaction(KAFKA_TIMEOUT) {
-            Ok(()) => return Ok(()),
-            Err(KafkaError::Transaction(error)) if error.is_retriable() && attempts < 5 => {
-                attempts += 1;
-                warn!(%error, attempts, "retrying transaction commit");
-            }
-            Err(error) => return Err(classify(error)),
-        }
-    }
+    use backon::BlockingRetryable;
+    let mut attempts = 0u32;
+    (|| producer.commit_transaction(KAFKA_TIMEOUT))
+        .retry(backon::ConstantBuilder::new().with_delay(Duration::ZERO).with_max_times(5))
+        .when(|error| matches!(error, KafkaError::Transaction(transaction_error) if transaction_error.is_retriable()))
+        .notify(|error, _| {
+            attempts += 1;
+            warn!(%error, attempts, "retrying transaction commit");
+        })
+        .call()
+        .map_err(classify)
 }
 
 /// Classifies a transactional API error (rust-rdkafka's retriable / abort / fatal split).
@@ -795,7 +801,7 @@ fn poll_batch<'consumer>(
 ///
 /// The router's group uses cooperative assignment (`cooperative-sticky`): only the partitions
 /// that move are revoked, and the rest of the batch stays valid. (Under eager assignment a
-/// rebalance revoked every partition, which emptied the batch.)
+/// rebalance revokes every partition and empties the batch.)
 fn drop_records_of_revoked_partitions<Record>(
     batch: &mut Vec<Record>,
     revoked_partitions: &[i32],
@@ -804,286 +810,6 @@ fn drop_records_of_revoked_partitions<Record>(
     let before = batch.len();
     batch.retain(|record| !revoked_partitions.contains(&partition_of(record)));
     before - batch.len()
-}
-
-/// At most this many partitions are recovered at once (each recovery has its own reader).
-const MAX_PARALLEL_RECOVERIES: usize = 16;
-
-/// Makes sure every partition of `batch` has its routing state, recovering the missing ones in
-/// parallel (a recovery mostly waits on the broker).
-///
-/// Only partitions with a record in the batch: the consumer hands out a partition's records
-/// only once its committed offset is stable (`read_committed` fetches it with require_stable),
-/// that is once a previous owner's transaction covering it has completed, so the output that
-/// recovery folds includes that transaction. Recovering other assigned partitions earlier could
-/// miss it.
-fn recover_missing_states(
-    settings: &RouterSettings,
-    batch: &[BorrowedMessage<'_>],
-    state_by_partition: &mut HashMap<i32, PartitionState>,
-    metrics: &RouterMetrics,
-) -> anyhow::Result<()> {
-    let mut missing: Vec<i32> = batch
-        .iter()
-        .map(|record| record.partition())
-        .filter(|partition| !state_by_partition.contains_key(partition))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    missing.sort_unstable();
-    missing.dedup();
-    for wave in missing.chunks(MAX_PARALLEL_RECOVERIES) {
-        let started = Instant::now();
-        let recovered: Vec<(i32, anyhow::Result<PartitionState>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = wave
-                .iter()
-                .map(|&partition| {
-                    let handle = std::thread::Builder::new()
-                        .name(format!("router-recover-{partition}"))
-                        .spawn_scoped(scope, move || load_partition_state(settings, partition));
-                    (partition, handle)
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|(partition, handle)| {
-                    let result = match handle {
-                        Ok(handle) => handle
-                            .join()
-                            .unwrap_or_else(|_| Err(anyhow::anyhow!("recovery of partition {partition} panicked"))),
-                        Err(error) => Err(anyhow::Error::new(error).context("failed to start a recovery thread")),
-                    };
-                    (partition, result)
-                })
-                .collect()
-        });
-        for (partition, result) in recovered {
-            let partition_state =
-                result.with_context(|| format!("failed to recover the routing state of partition {partition}"))?;
-            metrics.record_open_conversations(partition, partition_state.state.conversations.len());
-            state_by_partition.insert(partition, partition_state);
-        }
-        metrics.partitions_recovered(wave.len(), started.elapsed());
-    }
-    Ok(())
-}
-
-/// How a partition's state was recovered (logged, and reported by the restart benchmark).
-#[derive(Debug, Clone, Default)]
-pub struct RecoveryStats {
-    pub snapshot_bytes: u64,
-    pub snapshot_read: Duration,
-    pub tail_events: u64,
-    pub total: Duration,
-}
-
-/// Recovers one partition's routing state: the latest snapshot (if any), then the router's own
-/// committed output written after it, folded with `evolve` (nothing is re-decided).
-pub fn load_partition_state(settings: &RouterSettings, partition: i32) -> anyhow::Result<PartitionState> {
-    let (state, stats, last_chunk_count) = recover_partition_state(settings, partition, RecoverFrom::LatestSnapshot)?;
-    info!(
-        partition,
-        snapshot_bytes = stats.snapshot_bytes,
-        snapshot_read_ms = stats.snapshot_read.as_millis() as u64,
-        tail_events = stats.tail_events,
-        elapsed_ms = stats.total.as_millis() as u64,
-        "router partition state recovered"
-    );
-    Ok(PartitionState { state, records_since_snapshot: 0, last_snapshot_at: Instant::now(), last_chunk_count })
-}
-
-/// Where recovery starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecoverFrom {
-    /// The latest snapshot plus the output written after it (what the router does).
-    LatestSnapshot,
-    /// The whole output partition (the fallback; the restart benchmark compares both).
-    Beginning,
-}
-
-/// The recovery itself, without bookkeeping: (state, stats, chunk count of the snapshot used).
-pub fn recover_partition_state(
-    settings: &RouterSettings,
-    partition: i32,
-    from: RecoverFrom,
-) -> anyhow::Result<(RouterState, RecoveryStats, u32)> {
-    let started = Instant::now();
-    // (The reader keeps its group id: librdkafka's assign() fails with "Unknown group" without
-    // one. Dropping it costs rust-rdkafka's group close, polled in 100 ms steps; recoveries run in
-    // parallel, so that is paid once per wave.)
-    let reader: BaseConsumer<kafka::ReaderContext> =
-        kafka::reader_config(&settings.brokers, &format!("router-{}-state", settings.instance_id))
-            .create_with_context(kafka::ReaderContext)
-            .context("failed to create state reader")?;
-    let mut stats = RecoveryStats::default();
-    let latest_opt = match from {
-        RecoverFrom::LatestSnapshot => read_latest_snapshot(settings, &reader, partition),
-        RecoverFrom::Beginning => Ok(None),
-    };
-    let (mut state, tail_from, skip_inputs_below, chunk_count) = match latest_opt {
-        Ok(Some((manifest, bytes))) => match snapshot::decode_state(&bytes) {
-            Ok(state) => {
-                stats.snapshot_bytes = bytes.len() as u64;
-                (state, Offset::Offset(manifest.output_next_offset), manifest.input_next_offset, manifest.chunk_count)
-            }
-            Err(error) => {
-                warn!(%error, partition, "undecodable router snapshot; rebuilding from the whole output");
-                (RouterState::default(), Offset::Beginning, 0, manifest.chunk_count)
-            }
-        },
-        Ok(None) => (RouterState::default(), Offset::Beginning, 0, 0),
-        Err(error) => {
-            warn!(
-                error = format!("{error:#}"),
-                partition, "cannot read router snapshot; rebuilding from the whole output"
-            );
-            (RouterState::default(), Offset::Beginning, 0, 0)
-        }
-    };
-    stats.snapshot_read = started.elapsed();
-
-    // The output partition's bounds. Asking for them also gives the reader the topic's
-    // metadata, so the assignment below fetches at once: a logical offset (`Beginning`) assigned
-    // before the reader knows the partition's leader waits for librdkafka's 500 ms offset-query
-    // retry. With nothing after the start there is nothing to read (no wait for an EOF).
-    let (output_low, output_high) = reader
-        .fetch_watermarks(&settings.topics.conversations, partition, KAFKA_TIMEOUT)
-        .context("failed to read the output partition's bounds")?;
-    let tail_start = match tail_from {
-        Offset::Offset(offset) => offset.max(output_low),
-        _ => output_low,
-    };
-    if tail_start < output_high {
-        fold_output_tail(settings, &reader, partition, tail_start, skip_inputs_below, &mut state, &mut stats)?;
-    }
-    stats.total = started.elapsed();
-    Ok((state, stats, chunk_count))
-}
-
-/// Folds the router's committed output of `partition` from `start` to its end into `state`.
-fn fold_output_tail(
-    settings: &RouterSettings,
-    reader: &BaseConsumer<kafka::ReaderContext>,
-    partition: i32,
-    start: i64,
-    skip_inputs_below: i64,
-    state: &mut RouterState,
-    stats: &mut RecoveryStats,
-) -> anyhow::Result<()> {
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(&settings.topics.conversations, partition, Offset::Offset(start))?;
-    reader.assign(&assignment).context("failed to assign state partition")?;
-    loop {
-        match reader.poll(KAFKA_TIMEOUT) {
-            Some(Ok(record)) => match envelope::decode(record.payload()) {
-                Ok(event) => {
-                    // Belt and braces: an event caused by an input the snapshot already covers
-                    // is never applied twice, whatever the output offset said.
-                    let covered = event
-                        .source_position
-                        .as_ref()
-                        .is_some_and(|source| source.partition == partition && source.offset < skip_inputs_below);
-                    if !covered {
-                        core::evolve(state, &event);
-                        stats.tail_events += 1;
-                    }
-                }
-                Err(error) => warn!(%error, offset = record.offset(), "skipping undecodable router output record"),
-            },
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
-            Some(Err(error)) => warn!(%error, "state reader error (librdkafka retries)"),
-            None => anyhow::bail!("timed out rebuilding router state of partition {partition}"),
-        }
-    }
-}
-
-/// A record of the snapshot topic as the reader needs it.
-struct SnapshotRecord {
-    offset: i64,
-    key: Vec<u8>,
-    value_opt: Option<Vec<u8>>,
-}
-
-/// Reads committed records of one partition from `start` to its end.
-fn read_to_end(
-    reader: &BaseConsumer<kafka::ReaderContext>,
-    topic: &str,
-    partition: i32,
-    start: i64,
-    mut keep: impl FnMut(&SnapshotRecord) -> bool,
-) -> anyhow::Result<Vec<SnapshotRecord>> {
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
-    reader.assign(&assignment).context("failed to assign snapshot partition")?;
-    let mut records = Vec::new();
-    loop {
-        match reader.poll(KAFKA_TIMEOUT) {
-            Some(Ok(record)) => {
-                let record = SnapshotRecord {
-                    offset: record.offset(),
-                    key: record.key().unwrap_or_default().to_vec(),
-                    value_opt: record.payload().map(<[u8]>::to_vec),
-                };
-                if keep(&record) {
-                    records.push(record);
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
-            Some(Err(error)) => warn!(%error, "snapshot reader error (librdkafka retries)"),
-            None => anyhow::bail!("timed out reading the snapshot topic"),
-        }
-    }
-}
-
-/// Finds the newest committed manifest near the end of the partition's snapshot topic (looking
-/// further back only if needed), then reads just the chunks written before it.
-fn read_latest_snapshot(
-    settings: &RouterSettings,
-    reader: &BaseConsumer<kafka::ReaderContext>,
-    partition: i32,
-) -> anyhow::Result<Option<(Manifest, Vec<u8>)>> {
-    let topic = settings.snapshot_topic();
-    let (low, high) =
-        reader.fetch_watermarks(&topic, partition, KAFKA_TIMEOUT).context("failed to read snapshot watermarks")?;
-    if high <= low {
-        return Ok(None);
-    }
-    let mut window = 64i64;
-    let (manifest_offset, manifest) = loop {
-        let start = (high - window).max(low);
-        let manifests = read_to_end(reader, &topic, partition, start, |record| {
-            record.key == snapshot::MANIFEST_KEY.as_bytes() && record.value_opt.is_some()
-        })?;
-        if let Some(record) = manifests.last() {
-            let manifest = Manifest::decode(record.value_opt.as_deref().unwrap_or_default())
-                .context("undecodable snapshot manifest")?;
-            break (record.offset, manifest);
-        }
-        if start == low {
-            return Ok(None);
-        }
-        window *= 8;
-    };
-    let chunks_start = (manifest_offset - manifest.records_before_manifest as i64).max(low);
-    let mut chunks: Vec<Option<Vec<u8>>> = vec![None; manifest.chunk_count as usize];
-    for record in read_to_end(reader, &topic, partition, chunks_start, |record| {
-        record.offset < manifest_offset && record.key.starts_with(b"chunk/")
-    })? {
-        let Some(value) = &record.value_opt else { continue };
-        let (input_next_offset, index, bytes) = snapshot::parse_chunk(value)?;
-        if input_next_offset == manifest.input_next_offset
-            && let Some(slot) = chunks.get_mut(index as usize)
-        {
-            *slot = Some(bytes.to_vec());
-        }
-    }
-    let mut bytes = Vec::with_capacity(manifest.state_bytes as usize);
-    for (index, chunk) in chunks.into_iter().enumerate() {
-        let chunk = chunk.with_context(|| format!("snapshot chunk {index} of {} is missing", manifest.chunk_count))?;
-        bytes.extend_from_slice(&chunk);
-    }
-    Ok(Some((manifest, bytes)))
 }
 
 /// Logs routed throughput every 10 seconds.
@@ -1119,17 +845,21 @@ impl Throughput {
 mod tests {
     use std::time::Duration;
 
-    use super::{abort_backoff, drop_records_of_revoked_partitions};
+    use super::{AbortBackoff, drop_records_of_revoked_partitions};
 
     #[test]
     fn a_repeated_abort_is_retried_after_growing_pauses_a_one_off_at_once() {
-        let pauses: Vec<Duration> = (1..=9).map(abort_backoff).collect();
+        let mut backoff = AbortBackoff::new();
+        let pauses: Vec<Duration> = (1..=9).map(|aborts| backoff.pause_after(aborts)).collect();
         assert_eq!(pauses[0], Duration::ZERO, "a one-off failure is retried at once");
         assert_eq!(pauses[1], Duration::from_millis(100));
         assert_eq!(pauses[2], Duration::from_millis(200));
+        assert_eq!(pauses[6], Duration::from_millis(3200));
         assert!(pauses.windows(2).all(|pair| pair[0] <= pair[1]));
         assert_eq!(pauses[8], Duration::from_secs(5), "never longer than 5 s");
-        assert_eq!(abort_backoff(u32::MAX), Duration::from_secs(5));
+        assert!((10..10_000).all(|aborts| backoff.pause_after(aborts) == Duration::from_secs(5)));
+        assert_eq!(backoff.pause_after(1), Duration::ZERO, "a commit in between starts a new series");
+        assert_eq!(backoff.pause_after(2), Duration::from_millis(100));
     }
 
     /// A polled record as far as batch filtering cares: (partition, offset).

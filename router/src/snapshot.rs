@@ -9,9 +9,11 @@
 use prost::Message;
 use switchboard_proto::events::v1::InboundMessageReceived;
 
+use crate::compact::InlineStr;
+use crate::conversations::ConversationState;
+use crate::ids::{conversation_key, message_key, noncanonical_id};
 use crate::state::{
-    AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, ConversationState, HeldMessage, InlineStr, RouterState,
-    TicketState, conversation_key, message_key, noncanonical_id, start_waiting,
+    AgentSlot, AgentWorkload, CHANNEL_TYPE_SLOTS, ContactState, HeldMessage, RouterState, TicketState, start_waiting,
 };
 
 const MAGIC: &[u8; 4] = b"SBRS";
@@ -118,8 +120,12 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         }
         out.opt_str(conversation.ticket_id_opt.as_deref());
     }
-    out.len(state.contacts.len());
-    for contact in state.contacts.values() {
+    // Hash maps are written in key order: the bytes of a snapshot depend on the state alone,
+    // never on the hasher's iteration order.
+    let mut contacts: Vec<(&u128, &Box<ContactState>)> = state.contacts.iter().collect();
+    contacts.sort_unstable_by_key(|(key, _)| **key);
+    out.len(contacts.len());
+    for (_, contact) in contacts {
         out.str(&contact.account_id);
         out.str(&contact.channel_id);
         out.str(&contact.external_id);
@@ -129,8 +135,10 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.u64(contact.ticket_count as u64);
         out.bool(contact.legacy_id);
     }
-    out.len(state.held_by_contact.len());
-    for (contact_id, held) in &state.held_by_contact {
+    let mut held_by_contact: Vec<(&String, &Vec<HeldMessage>)> = state.held_by_contact.iter().collect();
+    held_by_contact.sort_unstable_by_key(|(contact_id, _)| contact_id.as_str());
+    out.len(held_by_contact.len());
+    for (contact_id, held) in held_by_contact {
         out.str(contact_id);
         out.len(held.len());
         for message in held {
@@ -138,16 +146,24 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
             out.str(&message.source_event_id);
         }
     }
-    out.len(state.tickets.len());
-    for (ticket_id, ticket) in &state.tickets {
+    let mut tickets: Vec<(&String, &TicketState)> = state.tickets.iter().collect();
+    tickets.sort_unstable_by_key(|(ticket_id, _)| ticket_id.as_str());
+    out.len(tickets.len());
+    for (ticket_id, ticket) in tickets {
         out.str(ticket_id);
         out.str(&ticket.conversation_id);
         out.str(&ticket.pipeline);
         out.str(&ticket.stage);
     }
     let agents = &state.agents;
+    // Agents by id, not by slot: slots follow the history of the book, not its content.
+    let mut recorded: Vec<&AgentSlot> = agents.recorded().collect();
+    recorded.sort_unstable_by(|left, right| {
+        (left.account_id.as_bytes(), left.agent_id.as_bytes())
+            .cmp(&(right.account_id.as_bytes(), right.agent_id.as_bytes()))
+    });
     let with_workload: Vec<&AgentSlot> =
-        agents.recorded().filter(|slot| slot.workload != AgentWorkload::default()).collect();
+        recorded.iter().copied().filter(|slot| slot.workload != AgentWorkload::default()).collect();
     out.len(with_workload.len());
     for slot in with_workload {
         let workload = &slot.workload;
@@ -160,7 +176,7 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.opt_u64(workload.last_assigned_at_millis_opt);
     }
     let with_availability: Vec<(&AgentSlot, bool)> =
-        agents.recorded().filter_map(|slot| slot.availability_opt.map(|available| (slot, available))).collect();
+        recorded.iter().filter_map(|slot| slot.availability_opt.map(|available| (*slot, available))).collect();
     out.len(with_availability.len());
     for (slot, available) in with_availability {
         out.str(&slot.account_id);
@@ -168,8 +184,10 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.bool(available);
     }
     // Keyed by the scoped (account, channel) key, written as it is.
-    out.len(agents.last_round_robin_agent_by_channel.len());
-    for (channel_key, agent_id) in &agents.last_round_robin_agent_by_channel {
+    let mut last_round_robin: Vec<(&InlineStr, &InlineStr)> = agents.last_round_robin_agent_by_channel.iter().collect();
+    last_round_robin.sort_unstable_by_key(|(channel_key, _)| channel_key.as_bytes());
+    out.len(last_round_robin.len());
+    for (channel_key, agent_id) in last_round_robin {
         out.str(channel_key);
         out.str(agent_id);
     }
@@ -452,7 +470,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::request_key;
+    use crate::ids::request_key;
 
     #[test]
     fn b4_manifest_and_chunks_round_trip() {

@@ -10,8 +10,13 @@ use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{Envelope, InboundMessageReceived, WithheldReason};
 use switchboard_runtime::envelope::{ACCOUNT_SCOPED_IDS, recorded_at_millis};
 
-use crate::conversations::OpenConversations;
+use crate::compact::InlineStr;
+use crate::conversations::{ConversationState, OpenConversations};
 use crate::fast_hash::{FastMap, FastSet};
+use crate::ids::{
+    contact_uuid_for, conversation_key, conversation_key_and_noncanonical_id, legacy_contact_uuid_for, message_key,
+    request_key,
+};
 
 /// Message ids remembered after their conversation closed (B1): retries of a provider message
 /// arrive within minutes to hours of the original, and a partition routes far fewer than this
@@ -22,216 +27,8 @@ pub const RECENT_REQUEST_WINDOW: usize = 100_000;
 /// Channel types are a small closed enum (`ChannelType`); per-type counters are an array.
 pub const CHANNEL_TYPE_SLOTS: usize = 8;
 
-/// A message id as a 128-bit key: Switchboard message ids are UUIDs (UUIDv5, see
-/// `runtime::ids`); anything else is hashed with SHA-256 (truncated), still collision-free in
-/// practice and deterministic.
-pub fn message_key(message_id: &str) -> u128 {
-    if let Some(key) = canonical_uuid(message_id) {
-        return key;
-    }
-    match uuid::Uuid::try_parse(message_id) {
-        Ok(uuid) => uuid.as_u128(),
-        Err(_) => {
-            use sha2::Digest;
-            let digest = sha2::Sha256::digest(message_id.as_bytes());
-            u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
-        }
-    }
-}
-
-/// Hex digit values by byte; `INVALID_HEX` for anything that is not `0-9` or `a-f`.
-const HEX_VALUES: [u8; 256] = {
-    let mut values = [INVALID_HEX; 256];
-    let mut digit = 0;
-    while digit < 10 {
-        values[b'0' as usize + digit] = digit as u8;
-        digit += 1;
-    }
-    let mut letter = 0;
-    while letter < 6 {
-        values[b'a' as usize + letter] = 10 + letter as u8;
-        letter += 1;
-    }
-    values
-};
-const INVALID_HEX: u8 = 0xff;
-
-/// The UUID of an id in canonical text form (36 characters, lowercase hex, hyphens at 8, 13,
-/// 18 and 23), which is how Switchboard writes every id; `None` for any other text.
-///
-/// Every event carries ids as text and `evolve` keys them as numbers, several per event: a
-/// direct parse of the one form in use is several times cheaper than a general UUID parser.
-pub fn canonical_uuid(id: &str) -> Option<u128> {
-    /// Where the 32 hex digits are in `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
-    const DIGIT_POSITIONS: [usize; 32] = [
-        0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 19, 20, 21, 22, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33,
-        34, 35,
-    ];
-    let bytes: &[u8; 36] = id.as_bytes().try_into().ok()?;
-    if bytes[8] != b'-' || bytes[13] != b'-' || bytes[18] != b'-' || bytes[23] != b'-' {
-        return None;
-    }
-    // Two 64-bit halves built side by side: independent chains of cheap shifts, where one
-    // 128-bit accumulator would serialise 32 multi-instruction shifts.
-    let (mut high, mut low, mut invalid) = (0u64, 0u64, 0u8);
-    for index in 0..16 {
-        let high_digit = HEX_VALUES[bytes[DIGIT_POSITIONS[index]] as usize];
-        let low_digit = HEX_VALUES[bytes[DIGIT_POSITIONS[index + 16]] as usize];
-        invalid |= high_digit | low_digit;
-        high = (high << 4) | u64::from(high_digit & 0x0f);
-        low = (low << 4) | u64::from(low_digit & 0x0f);
-    }
-    // A valid digit is at most 0x0f, so any invalid byte sets the high bits.
-    (invalid & 0xf0 == 0).then_some((u128::from(high) << 64) | u128::from(low))
-}
-
-/// A command's request id as a 128-bit key, made like a message id's ([`message_key`]): the
-/// idempotency window holds 100,000 of them and is asked by every command, so numbers rather
-/// than heap strings.
-pub fn request_key(request_id: &str) -> u128 {
-    message_key(request_id)
-}
-
 pub fn channel_type_slot(channel_type: i32) -> usize {
     (channel_type.max(0) as usize).min(CHANNEL_TYPE_SLOTS - 1)
-}
-
-/// A conversation id as a map key: router-made conversation ids are UUIDs, so the key is the
-/// UUID itself (anything else is hashed like a message id, see [`message_key`]). A 16-byte key
-/// stored in the table makes the lookups of every follow-up compare in place instead of
-/// chasing a heap string (docs/router.md, "state layout").
-pub fn conversation_key(conversation_id: &str) -> u128 {
-    message_key(conversation_id)
-}
-
-/// What [`ConversationState::noncanonical_id_opt`] keeps of a conversation id: nothing when it
-/// is a UUID in its canonical text form (lowercase, hyphenated), because the key alone gives it
-/// back; the id as written otherwise.
-pub fn noncanonical_id(conversation_id: &str) -> Option<Box<str>> {
-    canonical_uuid(conversation_id).is_none().then(|| conversation_id.into())
-}
-
-/// [`conversation_key`] and [`noncanonical_id`] of one id, parsed once.
-pub fn conversation_key_and_noncanonical_id(conversation_id: &str) -> (u128, Option<Box<str>>) {
-    match canonical_uuid(conversation_id) {
-        Some(key) => (key, None),
-        None => (conversation_key(conversation_id), Some(conversation_id.into())),
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ConversationState {
-    /// The id as written when it is not a canonical UUID (router-made ids always are, so this
-    /// is `None` in practice and the id is printed from the key).
-    pub noncanonical_id_opt: Option<Box<str>>,
-    /// The account and channel as one [`InlineStr::scoped`] key (M1): it addresses the thread
-    /// index and the backlog as it is, and one field keeps the state as small as when it held
-    /// the channel id alone. Inline like the other short ids: closing and following up read
-    /// it, and a heap string would be one more cache miss each time.
-    pub channel_key: InlineStr,
-    pub channel_type: i32,
-    pub thread_key: InlineStr,
-    pub contact_id: InlineStr,
-    /// The contact's channel-scoped identity: a follow-up from the same sender needs no
-    /// contact lookup (the contact is this one).
-    pub contact_external_id: InlineStr,
-    pub assignee_agent_id_opt: Option<InlineStr>,
-    /// Recorded-at of the ConversationStarted event: the backlog is re-driven oldest first (B3).
-    pub started_at_millis: u64,
-    /// Message ids in the conversation; retired into the recent window when it closes (B1).
-    pub message_keys: MessageKeys,
-    pub ticket_id_opt: Option<String>,
-}
-
-impl ConversationState {
-    /// The conversation's id, given its key.
-    pub fn id(&self, key: u128) -> String {
-        match &self.noncanonical_id_opt {
-            Some(id) => id.to_string(),
-            None => {
-                let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
-                uuid::Uuid::from_u128(key).hyphenated().encode_lower(&mut buffer).to_owned()
-            }
-        }
-    }
-
-    pub fn assignee(&self) -> Option<&str> {
-        self.assignee_agent_id_opt.as_ref().map(InlineStr::as_str)
-    }
-
-    pub fn account_id(&self) -> &str {
-        self.channel_key.scope().0
-    }
-
-    pub fn channel_id(&self) -> &str {
-        self.channel_key.scope().1
-    }
-}
-
-/// A conversation's message ids (retired into the dedup window when it closes). Most
-/// conversations have a few messages: those are kept in the conversation's own memory, so
-/// starting and closing one allocates nothing for them and chases no pointer.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct MessageKeys {
-    inline: [u128; MessageKeys::INLINE],
-    inline_len: u8,
-    /// The ids after the first `INLINE`.
-    spilled: Vec<u128>,
-}
-
-impl MessageKeys {
-    const INLINE: usize = 4;
-
-    pub fn push(&mut self, key: u128) {
-        match self.inline.get_mut(self.inline_len as usize) {
-            Some(slot) => {
-                *slot = key;
-                self.inline_len += 1;
-            }
-            None => self.spilled.push(key),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.inline_len as usize + self.spilled.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// In the order they were pushed.
-    pub fn iter(&self) -> impl Iterator<Item = u128> + '_ {
-        self.inline[..self.inline_len as usize].iter().chain(&self.spilled).copied()
-    }
-}
-
-/// Namespace of contact ids: UUIDv5(namespace, "<account>\n<channel id>\n<external id>") (C4,
-/// M1). A fixed random UUID; never change it.
-const CONTACT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3c1f_0b2a_6d4e_4a71_9e5b_c0d8_17f2_a964);
-
-/// The deterministic contact id of a channel identity (C4): the same sender on the same
-/// channel of the same account is the same contact, also after a state loss; another
-/// account's channel of the same id never shares it (M1).
-pub fn contact_uuid_for(account_id: &str, channel_id: &str, external_id: &str) -> uuid::Uuid {
-    let mut name = Vec::with_capacity(account_id.len() + channel_id.len() + external_id.len() + 2);
-    name.extend_from_slice(account_id.as_bytes());
-    name.push(b'\n');
-    name.extend_from_slice(channel_id.as_bytes());
-    name.push(b'\n');
-    name.extend_from_slice(external_id.as_bytes());
-    uuid::Uuid::new_v5(&CONTACT_NAMESPACE, &name)
-}
-
-/// Contact ids made before they named the account: UUIDv5(namespace, "<channel id>\n<external
-/// id>"). Contacts the log created that way keep their id; they are still found by identity
-/// (within their own account only, see [`RouterState::contact`]).
-pub fn legacy_contact_uuid_for(channel_id: &str, external_id: &str) -> uuid::Uuid {
-    let mut name = Vec::with_capacity(channel_id.len() + external_id.len() + 1);
-    name.extend_from_slice(channel_id.as_bytes());
-    name.push(b'\n');
-    name.extend_from_slice(external_id.as_bytes());
-    uuid::Uuid::new_v5(&CONTACT_NAMESPACE, &name)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -264,138 +61,6 @@ pub struct TicketState {
     pub conversation_id: String,
     pub pipeline: String,
     pub stage: String,
-}
-
-/// A short string stored inline (agent ids, thread keys, sender ids usually fit): hash tables
-/// keyed or valued by it compare in the table's own memory instead of chasing one heap pointer
-/// per probe, which was a large share of routing's cost (docs/router.md, "state layout").
-/// Hashes and compares as the string's bytes, so maps are queried with `key.as_bytes()`.
-/// Between the account and the id in [`InlineStr::scoped`] keys.
-const SCOPE_SEPARATOR: u8 = 0x1f;
-
-#[derive(Clone)]
-pub enum InlineStr {
-    Inline { len: u8, bytes: [u8; InlineStr::INLINE] },
-    Heap(Box<str>),
-}
-
-impl InlineStr {
-    const INLINE: usize = 38;
-
-    pub fn new(text: &str) -> InlineStr {
-        if text.len() <= InlineStr::INLINE {
-            let mut bytes = [0u8; InlineStr::INLINE];
-            bytes[..text.len()].copy_from_slice(text.as_bytes());
-            InlineStr::Inline { len: text.len() as u8, bytes }
-        } else {
-            InlineStr::Heap(text.into())
-        }
-    }
-
-    /// The key of an id within its account (M1): one partition routes several accounts, and
-    /// two of them may use the same channel or agent id. The separator (U+001F) never occurs in
-    /// entity ids, so distinct pairs give distinct keys.
-    pub fn scoped(account_id: &str, id: &str) -> InlineStr {
-        let len = account_id.len() + 1 + id.len();
-        if len <= InlineStr::INLINE {
-            let mut bytes = [0u8; InlineStr::INLINE];
-            bytes[..account_id.len()].copy_from_slice(account_id.as_bytes());
-            bytes[account_id.len()] = SCOPE_SEPARATOR;
-            bytes[account_id.len() + 1..len].copy_from_slice(id.as_bytes());
-            InlineStr::Inline { len: len as u8, bytes }
-        } else {
-            InlineStr::Heap(format!("{account_id}{}{id}", SCOPE_SEPARATOR as char).into())
-        }
-    }
-
-    /// The (account, id) of a [`InlineStr::scoped`] key. Ids never contain the separator, so
-    /// the last one splits them.
-    pub fn scope(&self) -> (&str, &str) {
-        let text = self.as_str();
-        match text.rfind(SCOPE_SEPARATOR as char) {
-            Some(at) => (&text[..at], &text[at + 1..]),
-            None => ("", text),
-        }
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            InlineStr::Inline { len, bytes } => &bytes[..*len as usize],
-            InlineStr::Heap(text) => text.as_bytes(),
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        match self {
-            // Built from a `&str` prefix of the same length, so always valid UTF-8.
-            InlineStr::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
-            InlineStr::Heap(text) => text,
-        }
-    }
-}
-
-impl std::ops::Deref for InlineStr {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-impl Default for InlineStr {
-    fn default() -> Self {
-        InlineStr::new("")
-    }
-}
-
-impl PartialEq for InlineStr {
-    fn eq(&self, other: &InlineStr) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for InlineStr {}
-
-impl PartialEq<str> for InlineStr {
-    fn eq(&self, other: &str) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl std::hash::Hash for InlineStr {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state);
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for InlineStr {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-impl std::fmt::Debug for InlineStr {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), formatter)
-    }
-}
-
-impl std::fmt::Display for InlineStr {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(self.as_str())
-    }
-}
-
-impl From<&str> for InlineStr {
-    fn from(text: &str) -> InlineStr {
-        InlineStr::new(text)
-    }
-}
-
-impl From<String> for InlineStr {
-    fn from(text: String) -> InlineStr {
-        InlineStr::new(&text)
-    }
 }
 
 /// Per-agent bookkeeping the strategies and capacity limits need.
@@ -431,7 +96,7 @@ impl AgentSlot {
 ///
 /// Agents live in slots. After [`AgentBook::align`] with a compiled config, slot *i* is the
 /// config's agent profile *i*, so routing reads a pool member's workload by the profile index
-/// the config already resolved, with no hashing (50 candidates per new conversation). Slots
+/// the config already resolved, with no hashing (a pool can hold dozens of agents). Slots
 /// are an index only: which slot an agent has never changes a decision, and equality and
 /// snapshots see agents by id.
 #[derive(Debug, Clone, Default)]
@@ -538,6 +203,7 @@ impl AgentBook {
             .collect();
         self.slots = slots;
         self.aligned_table_opt = Some(agent_table_id);
+        debug_assert_eq!(self.slot_by_agent.len(), self.slots.len(), "one slot per agent");
     }
 
     pub fn workload(&self, account_id: &str, agent_id: &str) -> Option<&AgentWorkload> {
@@ -625,6 +291,7 @@ impl<T: std::hash::Hash + Eq + Clone> RecentSet<T> {
                 }
             }
         }
+        debug_assert_eq!(self.members.len(), self.order.len(), "each member once in the order");
     }
 
     pub fn contains<Q>(&self, value: &Q) -> bool
@@ -687,6 +354,7 @@ impl MessageDedup {
     /// Like [`MessageDedup::retire`] for a key known to be open (a closing conversation's):
     /// it is in the set already, so retiring it does not touch the set.
     fn retire_open(&mut self, key: u128) {
+        debug_assert!(self.seen.contains(&key), "only a remembered id is retired");
         self.retired_order.push_back(key);
         while self.retired_order.len() > self.window {
             if let Some(oldest) = self.retired_order.pop_front() {
@@ -935,7 +603,7 @@ pub(crate) fn start_waiting(
     waiting.insert(started_at_millis, conversation_key);
 }
 
-/// Applies one event emitted by [`crate::core::decide`] to the state.
+/// Applies one event emitted by [`crate::decide::decide`] to the state.
 ///
 /// Takes `&mut` rather than returning a new state: the router folds millions of events and
 /// copying maps per event would dominate its cost; the semantics are those of `evolve(S, &E) -> S`.
@@ -1129,42 +797,7 @@ pub fn sender_identity(message: &InboundMessageReceived) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
-
-    proptest! {
-        /// The fast parse reads exactly the canonical form, so keys are what the general
-        /// parser gave before it existed (state and snapshots keep their meaning).
-        #[test]
-        fn b4_ids_key_the_same_whichever_parser_reads_them(bits in any::<u128>(), noise in "[0-9a-fA-F{}:urn-]{0,40}") {
-            let canonical = uuid::Uuid::from_u128(bits).hyphenated().to_string();
-            prop_assert_eq!(canonical_uuid(&canonical), Some(bits));
-            prop_assert_eq!(message_key(&canonical), bits);
-            prop_assert_eq!(noncanonical_id(&canonical), None);
-            let upper = canonical.to_uppercase();
-            prop_assert_eq!(canonical_uuid(&upper).is_some(), upper == canonical);
-            prop_assert_eq!(message_key(&upper), bits, "other UUID forms key as the UUID");
-            let general = |text: &str| uuid::Uuid::try_parse(text).ok().map(|uuid| uuid.as_u128());
-            if let Some(key) = general(&noise) {
-                prop_assert_eq!(message_key(&noise), key);
-            }
-            prop_assert_eq!(canonical_uuid(&noise).is_some(), general(&noise).is_some_and(|key| {
-                uuid::Uuid::from_u128(key).hyphenated().to_string() == noise
-            }));
-        }
-    }
-
-    #[test]
-    fn b1_a_conversations_message_ids_are_kept_in_order_past_the_inline_ones() {
-        let mut keys = MessageKeys::default();
-        assert!(keys.is_empty());
-        for key in 1..=7u128 {
-            keys.push(key);
-        }
-        assert_eq!(keys.len(), 7);
-        assert_eq!(keys.iter().collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
-    }
 
     #[test]
     fn b1_a_retired_message_id_is_remembered_for_the_window_then_forgotten() {

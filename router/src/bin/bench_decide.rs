@@ -25,7 +25,7 @@ use switchboard_proto::events::v1::{
     ConversationCloseRequested, Envelope, InboundMessageReceived, RoutingRulesConfigured, Sender,
 };
 use switchboard_router::bench_support::{argument, flag};
-use switchboard_router::core::{RouterConfig, RouterState, align_state, decide, evolve};
+use switchboard_router::decide::{RouterConfig, RouterState, align_state, decide, evolve};
 use switchboard_router::state::RECENT_MESSAGE_WINDOW;
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::envelope::{new_root, timestamp};
@@ -227,8 +227,8 @@ struct Measured {
 
 /// Routes `inputs` inputs of the workload; only routing is timed. Inputs are built in batches
 /// just before they are routed, the way the shell decodes a polled batch and routes it at once.
-/// (Building all inputs up front left them cold in memory by the time they were routed: a
-/// tenth of the measured time was cache misses reading inputs, which the router never pays.)
+/// (Inputs built all up front would be cold in memory by the time they are routed, a cost the
+/// router never pays.)
 fn route(
     state: &mut RouterState,
     config: &RouterConfig,

@@ -22,8 +22,9 @@ use switchboard_proto::events::v1::{
     Envelope, InboundMessageReceived, KafkaPosition, RoutingRulesConfigured, Sender,
 };
 use switchboard_router::bench_support::argument;
-use switchboard_router::core::{RouterConfig, RouterState, align_state, decide, evolve};
-use switchboard_router::shell::{RecoverFrom, RouterSettings, recover_partition_state};
+use switchboard_router::decide::{RouterConfig, RouterState, align_state, decide, evolve};
+use switchboard_router::recovery::{RecoverFrom, recover_partition_state};
+use switchboard_router::shell::RouterSettings;
 use switchboard_router::snapshot::{self, Manifest};
 use switchboard_runtime::config_store::{ConfigSnapshot, Owned};
 use switchboard_runtime::envelope::{encode, new_root, timestamp};

@@ -21,17 +21,18 @@ use switchboard_proto::events::v1::{
     ContactConsentReceived, ContactCreated, ContactOwnerChangeRequested, ContactOwnerChanged, ConversationAssigned,
     ConversationCloseRequested, ConversationClosed, ConversationLeftUnassigned, ConversationStarted,
     ConversationUnassigned, Envelope, InboundMessageReceived, ManualAssignmentRequested, MessageAppended,
-    MessageWithheld, OwnerNotificationRequested, RoutingExplanation, SkipReason, SkippedCandidate, TicketCreated,
-    TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource, TicketSettingsConfigured, TicketStageChangeRequested,
-    TicketStageChanged, UnassignedReason, WithheldReason,
+    MessageWithheld, OwnerNotificationRequested, RoutingExplanation, RoutingRulesConfigured, SkipReason,
+    SkippedCandidate, TicketCreated, TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource,
+    TicketSettingsConfigured, TicketStageChangeRequested, TicketStageChanged, UnassignedReason, WithheldReason,
 };
 use switchboard_runtime::envelope::{SCHEMA_VERSION, payload_name, recorded_at_millis};
 
+use crate::compact::InlineStr;
 pub use crate::config::RouterConfig;
 use crate::config::{AgentProfile, ChannelProfile};
-use crate::state::{
-    AgentBook, AgentSlot, ContactState, ConversationState, InlineStr, message_key, request_key, sender_identity,
-};
+use crate::conversations::ConversationState;
+use crate::ids::{contact_uuid_for, message_key, request_key};
+use crate::state::{AgentBook, AgentSlot, ContactState, sender_identity};
 pub use crate::state::{RouterState, evolve};
 
 /// Upper bound of routing attempts one re-drive makes (B3): keeps the latency of a single
@@ -54,7 +55,7 @@ pub enum Rejection {
 /// The deterministic contact id of a channel identity of an account (C4, M1): the same sender
 /// on the same channel is the same contact, also after a state loss.
 pub fn contact_id_for(account_id: &str, channel_id: &str, external_id: &str) -> String {
-    crate::state::contact_uuid_for(account_id, channel_id, external_id).hyphenated().to_string()
+    contact_uuid_for(account_id, channel_id, external_id).hyphenated().to_string()
 }
 
 /// Lines the state's indexes up with a compiled config (agent workloads by profile index, see
@@ -71,6 +72,16 @@ pub fn align_state(state: &mut RouterState, config: &RouterConfig) {
 /// of being copied (the shell decodes each input only to route it).
 pub fn decide(state: &RouterState, config: &RouterConfig, mut input: Envelope) -> Result<Vec<Envelope>, Rejection> {
     let payload_opt = input.payload.take();
+    let is_command = matches!(
+        payload_opt,
+        Some(
+            Payload::AgentAvailabilityChanged(_)
+                | Payload::ManualAssignmentRequested(_)
+                | Payload::ConversationCloseRequested(_)
+                | Payload::TicketStageChangeRequested(_)
+                | Payload::ContactOwnerChangeRequested(_)
+        )
+    );
     let mut decision = Decision::new(&input);
     match payload_opt {
         Some(Payload::InboundMessageReceived(message)) => decide_message(state, config, &mut decision, message)?,
@@ -95,13 +106,13 @@ pub fn decide(state: &RouterState, config: &RouterConfig, mut input: Envelope) -
         None => return Err(Rejection::NotARouterInput { event_id: input.event_id.clone(), payload: "none" }),
     }
     let events = decision.events;
+    debug_assert!(!is_command || !events.is_empty(), "B6: every command yields an event");
     Ok(stamp_cause(events, input))
 }
 
 /// Fills in what every decided event carries of its cause (partition key, account, causation
 /// and correlation ids). The input is consumed, so the last event takes its strings instead of
-/// copies: most decisions emit one event (a follow-up's `MessageAppended`), and these copies
-/// were a tenth of its allocations.
+/// copies: most decisions emit one event (a follow-up's `MessageAppended`).
 fn stamp_cause(mut events: Vec<Envelope>, cause: Envelope) -> Vec<Envelope> {
     let Envelope { event_id: cause_id, partition_key, correlation_id, account_id, .. } = cause;
     let correlation_id = if correlation_id.is_empty() { cause_id.clone() } else { correlation_id };
@@ -229,6 +240,7 @@ impl<'state> Overlay<'state> {
         channel_id: &str,
         thread_key: &str,
     ) -> Option<String> {
+        debug_assert!(self.track || self.new_threads.is_empty(), "only a tracked overlay records threads");
         self.new_threads
             .iter()
             .find(|(channel, thread, _)| channel == channel_id && thread == thread_key)
@@ -292,7 +304,7 @@ fn decide_message(
         decision.emit(message_appended(conversation_id, &input.event_id, message, &conversation.contact_id));
         return Ok(());
     }
-    let contact_uuid = crate::state::contact_uuid_for(&input.account_id, &message.channel_id, external_id);
+    let contact_uuid = contact_uuid_for(&input.account_id, &message.channel_id, external_id);
     let contact_opt = state.contact_with_uuid(contact_uuid, &input.account_id, &message.channel_id, external_id);
     let contact_id = match contact_opt {
         Some(contact) => contact.contact_id.clone(),
@@ -318,27 +330,42 @@ fn decide_message(
         }));
     }
     let mut overlay = Overlay::untracked(state);
-    deliver(state, config, decision, &mut overlay, channel, &message, &input.event_id, &contact_id, contact_opt, "");
+    let delivery = Delivery {
+        channel,
+        message: &message,
+        source_event_id: &input.event_id,
+        contact_id: &contact_id,
+        contact_opt,
+        purpose_suffix: "",
+    };
+    deliver(state, config, decision, &mut overlay, &delivery);
     Ok(())
 }
 
+/// One accepted message on its way into a conversation ([`deliver`]).
+struct Delivery<'a> {
+    channel: &'a ChannelProfile,
+    message: &'a InboundMessageReceived,
+    /// The event the message arrived in: the input, or for a released message the input that
+    /// was withheld.
+    source_event_id: &'a str,
+    contact_id: &'a str,
+    /// The contact's recorded state, if it existed before this decision (the caller looked it up).
+    contact_opt: Option<&'a ContactState>,
+    /// Keeps derived ids distinct when one decision delivers several messages.
+    purpose_suffix: &'a str,
+}
+
 /// Puts one accepted message into its conversation (R10) or starts one, routes it (R1–R8) and
-/// creates its ticket (T1, I5, C7, R9, T2). `purpose_suffix` keeps derived ids distinct when one
-/// decision delivers several messages.
-#[allow(clippy::too_many_arguments)]
+/// creates its ticket (T1, I5, C7, R9, T2).
 fn deliver(
     state: &RouterState,
     config: &RouterConfig,
     decision: &mut Decision<'_>,
     overlay: &mut Overlay<'_>,
-    channel: &ChannelProfile,
-    message: &InboundMessageReceived,
-    source_event_id: &str,
-    contact_id: &str,
-    // The contact's recorded state, if it existed before this decision (the caller looked it up).
-    contact_opt: Option<&ContactState>,
-    purpose_suffix: &str,
+    delivery: &Delivery<'_>,
 ) {
+    let &Delivery { channel, message, source_event_id, contact_id, contact_opt, purpose_suffix } = delivery;
     if let Some(conversation_id) =
         overlay.open_conversation(state, &decision.cause.account_id, &message.channel_id, &message.thread_key)
     {
@@ -385,32 +412,19 @@ fn deliver(
         overlay.new_threads.push((message.channel_id.clone(), message.thread_key.clone(), conversation_id.clone()));
     }
     if channel.creates_tickets() {
-        decide_ticket(
-            decision,
-            overlay,
-            channel,
-            message,
-            &conversation_id,
-            contact_id,
-            contact_opt,
-            assignee_opt,
-            purpose_suffix,
-        );
+        decide_ticket(decision, overlay, delivery, &conversation_id, assignee_opt);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// T1, I5, C7, R9, T2: the ticket of a conversation `delivery` just started.
 fn decide_ticket(
     decision: &mut Decision<'_>,
     overlay: &mut Overlay<'_>,
-    channel: &ChannelProfile,
-    message: &InboundMessageReceived,
+    delivery: &Delivery<'_>,
     conversation_id: &str,
-    contact_id: &str,
-    contact_opt: Option<&ContactState>,
     assignee_opt: Option<String>,
-    purpose_suffix: &str,
 ) {
+    let &Delivery { channel, message, contact_id, contact_opt, purpose_suffix, .. } = delivery;
     let no_settings = TicketSettingsConfigured::default();
     let settings = channel.tickets_opt.as_ref().unwrap_or(&no_settings);
     let tickets_so_far = contact_opt.map_or(0, |contact| contact.ticket_count) + overlay.extra_tickets(contact_id);
@@ -610,69 +624,85 @@ fn route(
             }
         }
         AssignTarget::SpecificUsersAndTeams => {
-            let pool = &channel.pool;
-            let strategy = AssignmentStrategy::try_from(rules.strategy).unwrap_or(AssignmentStrategy::RoundRobin);
-            let balanced = strategy == AssignmentStrategy::Balanced;
-            // Round robin: the next eligible agent after the one this channel assigned last, in
-            // pool order (wrapping). The position comes from the channel's index, not a scan.
-            let round_robin_start = if balanced {
-                0
-            } else {
-                agents
-                    .last_round_robin_agent(account_id, &channel.channel_id)
-                    .and_then(|last| channel.pool_position.get(last.as_str()))
-                    .map_or(0, |position| *position as usize + 1)
-            };
-            // One pass over the pool: each member's workload is looked up once and serves both
-            // the eligibility check (R5–R8) and the strategy (R3).
-            explanation.eligible_agent_ids.reserve_exact(pool.len());
-            let mut balanced_best_opt: Option<((u32, u64), usize)> = None;
-            let mut round_robin_after_start_opt: Option<usize> = None;
-            let mut round_robin_first_opt: Option<usize> = None;
-            for (index, (agent_id, profile_opt)) in pool.iter().zip(&channel.pool_profiles).enumerate() {
-                let (profile_opt, slot_opt) = match profile_opt {
-                    Some(profile_index) => (
-                        Some(&config.profiles[*profile_index as usize]),
-                        agents.slot_for_profile(config.agent_table_id, *profile_index, account_id, agent_id),
-                    ),
-                    None => (None, agents.slot(account_id, agent_id)),
-                };
-                if let Some(reason) = ineligibility(profile_opt, slot_opt, rules, channel_type) {
-                    explanation.skipped.push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 });
-                    continue;
-                }
-                explanation.eligible_agent_ids.push(agent_id.clone());
-                if balanced {
-                    // Fewest open conversations; ties go to the agent idle longest (never
-                    // assigned first), then to pool order (the first of equals is kept).
-                    let key = slot_opt.map_or((0, 0), |slot| {
-                        let workload = &slot.workload;
-                        (workload.open_conversations, workload.last_assigned_at_millis_opt.map_or(0, |at| at + 1))
-                    });
-                    if balanced_best_opt.is_none_or(|(best, _)| key < best) {
-                        balanced_best_opt = Some((key, index));
-                    }
-                } else {
-                    round_robin_first_opt.get_or_insert(index);
-                    if index >= round_robin_start && round_robin_after_start_opt.is_none() {
-                        round_robin_after_start_opt = Some(index);
-                    }
-                }
-            }
-            let chosen_opt = if balanced {
-                balanced_best_opt.map(|(_, index)| index)
-            } else {
-                round_robin_after_start_opt.or(round_robin_first_opt)
-            };
-            match chosen_opt {
-                Some(index) => {
-                    Routed { outcome: Outcome::Assigned(pool[index].clone()), explanation, notify_owner_opt: None }
+            match choose_from_pool(config, agents, channel, rules, channel_type, &mut explanation) {
+                Some(agent_id) => {
+                    Routed { outcome: Outcome::Assigned(agent_id.clone()), explanation, notify_owner_opt: None }
                 }
                 // R5: nobody eligible (e.g. nobody available) → stays unassigned, with the reasons.
                 None => unassigned(UnassignedReason::NoEligibleAgent, explanation),
             }
         }
     }
+}
+
+/// R3, R5–R8: the member of the channel's pool its strategy picks among the eligible ones, or
+/// `None` if nobody is eligible. Every member is recorded in `explanation` as eligible or
+/// skipped with the reason (B2), in pool order.
+fn choose_from_pool<'channel>(
+    config: &RouterConfig,
+    agents: &AgentBook,
+    channel: &'channel ChannelProfile,
+    rules: &RoutingRulesConfigured,
+    channel_type: i32,
+    explanation: &mut RoutingExplanation,
+) -> Option<&'channel String> {
+    let account_id = &channel.account_id;
+    let pool = &channel.pool;
+    debug_assert_eq!(pool.len(), channel.pool_profiles.len(), "one resolved profile per pool member");
+    let strategy = AssignmentStrategy::try_from(rules.strategy).unwrap_or(AssignmentStrategy::RoundRobin);
+    let balanced = strategy == AssignmentStrategy::Balanced;
+    // Round robin: the next eligible agent after the one this channel assigned last, in
+    // pool order (wrapping). The position comes from the channel's index, not a scan.
+    let round_robin_start = if balanced {
+        0
+    } else {
+        agents
+            .last_round_robin_agent(account_id, &channel.channel_id)
+            .and_then(|last| channel.pool_position.get(last.as_str()))
+            .map_or(0, |position| *position as usize + 1)
+    };
+    // One pass over the pool: each member's workload is looked up once and serves both
+    // the eligibility check (R5–R8) and the strategy (R3).
+    explanation.eligible_agent_ids.reserve_exact(pool.len());
+    let mut balanced_best_opt: Option<((u32, u64), usize)> = None;
+    let mut round_robin_after_start_opt: Option<usize> = None;
+    let mut round_robin_first_opt: Option<usize> = None;
+    for (index, (agent_id, profile_opt)) in pool.iter().zip(&channel.pool_profiles).enumerate() {
+        let (profile_opt, slot_opt) = match profile_opt {
+            Some(profile_index) => (
+                Some(&config.profiles[*profile_index as usize]),
+                agents.slot_for_profile(config.agent_table_id, *profile_index, account_id, agent_id),
+            ),
+            None => (None, agents.slot(account_id, agent_id)),
+        };
+        if let Some(reason) = ineligibility(profile_opt, slot_opt, rules, channel_type) {
+            explanation.skipped.push(SkippedCandidate { agent_id: agent_id.clone(), reason: reason as i32 });
+            continue;
+        }
+        explanation.eligible_agent_ids.push(agent_id.clone());
+        if balanced {
+            // Fewest open conversations; ties go to the agent idle longest (never
+            // assigned first), then to pool order (the first of equals is kept).
+            let key = slot_opt.map_or((0, 0), |slot| {
+                let workload = &slot.workload;
+                (workload.open_conversations, workload.last_assigned_at_millis_opt.map_or(0, |at| at + 1))
+            });
+            if balanced_best_opt.is_none_or(|(best, _)| key < best) {
+                balanced_best_opt = Some((key, index));
+            }
+        } else {
+            round_robin_first_opt.get_or_insert(index);
+            if index >= round_robin_start && round_robin_after_start_opt.is_none() {
+                round_robin_after_start_opt = Some(index);
+            }
+        }
+    }
+    let chosen_opt = if balanced {
+        balanced_best_opt.map(|(_, index)| index)
+    } else {
+        round_robin_after_start_opt.or(round_robin_first_opt)
+    };
+    chosen_opt.map(|index| &pool[index])
 }
 
 /// An availability command, once seen, overrides the configured availability (R5).
@@ -685,7 +715,7 @@ fn is_available(slot_opt: Option<&AgentSlot>, profile: &AgentProfile) -> bool {
 fn ineligibility(
     profile_opt: Option<&AgentProfile>,
     slot_opt: Option<&AgentSlot>,
-    rules: &switchboard_proto::events::v1::RoutingRulesConfigured,
+    rules: &RoutingRulesConfigured,
     channel_type: i32,
 ) -> Option<SkipReason> {
     let Some(profile) = profile_opt else { return Some(SkipReason::UnknownAgent) };
@@ -750,18 +780,15 @@ fn decide_consent(
     for (index, held_message) in held.iter().enumerate() {
         let mut digits = itoa_buffer();
         let suffix = format!("/released/{}", format_index(index, &mut digits));
-        deliver(
-            state,
-            config,
-            decision,
-            &mut overlay,
+        let delivery = Delivery {
             channel,
-            &held_message.message,
-            &held_message.source_event_id,
-            &contact.contact_id,
-            Some(contact),
-            &suffix,
-        );
+            message: &held_message.message,
+            source_event_id: &held_message.source_event_id,
+            contact_id: &contact.contact_id,
+            contact_opt: Some(contact),
+            purpose_suffix: &suffix,
+        };
+        deliver(state, config, decision, &mut overlay, &delivery);
     }
     Ok(())
 }
@@ -899,20 +926,27 @@ fn decide_close(
     else {
         return;
     };
-    close(state, config, decision, key, conversation, CloseReason::Agent, request.actor.clone(), &request.request_id);
+    let closing = Closing { reason: CloseReason::Agent, actor: request.actor.clone(), request_id: &request.request_id };
+    close(state, config, decision, key, conversation, closing);
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Why, by whom and at whose request a conversation closes.
+struct Closing<'a> {
+    reason: CloseReason,
+    actor: Option<Actor>,
+    /// Empty when the close follows from another command (T3: its ticket closed).
+    request_id: &'a str,
+}
+
 fn close(
     state: &RouterState,
     config: &RouterConfig,
     decision: &mut Decision<'_>,
     key: u128,
     conversation: &ConversationState,
-    reason: CloseReason,
-    actor: Option<Actor>,
-    request_id: &str,
+    closing: Closing<'_>,
 ) {
+    let Closing { reason, actor, request_id } = closing;
     decision.emit(Payload::ConversationClosed(ConversationClosed {
         conversation_id: conversation.id(key),
         reason: reason as i32,
@@ -960,7 +994,8 @@ fn decide_ticket_stage(
     if request.close
         && let Some((key, conversation)) = state.conversation(&ticket.conversation_id)
     {
-        close(state, config, decision, key, conversation, CloseReason::TicketClosed, request.actor.clone(), "");
+        let closing = Closing { reason: CloseReason::TicketClosed, actor: request.actor.clone(), request_id: "" };
+        close(state, config, decision, key, conversation, closing);
     }
 }
 
@@ -1005,9 +1040,8 @@ fn decide_contact_owner(
 /// oldest first across channels, with the usual rules and explanations. A channel whose oldest
 /// waiting conversation still finds nobody is done.
 ///
-/// The book is copied only when something waits for the agent: closes and reassignments are
-/// frequent, and most find no backlog (copying 1,000 agents' workloads each time did cost more
-/// than the rest of the decision).
+/// The book (every agent's workload) is copied only when something waits for the agent: closes
+/// and reassignments are frequent, and most find no backlog.
 fn redrive(
     state: &RouterState,
     config: &RouterConfig,
@@ -1090,5 +1124,5 @@ fn redrive(
 }
 
 #[cfg(test)]
-#[path = "core_tests.rs"]
+#[path = "decide_tests.rs"]
 mod tests;
