@@ -5,7 +5,7 @@
 //! 2. Insert the rows events create, keyed by their natural ids (`ON CONFLICT DO NOTHING
 //!    RETURNING`): what comes back is what is new. Events without a natural key are recorded in
 //!    `applied_events`. An event seen before (redelivered, or published twice) changes nothing.
-//! 3. Fold the batch ([`fold_batch`], pure) into [`Writes`].
+//! 3. Fold the batch ([`fold_batch`], pure) into [`Writes`](crate::fold::Writes).
 //! 4. Execute the writes with multi-row `UNNEST` statements.
 
 use std::collections::{BTreeSet, HashMap, HashSet};

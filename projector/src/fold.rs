@@ -441,15 +441,25 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
         }
     }
 
-    // Sorted by id: two instances touching rows in the same order cannot deadlock.
-    let mut dirty: Vec<FoldedConversation> =
-        conversations.into_values().filter(|conversation| conversation.dirty).collect();
-    dirty.sort_by_key(|conversation| conversation.row.conversation_id);
-    let (new, updated): (Vec<_>, Vec<_>) = dirty.into_iter().partition(|conversation| conversation.new);
+    // Sorted by id: two instances touching rows in the same order cannot deadlock. The ids are
+    // sorted rather than the rows, which are large to move.
+    let mut dirty_ids: Vec<Uuid> =
+        conversations.iter().filter(|(_, conversation)| conversation.dirty).map(|(id, _)| *id).collect();
+    dirty_ids.sort_unstable();
+    let mut new_conversations = Vec::new();
+    let mut updated_conversations = Vec::with_capacity(dirty_ids.len());
+    for id in dirty_ids {
+        let Some(conversation) = conversations.remove(&id) else { continue };
+        if conversation.new {
+            new_conversations.push(conversation.row);
+        } else {
+            updated_conversations.push(conversation.row);
+        }
+    }
     audits.append(&mut left_unassigned_audits);
     Writes {
-        new_conversations: new.into_iter().map(|conversation| conversation.row).collect(),
-        updated_conversations: updated.into_iter().map(|conversation| conversation.row).collect(),
+        new_conversations,
+        updated_conversations,
         workload_deltas: workload
             .into_iter()
             .filter(|(_, delta)| *delta != 0)
