@@ -26,6 +26,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .boxed(".switchboard.events.v1.MessageAppended.content")
         .boxed(".switchboard.events.v1.MessageWithheld.message")
         .boxed(".switchboard.events.v1.Envelope.payload.channel_configured")
+        // Every payload's snake_case name (`inbound_message_received`), for headers, logs and
+        // errors: derived from the variant, so a new event type needs no hand-written name.
+        .enum_attribute(
+            ".switchboard.events.v1.Envelope.payload",
+            "#[derive(strum::IntoStaticStr)] #[strum(serialize_all = \"snake_case\")]",
+        )
         .file_descriptor_set_path(out_dir.join("switchboard_descriptor.bin"))
         .compile_with_config(prost_config, &protos.map(PathBuf::from), &[PathBuf::from("."), well_known_includes])?;
     for proto in protos {

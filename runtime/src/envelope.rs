@@ -108,43 +108,55 @@ pub fn to_datetime(at: Option<&Timestamp>) -> DateTime<Utc> {
     at.and_then(|at| DateTime::from_timestamp(at.seconds, at.nanos.max(0) as u32)).unwrap_or(DateTime::UNIX_EPOCH)
 }
 
-/// Short, stable name of a payload case, used in the `sb-event-type` header and in logs.
+/// Short, stable name of a payload case (`inbound_message_received`), used in the
+/// `sb-event-type` header and in logs: the variant's name in snake_case, derived by the
+/// generated code (proto/build.rs), so a new event type needs no entry here.
 pub fn payload_name(payload: &Payload) -> &'static str {
-    match payload {
-        Payload::InboundMessageReceived(_) => "inbound_message_received",
-        Payload::ConversationStarted(_) => "conversation_started",
-        Payload::MessageAppended(_) => "message_appended",
-        Payload::ConversationAssigned(_) => "conversation_assigned",
-        Payload::ConversationLeftUnassigned(_) => "conversation_left_unassigned",
-        Payload::InboxConfigured(_) => "inbox_configured",
-        Payload::ChannelConfigured(_) => "channel_configured",
-        Payload::RoutingRulesConfigured(_) => "routing_rules_configured",
-        Payload::AgentConfigured(_) => "agent_configured",
-        Payload::ContactConsentReceived(_) => "contact_consent_received",
-        Payload::DeliveryStatusReported(_) => "delivery_status_reported",
-        Payload::AgentAvailabilityChanged(_) => "agent_availability_changed",
-        Payload::ManualAssignmentRequested(_) => "manual_assignment_requested",
-        Payload::ConversationCloseRequested(_) => "conversation_close_requested",
-        Payload::TicketStageChangeRequested(_) => "ticket_stage_change_requested",
-        Payload::ContactCreated(_) => "contact_created",
-        Payload::MessageWithheld(_) => "message_withheld",
-        Payload::ConversationUnassigned(_) => "conversation_unassigned",
-        Payload::ConversationClosed(_) => "conversation_closed",
-        Payload::TicketCreated(_) => "ticket_created",
-        Payload::TicketNotCreated(_) => "ticket_not_created",
-        Payload::TicketStageChanged(_) => "ticket_stage_changed",
-        Payload::OwnerNotificationRequested(_) => "owner_notification_requested",
-        Payload::CommandRejected(_) => "command_rejected",
-        Payload::ContactOwnerChangeRequested(_) => "contact_owner_change_requested",
-        Payload::ContactOwnerChanged(_) => "contact_owner_changed",
-        Payload::TicketSettingsConfigured(_) => "ticket_settings_configured",
-    }
+    payload.into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use switchboard_proto::events::v1::InboxConfigured;
+
+    /// `sb-event-type` values are read by consumers outside Switchboard (and by operators'
+    /// filters): derived names must stay the names these headers always had.
+    #[test]
+    fn payload_names_are_the_snake_case_names_headers_always_carried() {
+        let pinned = [
+            (Payload::InboundMessageReceived(Default::default()), "inbound_message_received"),
+            (Payload::ConversationStarted(Default::default()), "conversation_started"),
+            (Payload::MessageAppended(Default::default()), "message_appended"),
+            (Payload::ConversationAssigned(Default::default()), "conversation_assigned"),
+            (Payload::ConversationLeftUnassigned(Default::default()), "conversation_left_unassigned"),
+            (Payload::InboxConfigured(Default::default()), "inbox_configured"),
+            (Payload::ChannelConfigured(Default::default()), "channel_configured"),
+            (Payload::RoutingRulesConfigured(Default::default()), "routing_rules_configured"),
+            (Payload::AgentConfigured(Default::default()), "agent_configured"),
+            (Payload::ContactConsentReceived(Default::default()), "contact_consent_received"),
+            (Payload::DeliveryStatusReported(Default::default()), "delivery_status_reported"),
+            (Payload::AgentAvailabilityChanged(Default::default()), "agent_availability_changed"),
+            (Payload::ManualAssignmentRequested(Default::default()), "manual_assignment_requested"),
+            (Payload::ConversationCloseRequested(Default::default()), "conversation_close_requested"),
+            (Payload::TicketStageChangeRequested(Default::default()), "ticket_stage_change_requested"),
+            (Payload::ContactCreated(Default::default()), "contact_created"),
+            (Payload::MessageWithheld(Default::default()), "message_withheld"),
+            (Payload::ConversationUnassigned(Default::default()), "conversation_unassigned"),
+            (Payload::ConversationClosed(Default::default()), "conversation_closed"),
+            (Payload::TicketCreated(Default::default()), "ticket_created"),
+            (Payload::TicketNotCreated(Default::default()), "ticket_not_created"),
+            (Payload::TicketStageChanged(Default::default()), "ticket_stage_changed"),
+            (Payload::OwnerNotificationRequested(Default::default()), "owner_notification_requested"),
+            (Payload::CommandRejected(Default::default()), "command_rejected"),
+            (Payload::ContactOwnerChangeRequested(Default::default()), "contact_owner_change_requested"),
+            (Payload::ContactOwnerChanged(Default::default()), "contact_owner_changed"),
+            (Payload::TicketSettingsConfigured(Default::default()), "ticket_settings_configured"),
+        ];
+        for (payload, name) in pinned {
+            assert_eq!(payload_name(&payload), name);
+        }
+    }
 
     fn inbox_payload() -> Payload {
         Payload::InboxConfigured(InboxConfigured {
