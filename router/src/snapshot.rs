@@ -22,7 +22,10 @@ const MAGIC: &[u8; 4] = b"SBRS";
 /// older version is refused ([`SnapshotError::UnknownFormat`]): it cannot say which account
 /// its entries belong to, so the router rebuilds that partition's state once by folding its
 /// output, whose events do. Manifests have not changed and are read in every version.
-const FORMAT_VERSION: u8 = 3;
+/// 4: an agent's open conversations per channel type are written with their slot count, so a
+/// new channel type (a larger `CHANNEL_TYPE_SLOTS`) no longer changes the format. Version 3 is
+/// refused like the older ones: the router rebuilds from its output once.
+const FORMAT_VERSION: u8 = 4;
 const OLDEST_MANIFEST_VERSION: u8 = 1;
 /// Chunk payload size: well under Kafka's default 1 MB record limit, leaving room for the
 /// chunk header and record overhead.
@@ -170,6 +173,7 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         out.str(&slot.account_id);
         out.str(&slot.agent_id);
         out.u64(workload.open_conversations as u64);
+        out.len(workload.open_by_channel_type.len());
         for open in workload.open_by_channel_type {
             out.u64(open as u64);
         }
@@ -278,7 +282,12 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
         let account_id = input.string()?;
         let agent_id = input.string()?;
         let mut workload = AgentWorkload { open_conversations: input.u32()?, ..Default::default() };
-        for slot in 0..CHANNEL_TYPE_SLOTS {
+        let slot_count = input.len()?;
+        if slot_count > CHANNEL_TYPE_SLOTS {
+            // Written by a router that knows more channel types than this one (a downgrade).
+            return Err(SnapshotError::Invalid("more channel types than this router knows"));
+        }
+        for slot in 0..slot_count {
             workload.open_by_channel_type[slot] = input.u32()?;
         }
         workload.last_assigned_at_millis_opt = input.opt_u64()?;

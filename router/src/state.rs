@@ -24,8 +24,10 @@ use crate::ids::{
 pub const RECENT_MESSAGE_WINDOW: usize = 500_000;
 /// Command request ids remembered for idempotency (the API retries within seconds).
 pub const RECENT_REQUEST_WINDOW: usize = 100_000;
-/// Channel types are a small closed enum (`ChannelType`); per-type counters are an array.
-pub const CHANNEL_TYPE_SLOTS: usize = 8;
+/// Channel types are a small closed enum (`ChannelType`, 8 values today); per-type counters are
+/// an array with one slot per value and room for new types (snapshots write the slot count, so
+/// growing this changes no format). A unit test fails when the enum outgrows it.
+pub const CHANNEL_TYPE_SLOTS: usize = 16;
 
 pub fn channel_type_slot(channel_type: i32) -> usize {
     (channel_type.max(0) as usize).min(CHANNEL_TYPE_SLOTS - 1)
@@ -798,6 +800,18 @@ pub fn sender_identity(message: &InboundMessageReceived) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_channel_type_has_a_slot_of_its_own() {
+        use switchboard_proto::events::v1::ChannelType;
+        let values: Vec<i32> = (0..=255).filter(|value| ChannelType::try_from(*value).is_ok()).collect();
+        assert!(
+            values.iter().all(|value| (*value as usize) < CHANNEL_TYPE_SLOTS),
+            "a channel type beyond CHANNEL_TYPE_SLOTS would share the last slot: grow CHANNEL_TYPE_SLOTS"
+        );
+        let slots: std::collections::BTreeSet<usize> = values.iter().map(|value| channel_type_slot(*value)).collect();
+        assert_eq!(slots.len(), values.len());
+    }
 
     #[test]
     fn b1_a_retired_message_id_is_remembered_for_the_window_then_forgotten() {
