@@ -14,6 +14,9 @@ use switchboard_proto::api::v1::{
     GetConversationRequest, GetConversationResponse, GetMessageRequest, ListConversationsRequest,
     ListConversationsResponse, Message, SkippedCandidate, WatchConversationsRequest,
 };
+use switchboard_proto::events::v1::ChannelType;
+use switchboard_proto::names;
+use switchboard_runtime::reply_window;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -48,17 +51,13 @@ pub async fn reach_min_position<T>(
     read.wait_for_positions(&positions, PositionWait::from_metadata(request.metadata())).await
 }
 
-/// C6: Messenger lets a human agent answer up to 7 days after the customer's last message. The
-/// read model stores the 24-hour window (the customer's last message + 24 h), so the 7-day one
-/// is that plus 6 days.
+/// C6: the read model stores the standard window's end; the human-agent one follows from it.
 fn human_agent_reply_window_ends_at(
     channel_type: &str,
     reply_window_ends_at: Option<DateTime<Utc>>,
 ) -> Option<DateTime<Utc>> {
-    (channel_type == "facebook_messenger")
-        .then_some(reply_window_ends_at)
-        .flatten()
-        .map(|ends_at| ends_at + chrono::Duration::days(6))
+    let channel_type = names::parse::<ChannelType>(channel_type)?;
+    reply_window::human_agent_window_ends_at(channel_type, reply_window_ends_at?)
 }
 
 #[derive(sqlx::FromRow)]

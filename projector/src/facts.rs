@@ -704,12 +704,6 @@ pub fn split_content(content: &InboundContent) -> (Value, Value) {
     (Value::Object(visible), Value::Array(hidden))
 }
 
-/// C6/C8: channel types whose provider only allows replies within 24 h of the customer's
-/// last message.
-pub fn has_reply_window(channel_type: &str) -> bool {
-    matches!(channel_type, "facebook_messenger" | "whatsapp")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,12 +11,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::config::{ConfigWrite, fold_config};
-use crate::facts::{Event, Fact, has_reply_window};
+use crate::facts::{Event, Fact};
+use switchboard_runtime::reply_window;
 
 /// What a batch needs besides its events; the shell reads it before the fold.
 #[derive(Debug, Default)]
@@ -288,10 +289,10 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
                 row.message_count += 1;
                 row.last_message_at = row.last_message_at.max(event.occurred_at);
                 row.updated_at = row.updated_at.max(event.recorded_at);
-                if has_reply_window(&row.channel_type) {
+                if reply_window::has_reply_window_named(&row.channel_type) {
                     // Every appended message is the customer's (agents' replies are not events
-                    // of this log): the window runs 24 h from the latest one.
-                    let ends_at = event.occurred_at + Duration::hours(24);
+                    // of this log): the window runs from the latest one.
+                    let ends_at = reply_window::standard_window_ends_at(event.occurred_at);
                     row.reply_window_ends_at =
                         Some(row.reply_window_ends_at.map_or(ends_at, |current| current.max(ends_at)));
                 }
@@ -491,7 +492,7 @@ fn workload_key(conversation: &ConversationRow, agent_id: &str) -> WorkloadKey {
 
 #[cfg(test)]
 mod tests {
-    use chrono::TimeZone;
+    use chrono::{Duration, TimeZone};
     use serde_json::json;
 
     use super::*;

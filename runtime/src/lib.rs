@@ -11,6 +11,7 @@
 //! - `read_models` (feature `read-models`): which read-model schema is active;
 //! - `metrics` and `metrics_http` (feature `metrics-http`): the prometheus-client registry every
 //!   service's metrics live in, and the `/metrics` endpoint of router and projector;
+//! - [`reply_window`]: C6/C8, how long a business may answer on Messenger and WhatsApp;
 //! - [`tcp`]: the options every listener sets on an accepted connection (`TCP_NODELAY`).
 
 pub mod config_store;
@@ -24,6 +25,7 @@ pub mod metrics_http;
 pub mod publisher;
 #[cfg(feature = "read-models")]
 pub mod read_models;
+pub mod reply_window;
 pub mod tcp;
 pub mod telemetry;
 pub mod topics;
