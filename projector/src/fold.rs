@@ -979,24 +979,7 @@ mod tests {
         let assign = event("e3", 2, assigned(1, "ana"));
         let events = [&start, &first, &assign];
         let once = fold_new(&events, vec![]);
-        let row = &once.new_conversations[0];
-        let written = StoredConversation {
-            conversation_id: row.conversation_id,
-            account_id: row.account_id.clone(),
-            inbox_id: row.inbox_id.clone(),
-            channel_id: row.channel_id.clone(),
-            channel_type: row.channel_type.clone(),
-            status: row.status().to_owned(),
-            assignee_id: row.assignee_id.clone(),
-            message_count: row.message_count,
-            last_message_at: row.last_message_at,
-            updated_at: row.updated_at,
-            closed_at: row.closed_at,
-            ticket_id: row.ticket_id,
-            reply_window_ends_at: row.reply_window_ends_at,
-            contact_id: row.contact_id,
-            subject: row.subject.clone(),
-        };
+        let written = stored_from(&once.new_conversations[0]);
         // When the same batch is read again (the inserts now claim nothing)
         let stored_conversations = HashMap::from([(id(1), written)]);
         let again = fold_batch(BatchInput { events: &events, stored_conversations, claimed: Claimed::default() });
