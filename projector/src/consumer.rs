@@ -961,11 +961,7 @@ impl Writer {
                 Ok(event) => events.push(event),
                 Err(poison) => {
                     written.poison += 1;
-                    warn!(topic = record.partition.0.base_name(), partition = record.partition.1, offset = record.offset,
-                        reason = %poison, "poison record: not projected");
-                    if let Some(dead_letter) = &self.dead_letter {
-                        dead_letter.send(&self.context, record, &poison.0).await?;
-                    }
+                    self.set_aside(record, &poison.0).await?;
                 }
             }
         }
@@ -981,10 +977,7 @@ impl Writer {
             Err(error) => return Err(anyhow::Error::new(error).context("failed to apply batch")),
         }
         written.applied = events.len();
-        let decisions: Vec<PartitionOutcome> = checks.into_iter().map(|check| check.outcome).collect();
-        store_positions(&mut transaction, &new_positions(&decisions)).await?;
-        transaction.commit().await.context("failed to commit projection batch")?;
-        Ok(GroupOutcome { written, decisions })
+        Self::commit_group(transaction, checks, written).await
     }
 
     async fn write_one_by_one(
@@ -1014,16 +1007,40 @@ impl Writer {
             };
             if let Some(reason) = failure {
                 written.poison += 1;
-                warn!(offset = record.offset, reason, "poison record: not projected");
-                if let (Some(dead_letter), Some(_)) = (&self.dead_letter, &record.raw) {
-                    dead_letter.send(&self.context, record, &reason).await?;
-                }
+                self.set_aside(record, &reason).await?;
             }
         }
+        Self::commit_group(transaction, checks, written).await
+    }
+
+    /// The end of both write paths: the positions of what the group applied, stored in its
+    /// transaction, then the commit.
+    async fn commit_group(
+        mut transaction: sqlx::Transaction<'_, sqlx::Postgres>,
+        checks: Vec<PartitionCheck<'_>>,
+        written: WriteOutcome,
+    ) -> anyhow::Result<GroupOutcome> {
         let decisions: Vec<PartitionOutcome> = checks.into_iter().map(|check| check.outcome).collect();
         store_positions(&mut transaction, &new_positions(&decisions)).await?;
-        transaction.commit().await?;
+        transaction.commit().await.context("failed to commit projection batch")?;
         Ok(GroupOutcome { written, decisions })
+    }
+
+    /// A record that is not projected: logged, and sent to the dead-letter topic when one is
+    /// configured and the record's raw bytes were kept (poison records keep them; an event
+    /// PostgreSQL refused has only its decoded form).
+    async fn set_aside(&self, record: &Record, reason: &str) -> anyhow::Result<()> {
+        warn!(
+            topic = record.partition.0.base_name(),
+            partition = record.partition.1,
+            offset = record.offset,
+            reason,
+            "poison record: not projected"
+        );
+        if let (Some(dead_letter), Some(_)) = (&self.dead_letter, &record.raw) {
+            dead_letter.send(&self.context, record, reason).await?;
+        }
+        Ok(())
     }
 }
 
