@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use switchboard_proto::events::v1::{Envelope, KafkaPosition};
 use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore};
 use switchboard_runtime::envelope;
 use switchboard_runtime::kafka::{self, header};
+use switchboard_runtime::publisher::envelope_headers;
 use switchboard_runtime::telemetry::{TraceContextHeaders, adopt_trace_context};
 use tracing::{info, info_span, warn};
 
@@ -541,9 +542,7 @@ impl Output<'_> {
         // librdkafka copies the payload on send, so one buffer serves every output.
         encode_buffer.clear();
         envelope::encode_into(event, encode_buffer);
-        let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
-        let headers =
-            trace_headers.to_kafka_headers(1).insert(Header { key: header::EVENT_TYPE, value: Some(event_type) });
+        let headers = envelope_headers(trace_headers, event);
         let topic = &self.settings.topics.conversations;
         self.send_with_backpressure(topic, partition, event.partition_key.as_bytes(), Some(encode_buffer), headers)
     }

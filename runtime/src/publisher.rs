@@ -54,7 +54,7 @@ impl EnvelopePublisher {
     #[tracing::instrument(name = "publish", skip_all, fields(topic = %topic, event_id = %event.event_id))]
     pub async fn publish(&self, topic: &str, event: &Envelope) -> Result<LogPosition, PublishError> {
         let payload = envelope::encode(event);
-        let headers = envelope_headers(&tracing::Span::current(), event);
+        let headers = envelope_headers(&TraceContextHeaders::of(&tracing::Span::current()), event);
         let record = FutureRecord::to(topic).key(&event.partition_key).payload(&payload).headers(headers);
         match self.producer.send(record, self.delivery_timeout).await {
             Ok(delivered) => Ok(LogPosition { partition: delivered.partition, offset: delivered.offset }),
@@ -63,12 +63,11 @@ impl EnvelopePublisher {
     }
 }
 
-/// Every header a published envelope carries: the trace context of `span` and the event type.
-fn envelope_headers(span: &tracing::Span, event: &Envelope) -> OwnedHeaders {
+/// Every header a record holding `event` carries, whoever produces it (this publisher, the
+/// router's transactions): the trace context and the event type.
+pub fn envelope_headers(trace: &TraceContextHeaders, event: &Envelope) -> OwnedHeaders {
     let event_type = event.payload.as_ref().map_or("none", envelope::payload_name);
-    TraceContextHeaders::of(span)
-        .to_kafka_headers(1)
-        .insert(Header { key: header::EVENT_TYPE, value: Some(event_type) })
+    trace.to_kafka_headers(1).insert(Header { key: header::EVENT_TYPE, value: Some(event_type) })
 }
 
 #[cfg(test)]
@@ -95,7 +94,7 @@ mod tests {
                 Payload::InboxConfigured(InboxConfigured { inbox_id: "support".into(), ..Default::default() }),
             );
             let span = tracing::info_span!("command");
-            let headers = envelope_headers(&span, &event);
+            let headers = envelope_headers(&TraceContextHeaders::of(&span), &event);
             let value_of = |name: &str| {
                 headers
                     .iter()
