@@ -419,6 +419,10 @@ fn apply_settings(
             channel.whatsapp = Some(whatsapp.clone());
             channel_type == ChannelType::Whatsapp
         }
+        Settings::Custom(custom) => {
+            channel.custom = Some(custom.clone());
+            channel_type == ChannelType::Custom
+        }
     };
     if !matches {
         violations.add("settings", "do not match the channel's type");
@@ -492,6 +496,7 @@ impl AdminService for Admin {
                 access_user_ids: body.access_user_ids.clone(),
                 access_team_ids: body.access_team_ids.clone(),
                 kind: kind as i32,
+                ..Default::default()
             };
             Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
         })
@@ -961,6 +966,17 @@ impl AdminService for Admin {
             });
             Ok(vec![self.publish_command(&identity, command).await?])
         })
+    }
+
+    async fn send_reply(&self, _request: Request<SendReplyRequest>) -> Result<Response<ReplyResult>, Status> {
+        Err(Status::unimplemented("SendReply is being built (issue 15)"))
+    }
+
+    async fn add_internal_note(
+        &self,
+        _request: Request<AddInternalNoteRequest>,
+    ) -> Result<Response<ReplyResult>, Status> {
+        Err(Status::unimplemented("AddInternalNote is being built (issue 15)"))
     }
 
     async fn set_contact_owner(

@@ -326,6 +326,7 @@ impl ChannelDecl {
                 signature: email.signature.clone(),
                 signature_is_html: email.signature_is_html,
                 log_forwarded_to_forwarder: email.log_forwarded_to_forwarder,
+                ..Default::default()
             });
         }
         if let Some(chat) = &self.chat {
@@ -380,6 +381,7 @@ impl ChannelDecl {
             channel.whatsapp = Some(WhatsAppSettings {
                 phone_number_id: whatsapp.phone_number_id.clone(),
                 display_phone_number: whatsapp.display_phone_number.clone(),
+                ..Default::default()
             });
         }
         Ok(channel)
@@ -452,6 +454,7 @@ impl ConfigFile {
                 access_user_ids: inbox.access_users.clone(),
                 access_team_ids: inbox.access_teams.clone(),
                 kind: kind as i32,
+                ..Default::default()
             }));
         }
         for agent in &self.agents {

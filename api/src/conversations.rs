@@ -108,6 +108,7 @@ impl From<ConversationRow> for Conversation {
             ticket_id: row.ticket_id.map(|id| id.to_string()).unwrap_or_default(),
             human_agent_reply_window_ends_at,
             reply_window_ends_at: row.reply_window_ends_at.map(timestamp),
+            ..Default::default()
         }
     }
 }
@@ -148,6 +149,7 @@ impl From<MessageRow> for Message {
             subject: row.subject,
             content: json_to_struct(&without_hidden_form_fields(row.content)),
             hidden_fields: Vec::new(),
+            ..Default::default()
         }
     }
 }

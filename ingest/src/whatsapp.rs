@@ -413,6 +413,7 @@ pub(crate) mod tests {
                 whatsapp: Some(WhatsAppSettings {
                     phone_number_id: "106540352242922".into(),
                     display_phone_number: "15550783881".into(),
+                    ..Default::default()
                 }),
                 ..Default::default()
             },

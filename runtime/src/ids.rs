@@ -26,6 +26,19 @@ pub fn message_id_for(account_id: &str, channel_id: &str, provider_message_id: &
     Uuid::new_v5(&SWITCHBOARD_NAMESPACE, &name)
 }
 
+/// A UUIDv5 named by `kind` and `parts`, each part length-prefixed so that no choice of parts
+/// can make two different lists give the same name.
+pub fn name_based_id(kind: &str, parts: &[&str]) -> Uuid {
+    let mut name = Vec::with_capacity(kind.len() + 1 + parts.iter().map(|part| part.len() + 4).sum::<usize>());
+    name.extend_from_slice(kind.as_bytes());
+    name.push(b':');
+    for part in parts {
+        name.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        name.extend_from_slice(part.as_bytes());
+    }
+    Uuid::new_v5(&SWITCHBOARD_NAMESPACE, &name)
+}
+
 /// A UUIDv7 whose timestamp is `unix_millis` and whose "random" bits are a hash of `seed`.
 /// Events derived from a cause get `derived_v7(cause_time, "cause-id/purpose/index")`: time
 /// ordered like any UUIDv7, yet a pure function of the log.

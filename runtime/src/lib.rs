@@ -22,6 +22,7 @@ pub mod kafka;
 pub mod metrics;
 #[cfg(feature = "metrics-http")]
 pub mod metrics_http;
+pub mod outbound;
 pub mod publisher;
 #[cfg(feature = "read-models")]
 pub mod read_models;

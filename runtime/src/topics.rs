@@ -65,6 +65,10 @@ pub struct Topics {
     pub conversations: String,
     /// Compacted configuration (inboxes, channels, rules, agents); keyed by entity.
     pub config: String,
+    /// Outbound messages accepted for sending (replies, notes, automated); keyed by conversation.
+    pub outbound: String,
+    /// Delivery attempts and their outcomes; keyed by conversation id.
+    pub delivery: String,
     /// Records that could not be processed, with the reason in headers.
     pub deadletter: String,
 }
@@ -76,6 +80,8 @@ impl Topics {
             inbound: format!("{prefix}inbound.v1"),
             conversations: format!("{prefix}conversations.v1"),
             config: format!("{prefix}config.v1"),
+            outbound: format!("{prefix}outbound.v1"),
+            delivery: format!("{prefix}delivery.v1"),
             deadletter: format!("{prefix}deadletter.v1"),
         }
     }

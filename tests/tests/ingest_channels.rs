@@ -60,6 +60,7 @@ fn config_payloads() -> Vec<Payload> {
             whatsapp: Some(WhatsAppSettings {
                 phone_number_id: "106540352242922".into(),
                 display_phone_number: "15550783881".into(),
+                ..Default::default()
             }),
             ..channel("wa", ChannelType::Whatsapp, true)
         }),

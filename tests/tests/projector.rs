@@ -238,6 +238,7 @@ fn config_log() -> Vec<(String, Envelope)> {
                 access_user_ids: vec!["agent-1".into()],
                 access_team_ids: vec!["team-a".into()],
                 kind: 2,
+                ..Default::default()
             }),
         ),
         envelope(
