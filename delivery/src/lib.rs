@@ -26,3 +26,6 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     migration_pool.close().await;
     migrated
 }
+
+pub mod email;
+pub mod outcome;
