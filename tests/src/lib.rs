@@ -283,6 +283,7 @@ impl TestEnv {
             )?,
             brokers: self.brokers.clone(),
             topics: self.topics.clone(),
+            fallback_email_domain: switchboard_runtime::outbound::DEFAULT_FALLBACK_DOMAIN.to_owned(),
         };
         tokio::spawn(async move {
             let stopped = async move {
