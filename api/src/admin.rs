@@ -26,6 +26,7 @@ use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore, config_key}
 
 use crate::config_rules::{self, Breach};
 use switchboard_runtime::envelope;
+use switchboard_runtime::outbound;
 use switchboard_runtime::publisher::EnvelopePublisher;
 use switchboard_runtime::topics::Topics;
 use tonic::{Request, Response, Status};
@@ -488,6 +489,9 @@ fn apply_settings(
     if !matches {
         violations.add("settings", "do not match the channel's type");
     }
+    for (field, problem) in config_rules::channel_settings_problems(channel) {
+        violations.add(field, problem);
+    }
 }
 
 fn check_capacity(violations: &mut Violations, capacities: &[ChannelTypeCapacity]) {
@@ -544,21 +548,39 @@ impl AdminService for Admin {
             let mode = access_mode_of(&mut violations, "access_mode", body.access_mode);
             check_labels(&mut violations, "access_user_ids", &body.access_user_ids);
             check_labels(&mut violations, "access_team_ids", &body.access_team_ids);
+            if !body.fallback_from_name.is_empty() {
+                check_name(&mut violations, "fallback_from_name", &body.fallback_from_name);
+            }
             violations.into_result()?;
             check_keeps_caller(&identity, mode, &body.access_user_ids, &body.access_team_ids)?;
             let _guard = self.config_lock.lock().await;
-            if self.snapshot().inboxes.contains(&identity.account_id, &body.inbox_id) {
+            let snapshot = self.snapshot();
+            if snapshot.inboxes.contains(&identity.account_id, &body.inbox_id) {
                 return Err(ApiError::AlreadyExists { what: "inbox", id: body.inbox_id.clone() });
             }
+            let name = body.name.trim().to_owned();
+            // C12: every inbox gets its fallback address now; a from-name not chosen is derived
+            // unique (config_rules::default_fallback_from_name), a chosen one must be free.
+            let fallback_from_name = if body.fallback_from_name.trim().is_empty() {
+                config_rules::default_fallback_from_name(&snapshot, &identity.account_id, &body.inbox_id, &name)
+            } else {
+                body.fallback_from_name.trim().to_owned()
+            };
             let inbox = InboxConfigured {
                 inbox_id: body.inbox_id.clone(),
-                name: body.name.trim().to_owned(),
+                name,
                 access_mode: mode as i32,
                 access_user_ids: body.access_user_ids.clone(),
                 access_team_ids: body.access_team_ids.clone(),
                 kind: kind as i32,
-                ..Default::default()
+                fallback_address: outbound::default_fallback_address(
+                    &identity.account_id,
+                    &body.inbox_id,
+                    &self.outbound.fallback_email_domain,
+                ),
+                fallback_from_name,
             };
+            refuse_breaches(config_rules::inbox_breaches(&snapshot, &identity.account_id, &inbox))?;
             Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
         })
     }
@@ -574,6 +596,7 @@ impl AdminService for Admin {
             let mut inbox = self.inbox_entity(&snapshot, &identity, &body.inbox_id)?;
             let access = inbox_access_of(&identity.account_id, &inbox);
             access::check_act(&identity, &access, "inbox", &body.inbox_id)?;
+            // The fallback address and from-name (C12) stay as they are: customers know them.
             inbox.name = body.name.trim().to_owned();
             Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
         })

@@ -13,14 +13,15 @@ use serde::Deserialize;
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
     AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, ChannelTypeCapacity,
-    ChatHoursRange, ChatSettings, ConsentMode, EmailSettings, InboxAccessMode, InboxConfigured, InboxKind,
-    MessengerSettings, RoutingRulesConfigured, TicketSettingsConfigured, WhatsAppSettings,
+    ChatHoursRange, ChatSettings, ConsentMode, CustomChannelSettings, EmailSettings, InboxAccessMode, InboxConfigured,
+    InboxKind, MessengerSettings, RoutingRulesConfigured, TicketSettingsConfigured, WhatsAppSettings, WhatsAppTemplate,
 };
 use switchboard_proto::names;
 use switchboard_runtime::config_store::{ConfigSnapshot, config_key};
 
 use crate::config_rules::{self, Breach};
 use switchboard_runtime::envelope;
+use switchboard_runtime::outbound;
 use switchboard_runtime::publisher::EnvelopePublisher;
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +34,10 @@ pub struct ConfigFile {
     pub channels: Vec<ChannelDecl>,
     #[serde(default)]
     pub agents: Vec<AgentDecl>,
+    /// C12: mail domain of the fallback addresses of inboxes this file creates (the API's
+    /// `--fallback-email-domain`); not part of the file. `None`: the default domain.
+    #[serde(skip)]
+    pub fallback_email_domain_opt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +55,10 @@ pub struct InboxDecl {
     /// I5: `conversations` (default) or `help_desk` (every conversation becomes a ticket).
     #[serde(default = "default_inbox_kind")]
     pub kind: String,
+    /// C12: the from-name of the inbox's fallback address (default: `name`); unique among the
+    /// installation's fallback addresses.
+    #[serde(default)]
+    pub fallback_from_name: String,
 }
 
 fn default_inbox_kind() -> String {
@@ -80,6 +89,7 @@ pub struct ChannelDecl {
     pub chat: Option<ChatDecl>,
     pub messenger: Option<MessengerDecl>,
     pub whatsapp: Option<WhatsAppDecl>,
+    pub custom: Option<CustomDecl>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +124,9 @@ pub struct EmailDecl {
     /// C3: log forwarded mail to the forwarder instead of the original sender.
     #[serde(default)]
     pub log_forwarded_to_forwarder: bool,
+    /// C12: the team address is disconnected; replies go out from the inbox's fallback address.
+    #[serde(default)]
+    pub disconnected: bool,
 }
 
 fn default_from_name_mode() -> String {
@@ -200,6 +213,32 @@ pub struct WhatsAppDecl {
     pub phone_number_id: String,
     #[serde(default)]
     pub display_phone_number: String,
+    /// C8: the templates Meta approved for the number (the only messages outside 24 hours).
+    #[serde(default)]
+    pub templates: Vec<WhatsAppTemplateDecl>,
+    /// Outbound messages per second for the number; 0 = Meta's default (80).
+    #[serde(default)]
+    pub messages_per_second: u32,
+}
+
+/// C8: `{ name = "order_update", language = "en_US", parameters = 2 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhatsAppTemplateDecl {
+    pub name: String,
+    pub language: String,
+    #[serde(default)]
+    pub parameters: u32,
+}
+
+/// C10: where replies to the custom app are delivered (its signing key is in the secrets file).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomDecl {
+    pub delivery_url: String,
+    /// Outbound messages per second to the app; 0 = no limit.
+    #[serde(default)]
+    pub messages_per_second: u32,
 }
 
 fn yes() -> bool {
@@ -305,6 +344,7 @@ impl ChannelDecl {
             ("chat", self.chat.is_some(), ChannelType::Chat),
             ("messenger", self.messenger.is_some(), ChannelType::FacebookMessenger),
             ("whatsapp", self.whatsapp.is_some(), ChannelType::Whatsapp),
+            ("custom", self.custom.is_some(), ChannelType::Custom),
         ];
         for (section, present, for_type) in given {
             if present && for_type != channel_type {
@@ -326,7 +366,7 @@ impl ChannelDecl {
                 signature: email.signature.clone(),
                 signature_is_html: email.signature_is_html,
                 log_forwarded_to_forwarder: email.log_forwarded_to_forwarder,
-                ..Default::default()
+                disconnected: email.disconnected,
             });
         }
         if let Some(chat) = &self.chat {
@@ -381,8 +421,26 @@ impl ChannelDecl {
             channel.whatsapp = Some(WhatsAppSettings {
                 phone_number_id: whatsapp.phone_number_id.clone(),
                 display_phone_number: whatsapp.display_phone_number.clone(),
-                ..Default::default()
+                templates: whatsapp
+                    .templates
+                    .iter()
+                    .map(|template| WhatsAppTemplate {
+                        name: template.name.trim().to_owned(),
+                        language: template.language.trim().to_owned(),
+                        parameter_count: template.parameters,
+                    })
+                    .collect(),
+                messages_per_second: whatsapp.messages_per_second,
             });
+        }
+        if let Some(custom) = &self.custom {
+            channel.custom = Some(CustomChannelSettings {
+                delivery_url: custom.delivery_url.trim().to_owned(),
+                messages_per_second: custom.messages_per_second,
+            });
+        }
+        if let Some((field, problem)) = config_rules::channel_settings_problems(&channel).into_iter().next() {
+            bail!("channel `{}`: {field} {problem}", self.id);
         }
         Ok(channel)
     }
@@ -447,6 +505,32 @@ impl ConfigFile {
             let Some(kind) = names::parse::<InboxKind>(&inbox.kind) else {
                 bail!("inbox `{}`: unknown kind `{}`", inbox.id, inbox.kind);
             };
+            // C12: an inbox keeps the fallback address it was given; a new one gets one now.
+            let fallback_address = current
+                .inboxes
+                .get(&self.account_id, &inbox.id)
+                .map(|existing| existing.entity.fallback_address.clone())
+                .filter(|address| !address.is_empty())
+                .unwrap_or_else(|| {
+                    outbound::default_fallback_address(
+                        &self.account_id,
+                        &inbox.id,
+                        self.fallback_email_domain_opt.as_deref().unwrap_or(outbound::DEFAULT_FALLBACK_DOMAIN),
+                    )
+                });
+            // A from-name not declared: the one the inbox has, else a unique default.
+            let fallback_from_name = if inbox.fallback_from_name.trim().is_empty() {
+                current
+                    .inboxes
+                    .get(&self.account_id, &inbox.id)
+                    .map(|existing| existing.entity.fallback_from_name.clone())
+                    .filter(|from_name| !from_name.is_empty())
+                    .unwrap_or_else(|| {
+                        config_rules::default_fallback_from_name(current, &self.account_id, &inbox.id, &inbox.name)
+                    })
+            } else {
+                inbox.fallback_from_name.trim().to_owned()
+            };
             payloads.push(Payload::InboxConfigured(InboxConfigured {
                 inbox_id: inbox.id.clone(),
                 name: inbox.name.clone(),
@@ -454,7 +538,8 @@ impl ConfigFile {
                 access_user_ids: inbox.access_users.clone(),
                 access_team_ids: inbox.access_teams.clone(),
                 kind: kind as i32,
-                ..Default::default()
+                fallback_address,
+                fallback_from_name,
             }));
         }
         for agent in &self.agents {
@@ -552,6 +637,9 @@ impl ConfigFile {
                     breaches.extend(config_rules::channel_breaches(&prospective, &self.account_id, channel))
                 }
                 Payload::AgentConfigured(agent) => breaches.extend(config_rules::agent_breaches(&prospective, agent)),
+                Payload::InboxConfigured(inbox) => {
+                    breaches.extend(config_rules::inbox_breaches(&prospective, &self.account_id, inbox))
+                }
                 _ => {}
             }
         }

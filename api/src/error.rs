@@ -106,7 +106,7 @@ impl From<crate::config_rules::Breach> for ApiError {
         use crate::config_rules::Breach;
         let description = breach.describe();
         match breach {
-            Breach::IdentityTaken(_) => ApiError::IdentityTaken(description),
+            Breach::IdentityTaken(_) | Breach::FallbackFromNameTaken(_) => ApiError::IdentityTaken(description),
             Breach::TeamAddressIsAgentAddress(_) => ApiError::invalid("settings.email.team_address", description),
             Breach::AgentAddressIsTeamAddress(_) => ApiError::invalid("email", description),
             Breach::UnpaidAgentsInRule { .. } => ApiError::invalid("user_ids", description),

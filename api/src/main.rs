@@ -63,6 +63,9 @@ enum Command {
         kafka_brokers: String,
         #[arg(long, env = "SWITCHBOARD_TOPIC_PREFIX", default_value = switchboard_runtime::topics::DEFAULT_TOPIC_PREFIX)]
         topic_prefix: String,
+        /// C12: mail domain of the fallback address every new inbox gets (as `serve`).
+        #[arg(long, env = "FALLBACK_EMAIL_DOMAIN", default_value = switchboard_runtime::outbound::DEFAULT_FALLBACK_DOMAIN)]
+        fallback_email_domain: String,
     },
 }
 
@@ -121,10 +124,11 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::ApplyConfig { file, kafka_brokers, topic_prefix } => {
+        Command::ApplyConfig { file, kafka_brokers, topic_prefix, fallback_email_domain } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read {}", file.display()))?;
-            let config_file =
+            let mut config_file =
                 ConfigFile::parse(&text).with_context(|| format!("invalid config file {}", file.display()))?;
+            config_file.fallback_email_domain_opt = Some(fallback_email_domain.trim().to_ascii_lowercase());
             let topics = Topics::with_prefix(&topic_prefix);
             ensure_topics(&kafka_brokers, &topics).await?;
             let current = ConfigStore::start(&kafka_brokers, &topics.config, "config-loader").await?;
