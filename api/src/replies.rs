@@ -197,7 +197,7 @@ pub enum Route {
     /// team-email channel whose identity applies (none: the fallback address, C12).
     Email {
         to: String,
-        team_channel_opt: Option<ChannelConfigured>,
+        team_channel_opt: Option<Box<ChannelConfigured>>,
     },
     Messenger {
         page_id: String,
@@ -304,9 +304,9 @@ pub fn route_reply<'a>(
                     metadata: Vec::new(),
                 })?;
             let team_channel_opt = if channel_type == ChannelType::TeamEmail {
-                Some(channel.clone())
+                Some(Box::new(channel.clone()))
             } else {
-                outbound::inbox_team_email_channel(&conversation.inbox_id, team_channels).cloned()
+                outbound::inbox_team_email_channel(&conversation.inbox_id, team_channels).cloned().map(Box::new)
             };
             Ok(Route::Email { to, team_channel_opt })
         }
@@ -441,7 +441,7 @@ pub fn build_outbound(parts: ReplyParts<'_>, route: Route, request: &SendReplyRe
     match route {
         Route::Email { to, team_channel_opt } => {
             let identity =
-                outbound::email_identity(parts.account_id, parts.inbox, team_channel_opt.as_ref(), &agent_name);
+                outbound::email_identity(parts.account_id, parts.inbox, team_channel_opt.as_deref(), &agent_name);
             let settings = team_channel_opt.as_ref().and_then(|channel| channel.email.clone()).unwrap_or_default();
             let html_opt = (!request.html.is_empty()).then_some(request.html.as_str());
             let bodies = outbound::email_bodies(
@@ -1021,7 +1021,7 @@ mod tests {
         form.contact_email = "kim@example.org".into();
         assert_eq!(
             route_reply(&form, Some(&forms), [&mail], &reply("hi"), at(0)).unwrap(),
-            Route::Email { to: "kim@example.org".into(), team_channel_opt: Some(mail.clone()) }
+            Route::Email { to: "kim@example.org".into(), team_channel_opt: Some(Box::new(mail.clone())) }
         );
         assert_eq!(
             route_reply(&form, Some(&forms), [], &reply("hi"), at(0)).unwrap(),
