@@ -919,4 +919,89 @@ mod tests {
         let unknown_field = format!("{DEMO}\nsurprise = 1\n");
         assert!(ConfigFile::parse(&unknown_field).is_err());
     }
+
+    #[test]
+    fn c8_c10_c12_outbound_settings_and_fallback_addresses_come_from_the_file() {
+        let text = r#"
+account_id = "acme"
+
+[[inboxes]]
+id = "support"
+name = "Support"
+fallback_from_name = "Acme Support"
+
+[[inboxes]]
+id = "web"
+name = "Web"
+
+[[channels]]
+id = "mail"
+inbox = "support"
+type = "team_email"
+name = "Acme Help"
+[channels.email]
+team_address = "help@acme.test"
+disconnected = true
+
+[[channels]]
+id = "wa"
+inbox = "support"
+type = "whatsapp"
+name = "WhatsApp"
+[channels.whatsapp]
+phone_number_id = "pn-1"
+templates = [{ name = "order_update", language = "en_US", parameters = 2 }]
+
+[[channels]]
+id = "app"
+inbox = "support"
+type = "custom"
+name = "App"
+[channels.custom]
+delivery_url = "https://app.example/deliver"
+"#;
+        let mut file = ConfigFile::parse(text).unwrap();
+        file.fallback_email_domain_opt = Some("replies.example".into());
+        let payloads = file.to_payloads(&ConfigSnapshot::default()).unwrap();
+        file.check_rules(&ConfigSnapshot::default(), &payloads).unwrap();
+        let inboxes: Vec<&InboxConfigured> = payloads
+            .iter()
+            .filter_map(|payload| match payload {
+                Payload::InboxConfigured(inbox) => Some(inbox),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(inboxes[0].fallback_address, "support.acme@replies.example");
+        assert_eq!(inboxes[0].fallback_from_name, "Acme Support");
+        assert_eq!(inboxes[1].fallback_from_name, "Web", "defaults to the name");
+        let channel = |id: &str| {
+            payloads
+                .iter()
+                .find_map(|payload| match payload {
+                    Payload::ChannelConfigured(channel) if channel.channel_id == id => Some(channel.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert!(channel("mail").email.unwrap().disconnected);
+        assert_eq!(channel("wa").whatsapp.unwrap().templates[0].parameter_count, 2);
+        assert_eq!(channel("app").custom.unwrap().delivery_url, "https://app.example/deliver");
+        // Applied again over itself, the inbox keeps its address whatever the domain now is.
+        let mut current = ConfigSnapshot::default();
+        for payload in &payloads {
+            current.apply(&envelope::new_root("acme", "", Utc::now(), payload.clone()));
+        }
+        file.fallback_email_domain_opt = None;
+        let again = file.to_payloads(&current).unwrap();
+        assert!(again.iter().all(|payload| current.holds("acme", payload)), "nothing changes");
+        // A second account may not take a chosen from-name (C12).
+        let thief = ConfigFile::parse(
+            "account_id = \"globex\"\n[[inboxes]]\nid = \"s\"\nname = \"S\"\nfallback_from_name = \"ACME support\"\n",
+        )
+        .unwrap();
+        let error = thief.check_rules(&current, &thief.to_payloads(&current).unwrap()).unwrap_err().to_string();
+        assert!(error.contains("C12"), "{error}");
+        let bad_url = text.replace("https://app.example/deliver", "mailto:x@y");
+        assert!(ConfigFile::parse(&bad_url).unwrap().to_payloads(&ConfigSnapshot::default()).is_err());
+    }
 }
