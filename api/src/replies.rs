@@ -293,15 +293,21 @@ pub fn route_reply<'a>(
     violations.into_result()?;
     match channel_type {
         ChannelType::TeamEmail | ChannelType::Forms => {
-            let to = [conversation.contact_email.trim(), conversation.contact_external_id.trim()]
-                .into_iter()
-                .find(|address| address.contains('@'))
-                .map(str::to_owned)
-                .ok_or_else(|| ApiError::Precondition {
-                    reason: "CONTACT_HAS_NO_EMAIL",
-                    subject: format!("conversation/{}", conversation.conversation_id),
-                    description: "the contact has no email address to reply to".to_owned(),
-                    metadata: Vec::new(),
+            // Team email answers the address that wrote in (the conversation's sender); a form
+            // answers the contact's address, its sender id being the submission's.
+            let candidates = if channel_type == ChannelType::TeamEmail {
+                [conversation.contact_external_id.trim(), conversation.contact_email.trim()]
+            } else {
+                [conversation.contact_email.trim(), conversation.contact_external_id.trim()]
+            };
+            let to =
+                candidates.into_iter().find(|address| address.contains('@')).map(str::to_owned).ok_or_else(|| {
+                    ApiError::Precondition {
+                        reason: "CONTACT_HAS_NO_EMAIL",
+                        subject: format!("conversation/{}", conversation.conversation_id),
+                        description: "the contact has no email address to reply to".to_owned(),
+                        metadata: Vec::new(),
+                    }
                 })?;
             let team_channel_opt = if channel_type == ChannelType::TeamEmail {
                 Some(Box::new(channel.clone()))
@@ -1019,6 +1025,7 @@ mod tests {
             "CONTACT_HAS_NO_EMAIL"
         );
         form.contact_email = "kim@example.org".into();
+        form.contact_external_id = "someone@else.example".into();
         assert_eq!(
             route_reply(&form, Some(&forms), [&mail], &reply("hi"), at(0)).unwrap(),
             Route::Email { to: "kim@example.org".into(), team_channel_opt: Some(Box::new(mail.clone())) }
@@ -1083,6 +1090,16 @@ mod tests {
         assert_eq!(message.reply_id, reply_id.to_string());
         assert_eq!(message.purpose, OutboundPurpose::ConversationReply as i32);
         assert_eq!(message.author.unwrap().name, "Ana Alvarez");
+    }
+
+    #[test]
+    fn c1_team_email_answers_the_address_that_wrote_in() {
+        let mut conversation = facts(ChannelType::TeamEmail, "mail");
+        conversation.contact_external_id = "carla.work@example.com".into();
+        conversation.contact_email = "carla@example.com".into();
+        let route = route_reply(&conversation, Some(&email_channel("mail", false)), [], &reply("Hi"), at(0)).unwrap();
+        let Route::Email { to, .. } = route else { panic!("expected email") };
+        assert_eq!(to, "carla.work@example.com");
     }
 
     #[test]
