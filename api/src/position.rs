@@ -77,6 +77,9 @@ mod tests {
         assert_eq!(position.to_string(), "inbound.v1:7:1234");
         assert_eq!(projection_of("inbound.v1"), "sources");
         assert_eq!(projection_of("config.v1"), "read_models");
+        // Replies and notes (O1): the projector records outbound.v1 with the read models.
+        assert_eq!(projection_of("outbound.v1"), "read_models");
+        assert!(Position::parse("outbound.v1:11:3").is_ok());
         let list = Position::parse_list("min_position", "config.v1:1:88,inbound.v1:0:5").unwrap();
         assert_eq!(Position::join(&list), "config.v1:1:88,inbound.v1:0:5");
         assert!(Position::parse_list("min_position", "").unwrap().is_empty());
