@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::config::{ConfigWrite, fold_config};
 use crate::facts::{Event, Fact};
+use crate::outbound::{OutboundStored, OutboundWrites, fold_outbound};
 use switchboard_runtime::reply_window;
 
 /// What a batch needs besides its events; the shell reads it before the fold.
@@ -28,6 +29,9 @@ pub struct BatchInput<'a> {
     pub stored_conversations: HashMap<Uuid, StoredConversation>,
     /// Which events are new to the read models.
     pub claimed: Claimed,
+    /// Stored delivery steps, provider ids, statuses and recipients the batch's outbound
+    /// events may relate to.
+    pub outbound: OutboundStored,
 }
 
 /// The natural keys the batch's idempotency inserts (`ON CONFLICT DO NOTHING RETURNING`)
@@ -35,6 +39,7 @@ pub struct BatchInput<'a> {
 /// published twice) and changes nothing.
 #[derive(Debug, Default, Clone)]
 pub struct Claimed {
+    /// Inbound messages, and outbound messages and notes of conversations.
     pub message_ids: HashSet<Uuid>,
     /// Assigned, left unassigned and unassigned events (the `assignments` table).
     pub decision_event_ids: HashSet<String>,
@@ -63,6 +68,8 @@ pub struct StoredConversation {
     pub reply_window_ends_at: Option<DateTime<Utc>>,
     pub contact_id: Option<Uuid>,
     pub subject: String,
+    pub first_response_at: Option<DateTime<Utc>>,
+    pub last_agent_reply_at: Option<DateTime<Utc>>,
 }
 
 /// A `conversations` row to write. Inserted rows use every field; updated rows only those
@@ -88,6 +95,9 @@ pub struct ConversationRow {
     pub reply_window_ends_at: Option<DateTime<Utc>>,
     pub contact_id: Option<Uuid>,
     pub subject: String,
+    /// Agent replies only (O5): the first and the latest, at the time each was queued.
+    pub first_response_at: Option<DateTime<Utc>>,
+    pub last_agent_reply_at: Option<DateTime<Utc>>,
 }
 
 impl ConversationRow {
@@ -117,6 +127,8 @@ impl ConversationRow {
             reply_window_ends_at: stored.reply_window_ends_at,
             contact_id: stored.contact_id,
             subject: stored.subject,
+            first_response_at: stored.first_response_at,
+            last_agent_reply_at: stored.last_agent_reply_at,
         }
     }
 }
@@ -209,6 +221,8 @@ pub struct Writes<'a> {
     pub config: Vec<ConfigWrite<'a>>,
     /// Sorted by topic and partition.
     pub sources: Vec<SourcePosition<'a>>,
+    /// Delivery steps, provider ids, statuses and delivery states (O5).
+    pub outbound: OutboundWrites,
 }
 
 /// A conversation while the batch folds into it.
@@ -223,7 +237,7 @@ struct FoldedConversation {
 /// Folds the batch, in log order, into the conversations it touches (counters, assignee,
 /// workload, reply window, change feed) and collects every write.
 pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
-    let BatchInput { events, stored_conversations, mut claimed } = input;
+    let BatchInput { events, stored_conversations, mut claimed, outbound } = input;
     let mut conversations: HashMap<Uuid, FoldedConversation> = stored_conversations
         .into_iter()
         .map(|(id, stored)| {
@@ -276,6 +290,8 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
                     reply_window_ends_at: None,
                     contact_id: started.contact_id,
                     subject: String::new(),
+                    first_response_at: None,
+                    last_agent_reply_at: None,
                 };
                 changes.push(change(&row, "started"));
                 conversations.insert(started.conversation_id, FoldedConversation { new: true, dirty: true, row });
@@ -430,6 +446,37 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
                     at: event.recorded_at,
                 });
             }
+            Fact::OutboundQueued(queued) => {
+                // The message row is inserted by the shell (owner notifications go to their own
+                // table and are no conversation's message).
+                if queued.owner_notification || !claimed.message_ids.remove(&queued.reply_id) {
+                    continue;
+                }
+                let Some(conversation) = queued.conversation_id.and_then(|id| conversations.get_mut(&id)) else {
+                    continue;
+                };
+                let row = &mut conversation.row;
+                row.updated_at = row.updated_at.max(event.recorded_at);
+                if queued.author.kind == "agent" {
+                    let at = event.recorded_at;
+                    row.first_response_at = Some(row.first_response_at.map_or(at, |first| first.min(at)));
+                    row.last_agent_reply_at = Some(row.last_agent_reply_at.map_or(at, |last| last.max(at)));
+                }
+                conversation.dirty = true;
+                changes.push(change(row, "reply"));
+            }
+            Fact::NoteAdded(note) => {
+                if !claimed.message_ids.remove(&note.note_id) {
+                    continue;
+                }
+                let Some(conversation) = conversations.get_mut(&note.conversation_id) else { continue };
+                let row = &mut conversation.row;
+                row.updated_at = row.updated_at.max(event.recorded_at);
+                conversation.dirty = true;
+                changes.push(change(row, "note"));
+            }
+            // Steps and states: `fold_outbound` below.
+            Fact::DeliveryAttempt(_) | Fact::DeliveryStatus(_) => {}
             // Contacts are written by their idempotency insert alone; config facts below.
             Fact::ContactCreated(_) => {}
             Fact::Inbox(_)
@@ -474,6 +521,7 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
         audits,
         changes,
         config: fold_config(events),
+        outbound: fold_outbound(events, outbound),
         sources: sources
             .into_iter()
             .map(|((topic, partition), next_offset)| SourcePosition { topic, partition, next_offset })
@@ -581,6 +629,8 @@ mod tests {
             reply_window_ends_at: None,
             contact_id: None,
             subject: String::new(),
+            first_response_at: None,
+            last_agent_reply_at: None,
         }
     }
 
@@ -601,6 +651,12 @@ mod tests {
                 Fact::TicketCreated(ticket) => {
                     claimed.ticket_ids.insert(ticket.ticket_id);
                 }
+                Fact::OutboundQueued(queued) if !queued.owner_notification => {
+                    claimed.message_ids.insert(queued.reply_id);
+                }
+                Fact::NoteAdded(note) => {
+                    claimed.message_ids.insert(note.note_id);
+                }
                 _ => {}
             }
         }
@@ -610,7 +666,7 @@ mod tests {
     /// When the batch is folded with these stored conversations, every key new.
     fn fold_new<'a>(events: &'a [&'a Event], stored: Vec<StoredConversation>) -> Writes<'a> {
         let stored_conversations = stored.into_iter().map(|row| (row.conversation_id, row)).collect();
-        fold_batch(BatchInput { events, stored_conversations, claimed: all_new(events) })
+        fold_batch(BatchInput { events, stored_conversations, claimed: all_new(events), ..Default::default() })
     }
 
     fn change_kinds(writes: &Writes<'_>) -> Vec<&'static str> {
@@ -955,7 +1011,7 @@ mod tests {
         let events = [&message_again, &assign_again, &close_again, &owner_again];
         let stored_conversations = HashMap::from([(id(1), stored(1, "chat", Some("ana")))]);
         // When folded
-        let writes = fold_batch(BatchInput { events: &events, stored_conversations, claimed: Claimed::default() });
+        let writes = fold_batch(BatchInput { events: &events, stored_conversations, claimed: Claimed::default(), ..Default::default() });
         // Then no write at all
         assert_eq!(writes, Writes::default());
     }
@@ -982,7 +1038,7 @@ mod tests {
         let written = stored_from(&once.new_conversations[0]);
         // When the same batch is read again (the inserts now claim nothing)
         let stored_conversations = HashMap::from([(id(1), written)]);
-        let again = fold_batch(BatchInput { events: &events, stored_conversations, claimed: Claimed::default() });
+        let again = fold_batch(BatchInput { events: &events, stored_conversations, claimed: Claimed::default(), ..Default::default() });
         // Then nothing is written
         assert_eq!(again, Writes::default());
     }
@@ -1020,7 +1076,12 @@ mod tests {
                     _ => {}
                 }
             }
-            let writes = fold_batch(BatchInput { events, stored_conversations: self.conversations.clone(), claimed });
+            let writes = fold_batch(BatchInput {
+                events,
+                stored_conversations: self.conversations.clone(),
+                claimed,
+                ..Default::default()
+            });
             for row in writes.new_conversations {
                 self.conversations.entry(row.conversation_id).or_insert_with(|| stored_from(&row));
             }
@@ -1059,6 +1120,8 @@ mod tests {
             reply_window_ends_at: row.reply_window_ends_at,
             contact_id: row.contact_id,
             subject: row.subject.clone(),
+            first_response_at: row.first_response_at,
+            last_agent_reply_at: row.last_agent_reply_at,
         }
     }
 
