@@ -16,11 +16,11 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::facts::{Event, Fact};
-use crate::outbound::{OutboundStored, OutboundWrites, ProviderIdRow, RecipientRow, StatusRow, StepRow};
 use crate::fold::{
     AuditRow, BatchInput, Change, Claimed, ContactOwner, ConversationRow, SourcePosition, StoredConversation,
     TicketStageUpdate, WorkloadDelta, fold_batch,
 };
+use crate::outbound::{OutboundStored, OutboundWrites, ProviderIdRow, RecipientRow, StatusRow, StepRow};
 
 /// Whether the writer announces changes with `pg_notify` (the live projector) or not (a replay
 /// into a schema nobody reads yet).
@@ -784,7 +784,10 @@ struct OutboundColumns<'a> {
 }
 
 /// R4: owner notifications are kept for the audit, apart from the conversation's messages.
-async fn insert_owner_notifications(transaction: &mut Transaction<'_, Postgres>, events: &[&Event]) -> sqlx::Result<()> {
+async fn insert_owner_notifications(
+    transaction: &mut Transaction<'_, Postgres>,
+    events: &[&Event],
+) -> sqlx::Result<()> {
     let notifications: Vec<(&Event, &crate::facts::OutboundQueued)> = events
         .iter()
         .filter_map(|event| match &event.fact {
@@ -835,10 +838,7 @@ impl Keys {
 /// Reads what the batch's outbound events may relate to: the recipients, provider ids, statuses
 /// and steps of the replies they name, and of the replies their statuses may match (by provider
 /// id, or for a watermark by recipient), and the statuses those replies may match.
-async fn load_outbound(
-    transaction: &mut Transaction<'_, Postgres>,
-    events: &[&Event],
-) -> sqlx::Result<OutboundStored> {
+async fn load_outbound(transaction: &mut Transaction<'_, Postgres>, events: &[&Event]) -> sqlx::Result<OutboundStored> {
     let mut reply_ids: HashSet<Uuid> = HashSet::new();
     let mut status_ids = Keys::default();
     let mut status_recipients = Keys::default();

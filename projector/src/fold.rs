@@ -544,7 +544,11 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::facts::{Audit, ConversationStarted, Explanation, InboxRow, MessageAppended, TicketCreated};
+    use crate::facts::{
+        Audit, AuthorFact, ConversationStarted, Explanation, InboxRow, MessageAppended, NoteAdded, TicketCreated,
+    };
+    use crate::outbound::memory::MemoryOutbound;
+    use crate::outbound::tests as outbound_events;
 
     const ACCOUNT: &str = "acme";
 
@@ -1011,7 +1015,12 @@ mod tests {
         let events = [&message_again, &assign_again, &close_again, &owner_again];
         let stored_conversations = HashMap::from([(id(1), stored(1, "chat", Some("ana")))]);
         // When folded
-        let writes = fold_batch(BatchInput { events: &events, stored_conversations, claimed: Claimed::default(), ..Default::default() });
+        let writes = fold_batch(BatchInput {
+            events: &events,
+            stored_conversations,
+            claimed: Claimed::default(),
+            ..Default::default()
+        });
         // Then no write at all
         assert_eq!(writes, Writes::default());
     }
@@ -1038,9 +1047,70 @@ mod tests {
         let written = stored_from(&once.new_conversations[0]);
         // When the same batch is read again (the inserts now claim nothing)
         let stored_conversations = HashMap::from([(id(1), written)]);
-        let again = fold_batch(BatchInput { events: &events, stored_conversations, claimed: Claimed::default(), ..Default::default() });
+        let again = fold_batch(BatchInput {
+            events: &events,
+            stored_conversations,
+            claimed: Claimed::default(),
+            ..Default::default()
+        });
         // Then nothing is written
         assert_eq!(again, Writes::default());
+    }
+
+    fn note(event_id: &str, second: i64, note: u128) -> Event {
+        event(
+            event_id,
+            second,
+            Fact::NoteAdded(Box::new(NoteAdded {
+                note_id: id(note),
+                conversation_id: id(1),
+                inbox_id: "inbox-1".into(),
+                author: outbound_events::agent(),
+                text: "call them back".into(),
+            })),
+        )
+    }
+
+    fn automation(name: &'static str) -> AuthorFact {
+        AuthorFact { kind: "automation", agent_id: String::new(), name: "Acme".into(), automation: name }
+    }
+
+    #[test]
+    fn o5_agent_replies_set_first_response_and_last_agent_reply_at_their_queued_time() {
+        // Given two agent replies (recorded at 10 and 30), in one batch, the later one first
+        let first = outbound_events::queued("e1", 10, 1, outbound_events::agent(), false);
+        let second = outbound_events::queued("e2", 30, 2, outbound_events::agent(), false);
+        let events = [&second, &first];
+        // When folded
+        let writes = fold_new(&events, vec![stored(1, "facebook_messenger", None)]);
+        // Then the conversation has the earliest and latest, and two "reply" changes
+        let row = &writes.updated_conversations[0];
+        assert_eq!(row.first_response_at, Some(outbound_events::at(10)));
+        assert_eq!(row.last_agent_reply_at, Some(outbound_events::at(30)));
+        assert_eq!(row.updated_at, outbound_events::at(30));
+        assert_eq!(row.message_count, 3, "replies are not customer messages");
+        assert_eq!(change_kinds(&writes), ["reply", "reply"]);
+    }
+
+    #[test]
+    fn o5_automated_messages_and_notes_are_not_responses() {
+        let greeting = outbound_events::queued("e1", 10, 1, automation("greeting"), false);
+        let internal = note("e2", 20, 77);
+        let events = [&greeting, &internal];
+        let writes = fold_new(&events, vec![stored(1, "facebook_messenger", None)]);
+        let row = &writes.updated_conversations[0];
+        assert_eq!((row.first_response_at, row.last_agent_reply_at), (None, None));
+        assert_eq!(row.updated_at, at(21), "the note's recorded time");
+        assert_eq!(change_kinds(&writes), ["reply", "note"]);
+    }
+
+    #[test]
+    fn r4_an_owner_notification_changes_no_conversation() {
+        let notify = outbound_events::queued("e1", 10, 1, automation("owner_notification"), true);
+        let events = [&notify];
+        let writes = fold_new(&events, vec![stored(1, "facebook_messenger", None)]);
+        assert!(writes.updated_conversations.is_empty() && writes.changes.is_empty());
+        assert_eq!(writes.outbound.summaries.len(), 1, "its delivery is still tracked");
     }
 
     /// The read models as the shell leaves them, kept in memory: what the idempotency inserts
@@ -1053,6 +1123,7 @@ mod tests {
         conversations: HashMap<Uuid, StoredConversation>,
         workload: BTreeMap<WorkloadKey, i32>,
         changes: Vec<(Uuid, &'static str, String)>,
+        outbound: MemoryOutbound,
     }
 
     impl MemoryReadModels {
@@ -1073,15 +1144,25 @@ mod tests {
                     Fact::Closed { .. } if self.event_ids.insert(event.event_id.clone()) => {
                         claimed.keyless_event_ids.insert(event.event_id.clone());
                     }
+                    Fact::OutboundQueued(queued)
+                        if !queued.owner_notification && self.message_ids.insert(queued.reply_id) =>
+                    {
+                        claimed.message_ids.insert(queued.reply_id);
+                    }
+                    Fact::NoteAdded(note) if self.message_ids.insert(note.note_id) => {
+                        claimed.message_ids.insert(note.note_id);
+                    }
                     _ => {}
                 }
             }
+            self.outbound.insert_messages(events);
             let writes = fold_batch(BatchInput {
                 events,
                 stored_conversations: self.conversations.clone(),
                 claimed,
-                ..Default::default()
+                outbound: self.outbound.stored(),
             });
+            self.outbound.write(&writes.outbound);
             for row in writes.new_conversations {
                 self.conversations.entry(row.conversation_id).or_insert_with(|| stored_from(&row));
             }
@@ -1174,11 +1255,84 @@ mod tests {
                 prop_assert_eq!(&batched.changes, &whole.changes);
 
                 let changes_before = whole.changes.len();
+                let outbound_before = whole.outbound.clone();
                 let conversations_before = whole.conversations.clone();
                 whole.apply(&events);
                 prop_assert_eq!(whole.changes.len(), changes_before);
                 prop_assert_eq!(whole.conversations, conversations_before);
+                prop_assert_eq!(whole.outbound, outbound_before);
             }
+
+            /// O5: a reply's events arrive on three topics read independently. Whatever the
+            /// order, the batching and the repeats, the read models end as if each event had been
+            /// applied once in log order: messages' states and histories, statuses kept,
+            /// conversations (first response, last agent reply) and the change feed (as a set).
+            #[test]
+            fn o5_any_interleaving_of_outbound_events_gives_the_same_read_model(
+                picks in proptest::collection::vec(0usize..OUTBOUND_LOG_LEN, 0..40),
+                cuts in proptest::collection::btree_set(0usize..40, 0..8),
+            ) {
+                let log = outbound_log();
+                let mut canonical_indexes: Vec<usize> = picks.clone();
+                canonical_indexes.sort_unstable();
+                canonical_indexes.dedup();
+                let canonical: Vec<&Event> = canonical_indexes.iter().map(|index| &log[*index]).collect();
+                let mut expected = memory_with_conversation();
+                expected.apply(&canonical);
+
+                let interleaved: Vec<&Event> = picks.iter().map(|index| &log[*index]).collect();
+                let mut actual = memory_with_conversation();
+                let mut start = 0;
+                for cut in cuts.into_iter().filter(|cut| *cut < interleaved.len()).chain([interleaved.len()]) {
+                    if cut >= start {
+                        actual.apply(&interleaved[start..cut]);
+                        start = cut;
+                    }
+                }
+                prop_assert_eq!(&actual.outbound, &expected.outbound);
+                prop_assert_eq!(&actual.conversations, &expected.conversations);
+                let sorted = |changes: &[(Uuid, &'static str, String)]| {
+                    let mut changes = changes.to_vec();
+                    changes.sort();
+                    changes
+                };
+                prop_assert_eq!(sorted(&actual.changes), sorted(&expected.changes));
+            }
+        }
+
+        const OUTBOUND_LOG_LEN: usize = 16;
+
+        /// Three replies (two by agents, one automated), an owner notification and a note to
+        /// conversation 1, their attempts (one failed then retried), provider statuses by id
+        /// (one an echo, one a failure) and two Messenger read watermarks.
+        fn outbound_log() -> Vec<Event> {
+            use outbound_events::{agent, attempt, queued, status, watermark};
+            let log = vec![
+                queued("q1", 10, 1, agent(), false),
+                queued("q2", 20, 2, agent(), false),
+                queued("q3", 25, 3, automation("instant_reply"), false),
+                queued("q9", 26, 9, automation("owner_notification"), true),
+                note("n1", 27, 77),
+                attempt("a1", 11, 1, 1, false, true),
+                attempt("a2", 15, 1, 2, true, false),
+                attempt("a3", 21, 2, 1, true, false),
+                attempt("a4", 26, 3, 1, true, false),
+                attempt("a9", 27, 9, 1, false, false),
+                status("s1", 16, 1, "delivered"),
+                status("s2", 22, 2, "echo"),
+                status("s3", 23, 2, "failed"),
+                status("s4", 28, 3, "delivered"),
+                watermark("w1", 30, 22),
+                watermark("w2", 40, 29),
+            ];
+            assert_eq!(log.len(), OUTBOUND_LOG_LEN);
+            log
+        }
+
+        fn memory_with_conversation() -> MemoryReadModels {
+            let mut memory = MemoryReadModels::default();
+            memory.conversations.insert(id(1), stored(1, "facebook_messenger", Some("ana")));
+            memory
         }
     }
 }

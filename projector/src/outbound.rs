@@ -344,3 +344,410 @@ pub fn fold_outbound(events: &[&Event], stored: OutboundStored) -> OutboundWrite
         summaries,
     }
 }
+
+/// The outbound tables as the shell leaves them, kept in memory (tests only): the statements'
+/// semantics, and the whole store as the fold's input (a superset of what the shell reads).
+#[cfg(test)]
+pub(crate) mod memory {
+    use super::*;
+
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    pub struct MemoryOutbound {
+        pub steps: BTreeMap<(Uuid, String), StepRow>,
+        pub provider_ids: BTreeMap<(String, String, String), ProviderIdRow>,
+        pub statuses: BTreeMap<String, StatusRow>,
+        /// Outbound `messages` rows: where each goes and its delivery state.
+        pub messages: BTreeMap<Uuid, (RecipientRow, DeliverySummary)>,
+    }
+
+    impl MemoryOutbound {
+        /// As the message insert does before the fold: a queued reply's row, if new.
+        pub fn insert_messages(&mut self, events: &[&Event]) {
+            for event in events {
+                let Fact::OutboundQueued(queued) = &event.fact else { continue };
+                if queued.owner_notification {
+                    continue;
+                }
+                self.messages.entry(queued.reply_id).or_insert_with(|| {
+                    let recipient = RecipientRow {
+                        message_id: queued.reply_id,
+                        account_id: event.account_id.clone(),
+                        channel_id: queued.channel_id.clone(),
+                        recipient: queued.recipient.clone(),
+                    };
+                    let queued_state = DeliverySummary {
+                        message_id: queued.reply_id,
+                        state: "queued",
+                        failure_reason: String::new(),
+                        will_retry: false,
+                        provider_message_id: String::new(),
+                    };
+                    (recipient, queued_state)
+                });
+            }
+        }
+
+        pub fn stored(&self) -> OutboundStored {
+            OutboundStored {
+                steps: self.steps.values().cloned().collect(),
+                provider_ids: self.provider_ids.values().cloned().collect(),
+                statuses: self.statuses.values().cloned().collect(),
+                recipients: self.messages.values().map(|(recipient, _)| recipient.clone()).collect(),
+            }
+        }
+
+        pub fn write(&mut self, writes: &OutboundWrites) {
+            for step in &writes.steps {
+                add_step(&mut self.steps, step.clone());
+            }
+            for row in &writes.provider_ids {
+                let key = (row.account_id.clone(), row.channel_id.clone(), row.provider_message_id.clone());
+                self.provider_ids.entry(key).or_insert_with(|| row.clone());
+            }
+            for row in &writes.statuses {
+                self.statuses.entry(row.event_id.clone()).or_insert_with(|| row.clone());
+            }
+            for summary in &writes.summaries {
+                if let Some((_, state)) = self.messages.get_mut(&summary.message_id) {
+                    *state = summary.clone();
+                }
+            }
+        }
+
+        /// One batch through insert, fold and write.
+        pub fn apply(&mut self, events: &[&Event]) {
+            self.insert_messages(events);
+            let writes = fold_outbound(events, self.stored());
+            self.write(&writes);
+        }
+
+        pub fn state(&self, message_id: Uuid) -> Option<&DeliverySummary> {
+            self.messages.get(&message_id).map(|(_, state)| state)
+        }
+
+        pub fn history(&self, message_id: Uuid) -> Vec<(&str, &str)> {
+            let mut steps: Vec<&StepRow> = self.steps.values().filter(|step| step.message_id == message_id).collect();
+            steps.sort_by_key(|step| (step.at, step.step_key.clone()));
+            steps.iter().map(|step| (step.step_key.as_str(), step.state.as_str())).collect()
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    use super::memory::MemoryOutbound;
+    use super::*;
+    use crate::facts::{AuthorFact, DeliveryAttempt, DeliveryStatus, OutboundQueued};
+
+    pub const ACCOUNT: &str = "acme";
+
+    pub fn at(second: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + second, 0).unwrap()
+    }
+
+    pub fn reply(n: u128) -> Uuid {
+        Uuid::from_u128(0x5000 + n)
+    }
+
+    fn event(event_id: &str, second: i64, fact: Fact) -> Event {
+        Event {
+            event_id: event_id.to_owned(),
+            account_id: ACCOUNT.to_owned(),
+            occurred_at: at(second),
+            recorded_at: at(second),
+            trace_id: String::new(),
+            source: None,
+            fact,
+        }
+    }
+
+    pub fn agent() -> AuthorFact {
+        AuthorFact { kind: "agent", agent_id: "ana".into(), name: "Ana".into(), automation: "" }
+    }
+
+    /// A reply `n` to the conversation `Uuid(1)` on channel `messenger-1`, to `psid-7`.
+    pub fn queued(event_id: &str, second: i64, n: u128, author: AuthorFact, owner_notification: bool) -> Event {
+        event(
+            event_id,
+            second,
+            Fact::OutboundQueued(Box::new(OutboundQueued {
+                reply_id: reply(n),
+                conversation_id: Some(Uuid::from_u128(1)),
+                inbox_id: "inbox-1".into(),
+                channel_id: "messenger-1".into(),
+                owner_notification,
+                author,
+                text: format!("reply {n}"),
+                kind: "text",
+                subject: String::new(),
+                recipient: "psid-7".into(),
+                content: json!({}),
+            })),
+        )
+    }
+
+    pub fn attempt(event_id: &str, second: i64, n: u128, number: i32, sent: bool, will_retry: bool) -> Event {
+        event(
+            event_id,
+            second,
+            Fact::DeliveryAttempt(Box::new(DeliveryAttempt {
+                reply_id: reply(n),
+                channel_id: "messenger-1".into(),
+                attempt: number,
+                sent,
+                provider_message_id: if sent { format!("mid.{n}") } else { String::new() },
+                error: if sent { String::new() } else { format!("503 from Graph API on attempt {number}") },
+                will_retry,
+            })),
+        )
+    }
+
+    /// A provider status about reply `n` (its provider id `mid.<n>`).
+    pub fn status(event_id: &str, second: i64, n: u128, word: &'static str) -> Event {
+        event(
+            event_id,
+            second,
+            Fact::DeliveryStatus(Box::new(DeliveryStatus {
+                channel_id: "messenger-1".into(),
+                provider_message_id: format!("mid.{n}"),
+                recipient: "psid-7".into(),
+                watermark_at: None,
+                status: word,
+                error: if word == "failed" { "131047: re-engagement required".into() } else { String::new() },
+            })),
+        )
+    }
+
+    /// A Messenger read watermark for `psid-7` at `watermark_second`.
+    pub fn watermark(event_id: &str, second: i64, watermark_second: i64) -> Event {
+        let millis = at(watermark_second).timestamp_millis();
+        event(
+            event_id,
+            second,
+            Fact::DeliveryStatus(Box::new(DeliveryStatus {
+                channel_id: "messenger-1".into(),
+                provider_message_id: format!("watermark:{millis}"),
+                recipient: "psid-7".into(),
+                watermark_at: Some(at(watermark_second)),
+                status: "read",
+                error: String::new(),
+            })),
+        )
+    }
+
+    fn applied(batches: &[&[&Event]]) -> MemoryOutbound {
+        let mut store = MemoryOutbound::default();
+        for batch in batches {
+            store.apply(batch);
+        }
+        store
+    }
+
+    #[test]
+    fn o5_a_queued_reply_is_queued_with_one_step() {
+        // Given a reply accepted for sending
+        let queue = queued("e1", 0, 1, agent(), false);
+        // When folded
+        let store = applied(&[&[&queue]]);
+        // Then it is queued, with the queued step at the time it was recorded
+        assert_eq!(store.state(reply(1)).unwrap().state, "queued");
+        assert_eq!(store.history(reply(1)), [("queued", "queued")]);
+        assert_eq!(store.steps.values().next().unwrap().at, at(0));
+    }
+
+    #[test]
+    fn o5_a_reply_moves_queued_sent_delivered_read_with_its_provider_id() {
+        let (queue, sent, delivered, read) = (
+            queued("e1", 0, 1, agent(), false),
+            attempt("e2", 1, 1, 1, true, false),
+            status("e3", 2, 1, "delivered"),
+            status("e4", 3, 1, "read"),
+        );
+        let mut store = MemoryOutbound::default();
+        let mut states = Vec::new();
+        for event in [&queue, &sent, &delivered, &read] {
+            store.apply(&[event]);
+            states.push(store.state(reply(1)).unwrap().state);
+        }
+        assert_eq!(states, ["queued", "sent", "delivered", "read"]);
+        assert_eq!(store.state(reply(1)).unwrap().provider_message_id, "mid.1");
+        assert_eq!(
+            store.history(reply(1)),
+            [("queued", "queued"), ("attempt:1", "sent"), ("status:delivered", "delivered"), ("status:read", "read")]
+        );
+    }
+
+    #[test]
+    fn o5_a_failed_attempt_that_will_be_retried_says_so_and_a_successful_retry_wins() {
+        // Given a reply whose first attempt failed with a retry scheduled
+        let queue = queued("e1", 0, 1, agent(), false);
+        let failed = attempt("e2", 1, 1, 1, false, true);
+        let mut store = applied(&[&[&queue, &failed]]);
+        // Then it is failed, with the reason, and will be retried
+        let state = store.state(reply(1)).unwrap().clone();
+        assert_eq!((state.state, state.will_retry), ("failed", true));
+        assert_eq!(state.failure_reason, "503 from Graph API on attempt 1");
+        // When the second attempt succeeds
+        let retried = attempt("e3", 5, 1, 2, true, false);
+        store.apply(&[&retried]);
+        // Then it is sent, the failure is in the history only
+        let state = store.state(reply(1)).unwrap();
+        assert_eq!((state.state, state.will_retry, state.failure_reason.as_str()), ("sent", false, ""));
+        assert_eq!(store.history(reply(1)), [("queued", "queued"), ("attempt:1", "failed"), ("attempt:2", "sent")]);
+    }
+
+    #[test]
+    fn o5_the_last_attempt_says_whether_another_comes() {
+        let events = [
+            queued("e1", 0, 1, agent(), false),
+            attempt("e2", 1, 1, 1, false, true),
+            attempt("e3", 2, 1, 2, false, false),
+        ];
+        // Delivered in reverse: the first attempt's "will retry" does not win
+        let store = applied(&[&[&events[2]], &[&events[1]], &[&events[0]]]);
+        let state = store.state(reply(1)).unwrap();
+        assert_eq!((state.state, state.will_retry), ("failed", false));
+        assert_eq!(state.failure_reason, "503 from Graph API on attempt 2");
+    }
+
+    #[test]
+    fn o5_statuses_before_the_sent_record_are_kept_and_applied_when_it_arrives() {
+        // Given a delivered and a read status for a reply whose SENT record was not seen yet
+        let queue = queued("e1", 0, 1, agent(), false);
+        let delivered = status("s1", 2, 1, "delivered");
+        let read = status("s2", 3, 1, "read");
+        let mut store = applied(&[&[&queue], &[&delivered, &read]]);
+        // Then the reply is still queued and the statuses are kept
+        assert_eq!(store.state(reply(1)).unwrap().state, "queued");
+        assert_eq!(store.statuses.len(), 2);
+        // When the SENT record arrives
+        let sent = attempt("e2", 1, 1, 1, true, false);
+        store.apply(&[&sent]);
+        // Then both statuses apply
+        assert_eq!(store.state(reply(1)).unwrap().state, "read");
+        assert_eq!(store.history(reply(1)).len(), 4);
+    }
+
+    #[test]
+    fn o5_a_messenger_read_watermark_covers_every_reply_sent_at_or_before_it() {
+        // Given replies 1 and 2 sent at 10 and 20, reply 3 sent at 40
+        let events = [
+            queued("q1", 0, 1, agent(), false),
+            queued("q2", 0, 2, agent(), false),
+            queued("q3", 0, 3, agent(), false),
+            attempt("a1", 10, 1, 1, true, false),
+            attempt("a2", 20, 2, 1, true, false),
+            attempt("a3", 40, 3, 1, true, false),
+        ];
+        let all: Vec<&Event> = events.iter().collect();
+        let mut store = applied(&[&all]);
+        // When the customer read up to 30
+        let read = watermark("w1", 50, 30);
+        store.apply(&[&read]);
+        // Then 1 and 2 are read, 3 is not
+        let states: Vec<&str> = (1..=3).map(|n| store.state(reply(n)).unwrap().state).collect();
+        assert_eq!(states, ["read", "read", "sent"]);
+    }
+
+    #[test]
+    fn o5_a_watermark_before_the_reply_is_known_applies_when_it_is() {
+        // Given the watermark first, then the SENT record, then the queued reply itself
+        let read = watermark("w1", 50, 30);
+        let sent = attempt("a1", 10, 1, 1, true, false);
+        let queue = queued("q1", 0, 1, agent(), false);
+        let store = applied(&[&[&read], &[&sent], &[&queue]]);
+        assert_eq!(store.state(reply(1)).unwrap().state, "read");
+    }
+
+    #[test]
+    fn o5_a_messenger_echo_confirms_the_send_and_shows_no_customer_message() {
+        let queue = queued("q1", 0, 1, agent(), false);
+        let sent = attempt("a1", 1, 1, 1, true, false);
+        let echo = status("s1", 2, 1, "echo");
+        let store = applied(&[&[&queue, &echo], &[&sent]]);
+        assert_eq!(store.state(reply(1)).unwrap().state, "sent");
+        assert_eq!(store.history(reply(1))[2], ("status:echo", "sent"));
+    }
+
+    #[test]
+    fn o5_a_provider_failure_after_sent_fails_the_reply_but_delivered_wins_over_it() {
+        let queue = queued("q1", 0, 1, agent(), false);
+        let sent = attempt("a1", 1, 1, 1, true, false);
+        let failed = status("s1", 2, 1, "failed");
+        let mut store = applied(&[&[&queue, &sent, &failed]]);
+        let state = store.state(reply(1)).unwrap();
+        assert_eq!((state.state, state.failure_reason.as_str()), ("failed", "131047: re-engagement required"));
+        let delivered = status("s2", 3, 1, "delivered");
+        store.apply(&[&delivered]);
+        assert_eq!(store.state(reply(1)).unwrap().state, "delivered");
+    }
+
+    #[test]
+    fn o5_the_state_never_moves_backwards() {
+        // Given read reported, then a late SENT status and a late delivered
+        let queue = queued("q1", 0, 1, agent(), false);
+        let sent = attempt("a1", 1, 1, 1, true, false);
+        let read = status("s1", 3, 1, "read");
+        let late = status("s2", 4, 1, "delivered");
+        let store = applied(&[&[&queue, &sent], &[&read], &[&late]]);
+        assert_eq!(store.state(reply(1)).unwrap().state, "read");
+    }
+
+    #[test]
+    fn o5_applying_any_event_twice_changes_nothing() {
+        let events = [
+            queued("q1", 0, 1, agent(), false),
+            attempt("a1", 1, 1, 1, false, true),
+            attempt("a2", 2, 1, 2, true, false),
+            status("s1", 3, 1, "delivered"),
+            watermark("w1", 4, 10),
+        ];
+        let once: Vec<&Event> = events.iter().collect();
+        let mut store = applied(&[&once]);
+        let before = store.clone();
+        store.apply(&once);
+        for event in &events {
+            store.apply(&[event]);
+        }
+        assert_eq!(store, before);
+    }
+
+    #[test]
+    fn o5_a_status_repeated_later_keeps_its_first_time() {
+        let queue = queued("q1", 0, 1, agent(), false);
+        let sent = attempt("a1", 1, 1, 1, true, false);
+        let late = status("s2", 9, 1, "delivered");
+        let early = status("s1", 3, 1, "delivered");
+        let store = applied(&[&[&queue, &sent, &late], &[&early]]);
+        let step = &store.steps[&(reply(1), "status:delivered".to_owned())];
+        assert_eq!((step.at, step.event_id.as_str()), (at(3), "s1"));
+    }
+
+    #[test]
+    fn r4_an_owner_notification_is_no_conversation_message_but_its_attempts_are_kept() {
+        let notify = queued("q1", 0, 9, AuthorFact { automation: "owner_notification", ..agent() }, true);
+        let sent = attempt("a1", 1, 9, 1, true, false);
+        let events = [&notify, &sent];
+        let writes = fold_outbound(&events, OutboundStored::default());
+        assert!(writes.steps.iter().all(|step| step.message_id == reply(9)));
+        assert_eq!(writes.steps.len(), 2);
+        assert_eq!(writes.summaries[0].state, "sent");
+        // No recipient row: a watermark never matches it.
+        let mut store = MemoryOutbound::default();
+        store.apply(&events);
+        assert!(store.messages.is_empty());
+    }
+
+    #[test]
+    fn o5_statuses_of_another_account_never_match() {
+        let queue = queued("q1", 0, 1, agent(), false);
+        let sent = attempt("a1", 1, 1, 1, true, false);
+        let mut other = status("s1", 2, 1, "read");
+        other.account_id = "globex".into();
+        let store = applied(&[&[&queue, &sent, &other]]);
+        assert_eq!(store.state(reply(1)).unwrap().state, "sent");
+    }
+}
