@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::facts::{Event, Fact};
 use crate::fold::{
-    AuditRow, BatchInput, Change, Claimed, ContactOwner, ConversationRow, SourcePosition, StoredConversation,
-    TicketStageUpdate, WorkloadDelta, fold_batch,
+    AuditRow, BatchInput, Change, Claimed, ContactOwner, ConversationReply, ConversationRow, SourcePosition,
+    StoredConversation, TicketStageUpdate, WorkloadDelta, fold_batch,
 };
 use crate::outbound::{OutboundStored, OutboundWrites, ProviderIdRow, RecipientRow, StatusRow, StepRow};
 
@@ -48,6 +48,7 @@ pub async fn apply_events(
     }
     let stored_conversations = load_conversations(transaction, events).await?;
     let mut message_ids = insert_messages(transaction, events).await?;
+    lock_outbound_accounts(transaction, events).await?;
     message_ids.extend(insert_outbound_messages(transaction, events).await?);
     insert_owner_notifications(transaction, events).await?;
     let outbound = load_outbound(transaction, events).await?;
@@ -60,6 +61,7 @@ pub async fn apply_events(
     let writes = fold_batch(BatchInput { events, stored_conversations, claimed, outbound });
 
     write_conversations(transaction, &writes.new_conversations, &writes.updated_conversations).await?;
+    write_conversation_replies(transaction, &writes.conversation_replies).await?;
     write_workload(transaction, &writes.workload_deltas).await?;
     write_tickets(transaction, &writes.ticket_stages).await?;
     write_owners(transaction, &writes.contact_owners).await?;
@@ -84,8 +86,6 @@ fn conversation_ids(events: &[&Event]) -> Vec<Uuid> {
             Fact::TicketCreated(ticket) => Some(ticket.conversation_id),
             Fact::TicketStageChanged { conversation_id, .. } => *conversation_id,
             Fact::Audit(audit) => audit.conversation_id,
-            Fact::OutboundQueued(queued) if !queued.owner_notification => queued.conversation_id,
-            Fact::NoteAdded(note) => Some(note.conversation_id),
             _ => None,
         };
         ids.extend(id);
@@ -103,8 +103,8 @@ async fn load_conversations(
     }
     let rows: Vec<StoredConversation> = sqlx::query_as(
         "SELECT conversation_id, account_id, inbox_id, channel_id, channel_type, status, assignee_id, message_count, \
-         last_message_at, updated_at, closed_at, ticket_id, reply_window_ends_at, contact_id, subject, \
-         first_response_at, last_agent_reply_at FROM conversations WHERE conversation_id = ANY($1)",
+         last_message_at, updated_at, closed_at, ticket_id, reply_window_ends_at, contact_id, subject \
+         FROM conversations WHERE conversation_id = ANY($1)",
     )
     .bind(&ids)
     .fetch_all(&mut **transaction)
@@ -434,12 +434,10 @@ async fn write_conversations(
         sqlx::query(
             "INSERT INTO conversations (conversation_id, account_id, inbox_id, channel_id, channel_type, thread_key, \
              contact_external_id, contact_name, started_at, status, assignee_id, message_count, last_message_at, \
-             updated_at, closed_at, ticket_id, reply_window_ends_at, contact_id, subject, first_response_at, \
-             last_agent_reply_at) \
+             updated_at, closed_at, ticket_id, reply_window_ends_at, contact_id, subject) \
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
              $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::int[], $13::timestamptz[], \
-             $14::timestamptz[], $15::timestamptz[], $16::uuid[], $17::timestamptz[], $18::uuid[], $19::text[], \
-             $20::timestamptz[], $21::timestamptz[]) \
+             $14::timestamptz[], $15::timestamptz[], $16::uuid[], $17::timestamptz[], $18::uuid[], $19::text[]) \
              ON CONFLICT (conversation_id) DO NOTHING",
         )
         .bind(new.iter().map(|c| c.conversation_id).collect::<Vec<_>>())
@@ -461,23 +459,20 @@ async fn write_conversations(
         .bind(new.iter().map(|c| c.reply_window_ends_at).collect::<Vec<_>>())
         .bind(new.iter().map(|c| c.contact_id).collect::<Vec<_>>())
         .bind(new.iter().map(|c| c.subject.as_str()).collect::<Vec<_>>())
-        .bind(new.iter().map(|c| c.first_response_at).collect::<Vec<_>>())
-        .bind(new.iter().map(|c| c.last_agent_reply_at).collect::<Vec<_>>())
         .execute(&mut **transaction)
         .await?;
     }
     if !updated.is_empty() {
         sqlx::query(
             "UPDATE conversations AS c SET status = u.status, assignee_id = u.assignee_id, \
-             message_count = u.message_count, last_message_at = u.last_message_at, updated_at = u.updated_at, \
+             message_count = u.message_count, last_message_at = u.last_message_at, \
+             updated_at = GREATEST(c.updated_at, u.updated_at), \
              closed_at = u.closed_at, ticket_id = u.ticket_id, reply_window_ends_at = u.reply_window_ends_at, \
-             contact_id = u.contact_id, subject = u.subject, first_response_at = u.first_response_at, \
-             last_agent_reply_at = u.last_agent_reply_at \
+             contact_id = u.contact_id, subject = u.subject \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::timestamptz[], \
-             $7::timestamptz[], $8::uuid[], $9::timestamptz[], $10::uuid[], $11::text[], $12::timestamptz[], \
-             $13::timestamptz[]) \
+             $7::timestamptz[], $8::uuid[], $9::timestamptz[], $10::uuid[], $11::text[]) \
              AS u(conversation_id, status, assignee_id, message_count, last_message_at, updated_at, closed_at, \
-             ticket_id, reply_window_ends_at, contact_id, subject, first_response_at, last_agent_reply_at) \
+             ticket_id, reply_window_ends_at, contact_id, subject) \
              WHERE c.conversation_id = u.conversation_id",
         )
         .bind(updated.iter().map(|c| c.conversation_id).collect::<Vec<_>>())
@@ -491,11 +486,35 @@ async fn write_conversations(
         .bind(updated.iter().map(|c| c.reply_window_ends_at).collect::<Vec<_>>())
         .bind(updated.iter().map(|c| c.contact_id).collect::<Vec<_>>())
         .bind(updated.iter().map(|c| c.subject.as_str()).collect::<Vec<_>>())
-        .bind(updated.iter().map(|c| c.first_response_at).collect::<Vec<_>>())
-        .bind(updated.iter().map(|c| c.last_agent_reply_at).collect::<Vec<_>>())
         .execute(&mut **transaction)
         .await?;
     }
+    Ok(())
+}
+
+/// O5: what replies and notes did to their conversations, merged into the stored row (see
+/// [`ConversationReply`]: another transaction may be writing the same row).
+async fn write_conversation_replies(
+    transaction: &mut Transaction<'_, Postgres>,
+    replies: &[ConversationReply],
+) -> sqlx::Result<()> {
+    if replies.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE conversations AS c SET updated_at = GREATEST(c.updated_at, u.updated_at), \
+         first_response_at = LEAST(c.first_response_at, u.first_response_at), \
+         last_agent_reply_at = GREATEST(c.last_agent_reply_at, u.last_agent_reply_at) \
+         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::timestamptz[]) \
+         AS u(conversation_id, updated_at, first_response_at, last_agent_reply_at) \
+         WHERE c.conversation_id = u.conversation_id",
+    )
+    .bind(replies.iter().map(|reply| reply.conversation_id).collect::<Vec<_>>())
+    .bind(replies.iter().map(|reply| reply.updated_at).collect::<Vec<_>>())
+    .bind(replies.iter().map(|reply| reply.first_response_at).collect::<Vec<_>>())
+    .bind(replies.iter().map(|reply| reply.last_agent_reply_at).collect::<Vec<_>>())
+    .execute(&mut **transaction)
+    .await?;
     Ok(())
 }
 
@@ -649,6 +668,36 @@ async fn write_sources(
     .bind(sources.iter().map(|source| source.topic).collect::<Vec<_>>())
     .bind(sources.iter().map(|source| source.partition).collect::<Vec<_>>())
     .bind(sources.iter().map(|source| source.next_offset).collect::<Vec<_>>())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+/// One reply's events arrive on three topics, whose partitions parallel writers apply in
+/// parallel transactions: two of them could each miss what the other has not committed yet
+/// (a status and the SENT record it waits for, in two batches, would never meet). So a batch
+/// with outbound facts holds, until commit, a lock per account it names (sorted: no deadlock),
+/// taken before it writes or reads any outbound row; under READ COMMITTED each later statement
+/// sees what the previous holder committed.
+async fn lock_outbound_accounts(transaction: &mut Transaction<'_, Postgres>, events: &[&Event]) -> sqlx::Result<()> {
+    let accounts: BTreeSet<&str> = events
+        .iter()
+        .filter(|event| {
+            matches!(
+                event.fact,
+                Fact::OutboundQueued(_) | Fact::NoteAdded(_) | Fact::DeliveryAttempt(_) | Fact::DeliveryStatus(_)
+            )
+        })
+        .map(|event| event.account_id.as_str())
+        .collect();
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '/outbound/' || u.account)) \
+         FROM UNNEST($1::text[]) WITH ORDINALITY AS u(account, position) ORDER BY u.position",
+    )
+    .bind(accounts.into_iter().collect::<Vec<_>>())
     .execute(&mut **transaction)
     .await?;
     Ok(())

@@ -68,8 +68,6 @@ pub struct StoredConversation {
     pub reply_window_ends_at: Option<DateTime<Utc>>,
     pub contact_id: Option<Uuid>,
     pub subject: String,
-    pub first_response_at: Option<DateTime<Utc>>,
-    pub last_agent_reply_at: Option<DateTime<Utc>>,
 }
 
 /// A `conversations` row to write. Inserted rows use every field; updated rows only those
@@ -95,9 +93,35 @@ pub struct ConversationRow {
     pub reply_window_ends_at: Option<DateTime<Utc>>,
     pub contact_id: Option<Uuid>,
     pub subject: String,
-    /// Agent replies only (O5): the first and the latest, at the time each was queued.
+}
+
+/// What the outbound messages and notes of a batch do to a conversation (O5). Written with
+/// monotone merges (latest `updated_at`, earliest first response, latest agent reply) and not
+/// with the rest of the row: these events come from other topics than the conversation's, so
+/// another transaction may be writing the same row, and merges commute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationReply {
+    pub conversation_id: Uuid,
+    pub updated_at: DateTime<Utc>,
+    /// Agent replies only (not notes, not automated messages), at the time each was queued.
     pub first_response_at: Option<DateTime<Utc>>,
     pub last_agent_reply_at: Option<DateTime<Utc>>,
+}
+
+impl ConversationReply {
+    /// Both applied, in either order.
+    pub fn merge(&mut self, other: &ConversationReply) {
+        self.updated_at = self.updated_at.max(other.updated_at);
+        self.first_response_at = min_option(self.first_response_at, other.first_response_at);
+        self.last_agent_reply_at = self.last_agent_reply_at.max(other.last_agent_reply_at);
+    }
+}
+
+fn min_option(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl ConversationRow {
@@ -127,8 +151,6 @@ impl ConversationRow {
             reply_window_ends_at: stored.reply_window_ends_at,
             contact_id: stored.contact_id,
             subject: stored.subject,
-            first_response_at: stored.first_response_at,
-            last_agent_reply_at: stored.last_agent_reply_at,
         }
     }
 }
@@ -221,6 +243,8 @@ pub struct Writes<'a> {
     pub config: Vec<ConfigWrite<'a>>,
     /// Sorted by topic and partition.
     pub sources: Vec<SourcePosition<'a>>,
+    /// What replies and notes did to their conversations, sorted by conversation id.
+    pub conversation_replies: Vec<ConversationReply>,
     /// Delivery steps, provider ids, statuses and delivery states (O5).
     pub outbound: OutboundWrites,
 }
@@ -251,6 +275,10 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
     let mut audits: Vec<AuditRow<'a>> = Vec::new();
     let mut left_unassigned_audits: Vec<AuditRow<'a>> = Vec::new();
     let mut sources: BTreeMap<(&'a str, i32), i64> = BTreeMap::new();
+    let mut conversation_replies: BTreeMap<Uuid, ConversationReply> = BTreeMap::new();
+    let mut reply_to = |reply: ConversationReply| {
+        conversation_replies.entry(reply.conversation_id).and_modify(|merged| merged.merge(&reply)).or_insert(reply);
+    };
 
     for &event in events {
         if let Some((topic, partition, offset)) = &event.source {
@@ -290,8 +318,6 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
                     reply_window_ends_at: None,
                     contact_id: started.contact_id,
                     subject: String::new(),
-                    first_response_at: None,
-                    last_agent_reply_at: None,
                 };
                 changes.push(change(&row, "started"));
                 conversations.insert(started.conversation_id, FoldedConversation { new: true, dirty: true, row });
@@ -452,28 +478,41 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
                 if queued.owner_notification || !claimed.message_ids.remove(&queued.reply_id) {
                     continue;
                 }
-                let Some(conversation) = queued.conversation_id.and_then(|id| conversations.get_mut(&id)) else {
-                    continue;
-                };
-                let row = &mut conversation.row;
-                row.updated_at = row.updated_at.max(event.recorded_at);
-                if queued.author.kind == "agent" {
-                    let at = event.recorded_at;
-                    row.first_response_at = Some(row.first_response_at.map_or(at, |first| first.min(at)));
-                    row.last_agent_reply_at = Some(row.last_agent_reply_at.map_or(at, |last| last.max(at)));
-                }
-                conversation.dirty = true;
-                changes.push(change(row, "reply"));
+                let Some(conversation_id) = queued.conversation_id else { continue };
+                let agent_at = (queued.author.kind == "agent").then_some(event.recorded_at);
+                reply_to(ConversationReply {
+                    conversation_id,
+                    updated_at: event.recorded_at,
+                    first_response_at: agent_at,
+                    last_agent_reply_at: agent_at,
+                });
+                changes.push(Change {
+                    account_id: &event.account_id,
+                    inbox_id: queued.inbox_id.clone(),
+                    conversation_id,
+                    kind: "reply",
+                    event_id: &event.event_id,
+                    at: event.recorded_at,
+                });
             }
             Fact::NoteAdded(note) => {
                 if !claimed.message_ids.remove(&note.note_id) {
                     continue;
                 }
-                let Some(conversation) = conversations.get_mut(&note.conversation_id) else { continue };
-                let row = &mut conversation.row;
-                row.updated_at = row.updated_at.max(event.recorded_at);
-                conversation.dirty = true;
-                changes.push(change(row, "note"));
+                reply_to(ConversationReply {
+                    conversation_id: note.conversation_id,
+                    updated_at: event.recorded_at,
+                    first_response_at: None,
+                    last_agent_reply_at: None,
+                });
+                changes.push(Change {
+                    account_id: &event.account_id,
+                    inbox_id: note.inbox_id.clone(),
+                    conversation_id: note.conversation_id,
+                    kind: "note",
+                    event_id: &event.event_id,
+                    at: event.recorded_at,
+                });
             }
             // Steps and states: `fold_outbound` below.
             Fact::DeliveryAttempt(_) | Fact::DeliveryStatus(_) => {}
@@ -521,6 +560,7 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
         audits,
         changes,
         config: fold_config(events),
+        conversation_replies: conversation_replies.into_values().collect(),
         outbound: fold_outbound(events, outbound),
         sources: sources
             .into_iter()
@@ -633,8 +673,6 @@ mod tests {
             reply_window_ends_at: None,
             contact_id: None,
             subject: String::new(),
-            first_response_at: None,
-            last_agent_reply_at: None,
         }
     }
 
@@ -1084,11 +1122,11 @@ mod tests {
         // When folded
         let writes = fold_new(&events, vec![stored(1, "facebook_messenger", None)]);
         // Then the conversation has the earliest and latest, and two "reply" changes
-        let row = &writes.updated_conversations[0];
-        assert_eq!(row.first_response_at, Some(outbound_events::at(10)));
-        assert_eq!(row.last_agent_reply_at, Some(outbound_events::at(30)));
-        assert_eq!(row.updated_at, outbound_events::at(30));
-        assert_eq!(row.message_count, 3, "replies are not customer messages");
+        let reply = &writes.conversation_replies[0];
+        assert_eq!(reply.first_response_at, Some(outbound_events::at(10)));
+        assert_eq!(reply.last_agent_reply_at, Some(outbound_events::at(30)));
+        assert_eq!(reply.updated_at, outbound_events::at(30));
+        assert!(writes.updated_conversations.is_empty(), "replies are not customer messages: no count moves");
         assert_eq!(change_kinds(&writes), ["reply", "reply"]);
     }
 
@@ -1098,9 +1136,9 @@ mod tests {
         let internal = note("e2", 20, 77);
         let events = [&greeting, &internal];
         let writes = fold_new(&events, vec![stored(1, "facebook_messenger", None)]);
-        let row = &writes.updated_conversations[0];
-        assert_eq!((row.first_response_at, row.last_agent_reply_at), (None, None));
-        assert_eq!(row.updated_at, at(21), "the note's recorded time");
+        let reply = &writes.conversation_replies[0];
+        assert_eq!((reply.first_response_at, reply.last_agent_reply_at), (None, None));
+        assert_eq!(reply.updated_at, at(21), "the note's recorded time");
         assert_eq!(change_kinds(&writes), ["reply", "note"]);
     }
 
@@ -1109,7 +1147,7 @@ mod tests {
         let notify = outbound_events::queued("e1", 10, 1, automation("owner_notification"), true);
         let events = [&notify];
         let writes = fold_new(&events, vec![stored(1, "facebook_messenger", None)]);
-        assert!(writes.updated_conversations.is_empty() && writes.changes.is_empty());
+        assert!(writes.conversation_replies.is_empty() && writes.changes.is_empty());
         assert_eq!(writes.outbound.summaries.len(), 1, "its delivery is still tracked");
     }
 
@@ -1124,6 +1162,8 @@ mod tests {
         workload: BTreeMap<WorkloadKey, i32>,
         changes: Vec<(Uuid, &'static str, String)>,
         outbound: MemoryOutbound,
+        /// The columns replies and notes merge into (`updated_at` is merged into the row).
+        replies: BTreeMap<Uuid, ConversationReply>,
     }
 
     impl MemoryReadModels {
@@ -1163,6 +1203,16 @@ mod tests {
                 outbound: self.outbound.stored(),
             });
             self.outbound.write(&writes.outbound);
+            for reply in &writes.conversation_replies {
+                // As the merging UPDATE: only stored conversations change.
+                if let Some(stored) = self.conversations.get_mut(&reply.conversation_id) {
+                    stored.updated_at = stored.updated_at.max(reply.updated_at);
+                    self.replies
+                        .entry(reply.conversation_id)
+                        .and_modify(|kept| kept.merge(reply))
+                        .or_insert(reply.clone());
+                }
+            }
             for row in writes.new_conversations {
                 self.conversations.entry(row.conversation_id).or_insert_with(|| stored_from(&row));
             }
@@ -1201,8 +1251,6 @@ mod tests {
             reply_window_ends_at: row.reply_window_ends_at,
             contact_id: row.contact_id,
             subject: row.subject.clone(),
-            first_response_at: row.first_response_at,
-            last_agent_reply_at: row.last_agent_reply_at,
         }
     }
 
@@ -1291,6 +1339,7 @@ mod tests {
                 }
                 prop_assert_eq!(&actual.outbound, &expected.outbound);
                 prop_assert_eq!(&actual.conversations, &expected.conversations);
+                prop_assert_eq!(&actual.replies, &expected.replies);
                 let sorted = |changes: &[(Uuid, &'static str, String)]| {
                     let mut changes = changes.to_vec();
                     changes.sort();
