@@ -112,7 +112,8 @@ pub enum Fact {
     Agent(AgentRow),
     /// A router input the router echoes into its output because it is routing state
     /// (availability changes, consent); the read models get the same facts from the config
-    /// topic or from the decisions it causes, so the projection only moves its position.
+    /// topic or from the decisions it causes, so the projection only moves its position. Also
+    /// a provider status word the projector does not know (nothing to apply).
     RouterStateEcho,
     /// O5: a reply, automated message or owner notification accepted for sending.
     OutboundQueued(Box<OutboundQueued>),
