@@ -992,4 +992,75 @@ mod tests {
         let error = to_event(InputTopic::Conversations, envelope, String::new()).unwrap_err();
         assert_eq!(error.0, "conversation_id `nope` is not a UUID");
     }
+
+    fn envelope(payload: Payload) -> Envelope {
+        switchboard_runtime::envelope::new_root("acct", "acct", Utc::now(), payload)
+    }
+
+    fn status(provider_message_id: &str, word: &str) -> Result<Event, Poison> {
+        let reported = DeliveryStatusReported {
+            channel_id: "messenger-1".into(),
+            provider_message_id: provider_message_id.into(),
+            recipient_external_id: "psid-7".into(),
+            status: word.into(),
+            error: String::new(),
+        };
+        to_event(InputTopic::Conversations, envelope(Payload::DeliveryStatusReported(reported)), String::new())
+    }
+
+    #[test]
+    fn o5_a_messenger_watermark_id_is_parsed_and_unknown_status_words_change_nothing() {
+        let Fact::DeliveryStatus(read) = status("watermark:1796000045000", "READ").unwrap().fact else {
+            panic!("a status")
+        };
+        assert_eq!(read.status, "read");
+        assert_eq!(read.watermark_at, DateTime::<Utc>::from_timestamp_millis(1_796_000_045_000));
+        let Fact::DeliveryStatus(echo) = status("mid.1", "echo").unwrap().fact else { panic!("a status") };
+        assert_eq!((echo.status, echo.watermark_at), ("echo", None));
+        assert!(matches!(status("wamid.1", "deleted").unwrap().fact, Fact::RouterStateEcho));
+        assert_eq!(status("watermark:soon", "read").unwrap_err().0, "`watermark:soon` is not watermark:<millis>");
+    }
+
+    #[test]
+    fn o5_outbound_events_name_their_purpose_author_and_outcome() {
+        let queued = OutboundMessageQueued {
+            reply_id: Uuid::from_u128(1).to_string(),
+            conversation_id: Uuid::from_u128(2).to_string(),
+            purpose: OutboundPurpose::OwnerNotification as i32,
+            author: Some(Author {
+                kind: AuthorKind::Automation as i32,
+                automation: Automation::OwnerNotification as i32,
+                ..Default::default()
+            }),
+            email: Some(switchboard_proto::events::v1::OutboundEmail {
+                subject: "New message".into(),
+                to: vec!["ana@example.com".into()],
+                text_body: "Ada wrote".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let event = to_event(InputTopic::Outbound, envelope(Payload::OutboundMessageQueued(queued)), String::new());
+        let Fact::OutboundQueued(queued) = event.unwrap().fact else { panic!("queued") };
+        assert!(queued.owner_notification);
+        assert_eq!((queued.author.kind, queued.author.automation), ("automation", "owner_notification"));
+        assert_eq!(
+            (queued.kind, queued.recipient.as_str(), queued.text.as_str()),
+            ("email", "ana@example.com", "Ada wrote")
+        );
+
+        let unfinished = switchboard_proto::events::v1::DeliveryAttemptRecorded {
+            reply_id: Uuid::from_u128(1).to_string(),
+            state: DeliveryState::Queued as i32,
+            ..Default::default()
+        };
+        let error =
+            to_event(InputTopic::Delivery, envelope(Payload::DeliveryAttemptRecorded(unfinished)), String::new())
+                .unwrap_err();
+        assert_eq!(error.0, "delivery_attempt_recorded is neither SENT nor FAILED");
+        let misplaced =
+            to_event(InputTopic::Delivery, envelope(Payload::InternalNoteAdded(Default::default())), String::new())
+                .unwrap_err();
+        assert!(misplaced.0.contains("does not belong on the delivery.v1 topic"), "{misplaced}");
+    }
 }
