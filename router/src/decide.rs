@@ -27,10 +27,10 @@ use switchboard_proto::events::v1::{
     CommandRejected, ConsentState, ContactConsentReceived, ContactCreated, ContactOwnerChangeRequested,
     ContactOwnerChanged, ConversationAssigned, ConversationCloseRequested, ConversationClosed,
     ConversationLeftUnassigned, ConversationStarted, ConversationUnassigned, Envelope, InboundMessageReceived,
-    ManualAssignmentRequested, MessageAppended, MessageWithheld, MessengerSettings, OutboundMessageQueued,
-    OwnerNotificationRequested, RoutingExplanation, RoutingRulesConfigured, SkipReason, SkippedCandidate,
-    TicketCreated, TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource, TicketSettingsConfigured,
-    TicketStageChangeRequested, TicketStageChanged, UnassignedReason, WithheldReason,
+    InboxConfigured, ManualAssignmentRequested, MessageAppended, MessageWithheld, MessengerSettings,
+    OutboundMessageQueued, OwnerNotificationRequested, RoutingExplanation, RoutingRulesConfigured, SkipReason,
+    SkippedCandidate, TicketCreated, TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource,
+    TicketSettingsConfigured, TicketStageChangeRequested, TicketStageChanged, UnassignedReason, WithheldReason,
 };
 use switchboard_runtime::envelope::{SCHEMA_VERSION, payload_name, recorded_at_millis};
 use switchboard_runtime::outbound::outbound_partition_key;
@@ -517,8 +517,7 @@ fn owner_email(
     let inbox = match config.snapshot.inboxes.get(account_id, inbox_id) {
         Some(inbox) => &inbox.entity,
         None => {
-            unconfigured_inbox =
-                switchboard_proto::events::v1::InboxConfigured { inbox_id: inbox_id.clone(), ..Default::default() };
+            unconfigured_inbox = InboxConfigured { inbox_id: inbox_id.clone(), ..Default::default() };
             &unconfigured_inbox
         }
     };
