@@ -132,6 +132,9 @@ impl SmtpRelay {
     }
 
     async fn send_inner(&self, message: &OutboundMessageQueued) -> SendOutcome {
+        if message.email.is_none() {
+            return SendOutcome::Permanent { error: BuildError::MissingEmail.to_string(), status_code: 0 };
+        }
         let mut fetched = Vec::with_capacity(message.attachments.len());
         let mut budget = self.max_attachment_bytes;
         for reference in &message.attachments {
