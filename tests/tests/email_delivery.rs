@@ -347,3 +347,31 @@ async fn o5_unreachable_relay_is_retryable() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn o5_required_starttls_that_the_relay_does_not_offer_is_retryable_and_nothing_goes_out_in_clear()
+-> anyhow::Result<()> {
+    // The stack's Mailpit offers no STARTTLS: a relay configured to require it must not fall
+    // back to plain text.
+    let mailpit = Mailpit::from_env()?;
+    let to = customer_address();
+    let reply = agent_reply("Acme Support", "support@acme.example", &to);
+    let relay = SmtpRelay::new(SmtpSettings {
+        host: "127.0.0.1".into(),
+        port: mailpit.smtp_port,
+        tls: SmtpTls::StartTls,
+        username: None,
+        password: None,
+        timeout: Duration::from_secs(5),
+    })?;
+    match relay.send(&reply).await {
+        SendOutcome::Retryable { status_code, .. } => assert_eq!(status_code, 0),
+        other => panic!("a relay without the required STARTTLS must not take the mail, got {other:?}"),
+    }
+    // An agent reply to the same address afterwards is the only mail there.
+    let follow_up = agent_reply("Acme Support", "support@acme.example", &to);
+    send_and_receive(&mailpit, &follow_up).await?;
+    let received = mailpit.search(&format!("to:\"{to}\"")).await?;
+    assert_eq!(received.len(), 1, "the STARTTLS-required send must not have arrived");
+    Ok(())
+}
