@@ -284,13 +284,13 @@ pub fn build_message(
         .from_address
         .parse()
         .map_err(|source| BuildError::InvalidFrom { address: email.from_address.clone(), source })?;
-    let from = Mailbox::new(non_empty(&email.from_name), from_address);
+    let from = Mailbox::new(display_name(&email.from_name), from_address);
     let recipients = recipients(message)?;
 
     let mut builder = Message::builder()
         .from(from)
         .mailbox(lettre::message::header::To::from(recipients))
-        .subject(email.subject.clone())
+        .subject(single_line(&email.subject))
         .header(Date::new(date))
         .header(MessageId::from(angle(&email.message_id_header)));
     if !email.in_reply_to.trim().is_empty() {
@@ -316,7 +316,8 @@ pub fn build_message(
         for attachment in attachments {
             let content_type = ContentType::parse(&attachment.content_type)
                 .unwrap_or_else(|_| ContentType::parse("application/octet-stream").expect("a valid MIME type"));
-            mixed = mixed.singlepart(Attachment::new(attachment.file_name).body(attachment.content, content_type));
+            let file_name = single_line(&attachment.file_name);
+            mixed = mixed.singlepart(Attachment::new(file_name).body(attachment.content, content_type));
         }
         builder.multipart(mixed)?
     };
@@ -337,26 +338,37 @@ fn recipients(message: &OutboundMessageQueued) -> Result<Mailboxes, BuildError> 
             .trim()
             .parse()
             .map_err(|source| BuildError::InvalidRecipient { address: message.recipient.clone(), source })?;
-        mailboxes.push(Mailbox::new(non_empty(&message.recipient_name), address));
+        mailboxes.push(Mailbox::new(display_name(&message.recipient_name), address));
         return Ok(mailboxes);
     }
     for raw in listed {
         // Either a bare address or "Name <address>".
-        let mailbox: Mailbox =
+        let mut mailbox: Mailbox =
             raw.trim().parse().map_err(|source| BuildError::InvalidRecipient { address: raw.clone(), source })?;
+        mailbox.name = mailbox.name.as_deref().and_then(display_name);
         mailboxes.push(mailbox);
     }
     Ok(mailboxes)
 }
 
-fn non_empty(value: &str) -> Option<String> {
-    let trimmed = value.trim();
+/// A header field's text on one line: control characters (CR, LF, tab, ...) become spaces, so
+/// no text from a reply can start another header (and lettre refuses them in names).
+fn single_line(value: &str) -> String {
+    value.chars().map(|character| if character.is_control() { ' ' } else { character }).collect()
+}
+
+/// A mailbox's display name on one line, or none when empty.
+fn display_name(value: &str) -> Option<String> {
+    let name = single_line(value);
+    let trimmed = name.trim();
     (!trimmed.is_empty()).then(|| trimmed.to_owned())
 }
 
-/// `<id>`: the event stores Message-IDs without angle brackets (as ingest parses them).
+/// `<id>`: the event stores Message-IDs without angle brackets (as ingest parses them). An id
+/// has no whitespace or control characters; any are dropped.
 fn angle(id: &str) -> String {
-    format!("<{}>", id.trim().trim_start_matches('<').trim_end_matches('>'))
+    let clean: String = id.chars().filter(|character| !character.is_control() && !character.is_whitespace()).collect();
+    format!("<{}>", clean.trim_start_matches('<').trim_end_matches('>'))
 }
 
 /// A minimal HTML alternative of a plain-text body: escaped, paragraphs on blank lines, line
@@ -563,6 +575,66 @@ mod tests {
         let bytes = built_bytes(&reply(AuthorKind::Automation), Vec::new());
         let parsed = MessageParser::default().parse(&bytes).expect("parses");
         assert_eq!(parsed.header("Auto-Submitted").and_then(|value| value.as_text()), Some("auto-generated"));
+    }
+
+    #[test]
+    fn o4_line_breaks_in_header_fields_cannot_add_headers() {
+        let mut message = reply(AuthorKind::Agent);
+        let email = message.email.as_mut().expect("email");
+        email.subject = "Hello\r\nBcc: attacker@evil.example".into();
+        email.from_name = "Acme\r\nX-Injected: yes".into();
+        email.in_reply_to = "id@x\r\nX-Threaded: yes".into();
+        let attachment = FetchedAttachment {
+            file_name: "a\r\nX-Part: yes.pdf".into(),
+            content_type: "application/pdf\r\nX-Type: yes".into(),
+            content: b"%PDF".to_vec(),
+        };
+        let bytes = built_bytes(&message, vec![attachment]);
+        let parsed = MessageParser::default().parse(&bytes).expect("parses");
+        assert!(parsed.header("Bcc").is_none());
+        assert!(parsed.header("X-Injected").is_none());
+        assert!(parsed.header("X-Threaded").is_none());
+        let part = parsed.attachment(0).expect("the attachment");
+        let text = String::from_utf8_lossy(&bytes);
+        for injected in ["Bcc:", "X-Injected:", "X-Threaded:", "X-Part:", "X-Type:"] {
+            assert!(!text.contains(&format!("\n{injected}")), "{injected} starts a line:\n{text}");
+        }
+        assert_eq!(part.attachment_name(), Some("a  X-Part: yes.pdf"));
+        assert!(parsed.subject().is_some_and(|subject| subject.contains("attacker@evil.example")));
+
+        // A recipient written as "Name <address>" must be one line: else it is refused.
+        let mut multi_line_to = reply(AuthorKind::Agent);
+        multi_line_to.email.as_mut().expect("email").to = vec!["Kim\r\nX-To: yes <kim@example.org>".into()];
+        assert!(matches!(build_message(&multi_line_to, Vec::new(), at()), Err(BuildError::InvalidRecipient { .. })));
+    }
+
+    proptest::proptest! {
+        /// Whatever text a reply carries, building its email never panics (the delivery loop
+        /// must not crash on an event) and no field adds a header line.
+        #[test]
+        fn o4_any_text_builds_or_is_refused_without_panicking(
+            subject in "\\PC*|[\r\n\t a-zA-Z:<>@\"]*",
+            from_name in "\\PC*|[\r\n\t a-zA-Z:<>@\"]*",
+            file_name in "\\PC*|[\r\n\t a-zA-Z:<>@\"]*",
+            body in "\\PC*|[\r\n\t a-zA-Z:<>@.\"]*",
+            reference in "[\r\n\t a-z0-9@.<>]*",
+        ) {
+            let mut message = reply(AuthorKind::Agent);
+            let email = message.email.as_mut().expect("email");
+            email.subject = subject;
+            email.from_name = from_name;
+            email.text_body = body.clone();
+            email.html_body = body;
+            email.references = vec![reference.clone()];
+            email.in_reply_to = reference;
+            let attachment = FetchedAttachment { file_name, content_type: "text/plain".into(), content: b"x".to_vec() };
+            if let Ok(built) = build_message(&message, vec![attachment], at()) {
+                let bytes = built.formatted();
+                let parsed = MessageParser::default().parse(&bytes).expect("parses");
+                proptest::prop_assert!(parsed.header("Bcc").is_none());
+                proptest::prop_assert_eq!(parsed.message_id(), Some("0123456789abcdef0123456789abcdef@acme.example"));
+            }
+        }
     }
 
     #[test]
