@@ -771,30 +771,38 @@ impl Mailpit {
     /// A second Mailpit of its own (the stack's binary, `MAILPIT_BIN`) whose SMTP answers follow
     /// `chaos_triggers` (Mailpit's `--chaos-triggers`, e.g. `Recipient:550:100`): a relay that
     /// refuses, for the tests of failed sends. Stopped, and its data file removed, when dropped.
-    pub async fn spawn_with_chaos(chaos_triggers: &str) -> anyhow::Result<(Mailpit, ChaosMailpit)> {
+    pub async fn spawn_with_chaos(chaos_triggers: &str) -> anyhow::Result<(Mailpit, OwnMailpit)> {
+        Mailpit::spawn_with_args(&["--enable-chaos", "--chaos-triggers", chaos_triggers, "--smtp-auth-allow-insecure"])
+            .await
+    }
+
+    /// A Mailpit of its own (the stack's binary, `MAILPIT_BIN`) on free loopback ports, accepting
+    /// any AUTH, started with `extra_args` (e.g. `--smtp-tls-cert`; `--smtp-auth-allow-insecure`
+    /// for AUTH without TLS). Stopped, and its data file removed, when
+    /// dropped.
+    pub async fn spawn_with_args(extra_args: &[&str]) -> anyhow::Result<(Mailpit, OwnMailpit)> {
         let binary = required_env("MAILPIT_BIN")?;
         let smtp_port = free_port()?;
         let http_port = free_port()?;
-        let database = std::env::temp_dir().join(format!("mailpit-chaos-{}.db", uuid::Uuid::now_v7()));
+        let database = std::env::temp_dir().join(format!("mailpit-test-{}.db", uuid::Uuid::now_v7()));
         let child = Command::new(&binary)
             .args(["--smtp", &format!("127.0.0.1:{smtp_port}"), "--listen", &format!("127.0.0.1:{http_port}")])
             .arg("--database")
             .arg(&database)
-            .args(["--enable-chaos", "--chaos-triggers", chaos_triggers])
-            .args(["--smtp-auth-accept-any", "--smtp-auth-allow-insecure", "--smtp-disable-rdns"])
-            .args(["--disable-version-check", "--quiet"])
+            .args(["--smtp-auth-accept-any", "--smtp-disable-rdns", "--disable-version-check", "--quiet"])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("failed to start {binary}"))?;
-        let process = ChaosMailpit { process: KillOnDrop(child), database };
+        let process = OwnMailpit { process: KillOnDrop(child), database };
         let mailpit = Mailpit::at(format!("http://127.0.0.1:{http_port}"), smtp_port);
         let deadline = Instant::now() + Duration::from_secs(20);
         while mailpit.messages().await.is_err()
             || tokio::net::TcpStream::connect(("127.0.0.1", smtp_port)).await.is_err()
         {
             if Instant::now() > deadline {
-                bail!("the chaos mailpit did not come up on SMTP {smtp_port} / HTTP {http_port}");
+                bail!("the test's own mailpit did not come up on SMTP {smtp_port} / HTTP {http_port}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -802,13 +810,13 @@ impl Mailpit {
     }
 }
 
-/// A Mailpit started by [`Mailpit::spawn_with_chaos`].
-pub struct ChaosMailpit {
+/// A Mailpit started by [`Mailpit::spawn_with_args`].
+pub struct OwnMailpit {
     process: KillOnDrop,
     database: PathBuf,
 }
 
-impl Drop for ChaosMailpit {
+impl Drop for OwnMailpit {
     fn drop(&mut self) {
         let _ = self.process.kill();
         let _ = self.process.wait();
