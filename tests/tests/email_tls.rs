@@ -21,10 +21,20 @@ fn openssl(directory: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A directory removed when dropped, also when the test fails.
+struct Certificates(PathBuf);
+
+impl Drop for Certificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A CA (`ca.pem`) and a server certificate for 127.0.0.1 signed by it (`server.pem`,
 /// `server.key`), in a fresh directory.
-fn test_certificates() -> anyhow::Result<PathBuf> {
-    let directory = std::env::temp_dir().join(format!("smtp-tls-{}", Uuid::now_v7().simple()));
+fn test_certificates() -> anyhow::Result<Certificates> {
+    let certificates = Certificates(std::env::temp_dir().join(format!("smtp-tls-{}", Uuid::now_v7().simple())));
+    let directory = certificates.0.clone();
     std::fs::create_dir_all(&directory)?;
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
     let mut ca = vec!["req", "-x509"];
@@ -60,7 +70,7 @@ fn test_certificates() -> anyhow::Result<PathBuf> {
             "server.ext",
         ],
     )?;
-    Ok(directory)
+    Ok(certificates)
 }
 
 fn reply(to: &str) -> OutboundMessageQueued {
@@ -99,9 +109,9 @@ fn relay(host: &str, port: u16, tls: SmtpTls) -> anyhow::Result<SmtpRelay> {
 async fn o4_starttls_and_implicit_tls_relays_receive_over_verified_tls() -> anyhow::Result<()> {
     let certificates = test_certificates()?;
     // SAFETY: the only test of this binary sets it before any TLS configuration is built.
-    unsafe { std::env::set_var("SSL_CERT_FILE", certificates.join("ca.pem")) };
-    let cert = certificates.join("server.pem").to_string_lossy().into_owned();
-    let key = certificates.join("server.key").to_string_lossy().into_owned();
+    unsafe { std::env::set_var("SSL_CERT_FILE", certificates.0.join("ca.pem")) };
+    let cert = certificates.0.join("server.pem").to_string_lossy().into_owned();
+    let key = certificates.0.join("server.key").to_string_lossy().into_owned();
 
     for (mode, require) in [(SmtpTls::StartTls, "--smtp-require-starttls"), (SmtpTls::Tls, "--smtp-require-tls")] {
         let (mailpit, _process) =
@@ -127,6 +137,5 @@ async fn o4_starttls_and_implicit_tls_relays_receive_over_verified_tls() -> anyh
         }
         assert_eq!(mailpit.messages().await?.len(), 1, "{mode:?}: only the verified send arrived");
     }
-    std::fs::remove_dir_all(&certificates)?;
     Ok(())
 }
