@@ -246,11 +246,15 @@ impl Intake {
         let mut stream = self.consumer.stream();
         loop {
             let to_seek: Vec<i32> = self.ownership.to_seek.lock().expect("ownership lock").drain(..).collect();
-            if !to_seek.is_empty()
-                && let Err(error) = self.seek_to_stored(&to_seek).await
-            {
-                warn!(error = format!("{error:#}"), "seek to stored positions failed; trying again");
-                self.ownership.to_seek.lock().expect("ownership lock").extend(to_seek);
+            if !to_seek.is_empty() {
+                let again = match self.seek_to_stored(&to_seek).await {
+                    Ok(again) => again,
+                    Err(error) => {
+                        warn!(error = format!("{error:#}"), "reading the stored positions failed; trying again");
+                        to_seek
+                    }
+                };
+                self.ownership.to_seek.lock().expect("ownership lock").extend(again);
             }
             let first = tokio::select! {
                 first = tokio::time::timeout(Duration::from_millis(100), stream.next()) => first,
@@ -394,7 +398,10 @@ impl Intake {
         Ok(())
     }
 
-    async fn seek_to_stored(&self, partitions: &[i32]) -> anyhow::Result<()> {
+    /// Seeks each partition to its stored position; returns those to try again (a partition
+    /// not fetched yet cannot be sought). Partitions with nothing stored need no seek: Kafka's
+    /// committed offset is only ever committed after the rows, so it is never ahead.
+    async fn seek_to_stored(&self, partitions: &[i32]) -> anyhow::Result<Vec<i32>> {
         let stored: HashMap<i32, i64> = sqlx::query_as::<_, (i32, i64)>(
             "SELECT partition, next_offset FROM delivery.consumer_positions WHERE topic = $1 AND partition = ANY($2)",
         )
@@ -405,16 +412,20 @@ impl Intake {
         .context("failed to read the stored positions")?
         .into_iter()
         .collect();
-        for partition in partitions {
-            let offset = stored.get(partition).map_or(Offset::Beginning, |next| Offset::Offset(*next));
+        let mut again = Vec::new();
+        for (partition, next_offset) in stored {
             // Only partitions still assigned can be sought.
-            if self.ownership.owned.lock().expect("ownership lock").contains(partition) {
-                self.consumer
-                    .seek(&self.topic, *partition, offset, Duration::from_secs(10))
-                    .with_context(|| format!("failed to seek partition {partition}"))?;
+            if !self.ownership.owned.lock().expect("ownership lock").contains(&partition) {
+                continue;
+            }
+            if let Err(error) =
+                self.consumer.seek(&self.topic, partition, Offset::Offset(next_offset), Duration::from_secs(10))
+            {
+                tracing::debug!(%error, partition, "seek to the stored position not possible yet");
+                again.push(partition);
             }
         }
-        Ok(())
+        Ok(again)
     }
 }
 
