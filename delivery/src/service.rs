@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -33,6 +32,9 @@ use crate::http::{self, HttpSender};
 use crate::metrics::Metrics;
 use crate::outcome::SendOutcome;
 use crate::retry::{NextStep, RetryPolicy};
+
+/// Added to the send timeout to make the lease of a `sending` row (see `Sender::lease`).
+pub const SENDING_LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 /// Meta's default per-number WhatsApp throughput, used when the channel sets none.
 pub const WHATSAPP_DEFAULT_MESSAGES_PER_SECOND: u32 = 80;
@@ -79,8 +81,7 @@ struct Ownership {
     to_recover: Mutex<Vec<i32>>,
     /// Assigned partitions intake must seek to their stored positions.
     to_seek: Mutex<Vec<i32>>,
-    /// Sends in flight, by partition, and their keys.
-    in_flight: Mutex<HashMap<i32, usize>>,
+    /// Sends in flight in this process, by key.
     in_flight_keys: Mutex<HashSet<(String, String)>>,
     wake: Notify,
 }
@@ -91,7 +92,6 @@ impl Ownership {
     }
 
     fn start(&self, claimed: &Claimed) {
-        *self.in_flight.lock().expect("in-flight lock").entry(claimed.partition).or_default() += 1;
         self.in_flight_keys
             .lock()
             .expect("in-flight lock")
@@ -99,9 +99,6 @@ impl Ownership {
     }
 
     fn finish(&self, claimed: &Claimed) {
-        if let Some(count) = self.in_flight.lock().expect("in-flight lock").get_mut(&claimed.partition) {
-            *count = count.saturating_sub(1);
-        }
         self.in_flight_keys
             .lock()
             .expect("in-flight lock")
@@ -111,19 +108,12 @@ impl Ownership {
     fn is_in_flight(&self, account_id: &str, reply_id: &str) -> bool {
         self.in_flight_keys.lock().expect("in-flight lock").contains(&(account_id.to_owned(), reply_id.to_owned()))
     }
-
-    fn in_flight_of(&self, partitions: &[i32]) -> usize {
-        let in_flight = self.in_flight.lock().expect("in-flight lock");
-        partitions.iter().map(|partition| in_flight.get(partition).copied().unwrap_or(0)).sum()
-    }
 }
 
 /// The consumer's context: partition ownership follows the group's assignment.
 struct OwnershipContext {
     ownership: Arc<Ownership>,
     topic: String,
-    /// How long a revocation waits for the partition's sends in flight to end.
-    drain_timeout: Duration,
 }
 
 impl OwnershipContext {
@@ -141,19 +131,13 @@ impl ClientContext for OwnershipContext {}
 impl ConsumerContext for OwnershipContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
+            // No new claims for these partitions. Sends in flight finish and record their outcome;
+            // the next owner resends a row left `sending` only once its lease has expired, which
+            // is after any send of this instance has timed out (never block librdkafka here).
             let partitions = self.partitions(list);
-            {
-                let mut owned = self.ownership.owned.lock().expect("ownership lock");
-                for partition in &partitions {
-                    owned.remove(partition);
-                }
-            }
-            // The next owner treats a row left `sending` as crashed and sends it again: wait
-            // for this instance's sends of those partitions to be recorded first, so a plain
-            // rebalance does not open the duplicate window.
-            let deadline = Instant::now() + self.drain_timeout;
-            while self.ownership.in_flight_of(&partitions) > 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
+            let mut owned = self.ownership.owned.lock().expect("ownership lock");
+            for partition in &partitions {
+                owned.remove(partition);
             }
             info!(?partitions, "delivery partitions revoked");
         }
@@ -180,11 +164,7 @@ pub async fn run_delivery(
 ) -> anyhow::Result<()> {
     crate::migrate(&pool).await?;
     let ownership = Arc::new(Ownership::default());
-    let context = OwnershipContext {
-        ownership: ownership.clone(),
-        topic: settings.outbound_topic.clone(),
-        drain_timeout: settings.http_timeout + Duration::from_secs(5),
-    };
+    let context = OwnershipContext { ownership: ownership.clone(), topic: settings.outbound_topic.clone() };
     let consumer: StreamConsumer<OwnershipContext> =
         kafka::group_consumer_config(&settings.brokers, "switchboard-delivery", &settings.group_id)
             .create_with_context(context)
@@ -205,6 +185,7 @@ pub async fn run_delivery(
         graph_base_url: settings.graph_base_url.clone(),
         retry: settings.retry,
         delivery_topic: settings.delivery_topic.clone(),
+        lease: settings.http_timeout + SENDING_LEASE_MARGIN,
         limiters: Arc::default(),
         metrics: metrics.clone(),
     };
@@ -443,6 +424,9 @@ struct Sender {
     graph_base_url: String,
     retry: RetryPolicy,
     delivery_topic: String,
+    /// How long an attempt may stay `sending` before the crash rule resends it: longer than
+    /// any send of a live instance can take (the send timeout plus a margin).
+    lease: Duration,
     limiters: Arc<Mutex<HashMap<(String, String), Limiter>>>,
     metrics: Arc<Metrics>,
 }
@@ -475,7 +459,9 @@ async fn attempt_loop(
     poll_interval: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut running = FuturesUnordered::new();
+    // Each attempt is a task of its own: it must make progress (and give its connection back)
+    // while this loop awaits a claim.
+    let mut running = tokio::task::JoinSet::new();
     let mut last_housekeeping = Instant::now() - Duration::from_secs(60);
     let mut idle = false;
     loop {
@@ -488,7 +474,7 @@ async fn attempt_loop(
                 Ok(recovered) => {
                     for claimed in recovered {
                         ownership.start(&claimed);
-                        running.push(sender.clone().attempt(claimed, ownership.clone()));
+                        running.spawn(sender.clone().attempt(claimed, ownership.clone()));
                     }
                 }
                 Err(error) => {
@@ -499,7 +485,9 @@ async fn attempt_loop(
         }
         if last_housekeeping.elapsed() >= Duration::from_secs(2) {
             last_housekeeping = Instant::now();
-            if let Err(error) = sender.housekeeping(&ownership.owned()).await {
+            // Rows left `sending` whose lease expired after the assignment was looked at.
+            ownership.to_recover.lock().expect("ownership lock").extend(ownership.owned());
+            if let Err(error) = sender.housekeeping().await {
                 warn!(error = format!("{error:#}"), "delivery housekeeping failed");
             }
         }
@@ -514,7 +502,7 @@ async fn attempt_loop(
                         idle = claimed.is_empty();
                         for claimed in claimed {
                             ownership.start(&claimed);
-                            running.push(sender.clone().attempt(claimed, ownership.clone()));
+                            running.spawn(sender.clone().attempt(claimed, ownership.clone()));
                         }
                     }
                     Err(error) => warn!(error = format!("{error:#}"), "claiming due messages failed"),
@@ -522,14 +510,14 @@ async fn attempt_loop(
             }
         }
         tokio::select! {
-            Some(()) = running.next(), if !running.is_empty() => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
             _ = ownership.wake.notified() => idle = false,
             _ = tokio::time::sleep(poll_interval) => idle = false,
             _ = shutdown.changed() => {}
         }
     }
     // Let the sends in flight be recorded: their outcome is known now, not after a restart.
-    while running.next().await.is_some() {}
+    while running.join_next().await.is_some() {}
     Ok(())
 }
 
@@ -577,52 +565,65 @@ impl Sender {
         Ok(rows.into_iter().map(|row| claimed_from(row, started_at, false)).collect())
     }
 
-    /// The crash rule: rows of `partitions` found `sending` (not by this process) had an
-    /// unknown outcome; their attempt is sent again with the same key, marked
-    /// `resent_after_crash`. Outcomes recorded but not yet published are published.
+    /// The crash rule: rows of `partitions` found `sending` (not in flight in this process)
+    /// past their lease had an unknown outcome; their attempt is sent again with the same key,
+    /// marked `resent_after_crash`. Outcomes recorded but not yet published are published.
     #[tracing::instrument(name = "recover", skip_all, fields(?partitions))]
     async fn recover(&self, partitions: &[i32], ownership: &Ownership) -> anyhow::Result<Vec<Claimed>> {
         let rows: Vec<ClaimedRow> = sqlx::query_as(&format!(
-            "SELECT {CLAIMED_COLUMNS} FROM delivery.outbox o WHERE o.source_partition = ANY($1) AND o.state = 'sending'"
+            "SELECT {CLAIMED_COLUMNS} FROM delivery.outbox o
+             JOIN delivery.attempts a ON a.account_id = o.account_id AND a.reply_id = o.reply_id AND a.attempt = o.attempts
+             WHERE o.source_partition = ANY($1) AND o.state = 'sending' AND a.outcome IS NULL
+                 AND a.started_at < now() - make_interval(secs => $2)"
         ))
         .bind(partitions)
+        .bind(self.lease.as_secs_f64())
         .fetch_all(&self.pool)
         .await
         .context("failed to find messages left sending")?;
         let rows: Vec<ClaimedRow> = rows.into_iter().filter(|row| !ownership.is_in_flight(&row.0, &row.1)).collect();
         let mut recovered = Vec::new();
         if !rows.is_empty() {
-            let started_at: Vec<DateTime<Utc>> = sqlx::query_scalar(
+            // Taking the lease again is the claim: of two instances racing here (a rebalance),
+            // only the one whose update still sees the expired lease resends.
+            let taken: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
                 "UPDATE delivery.attempts a SET resent_after_crash = true, started_at = now()
                  FROM UNNEST($1::text[], $2::text[], $3::int[]) AS t(account_id, reply_id, attempt)
                  WHERE a.account_id = t.account_id AND a.reply_id = t.reply_id AND a.attempt = t.attempt
-                     AND a.outcome IS NULL
-                 RETURNING a.started_at",
+                     AND a.outcome IS NULL AND a.started_at < now() - make_interval(secs => $4)
+                 RETURNING a.account_id, a.reply_id, a.started_at",
             )
             .bind(rows.iter().map(|row| row.0.clone()).collect::<Vec<_>>())
             .bind(rows.iter().map(|row| row.1.clone()).collect::<Vec<_>>())
             .bind(rows.iter().map(|row| row.2).collect::<Vec<_>>())
+            .bind(self.lease.as_secs_f64())
             .fetch_all(&self.pool)
             .await
             .context("failed to mark attempts resent after a crash")?;
-            let started_at = started_at.first().copied().unwrap_or_else(Utc::now);
-            info!(count = rows.len(), "messages left sending by a crash are sent again with the same key");
-            self.metrics.resent_after_crash(rows.len() as u64);
-            recovered = rows.into_iter().map(|row| claimed_from(row, started_at, true)).collect();
+            let taken: HashMap<(String, String), DateTime<Utc>> = taken
+                .into_iter()
+                .map(|(account_id, reply_id, started_at)| ((account_id, reply_id), started_at))
+                .collect();
+            info!(count = taken.len(), "messages left sending by a crash are sent again with the same key");
+            self.metrics.resent_after_crash(taken.len() as u64);
+            recovered = rows
+                .into_iter()
+                .filter_map(|row| {
+                    let started_at = *taken.get(&(row.0.clone(), row.1.clone()))?;
+                    Some(claimed_from(row, started_at, true))
+                })
+                .collect();
         }
         self.publish_unpublished(partitions).await?;
         Ok(recovered)
     }
 
-    async fn housekeeping(&self, owned: &[i32]) -> anyhow::Result<()> {
+    async fn housekeeping(&self) -> anyhow::Result<()> {
         let depth: i64 =
             sqlx::query_scalar("SELECT count(*) FROM delivery.outbox WHERE state IN ('queued', 'retry', 'sending')")
                 .fetch_one(&self.pool)
                 .await?;
         self.metrics.queue_depth(depth);
-        if !owned.is_empty() {
-            self.publish_unpublished(owned).await?;
-        }
         Ok(())
     }
 
