@@ -28,4 +28,10 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 }
 
 pub mod email;
+pub mod http;
+pub mod metrics;
 pub mod outcome;
+pub mod retry;
+pub mod service;
+
+pub use service::{DeliverySettings, run_delivery};

@@ -12,6 +12,8 @@
 //! - `metrics` and `metrics_http` (feature `metrics-http`): the prometheus-client registry every
 //!   service's metrics live in, and the `/metrics` endpoint of router and projector;
 //! - [`reply_window`]: C6/C8, how long a business may answer on Messenger and WhatsApp;
+//! - [`secrets`] and [`signature`]: the secrets file, and the HMAC request signatures (ingest
+//!   verifies, delivery signs);
 //! - [`tcp`]: the options every listener sets on an accepted connection (`TCP_NODELAY`).
 
 pub mod config_store;
@@ -27,6 +29,8 @@ pub mod publisher;
 #[cfg(feature = "read-models")]
 pub mod read_models;
 pub mod reply_window;
+pub mod secrets;
+pub mod signature;
 pub mod tcp;
 pub mod telemetry;
 pub mod topics;

@@ -834,3 +834,78 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 // ---------------------------------------------------------------------- end of Mailpit block
+
+// ---------------------------------------------------------------------------------------------
+// Delivery service (issue 15): starting it in-process or as the binary.
+// ---------------------------------------------------------------------------------------------
+
+impl TestEnv {
+    /// Delivery settings for this environment: Graph API calls go to `graph_base_url` (a
+    /// stand-in), secrets from `secrets_toml`, retries after 100 ms instead of 1 s.
+    pub fn delivery_settings(
+        &self,
+        graph_base_url: &str,
+        secrets_toml: &str,
+    ) -> anyhow::Result<switchboard_delivery::DeliverySettings> {
+        Ok(switchboard_delivery::DeliverySettings {
+            brokers: self.brokers.clone(),
+            group_id: format!("{}delivery", self.topics.prefix),
+            outbound_topic: self.topics.outbound.clone(),
+            delivery_topic: self.topics.delivery.clone(),
+            graph_base_url: graph_base_url.to_owned(),
+            secrets: switchboard_runtime::secrets::Secrets::parse(secrets_toml)?,
+            smtp: None,
+            concurrency: 64,
+            http_timeout: Duration::from_secs(5),
+            retry: switchboard_delivery::retry::RetryPolicy {
+                base_delay: Duration::from_millis(100),
+                ..Default::default()
+            },
+            poll_interval: Duration::from_millis(50),
+        })
+    }
+
+    /// Starts the delivery service in-process; it stops with the environment.
+    pub async fn start_delivery(
+        &self,
+        settings: switchboard_delivery::DeliverySettings,
+    ) -> anyhow::Result<Arc<switchboard_delivery::metrics::Metrics>> {
+        switchboard_delivery::migrate(&self.pool).await?;
+        let metrics = Arc::new(switchboard_delivery::metrics::Metrics::default());
+        let shutdown = self.shutdown_sender.subscribe();
+        let pool = self.pool.clone();
+        let running = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(error) = switchboard_delivery::run_delivery(settings, pool, shutdown, running).await {
+                tracing::error!(error = format!("{error:#}"), "delivery failed");
+            }
+        });
+        Ok(metrics)
+    }
+
+    /// Starts the delivery binary as a child process (killed when dropped), sending to the
+    /// stand-in at `graph_base_url` with the secrets in `secrets_file`.
+    pub fn spawn_delivery_process(
+        &self,
+        graph_base_url: &str,
+        secrets_file: &std::path::Path,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<KillOnDrop> {
+        let mut command = Command::new(binary_path("delivery")?);
+        command
+            .env("KAFKA_BROKERS", &self.brokers)
+            .env("DATABASE_URL", &self.database_url)
+            .env("SWITCHBOARD_TOPIC_PREFIX", &self.topics.prefix)
+            .env("DELIVERY_GRAPH_API_BASE_URL", graph_base_url)
+            .env("DELIVERY_SECRETS_FILE", secrets_file)
+            .env("DELIVERY_METRICS_ADDR", "127.0.0.1:0")
+            .env("DELIVERY_RETRY_BASE_MS", "100")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (name, value) in extra_env {
+            command.env(name, value);
+        }
+        command.spawn().map(KillOnDrop).context("failed to start the delivery binary")
+    }
+}
