@@ -479,7 +479,8 @@ pub fn build_outbound(parts: ReplyParts<'_>, route: Route, request: &SendReplyRe
             });
         }
         Route::Messenger { page_id, messaging_type } => {
-            message.messenger = Some(OutboundMessenger { page_id, messaging_type: messaging_type as i32 });
+            message.messenger =
+                Some(OutboundMessenger { page_id, messaging_type: messaging_type as i32, quick_replies: Vec::new() });
         }
         Route::WhatsApp { phone_number_id, template_opt } => {
             if message.text.is_empty()
@@ -488,9 +489,18 @@ pub fn build_outbound(parts: ReplyParts<'_>, route: Route, request: &SendReplyRe
                 // What the inbox shows for a template sent without text.
                 message.text = format!("[WhatsApp template {} ({})]", template.name, template.language);
             }
+            message.channel_messages_per_second =
+                parts.channel.whatsapp.as_ref().map_or(0, |settings| settings.messages_per_second);
             message.whatsapp = Some(OutboundWhatsApp { phone_number_id, template: template_opt });
         }
-        Route::Chat | Route::Custom => {}
+        Route::Custom => {
+            // C10: the app's URL and rate as configured now; the delivery service reads no
+            // configuration, so a later change applies to later replies only.
+            let settings = parts.channel.custom.clone().unwrap_or_default();
+            message.custom_delivery_url = settings.delivery_url;
+            message.channel_messages_per_second = settings.messages_per_second;
+        }
+        Route::Chat => {}
     }
     message
 }
@@ -766,7 +776,9 @@ impl Admin {
 mod tests {
     use super::*;
     use chrono::Duration as ChronoDuration;
-    use switchboard_proto::events::v1::{EmailSettings, MessengerSettings, WhatsAppSettings, WhatsAppTemplate};
+    use switchboard_proto::events::v1::{
+        CustomChannelSettings, EmailSettings, MessengerSettings, WhatsAppSettings, WhatsAppTemplate,
+    };
     use switchboard_proto::names;
 
     fn at(hours: i64) -> DateTime<Utc> {
@@ -1158,6 +1170,47 @@ mod tests {
             ("page-1", MessengerMessagingType::HumanAgentTag as i32)
         );
         assert!(message.email.is_none());
+    }
+
+    fn build_for(conversation: &ConversationFacts, channel: &ChannelConfigured) -> OutboundMessageQueued {
+        let route = route_reply(conversation, Some(channel), [], &reply("Hi"), at(110)).unwrap();
+        build_outbound(
+            ReplyParts {
+                account_id: "acme",
+                reply_id: Uuid::from_u128(3),
+                conversation,
+                channel,
+                inbox: &inbox(),
+                author: agent(),
+                latest_inbound_email_opt: None,
+                attachments: vec![],
+            },
+            route,
+            &reply("Hi"),
+        )
+    }
+
+    #[test]
+    fn c10_custom_replies_carry_the_apps_url_and_rate_as_configured() {
+        let mut app = channel(ChannelType::Custom, "app");
+        app.custom = Some(CustomChannelSettings {
+            delivery_url: "https://app.example/switchboard/replies".into(),
+            messages_per_second: 25,
+        });
+        let message = build_for(&facts(ChannelType::Custom, "app"), &app);
+        assert_eq!(message.custom_delivery_url, "https://app.example/switchboard/replies");
+        assert_eq!(message.channel_messages_per_second, 25);
+        assert_eq!(message.thread_key, "thread-1");
+    }
+
+    #[test]
+    fn c8_whatsapp_replies_carry_the_numbers_rate_and_others_none() {
+        let mut number = whatsapp_channel();
+        number.whatsapp.as_mut().unwrap().messages_per_second = 40;
+        let message = build_for(&facts(ChannelType::Whatsapp, "wa"), &number);
+        assert_eq!((message.channel_messages_per_second, message.custom_delivery_url.as_str()), (40, ""));
+        let chat = build_for(&facts(ChannelType::Chat, "site"), &channel(ChannelType::Chat, "site"));
+        assert_eq!((chat.channel_messages_per_second, chat.custom_delivery_url.as_str()), (0, ""));
     }
 
     #[test]

@@ -51,7 +51,11 @@ fn reply(channel_id: &str, channel_type: ChannelType, text: &str) -> OutboundMes
 fn messenger(text: &str, messaging_type: MessengerMessagingType) -> OutboundMessageQueued {
     let mut message = reply("fb", ChannelType::FacebookMessenger, text);
     message.recipient = "psid-1".into();
-    message.messenger = Some(OutboundMessenger { page_id: "page-9".into(), messaging_type: messaging_type as i32 });
+    message.messenger = Some(OutboundMessenger {
+        page_id: "page-9".into(),
+        messaging_type: messaging_type as i32,
+        ..Default::default()
+    });
     message
 }
 

@@ -91,6 +91,7 @@ name = "WhatsApp"
 [channels.whatsapp]
 phone_number_id = "pn-1"
 templates = [{ name = "order_update", language = "en_US", parameters = 2 }]
+messages_per_second = 40
 
 [[channels]]
 id = "phone"
@@ -105,6 +106,7 @@ type = "custom"
 name = "Telegram bridge"
 [channels.custom]
 delivery_url = "http://127.0.0.1:9/deliver"
+messages_per_second = 12
 
 [[channels]]
 id = "vip-chat"
@@ -539,6 +541,7 @@ async fn c8_o3_whatsapp_free_form_inside_24_hours_templates_outside() -> anyhow:
     let free_form = ana.admin.send_reply(reply(inside, "Sure")).await?.into_inner();
     let message = queued(env, &free_form.reply_id)?;
     assert_eq!(message.recipient, "4915112345678");
+    assert_eq!(message.channel_messages_per_second, 40, "the number's rate travels with the reply (C8)");
     let sent = message.whatsapp.expect("whatsapp details");
     assert_eq!((sent.phone_number_id.as_str(), sent.template), ("pn-1", None));
 
@@ -627,6 +630,11 @@ async fn c9_c11_o1_bad_requests_calls_off_channels_closed_and_unknown_conversati
     let message = queued(env, &result.reply_id)?;
     assert_eq!((message.recipient.as_str(), message.thread_key.as_str()), ("tg-user-5", "tg-user-5"));
     assert_eq!(message.channel_type, ChannelType::Custom as i32);
+    // C10: the app's URL and rate travel with the reply: the delivery service reads no config.
+    assert_eq!(
+        (message.custom_delivery_url.as_str(), message.channel_messages_per_second),
+        ("http://127.0.0.1:9/deliver", 12)
+    );
     let result = ana.admin.send_reply(reply(chat, "Hello visitor")).await?.into_inner();
     let message = queued(env, &result.reply_id)?;
     assert_eq!((message.recipient.as_str(), message.channel_id.as_str()), ("visitor-1", "chat"));
