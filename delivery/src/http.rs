@@ -450,7 +450,8 @@ mod tests {
                 MessengerQuickReply { title: "No".into(), payload: "SWITCHBOARD_CONSENT_DECLINED".into() },
             ],
         });
-        let request = messenger_request("https://graph.example/v21.0", &message, Some(&Secret::new("PAGE")), 0).unwrap();
+        let request =
+            messenger_request("https://graph.example/v21.0", &message, Some(&Secret::new("PAGE")), 0).unwrap();
         assert_eq!(
             body_of(&request)["message"]["quick_replies"],
             json!([

@@ -6,7 +6,8 @@
 
 use switchboard_proto::events::v1::{
     AgentConfigured, Author, AuthorKind, Automation, Envelope, InboundMessageReceived, InboxConfigured,
-    MessengerMessagingType, MessengerQuickReply, OutboundEmail, OutboundMessageQueued, OutboundMessenger, OutboundPurpose,
+    MessengerMessagingType, MessengerQuickReply, OutboundEmail, OutboundMessageQueued, OutboundMessenger,
+    OutboundPurpose,
 };
 use switchboard_runtime::envelope::{recorded_at_millis, timestamp_millis};
 use switchboard_runtime::outbound::{

@@ -1563,7 +1563,12 @@ fn c6_consent_prompt_is_sent_once_while_a_thread_waits_for_consent() {
     assert_eq!((prompt.recipient.as_str(), prompt.messenger.as_ref().unwrap().page_id.as_str()), ("psid-1", "page-77"));
     assert_eq!(envelope.partition_key, outbound_partition_key(ACCOUNT, "fb-1/psid-1"));
     // The customer answers with a tap: the payloads are the words ingest's webhook recognises.
-    let buttons: Vec<(String, String)> = prompt.messenger.as_ref().unwrap().quick_replies.iter()
+    let buttons: Vec<(String, String)> = prompt
+        .messenger
+        .as_ref()
+        .unwrap()
+        .quick_replies
+        .iter()
         .map(|reply| (reply.title.clone(), reply.payload.clone()))
         .collect();
     assert_eq!(

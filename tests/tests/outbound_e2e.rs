@@ -178,7 +178,10 @@ async fn conversation_on(clients: &mut Clients, channel_id: &str) -> anyhow::Res
         let mut conversations = clients.conversations.clone();
         async move {
             let listed = conversations
-                .list_conversations(ListConversationsRequest { channel_id: channel_id.to_owned(), ..Default::default() })
+                .list_conversations(ListConversationsRequest {
+                    channel_id: channel_id.to_owned(),
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             Ok(listed.conversations.into_iter().next().map(|conversation| conversation.id))
@@ -311,7 +314,7 @@ async fn o4_r10_email_round_trip_through_smtp_the_api_delivery_and_mailpit() -> 
     assert_eq!(mail.subject(), Some("Re: Refund for order 17"));
     assert_eq!(mail.message_id(), Some(message_id.as_str()), "Message-ID = the recorded provider_message_id");
     assert_eq!(mail.in_reply_to().as_text(), Some(first_id.as_str()), "R10: threads on the customer's mail");
-    assert_eq!(header_list(&mail, "References"), [first_id.clone()]);
+    assert_eq!(header_list(&mail, "References"), std::slice::from_ref(&first_id));
     let content_type = mail.content_type().context("no Content-Type")?;
     assert_eq!(
         (content_type.ctype(), content_type.subtype()),
@@ -438,7 +441,9 @@ async fn o5_c6_messenger_reply_is_sent_then_delivered_and_read_and_its_echo_is_n
     let bodies = send_api_requests(&requests, &page);
     assert_eq!(
         bodies,
-        [json!({"recipient": {"id": "psid-7"}, "messaging_type": "RESPONSE", "message": {"text": "Yes, it left today."}})],
+        [
+            json!({"recipient": {"id": "psid-7"}, "messaging_type": "RESPONSE", "message": {"text": "Yes, it left today."}})
+        ],
         "the documented Send API request, once"
     );
     let idempotency_keys: Vec<&str> = requests
@@ -509,7 +514,11 @@ async fn o5_a_4xx_from_the_graph_api_shows_failed_with_metas_error_and_no_retry(
     .await?;
     assert!(!failed.will_retry, "a 4xx is permanent");
     assert!(failed.failure_reason.contains("HTTP 400"), "{}", failed.failure_reason);
-    assert!(failed.failure_reason.contains("No matching user found"), "Meta's error is kept: {}", failed.failure_reason);
+    assert!(
+        failed.failure_reason.contains("No matching user found"),
+        "Meta's error is kept: {}",
+        failed.failure_reason
+    );
     assert!(failed.failure_reason.contains("2018001"), "{}", failed.failure_reason);
     assert_eq!(history(&failed), ["queued", "failed"]);
     let requests = fixture.stand_in.received_requests().await.unwrap_or_default();
@@ -552,7 +561,8 @@ async fn c10_custom_reply_is_posted_to_the_app_signed_with_the_inbound_scheme() 
     .await?;
     assert_eq!(sent.provider_message_id, "tg-out-1", "the app's id");
     let requests = fixture.stand_in.received_requests().await.unwrap_or_default();
-    let posted: Vec<&Request> = requests.iter().filter(|request| request.url.path() == "/switchboard/replies").collect();
+    let posted: Vec<&Request> =
+        requests.iter().filter(|request| request.url.path() == "/switchboard/replies").collect();
     assert_eq!(posted.len(), 1);
     let request = posted[0];
     let header_of = |name: &str| request.headers.get(name).and_then(|value| value.to_str().ok());
@@ -630,7 +640,8 @@ async fn c5_chat_reply_arrives_on_the_visitors_event_stream() -> anyhow::Result<
     )
     .await?;
 
-    let accepted = fixture.ana.admin.send_reply(reply(&conversation_id, "Hi Vera, how can I help?")).await?.into_inner();
+    let accepted =
+        fixture.ana.admin.send_reply(reply(&conversation_id, "Hi Vera, how can I help?")).await?.into_inner();
     let mut buffer = String::new();
     let (id, event) = next_event(&mut stream, &mut buffer).await?;
     assert!(id.parse::<i64>().is_ok(), "the event id is the row's seq: {id}");
@@ -662,14 +673,12 @@ async fn r4_an_offline_owner_gets_an_auto_submitted_email_at_mailpit() -> anyhow
             request_id: Uuid::now_v7().to_string(),
             contact_id,
             owner_agent_id: "olga".into(),
-            ..Default::default()
         })
         .await?;
     admin_calls
         .close_conversation(switchboard_proto::api::v1::CloseConversationRequest {
             request_id: Uuid::now_v7().to_string(),
             conversation_id: first.clone(),
-            ..Default::default()
         })
         .await?;
     // Wait for the close before the next message, so it starts a new conversation.
