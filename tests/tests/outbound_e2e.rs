@@ -35,6 +35,10 @@ app_secret = "fb-app-secret"
 verify_token = "fb-verify"
 access_token = "PAGE-TOKEN"
 
+[channels.fb-ask]
+app_secret = "fb-app-secret"
+access_token = "ASK-TOKEN"
+
 [channels.app]
 signing_key = "app-signing-key"
 "#;
@@ -97,6 +101,16 @@ type = "facebook_messenger"
 name = "E2E on Facebook"
 [channels.messenger]
 page_id = "page-{run}"
+
+[[channels]]
+id = "fb-ask"
+inbox = "support"
+type = "facebook_messenger"
+name = "E2E asks first"
+[channels.messenger]
+page_id = "ask-{run}"
+consent_mode = "explicit"
+consent_text = "May we keep your messages to help you?"
 
 [[channels]]
 id = "app"
@@ -274,9 +288,11 @@ async fn o4_r10_email_round_trip_through_smtp_the_api_delivery_and_mailpit() -> 
 
     // The customer writes in over SMTP.
     let first_id = format!("first-{run}@customer.example");
+    // The customer's clock: the Date header is the message's sent_at, which orders it.
+    let date = chrono::Utc::now().to_rfc2822();
     let first = format!(
         "From: Kim Kunde <{customer}>\r\nTo: {team_address}\r\nSubject: Refund for order 17\r\n\
-         Message-ID: <{first_id}>\r\nDate: Sun, 06 Dec 2026 07:00:00 +0000\r\nMIME-Version: 1.0\r\n\
+         Message-ID: <{first_id}>\r\nDate: {date}\r\nMIME-Version: 1.0\r\n\
          Content-Type: text/plain; charset=utf-8\r\n\r\nMy parcel never arrived. Can I get a refund?\r\n"
     );
     tokio::task::spawn_blocking({
@@ -329,13 +345,14 @@ async fn o4_r10_email_round_trip_through_smtp_the_api_delivery_and_mailpit() -> 
 
     // The customer answers it from their mail client: threading built from the received mail.
     let answer_id = format!("answer-{run}@customer.example");
+    let date = chrono::Utc::now().to_rfc2822();
     let mut references = header_list(&mail, "References");
     references.push(message_id.clone());
     let references = references.iter().map(|reference| format!("<{reference}>")).collect::<Vec<_>>().join(" ");
     let answer = format!(
         "From: Kim Kunde <{customer}>\r\nTo: {team_address}\r\nSubject: Re: Refund for order 17\r\n\
          Message-ID: <{answer_id}>\r\nIn-Reply-To: <{message_id}>\r\nReferences: {references}\r\n\
-         Date: Sun, 06 Dec 2026 07:05:00 +0000\r\nMIME-Version: 1.0\r\n\
+         Date: {date}\r\nMIME-Version: 1.0\r\n\
          Content-Type: text/plain; charset=utf-8\r\n\r\nThank you, received!\r\n"
     );
     tokio::task::spawn_blocking({
@@ -360,14 +377,27 @@ async fn o4_r10_email_round_trip_through_smtp_the_api_delivery_and_mailpit() -> 
     assert_eq!(conversation.assignee_id, assignee, "R10: same assignee");
     let all = fixture.ana.conversations.list_conversations(ListConversationsRequest::default()).await?.into_inner();
     assert_eq!(all.conversations.len(), 1, "no second conversation");
-    let directions: Vec<(&str, &str)> =
-        after.messages.iter().map(|message| (message.direction.as_str(), message.delivery_state.as_str())).collect();
-    assert_eq!(directions, [("inbound", ""), ("outbound", "sent"), ("inbound", "")]);
-    let ours = &after.messages[1];
-    assert_eq!(ours.id, accepted.reply_id);
+    // Listed by sent_at: the mails' Date headers have whole seconds, so within one second the
+    // order of the reply and the answer is not defined; each is checked by what it is.
+    let mut shown: Vec<(&str, &str, &str)> = after
+        .messages
+        .iter()
+        .map(|message| (message.direction.as_str(), message.delivery_state.as_str(), message.text.trim()))
+        .collect();
+    shown.sort();
+    assert_eq!(
+        shown,
+        [
+            ("inbound", "", "My parcel never arrived. Can I get a refund?"),
+            ("inbound", "", "Thank you, received!"),
+            ("outbound", "sent", "We are sorry! The refund is on its way."),
+        ]
+    );
+    let ours = after.messages.iter().find(|message| message.id == accepted.reply_id).context("the reply")?;
     assert_eq!(history(ours), ["queued", "sent"]);
     assert_eq!(ours.author.as_ref().map(|author| author.agent_id.as_str()), Some("ana"));
     assert!(conversation.first_response_at.is_some(), "first_response_at is set by the agent's reply");
+    assert_eq!(conversation.first_response_at, ours.sent_at, "the time the reply was queued");
     assert_eq!(conversation.first_response_at, conversation.last_agent_reply_at);
     fixture.env.cleanup().await;
     Ok(())
@@ -719,6 +749,72 @@ async fn r4_an_offline_owner_gets_an_auto_submitted_email_at_mailpit() -> anyhow
         Some("E2E Support"),
         "C12: the inbox's fallback identity"
     );
+    fixture.env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c6_the_consent_prompt_offers_quick_replies_and_a_tap_releases_the_held_message() -> anyhow::Result<()> {
+    let mut fixture = fixture().await?;
+    let page = format!("ask-{}", fixture.run);
+    Mock::given(method("POST"))
+        .and(path(format!("/{page}/messages")))
+        .and(header("authorization", "Bearer ASK-TOKEN"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"recipient_id": "psid-9", "message_id": "m_prompt"})),
+        )
+        .mount(&fixture.stand_in)
+        .await;
+    let at = now_millis();
+    let first = json!({"object": "page", "entry": [{"id": page, "time": at, "messaging": [
+        {"sender": {"id": "psid-9"}, "recipient": {"id": page}, "timestamp": at,
+         "message": {"mid": "m_held", "text": "Do you ship to Norway?"}}]}]})
+    .to_string();
+    post_messenger(&fixture, &first).await?;
+
+    // The router's prompt reaches the Send API with the two answers ingest understands.
+    let prompt = eventually("the consent prompt at the stand-in", || {
+        let stand_in = &fixture.stand_in;
+        let page = page.clone();
+        async move {
+            let requests = stand_in.received_requests().await.unwrap_or_default();
+            Ok(send_api_requests(&requests, &page).into_iter().next())
+        }
+    })
+    .await?;
+    assert_eq!(
+        prompt,
+        json!({"recipient": {"id": "psid-9"}, "messaging_type": "RESPONSE", "message": {
+        "text": "May we keep your messages to help you?",
+        "quick_replies": [
+            {"content_type": "text", "title": "Yes, continue", "payload": "SWITCHBOARD_CONSENT_GRANTED"},
+            {"content_type": "text", "title": "No, thanks", "payload": "SWITCHBOARD_CONSENT_DECLINED"},
+        ]}})
+    );
+    let listed = fixture
+        .ana
+        .conversations
+        .list_conversations(ListConversationsRequest { channel_id: "fb-ask".into(), ..Default::default() })
+        .await?
+        .into_inner();
+    assert!(listed.conversations.is_empty(), "the message is held until the customer answers");
+
+    // The customer taps "Yes, continue": Meta sends the quick reply's payload back.
+    let tapped_at = now_millis();
+    let tap = json!({"object": "page", "entry": [{"id": page, "time": tapped_at, "messaging": [
+        {"sender": {"id": "psid-9"}, "recipient": {"id": page}, "timestamp": tapped_at,
+         "message": {"mid": "m_tap", "text": "Yes, continue", "quick_reply": {"payload": prompt["message"]["quick_replies"][0]["payload"]}}}]}]})
+    .to_string();
+    post_messenger(&fixture, &tap).await?;
+    let conversation_id = conversation_on(&mut fixture.ana, "fb-ask").await?;
+    let response = get_conversation(&mut fixture.ana, &conversation_id).await?;
+    let inbound: Vec<&str> = response
+        .messages
+        .iter()
+        .filter(|message| message.direction == "inbound")
+        .map(|message| message.text.as_str())
+        .collect();
+    assert_eq!(inbound, ["Do you ship to Norway?"], "the held message starts the conversation; the tap is no message");
     fixture.env.cleanup().await;
     Ok(())
 }
