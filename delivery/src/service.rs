@@ -159,6 +159,16 @@ impl ConsumerContext for OwnershipContext {
     }
 }
 
+/// The send rate of a channel (`None`: unlimited): WhatsApp's configured per-number rate, 0
+/// meaning Meta's default of 80/s; a custom channel's configured rate, 0 meaning no limit.
+pub fn channel_rate(channel_type: ChannelType, configured_per_second: u32) -> Option<NonZeroU32> {
+    match channel_type {
+        ChannelType::Whatsapp if configured_per_second == 0 => NonZeroU32::new(WHATSAPP_DEFAULT_MESSAGES_PER_SECOND),
+        ChannelType::Whatsapp | ChannelType::Custom => NonZeroU32::new(configured_per_second),
+        _ => None,
+    }
+}
+
 /// Runs the delivery service until `shutdown` turns true.
 pub async fn run_delivery(
     settings: DeliverySettings,
@@ -786,12 +796,8 @@ impl Sender {
     }
 
     async fn rate_limit(&self, account_id: &str, message: &OutboundMessageQueued, channel_type: ChannelType) {
-        let rate = match channel_type {
-            ChannelType::Whatsapp if message.channel_messages_per_second == 0 => WHATSAPP_DEFAULT_MESSAGES_PER_SECOND,
-            ChannelType::Whatsapp | ChannelType::Custom => message.channel_messages_per_second,
-            _ => 0,
-        };
-        let Some(per_second) = NonZeroU32::new(rate) else { return };
+        let Some(per_second) = channel_rate(channel_type, message.channel_messages_per_second) else { return };
+        let rate = per_second.get();
         let limiter = {
             let mut limiters = self.limiters.lock().expect("limiter lock");
             let key = (account_id.to_owned(), message.channel_id.clone());
@@ -1200,6 +1206,15 @@ fn attempt_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn c8_c10_channel_rates_default_per_channel_type() {
+        assert_eq!(channel_rate(ChannelType::Whatsapp, 0), NonZeroU32::new(80));
+        assert_eq!(channel_rate(ChannelType::Whatsapp, 20), NonZeroU32::new(20));
+        assert_eq!(channel_rate(ChannelType::Custom, 0), None);
+        assert_eq!(channel_rate(ChannelType::Custom, 5), NonZeroU32::new(5));
+        assert_eq!(channel_rate(ChannelType::FacebookMessenger, 5), None);
+    }
 
     #[test]
     fn o5_outcomes_are_recorded_with_the_next_step() {
