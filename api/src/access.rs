@@ -81,9 +81,13 @@ pub fn check_may_grant_role(identity: &Identity, role: Role) -> Result<(), ApiEr
 /// A manual action on a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConversationAction<'a> {
-    Assign { assignee_id: &'a str },
+    Assign {
+        assignee_id: &'a str,
+    },
     Unassign,
     Close,
+    /// Replying to the customer or adding an internal note (O2).
+    Reply,
 }
 
 /// I4: users without a paid seat may take unassigned conversations (and then work on them),
@@ -101,12 +105,14 @@ pub fn check_seat_allows(
     let allowed = match action {
         ConversationAction::Assign { assignee_id } => current_assignee_opt.is_none() && assignee_id == identity.user_id,
         ConversationAction::Unassign | ConversationAction::Close => own,
+        // I4: unassigned conversations and one's own.
+        ConversationAction::Reply => current_assignee_opt.is_none() || own,
     };
     if allowed {
         Ok(())
     } else {
         Err(ApiError::denied(
-            "without a paid seat you may only take unassigned conversations and work on your own (I4)",
+            "without a paid seat you may only take and reply to unassigned conversations and work on your own (I4)",
         ))
     }
 }
@@ -192,8 +198,14 @@ mod tests {
         assert!(check_seat_allows(&free, false, Some("free"), ConversationAction::Unassign).is_ok());
         assert!(check_seat_allows(&free, false, Some("ana"), ConversationAction::Close).is_err());
         assert!(check_seat_allows(&free, false, None, ConversationAction::Unassign).is_err());
+        // O2: replies and notes as I4 says: unassigned conversations and one's own.
+        assert!(check_seat_allows(&free, false, None, ConversationAction::Reply).is_ok());
+        assert!(check_seat_allows(&free, false, Some("free"), ConversationAction::Reply).is_ok());
+        assert!(check_seat_allows(&free, false, Some("ana"), ConversationAction::Reply).is_err());
         let paid = identity("paid", Role::Agent, &[]);
-        for action in [take, give_to_other, ConversationAction::Unassign, ConversationAction::Close] {
+        for action in
+            [take, give_to_other, ConversationAction::Unassign, ConversationAction::Close, ConversationAction::Reply]
+        {
             assert!(check_seat_allows(&paid, true, Some("ana"), action).is_ok());
         }
     }

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use chrono::Utc;
 use prost::Message as _;
 use sqlx::PgPool;
@@ -25,6 +26,7 @@ use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore, config_key}
 
 use crate::config_rules::{self, Breach};
 use switchboard_runtime::envelope;
+use switchboard_runtime::outbound;
 use switchboard_runtime::publisher::EnvelopePublisher;
 use switchboard_runtime::topics::Topics;
 use tonic::{Request, Response, Status};
@@ -56,18 +58,62 @@ pub struct Admin {
     config: ConfigStore,
     publisher: EnvelopePublisher,
     topics: Topics,
+    outbound: OutboundSettings,
     /// Config commands of this instance run one at a time, each starting from the state the
     /// previous one published (read-modify-write of whole entities).
     config_lock: tokio::sync::Mutex<()>,
 }
 
+/// What the outbound commands need besides the log and the read models.
+#[derive(Clone)]
+pub struct OutboundSettings {
+    /// Checks attachment references (SendReply).
+    pub http: reqwest::Client,
+    /// C12: the mail domain of the fallback addresses new inboxes get.
+    pub fallback_email_domain: String,
+}
+
+impl OutboundSettings {
+    pub fn new(fallback_email_domain: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(crate::replies::ATTACHMENT_FETCH_TIMEOUT)
+            .timeout(crate::replies::ATTACHMENT_FETCH_TIMEOUT)
+            .user_agent("switchboard-api (attachment check)")
+            .build()
+            .context("failed to build the attachment-check http client")?;
+        Ok(OutboundSettings { http, fallback_email_domain: fallback_email_domain.trim().to_ascii_lowercase() })
+    }
+}
+
 impl Admin {
-    pub fn new(read: ReadModels, config: ConfigStore, publisher: EnvelopePublisher, topics: Topics) -> Self {
-        Admin { read, config, publisher, topics, config_lock: tokio::sync::Mutex::new(()) }
+    pub fn new(
+        read: ReadModels,
+        config: ConfigStore,
+        publisher: EnvelopePublisher,
+        topics: Topics,
+        outbound: OutboundSettings,
+    ) -> Self {
+        Admin { read, config, publisher, topics, outbound, config_lock: tokio::sync::Mutex::new(()) }
     }
 
     fn pool(&self) -> &PgPool {
         self.read.pool()
+    }
+
+    pub(crate) fn read_models(&self) -> &ReadModels {
+        &self.read
+    }
+
+    pub(crate) fn publisher(&self) -> &EnvelopePublisher {
+        &self.publisher
+    }
+
+    pub(crate) fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.outbound.http
     }
 
     /// The idempotent command frame: replay, claim, run, record.
@@ -82,20 +128,36 @@ impl Admin {
     where
         Fut: Future<Output = Result<Vec<Position>, ApiError>>,
     {
+        let (position, replayed) = self.run_claimed(identity, command, request_id, request_bytes, body).await?;
+        Ok(Response::new(CommandResult { position, replayed }))
+    }
+
+    /// The frame itself: the position of the command's records and whether it was a replay.
+    pub(crate) async fn run_claimed<Fut>(
+        &self,
+        identity: &Identity,
+        command: &'static str,
+        request_id: &str,
+        request_bytes: Vec<u8>,
+        body: Fut,
+    ) -> Result<(String, bool), Status>
+    where
+        Fut: Future<Output = Result<Vec<Position>, ApiError>>,
+    {
         validate_request_id(request_id)?;
         let digest = idempotency::request_digest(command, &request_bytes);
         let account_id = identity.account_id.as_str();
         if let Claim::Replay(position) =
             idempotency::try_claim(self.pool(), account_id, request_id, command, &digest).await?
         {
-            return Ok(Response::new(CommandResult { position, replayed: true }));
+            return Ok((position, true));
         }
         match body.await {
             Ok(positions) => {
                 let position = Position::join(&positions);
                 idempotency::record_position(self.pool(), account_id, request_id, &position).await?;
                 tracing::info!(command, request_id, %position, user = %identity.user_id, "command published");
-                Ok(Response::new(CommandResult { position, replayed: false }))
+                Ok((position, false))
             }
             Err(error) => {
                 // Nothing was published: free the id so the client may retry (fixed) requests.
@@ -223,7 +285,7 @@ impl Admin {
 
     /// The frame of every manual action on a conversation: the conversation as the read model
     /// has it, authorised for `action` (I2-I4) against the current configuration.
-    async fn authorised_conversation(
+    pub(crate) async fn authorised_conversation(
         &self,
         identity: &Identity,
         conversation_id_text: &str,
@@ -253,13 +315,13 @@ impl Admin {
 }
 
 /// A conversation a caller may act on, with what the action's own checks need.
-struct AuthorisedConversation {
-    conversation_id: Uuid,
-    inbox: InboxAccess,
+pub(crate) struct AuthorisedConversation {
+    pub(crate) conversation_id: Uuid,
+    pub(crate) inbox: InboxAccess,
     /// The configuration the action was authorised against.
-    snapshot: std::sync::Arc<ConfigSnapshot>,
-    current_assignee_opt: Option<String>,
-    is_open: bool,
+    pub(crate) snapshot: std::sync::Arc<ConfigSnapshot>,
+    pub(crate) current_assignee_opt: Option<String>,
+    pub(crate) is_open: bool,
 }
 
 /// I4: whether the caller holds a paid seat in their account.
@@ -275,7 +337,7 @@ fn refuse_breaches(breaches: Vec<Breach>) -> Result<(), ApiError> {
     }
 }
 
-fn actor(identity: &Identity) -> Option<Actor> {
+pub(crate) fn actor(identity: &Identity) -> Option<Actor> {
     Some(Actor { user_id: identity.user_id.clone(), role: identity.role.name().to_owned() })
 }
 
@@ -427,6 +489,9 @@ fn apply_settings(
     if !matches {
         violations.add("settings", "do not match the channel's type");
     }
+    for (field, problem) in config_rules::channel_settings_problems(channel) {
+        violations.add(field, problem);
+    }
 }
 
 fn check_capacity(violations: &mut Violations, capacities: &[ChannelTypeCapacity]) {
@@ -483,21 +548,39 @@ impl AdminService for Admin {
             let mode = access_mode_of(&mut violations, "access_mode", body.access_mode);
             check_labels(&mut violations, "access_user_ids", &body.access_user_ids);
             check_labels(&mut violations, "access_team_ids", &body.access_team_ids);
+            if !body.fallback_from_name.is_empty() {
+                check_name(&mut violations, "fallback_from_name", &body.fallback_from_name);
+            }
             violations.into_result()?;
             check_keeps_caller(&identity, mode, &body.access_user_ids, &body.access_team_ids)?;
             let _guard = self.config_lock.lock().await;
-            if self.snapshot().inboxes.contains(&identity.account_id, &body.inbox_id) {
+            let snapshot = self.snapshot();
+            if snapshot.inboxes.contains(&identity.account_id, &body.inbox_id) {
                 return Err(ApiError::AlreadyExists { what: "inbox", id: body.inbox_id.clone() });
             }
+            let name = body.name.trim().to_owned();
+            // C12: every inbox gets its fallback address now; a from-name not chosen is derived
+            // unique (config_rules::default_fallback_from_name), a chosen one must be free.
+            let fallback_from_name = if body.fallback_from_name.trim().is_empty() {
+                config_rules::default_fallback_from_name(&snapshot, &identity.account_id, &body.inbox_id, &name)
+            } else {
+                body.fallback_from_name.trim().to_owned()
+            };
             let inbox = InboxConfigured {
                 inbox_id: body.inbox_id.clone(),
-                name: body.name.trim().to_owned(),
+                name,
                 access_mode: mode as i32,
                 access_user_ids: body.access_user_ids.clone(),
                 access_team_ids: body.access_team_ids.clone(),
                 kind: kind as i32,
-                ..Default::default()
+                fallback_address: outbound::default_fallback_address(
+                    &identity.account_id,
+                    &body.inbox_id,
+                    &self.outbound.fallback_email_domain,
+                ),
+                fallback_from_name,
             };
+            refuse_breaches(config_rules::inbox_breaches(&snapshot, &identity.account_id, &inbox))?;
             Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
         })
     }
@@ -513,6 +596,7 @@ impl AdminService for Admin {
             let mut inbox = self.inbox_entity(&snapshot, &identity, &body.inbox_id)?;
             let access = inbox_access_of(&identity.account_id, &inbox);
             access::check_act(&identity, &access, "inbox", &body.inbox_id)?;
+            // The fallback address and from-name (C12) stay as they are: customers know them.
             inbox.name = body.name.trim().to_owned();
             Ok(vec![self.publish_config(&identity, Payload::InboxConfigured(inbox)).await?])
         })
@@ -968,15 +1052,17 @@ impl AdminService for Admin {
         })
     }
 
-    async fn send_reply(&self, _request: Request<SendReplyRequest>) -> Result<Response<ReplyResult>, Status> {
-        Err(Status::unimplemented("SendReply is being built (issue 15)"))
+    /// O1-O4: built in [`crate::replies`].
+    async fn send_reply(&self, request: Request<SendReplyRequest>) -> Result<Response<ReplyResult>, Status> {
+        self.reply_command(request).await
     }
 
+    /// O1: built in [`crate::replies`].
     async fn add_internal_note(
         &self,
-        _request: Request<AddInternalNoteRequest>,
+        request: Request<AddInternalNoteRequest>,
     ) -> Result<Response<ReplyResult>, Status> {
-        Err(Status::unimplemented("AddInternalNote is being built (issue 15)"))
+        self.note_command(request).await
     }
 
     async fn set_contact_owner(

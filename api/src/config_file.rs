@@ -13,14 +13,15 @@ use serde::Deserialize;
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
     AgentConfigured, AssignTarget, AssignmentStrategy, ChannelConfigured, ChannelType, ChannelTypeCapacity,
-    ChatHoursRange, ChatSettings, ConsentMode, EmailSettings, InboxAccessMode, InboxConfigured, InboxKind,
-    MessengerSettings, RoutingRulesConfigured, TicketSettingsConfigured, WhatsAppSettings,
+    ChatHoursRange, ChatSettings, ConsentMode, CustomChannelSettings, EmailSettings, InboxAccessMode, InboxConfigured,
+    InboxKind, MessengerSettings, RoutingRulesConfigured, TicketSettingsConfigured, WhatsAppSettings, WhatsAppTemplate,
 };
 use switchboard_proto::names;
 use switchboard_runtime::config_store::{ConfigSnapshot, config_key};
 
 use crate::config_rules::{self, Breach};
 use switchboard_runtime::envelope;
+use switchboard_runtime::outbound;
 use switchboard_runtime::publisher::EnvelopePublisher;
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +34,10 @@ pub struct ConfigFile {
     pub channels: Vec<ChannelDecl>,
     #[serde(default)]
     pub agents: Vec<AgentDecl>,
+    /// C12: mail domain of the fallback addresses of inboxes this file creates (the API's
+    /// `--fallback-email-domain`); not part of the file. `None`: the default domain.
+    #[serde(skip)]
+    pub fallback_email_domain_opt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +55,10 @@ pub struct InboxDecl {
     /// I5: `conversations` (default) or `help_desk` (every conversation becomes a ticket).
     #[serde(default = "default_inbox_kind")]
     pub kind: String,
+    /// C12: the from-name of the inbox's fallback address (default: `name`); unique among the
+    /// installation's fallback addresses.
+    #[serde(default)]
+    pub fallback_from_name: String,
 }
 
 fn default_inbox_kind() -> String {
@@ -80,6 +89,7 @@ pub struct ChannelDecl {
     pub chat: Option<ChatDecl>,
     pub messenger: Option<MessengerDecl>,
     pub whatsapp: Option<WhatsAppDecl>,
+    pub custom: Option<CustomDecl>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +124,9 @@ pub struct EmailDecl {
     /// C3: log forwarded mail to the forwarder instead of the original sender.
     #[serde(default)]
     pub log_forwarded_to_forwarder: bool,
+    /// C12: the team address is disconnected; replies go out from the inbox's fallback address.
+    #[serde(default)]
+    pub disconnected: bool,
 }
 
 fn default_from_name_mode() -> String {
@@ -200,6 +213,32 @@ pub struct WhatsAppDecl {
     pub phone_number_id: String,
     #[serde(default)]
     pub display_phone_number: String,
+    /// C8: the templates Meta approved for the number (the only messages outside 24 hours).
+    #[serde(default)]
+    pub templates: Vec<WhatsAppTemplateDecl>,
+    /// Outbound messages per second for the number; 0 = Meta's default (80).
+    #[serde(default)]
+    pub messages_per_second: u32,
+}
+
+/// C8: `{ name = "order_update", language = "en_US", parameters = 2 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhatsAppTemplateDecl {
+    pub name: String,
+    pub language: String,
+    #[serde(default)]
+    pub parameters: u32,
+}
+
+/// C10: where replies to the custom app are delivered (its signing key is in the secrets file).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomDecl {
+    pub delivery_url: String,
+    /// Outbound messages per second to the app; 0 = no limit.
+    #[serde(default)]
+    pub messages_per_second: u32,
 }
 
 fn yes() -> bool {
@@ -305,6 +344,7 @@ impl ChannelDecl {
             ("chat", self.chat.is_some(), ChannelType::Chat),
             ("messenger", self.messenger.is_some(), ChannelType::FacebookMessenger),
             ("whatsapp", self.whatsapp.is_some(), ChannelType::Whatsapp),
+            ("custom", self.custom.is_some(), ChannelType::Custom),
         ];
         for (section, present, for_type) in given {
             if present && for_type != channel_type {
@@ -326,7 +366,7 @@ impl ChannelDecl {
                 signature: email.signature.clone(),
                 signature_is_html: email.signature_is_html,
                 log_forwarded_to_forwarder: email.log_forwarded_to_forwarder,
-                ..Default::default()
+                disconnected: email.disconnected,
             });
         }
         if let Some(chat) = &self.chat {
@@ -381,8 +421,26 @@ impl ChannelDecl {
             channel.whatsapp = Some(WhatsAppSettings {
                 phone_number_id: whatsapp.phone_number_id.clone(),
                 display_phone_number: whatsapp.display_phone_number.clone(),
-                ..Default::default()
+                templates: whatsapp
+                    .templates
+                    .iter()
+                    .map(|template| WhatsAppTemplate {
+                        name: template.name.trim().to_owned(),
+                        language: template.language.trim().to_owned(),
+                        parameter_count: template.parameters,
+                    })
+                    .collect(),
+                messages_per_second: whatsapp.messages_per_second,
             });
+        }
+        if let Some(custom) = &self.custom {
+            channel.custom = Some(CustomChannelSettings {
+                delivery_url: custom.delivery_url.trim().to_owned(),
+                messages_per_second: custom.messages_per_second,
+            });
+        }
+        if let Some((field, problem)) = config_rules::channel_settings_problems(&channel).into_iter().next() {
+            bail!("channel `{}`: {field} {problem}", self.id);
         }
         Ok(channel)
     }
@@ -447,6 +505,32 @@ impl ConfigFile {
             let Some(kind) = names::parse::<InboxKind>(&inbox.kind) else {
                 bail!("inbox `{}`: unknown kind `{}`", inbox.id, inbox.kind);
             };
+            // C12: an inbox keeps the fallback address it was given; a new one gets one now.
+            let fallback_address = current
+                .inboxes
+                .get(&self.account_id, &inbox.id)
+                .map(|existing| existing.entity.fallback_address.clone())
+                .filter(|address| !address.is_empty())
+                .unwrap_or_else(|| {
+                    outbound::default_fallback_address(
+                        &self.account_id,
+                        &inbox.id,
+                        self.fallback_email_domain_opt.as_deref().unwrap_or(outbound::DEFAULT_FALLBACK_DOMAIN),
+                    )
+                });
+            // A from-name not declared: the one the inbox has, else a unique default.
+            let fallback_from_name = if inbox.fallback_from_name.trim().is_empty() {
+                current
+                    .inboxes
+                    .get(&self.account_id, &inbox.id)
+                    .map(|existing| existing.entity.fallback_from_name.clone())
+                    .filter(|from_name| !from_name.is_empty())
+                    .unwrap_or_else(|| {
+                        config_rules::default_fallback_from_name(current, &self.account_id, &inbox.id, &inbox.name)
+                    })
+            } else {
+                inbox.fallback_from_name.trim().to_owned()
+            };
             payloads.push(Payload::InboxConfigured(InboxConfigured {
                 inbox_id: inbox.id.clone(),
                 name: inbox.name.clone(),
@@ -454,7 +538,8 @@ impl ConfigFile {
                 access_user_ids: inbox.access_users.clone(),
                 access_team_ids: inbox.access_teams.clone(),
                 kind: kind as i32,
-                ..Default::default()
+                fallback_address,
+                fallback_from_name,
             }));
         }
         for agent in &self.agents {
@@ -552,6 +637,9 @@ impl ConfigFile {
                     breaches.extend(config_rules::channel_breaches(&prospective, &self.account_id, channel))
                 }
                 Payload::AgentConfigured(agent) => breaches.extend(config_rules::agent_breaches(&prospective, agent)),
+                Payload::InboxConfigured(inbox) => {
+                    breaches.extend(config_rules::inbox_breaches(&prospective, &self.account_id, inbox))
+                }
                 _ => {}
             }
         }
@@ -830,5 +918,90 @@ mod tests {
         assert!(ConfigFile::parse(&unknown_inbox).unwrap_err().to_string().contains("unknown inbox"));
         let unknown_field = format!("{DEMO}\nsurprise = 1\n");
         assert!(ConfigFile::parse(&unknown_field).is_err());
+    }
+
+    #[test]
+    fn c8_c10_c12_outbound_settings_and_fallback_addresses_come_from_the_file() {
+        let text = r#"
+account_id = "acme"
+
+[[inboxes]]
+id = "support"
+name = "Support"
+fallback_from_name = "Acme Support"
+
+[[inboxes]]
+id = "web"
+name = "Web"
+
+[[channels]]
+id = "mail"
+inbox = "support"
+type = "team_email"
+name = "Acme Help"
+[channels.email]
+team_address = "help@acme.test"
+disconnected = true
+
+[[channels]]
+id = "wa"
+inbox = "support"
+type = "whatsapp"
+name = "WhatsApp"
+[channels.whatsapp]
+phone_number_id = "pn-1"
+templates = [{ name = "order_update", language = "en_US", parameters = 2 }]
+
+[[channels]]
+id = "app"
+inbox = "support"
+type = "custom"
+name = "App"
+[channels.custom]
+delivery_url = "https://app.example/deliver"
+"#;
+        let mut file = ConfigFile::parse(text).unwrap();
+        file.fallback_email_domain_opt = Some("replies.example".into());
+        let payloads = file.to_payloads(&ConfigSnapshot::default()).unwrap();
+        file.check_rules(&ConfigSnapshot::default(), &payloads).unwrap();
+        let inboxes: Vec<&InboxConfigured> = payloads
+            .iter()
+            .filter_map(|payload| match payload {
+                Payload::InboxConfigured(inbox) => Some(inbox),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(inboxes[0].fallback_address, "support.acme@replies.example");
+        assert_eq!(inboxes[0].fallback_from_name, "Acme Support");
+        assert_eq!(inboxes[1].fallback_from_name, "Web", "defaults to the name");
+        let channel = |id: &str| {
+            payloads
+                .iter()
+                .find_map(|payload| match payload {
+                    Payload::ChannelConfigured(channel) if channel.channel_id == id => Some(channel.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert!(channel("mail").email.unwrap().disconnected);
+        assert_eq!(channel("wa").whatsapp.unwrap().templates[0].parameter_count, 2);
+        assert_eq!(channel("app").custom.unwrap().delivery_url, "https://app.example/deliver");
+        // Applied again over itself, the inbox keeps its address whatever the domain now is.
+        let mut current = ConfigSnapshot::default();
+        for payload in &payloads {
+            current.apply(&envelope::new_root("acme", "", Utc::now(), payload.clone()));
+        }
+        file.fallback_email_domain_opt = None;
+        let again = file.to_payloads(&current).unwrap();
+        assert!(again.iter().all(|payload| current.holds("acme", payload)), "nothing changes");
+        // A second account may not take a chosen from-name (C12).
+        let thief = ConfigFile::parse(
+            "account_id = \"globex\"\n[[inboxes]]\nid = \"s\"\nname = \"S\"\nfallback_from_name = \"ACME support\"\n",
+        )
+        .unwrap();
+        let error = thief.check_rules(&current, &thief.to_payloads(&current).unwrap()).unwrap_err().to_string();
+        assert!(error.contains("C12"), "{error}");
+        let bad_url = text.replace("https://app.example/deliver", "mailto:x@y");
+        assert!(ConfigFile::parse(&bad_url).unwrap().to_payloads(&ConfigSnapshot::default()).is_err());
     }
 }

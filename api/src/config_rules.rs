@@ -8,8 +8,11 @@
 //! - C1: an agent's own address cannot be a team address.
 //! - R6: a routing rule names only agents with a paid seat, so a named agent keeps their seat.
 
-use switchboard_proto::events::v1::{AgentConfigured, ChannelConfigured, ChannelType, RoutingRulesConfigured};
+use switchboard_proto::events::v1::{
+    AgentConfigured, ChannelConfigured, ChannelType, InboxConfigured, RoutingRulesConfigured,
+};
 use switchboard_runtime::config_store::ConfigSnapshot;
+use switchboard_runtime::outbound;
 
 /// Ids chosen for config entities: 1..64 of `[a-z0-9_-]` (they are the last part of config
 /// keys, which is why they never contain `/`, and never the scope separator the router uses).
@@ -127,6 +130,9 @@ pub enum Breach {
     UnpaidAgentsInRule { channel_id: String, agent_ids: Vec<String> },
     /// R6: the agent is named by these channels' routing rules and must keep their seat.
     SeatNeededByRules { agent_id: String, channel_ids: Vec<String> },
+    /// C12: another inbox's fallback address (any account: which one is never said) already
+    /// sends under this from-name.
+    FallbackFromNameTaken(String),
 }
 
 impl Breach {
@@ -147,6 +153,10 @@ impl Breach {
                 "routing rules of channel `{channel_id}` name {} without a paid seat; only paid seats can be \
                  auto-assigned (R6)",
                 quoted(agent_ids)
+            ),
+            Breach::FallbackFromNameTaken(from_name) => format!(
+                "fallback from-name `{from_name}` is already used by another inbox's fallback address; fallback \
+                 from-names are unique (C12): choose another fallback_from_name"
             ),
             Breach::SeatNeededByRules { agent_id, channel_ids } => format!(
                 "agent `{agent_id}` is named in the routing rules of channel(s) {} and must keep a paid seat (R6); \
@@ -188,6 +198,64 @@ pub fn channel_breaches(config: &ConfigSnapshot, account_id: &str, channel: &Cha
         }
     }
     breaches
+}
+
+/// C12: the inbox's fallback from-name (as [`outbound::fallback_identity`] resolves it) must not
+/// be another inbox's (any account; compared trimmed and case-insensitively).
+pub fn inbox_breaches(config: &ConfigSnapshot, account_id: &str, inbox: &InboxConfigured) -> Vec<Breach> {
+    let (_, from_name) = outbound::fallback_identity(account_id, inbox);
+    let wanted = from_name.trim().to_lowercase();
+    let taken = config.inboxes.iter().any(|other| {
+        !(other.account_id == account_id && other.entity.inbox_id == inbox.inbox_id)
+            && outbound::fallback_identity(&other.account_id, &other.entity).1.trim().to_lowercase() == wanted
+    });
+    if taken { vec![Breach::FallbackFromNameTaken(from_name.trim().to_owned())] } else { Vec::new() }
+}
+
+/// C12: the fallback from-name an inbox gets when none is chosen: its name, unless another
+/// inbox's fallback address already sends under it; then "<name> (<account>)", then
+/// "<name> (<account>/<inbox>)", which no other inbox can hold. Tenants may all name an inbox
+/// "Support"; only a from-name chosen explicitly is refused when taken.
+pub fn default_fallback_from_name(config: &ConfigSnapshot, account_id: &str, inbox_id: &str, name: &str) -> String {
+    let name = name.trim();
+    let probe = |from_name: &str| InboxConfigured {
+        inbox_id: inbox_id.to_owned(),
+        name: name.to_owned(),
+        fallback_from_name: from_name.to_owned(),
+        ..Default::default()
+    };
+    [name.to_owned(), format!("{name} ({account_id})")]
+        .into_iter()
+        .find(|candidate| inbox_breaches(config, account_id, &probe(candidate)).is_empty())
+        .unwrap_or_else(|| format!("{name} ({account_id}/{inbox_id})"))
+}
+
+/// Type-specific channel settings that the outbound path relies on, as (field, problem): C8
+/// templates need a name and a language and are listed once per name and language; a custom
+/// channel's delivery URL (C10) is http or https.
+pub fn channel_settings_problems(channel: &ChannelConfigured) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    if let Some(whatsapp) = &channel.whatsapp {
+        let mut seen = std::collections::BTreeSet::new();
+        for (index, template) in whatsapp.templates.iter().enumerate() {
+            let field = format!("settings.whatsapp.templates[{index}]");
+            if template.name.trim().is_empty() || template.language.trim().is_empty() {
+                problems.push((field, "needs a name and a language".to_owned()));
+            } else if !seen.insert((template.name.trim().to_owned(), template.language.trim().to_owned())) {
+                problems.push((field, format!("`{}` ({}) is listed twice", template.name, template.language)));
+            }
+        }
+    }
+    if let Some(custom) = &channel.custom
+        && !custom.delivery_url.is_empty()
+    {
+        let valid = reqwest::Url::parse(&custom.delivery_url)
+            .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+        if !valid {
+            problems.push(("settings.custom.delivery_url".to_owned(), "must be an http or https URL".to_owned()));
+        }
+    }
+    problems
 }
 
 /// C1 for an agent's own address: it may not be any channel's team address.
@@ -345,5 +413,60 @@ mod tests {
         assert!(caller_has_paid_seat(&config, "b", "ana", false));
         assert!(caller_has_paid_seat(&config, "c", "ana", true), "an admin without an agent record");
         assert!(!caller_has_paid_seat(&config, "c", "ana", false));
+    }
+
+    #[test]
+    fn c12_fallback_from_names_are_unique_in_the_installation() {
+        let inbox = |id: &str, name: &str, from_name: &str| InboxConfigured {
+            inbox_id: id.into(),
+            name: name.into(),
+            fallback_from_name: from_name.into(),
+            ..Default::default()
+        };
+        let mut config = ConfigSnapshot::default();
+        config.inboxes.insert(Owned { account_id: "a".into(), entity: inbox("support", "Support", "Acme Support") });
+        // A legacy inbox without the field sends under its name.
+        config.inboxes.insert(Owned { account_id: "b".into(), entity: inbox("help", "Globex Help", "") });
+        assert_eq!(
+            inbox_breaches(&config, "c", &inbox("x", "X", " acme SUPPORT ")),
+            [Breach::FallbackFromNameTaken("acme SUPPORT".into())],
+            "another account's name, compared case-insensitively"
+        );
+        assert_eq!(inbox_breaches(&config, "c", &inbox("x", "Globex Help", "")).len(), 1, "the default is the name");
+        assert!(inbox_breaches(&config, "a", &inbox("support", "Support", "Acme Support")).is_empty(), "itself");
+        assert!(inbox_breaches(&config, "a", &inbox("sales", "Sales", "")).is_empty());
+        assert_eq!(default_fallback_from_name(&config, "c", "x", "Sales"), "Sales");
+        assert_eq!(default_fallback_from_name(&config, "c", "x", "Globex Help"), "Globex Help (c)");
+        config.inboxes.insert(Owned { account_id: "c".into(), entity: inbox("y", "Globex Help", "Globex Help (c)") });
+        assert_eq!(default_fallback_from_name(&config, "c", "x", "Globex Help"), "Globex Help (c/x)");
+        let description = Breach::FallbackFromNameTaken("Acme Support".into()).describe();
+        assert!(!description.contains("`a`"), "never names the other account: {description}");
+    }
+
+    #[test]
+    fn c8_c10_outbound_channel_settings_are_checked() {
+        use switchboard_proto::events::v1::{CustomChannelSettings, WhatsAppTemplate};
+        let template = |name: &str, language: &str| WhatsAppTemplate {
+            name: name.into(),
+            language: language.into(),
+            parameter_count: 1,
+        };
+        let whatsapp = ChannelConfigured {
+            whatsapp: Some(WhatsAppSettings {
+                templates: vec![template("a", "en"), template("a", "de"), template("a", "en"), template("", "en")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let fields: Vec<String> = channel_settings_problems(&whatsapp).into_iter().map(|(field, _)| field).collect();
+        assert_eq!(fields, ["settings.whatsapp.templates[2]", "settings.whatsapp.templates[3]"]);
+        let custom = |url: &str| ChannelConfigured {
+            custom: Some(CustomChannelSettings { delivery_url: url.into(), messages_per_second: 0 }),
+            ..Default::default()
+        };
+        assert!(channel_settings_problems(&custom("https://app.example/switchboard")).is_empty());
+        assert!(channel_settings_problems(&custom("")).is_empty(), "not yet set");
+        assert_eq!(channel_settings_problems(&custom("ftp://app.example")).len(), 1);
+        assert_eq!(channel_settings_problems(&custom("not a url")).len(), 1);
     }
 }

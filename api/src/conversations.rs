@@ -10,9 +10,9 @@ use futures::Stream;
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use switchboard_proto::api::v1::conversation_service_server::ConversationService;
 use switchboard_proto::api::v1::{
-    Assignment, Conversation, ConversationChange, ConversationOrder, ConversationStatus, FormFieldValue,
+    Assignment, Conversation, ConversationChange, ConversationOrder, ConversationStatus, DeliveryStep, FormFieldValue,
     GetConversationRequest, GetConversationResponse, GetMessageRequest, ListConversationsRequest,
-    ListConversationsResponse, Message, SkippedCandidate, WatchConversationsRequest,
+    ListConversationsResponse, Message, MessageAuthor, SkippedCandidate, WatchConversationsRequest,
 };
 use switchboard_proto::events::v1::ChannelType;
 use switchboard_proto::names;
@@ -79,11 +79,13 @@ pub struct ConversationRow {
     closed_at: Option<DateTime<Utc>>,
     ticket_id: Option<Uuid>,
     reply_window_ends_at: Option<DateTime<Utc>>,
+    first_response_at: Option<DateTime<Utc>>,
+    last_agent_reply_at: Option<DateTime<Utc>>,
 }
 
 pub const CONVERSATION_COLUMNS: &str = "conversation_id, inbox_id, channel_id, channel_type, status, assignee_id, \
     contact_external_id, contact_name, message_count, started_at, last_message_at, contact_id, subject, updated_at, \
-    closed_at, ticket_id, reply_window_ends_at";
+    closed_at, ticket_id, reply_window_ends_at, first_response_at, last_agent_reply_at";
 
 impl From<ConversationRow> for Conversation {
     fn from(row: ConversationRow) -> Self {
@@ -108,7 +110,8 @@ impl From<ConversationRow> for Conversation {
             ticket_id: row.ticket_id.map(|id| id.to_string()).unwrap_or_default(),
             human_agent_reply_window_ends_at,
             reply_window_ends_at: row.reply_window_ends_at.map(timestamp),
-            ..Default::default()
+            first_response_at: row.first_response_at.map(timestamp),
+            last_agent_reply_at: row.last_agent_reply_at.map(timestamp),
         }
     }
 }
@@ -127,11 +130,20 @@ pub struct MessageRow {
     kind: String,
     subject: String,
     content: serde_json::Value,
+    direction: String,
+    author_kind: String,
+    author_agent_id: String,
+    author_name: String,
+    automation: String,
+    delivery_state: String,
+    failure_reason: String,
+    will_retry: bool,
 }
 
 /// Columns for the inbox view: `hidden_fields` is deliberately not selected (C7).
 pub const MESSAGE_COLUMNS: &str = "message_id, conversation_id, provider_message_id, sender_external_id, sender_name, \
-    body, sent_at, recorded_at, trace_id, kind, subject, content";
+    body, sent_at, recorded_at, trace_id, kind, subject, content, direction, author_kind, author_agent_id, \
+    author_name, automation, delivery_state, failure_reason, will_retry";
 
 impl From<MessageRow> for Message {
     fn from(row: MessageRow) -> Self {
@@ -149,9 +161,79 @@ impl From<MessageRow> for Message {
             subject: row.subject,
             content: json_to_struct(&without_hidden_form_fields(row.content)),
             hidden_fields: Vec::new(),
-            ..Default::default()
+            direction: row.direction,
+            author: Some(MessageAuthor {
+                kind: row.author_kind,
+                agent_id: row.author_agent_id,
+                name: row.author_name,
+                automation: row.automation,
+            }),
+            delivery_state: row.delivery_state,
+            // Filled by `with_delivery_history` where a query shows it.
+            delivery_history: Vec::new(),
+            failure_reason: row.failure_reason,
+            will_retry: row.will_retry,
         }
     }
+}
+
+#[derive(sqlx::FromRow)]
+struct DeliveryStepRow {
+    message_id: Uuid,
+    state: String,
+    at: DateTime<Utc>,
+    attempt: i32,
+    provider_message_id: String,
+    error: String,
+    will_retry: bool,
+}
+
+impl From<DeliveryStepRow> for DeliveryStep {
+    fn from(row: DeliveryStepRow) -> Self {
+        DeliveryStep {
+            state: row.state,
+            at: Some(timestamp(row.at)),
+            attempt: row.attempt.max(0) as u32,
+            provider_message_id: row.provider_message_id,
+            error: row.error,
+            will_retry: row.will_retry,
+        }
+    }
+}
+
+/// O5: each outbound message's delivery history (every attempt and provider status), oldest
+/// first, in one query for all of `messages`.
+pub async fn with_delivery_history(
+    connection: &mut PgConnection,
+    account_id: &str,
+    mut messages: Vec<Message>,
+) -> Result<Vec<Message>, ApiError> {
+    let outbound_ids: Vec<Uuid> = messages
+        .iter()
+        .filter(|message| message.direction == "outbound")
+        .filter_map(|message| Uuid::parse_str(&message.id).ok())
+        .collect();
+    if outbound_ids.is_empty() {
+        return Ok(messages);
+    }
+    let steps: Vec<DeliveryStepRow> = sqlx::query_as(
+        "SELECT message_id, state, at, attempt, provider_message_id, error, will_retry FROM message_delivery_steps \
+         WHERE message_id = ANY($1) AND account_id = $2 ORDER BY message_id, at, attempt, step_key",
+    )
+    .bind(&outbound_ids)
+    .bind(account_id)
+    .fetch_all(connection)
+    .await?;
+    let mut by_message: HashMap<Uuid, Vec<DeliveryStep>> = HashMap::new();
+    for step in steps {
+        by_message.entry(step.message_id).or_default().push(step.into());
+    }
+    for message in &mut messages {
+        if let Some(history) = Uuid::parse_str(&message.id).ok().and_then(|id| by_message.remove(&id)) {
+            message.delivery_history = history;
+        }
+    }
+    Ok(messages)
 }
 
 /// C7, defence in depth: the projector keeps hidden fields out of `content`, but should a form
@@ -445,9 +527,15 @@ impl ConversationService for Conversations {
         .fetch_all(&mut *connection)
         .await
         .map_err(ApiError::from)?;
+        let messages = with_delivery_history(
+            &mut connection,
+            &identity.account_id,
+            messages.into_iter().map(Message::from).collect(),
+        )
+        .await?;
         Ok(Response::new(GetConversationResponse {
             conversation: Some(conversation.into()),
-            messages: messages.into_iter().map(Message::from).collect(),
+            messages,
             assignments: assignments.into_iter().map(Assignment::from).collect(),
         }))
     }
@@ -480,7 +568,8 @@ impl ConversationService for Conversations {
             .fetch_one(&mut *connection)
             .await
             .map_err(ApiError::from)?;
-        Ok(Response::new(message.into()))
+        let mut messages = with_delivery_history(&mut connection, &identity.account_id, vec![message.into()]).await?;
+        Ok(Response::new(messages.remove(0)))
     }
 
     type WatchConversationsStream = ChangeStream;

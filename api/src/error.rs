@@ -4,6 +4,9 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+/// `google.rpc.ErrorInfo.domain` of Switchboard's errors.
+pub const ERROR_DOMAIN: &str = "switchboard";
+
 /// One problem with one request field, reported as a `google.rpc.BadRequest` field violation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
@@ -34,6 +37,12 @@ pub enum ApiError {
     /// The system is not in a state where the command makes sense (e.g. closed conversation).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// FAILED_PRECONDITION with the fact that refused the command, for clients to act on: a
+    /// `google.rpc.PreconditionFailure` violation (type = `reason`, `subject`, `description`)
+    /// and a `google.rpc.ErrorInfo` (`reason`, domain `switchboard`, `metadata`), e.g. a closed
+    /// reply window with its end (C6, C8).
+    #[error("{description}")]
+    Precondition { reason: &'static str, subject: String, description: String, metadata: Vec<(String, String)> },
     /// A concurrent request with the same request id is in flight; retry later.
     #[error("{0}")]
     Aborted(String),
@@ -78,7 +87,7 @@ impl ApiError {
             ApiError::AlreadyExists { .. } | ApiError::IdentityTaken(_) => Code::AlreadyExists,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
-            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::FailedPrecondition(_) | ApiError::Precondition { .. } => Code::FailedPrecondition,
             ApiError::Aborted(_) => Code::Aborted,
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::Unavailable(_) => Code::Unavailable,
@@ -97,7 +106,7 @@ impl From<crate::config_rules::Breach> for ApiError {
         use crate::config_rules::Breach;
         let description = breach.describe();
         match breach {
-            Breach::IdentityTaken(_) => ApiError::IdentityTaken(description),
+            Breach::IdentityTaken(_) | Breach::FallbackFromNameTaken(_) => ApiError::IdentityTaken(description),
             Breach::TeamAddressIsAgentAddress(_) => ApiError::invalid("settings.email.team_address", description),
             Breach::AgentAddressIsTeamAddress(_) => ApiError::invalid("email", description),
             Breach::UnpaidAgentsInRule { .. } => ApiError::invalid("user_ids", description),
@@ -142,6 +151,16 @@ impl From<ApiError> for Status {
                 );
                 Status::with_error_details(code, error.to_string(), details)
             }
+            ApiError::Precondition { reason, subject, description, metadata } => {
+                let mut details = ErrorDetails::new();
+                details.add_precondition_failure_violation(*reason, subject.clone(), description.clone());
+                details.set_error_info(
+                    *reason,
+                    ERROR_DOMAIN,
+                    metadata.iter().cloned().collect::<std::collections::HashMap<_, _>>(),
+                );
+                Status::with_error_details(code, error.to_string(), details)
+            }
             ApiError::Database(cause) => {
                 tracing::error!(error = %cause, "database error while serving request");
                 if code == Code::Unavailable {
@@ -173,6 +192,24 @@ mod tests {
         let bad_request = status.get_details_bad_request().expect("BadRequest details");
         let fields: Vec<&str> = bad_request.field_violations.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["inbox_id", "name"]);
+    }
+
+    #[test]
+    fn preconditions_carry_the_refusing_fact() {
+        let status = Status::from(ApiError::Precondition {
+            reason: "REPLY_WINDOW_CLOSED",
+            subject: "conversation/c-1".into(),
+            description: "the window ended".into(),
+            metadata: vec![("window_ends_at".into(), "2026-01-01T00:00:00Z".into())],
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.message(), "the window ended");
+        let failure = status.get_details_precondition_failure().expect("PreconditionFailure details");
+        assert_eq!(failure.violations[0].r#type, "REPLY_WINDOW_CLOSED");
+        assert_eq!(failure.violations[0].subject, "conversation/c-1");
+        let info = status.get_details_error_info().expect("ErrorInfo details");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata["window_ends_at"], "2026-01-01T00:00:00Z");
     }
 
     #[test]

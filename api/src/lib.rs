@@ -14,6 +14,7 @@ pub mod error;
 pub mod idempotency;
 pub mod position;
 pub mod read;
+pub mod replies;
 pub mod scope;
 pub mod workspace;
 
@@ -49,6 +50,9 @@ pub struct ApiSettings {
     pub authenticator: auth::Authenticator,
     pub brokers: String,
     pub topics: Topics,
+    /// C12: mail domain of the fallback addresses new inboxes get
+    /// (`runtime::outbound::DEFAULT_FALLBACK_DOMAIN` unless configured).
+    pub fallback_email_domain: String,
 }
 
 /// Runs the API's migrations (`api/migrations`) in the `api` schema.
@@ -90,6 +94,7 @@ pub async fn serve(
         .await
         .context("failed to read the config topic")?;
     let publisher = EnvelopePublisher::new(&settings.brokers, "switchboard-api", admin::PUBLISH_TIMEOUT)?;
+    let outbound = admin::OutboundSettings::new(&settings.fallback_email_domain)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ConversationServiceServer<conversations::Conversations>>().await;
@@ -114,7 +119,7 @@ pub async fn serve(
         authenticator.clone(),
     );
     let admin = InterceptedService::new(
-        AdminServiceServer::new(admin::Admin::new(read, config, publisher, settings.topics.clone()))
+        AdminServiceServer::new(admin::Admin::new(read, config, publisher, settings.topics.clone(), outbound))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         authenticator,

@@ -32,6 +32,9 @@ enum Command {
         /// TOML file of API keys (`[[keys]]` with key or key_sha256, user_id, account, role, teams).
         #[arg(long, env = "API_KEYS_FILE")]
         api_keys_file: Option<std::path::PathBuf>,
+        /// C12: mail domain of the fallback address every new inbox gets.
+        #[arg(long, env = "FALLBACK_EMAIL_DOMAIN", default_value = switchboard_runtime::outbound::DEFAULT_FALLBACK_DOMAIN)]
+        fallback_email_domain: String,
     },
     /// Print a bearer JWT signed with API_JWT_SECRET, for operators and the demo (production
     /// tokens come from the identity provider that shares the secret).
@@ -60,6 +63,9 @@ enum Command {
         kafka_brokers: String,
         #[arg(long, env = "SWITCHBOARD_TOPIC_PREFIX", default_value = switchboard_runtime::topics::DEFAULT_TOPIC_PREFIX)]
         topic_prefix: String,
+        /// C12: mail domain of the fallback address every new inbox gets (as `serve`).
+        #[arg(long, env = "FALLBACK_EMAIL_DOMAIN", default_value = switchboard_runtime::outbound::DEFAULT_FALLBACK_DOMAIN)]
+        fallback_email_domain: String,
     },
 }
 
@@ -67,7 +73,15 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = switchboard_runtime::telemetry::init_telemetry("switchboard-api")?;
     match Args::parse().command {
-        Command::Serve { database_url, listen, kafka_brokers, topic_prefix, jwt_secret, api_keys_file } => {
+        Command::Serve {
+            database_url,
+            listen,
+            kafka_brokers,
+            topic_prefix,
+            jwt_secret,
+            api_keys_file,
+            fallback_email_domain,
+        } => {
             let api_keys = api_keys_file
                 .map(|path| {
                     std::fs::read_to_string(&path).with_context(|| format!("failed to read {}", path.display()))
@@ -88,7 +102,13 @@ async fn main() -> anyhow::Result<()> {
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("failed to bind {listen}"))?;
             let topics = Topics::with_prefix(&topic_prefix);
             ensure_topics(&kafka_brokers, &topics).await?;
-            let settings = switchboard_api::ApiSettings { pool, authenticator, brokers: kafka_brokers, topics };
+            let settings = switchboard_api::ApiSettings {
+                pool,
+                authenticator,
+                brokers: kafka_brokers,
+                topics,
+                fallback_email_domain,
+            };
             switchboard_api::serve(listener, settings, switchboard_runtime::shutdown_signal()).await
         }
         Command::MintToken { jwt_secret, user, account, role, teams, ttl_seconds } => {
@@ -104,10 +124,11 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::ApplyConfig { file, kafka_brokers, topic_prefix } => {
+        Command::ApplyConfig { file, kafka_brokers, topic_prefix, fallback_email_domain } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read {}", file.display()))?;
-            let config_file =
+            let mut config_file =
                 ConfigFile::parse(&text).with_context(|| format!("invalid config file {}", file.display()))?;
+            config_file.fallback_email_domain_opt = Some(fallback_email_domain.trim().to_ascii_lowercase());
             let topics = Topics::with_prefix(&topic_prefix);
             ensure_topics(&kafka_brokers, &topics).await?;
             let current = ConfigStore::start(&kafka_brokers, &topics.config, "config-loader").await?;

@@ -8,7 +8,8 @@ use switchboard_runtime::topics::topic_specs;
 use crate::error::ApiError;
 
 /// Topics whose positions the read models track, and the projection that records them.
-const TRACKED: [(&str, &str); 2] = [("config.v1", "read_models"), ("inbound.v1", "sources")];
+const TRACKED: [(&str, &str); 3] =
+    [("config.v1", "read_models"), ("inbound.v1", "sources"), ("outbound.v1", "read_models")];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -37,7 +38,9 @@ impl Position {
             return Err(format!("`{text}` is not a position (`<topic>:<partition>:<offset>`)"));
         };
         if !TRACKED.iter().any(|(tracked, _)| *tracked == topic) {
-            return Err(format!("topic `{topic}` has no read-model position (use config.v1 or inbound.v1)"));
+            return Err(format!(
+                "topic `{topic}` has no read-model position (use config.v1, inbound.v1 or outbound.v1)"
+            ));
         }
         let partitions = topic_specs().iter().find(|spec| spec.base_name == topic).map_or(0, |spec| spec.partitions);
         let partition: i32 = partition
@@ -74,6 +77,9 @@ mod tests {
         assert_eq!(position.to_string(), "inbound.v1:7:1234");
         assert_eq!(projection_of("inbound.v1"), "sources");
         assert_eq!(projection_of("config.v1"), "read_models");
+        // Replies and notes (O1): the projector records outbound.v1 with the read models.
+        assert_eq!(projection_of("outbound.v1"), "read_models");
+        assert!(Position::parse("outbound.v1:11:3").is_ok());
         let list = Position::parse_list("min_position", "config.v1:1:88,inbound.v1:0:5").unwrap();
         assert_eq!(Position::join(&list), "config.v1:1:88,inbound.v1:0:5");
         assert!(Position::parse_list("min_position", "").unwrap().is_empty());

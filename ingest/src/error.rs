@@ -45,6 +45,9 @@ pub enum IngestError {
     VerificationFailed(String),
     #[error("the event log is unavailable; retry later")]
     LogUnavailable(#[source] anyhow::Error),
+    /// Ingest runs without `DATABASE_URL`, so it cannot read the chat replies it would stream.
+    #[error("the chat reply stream is not available: this ingest runs without DATABASE_URL (delivery.chat_messages)")]
+    ChatStreamNotConfigured,
 }
 
 impl IngestError {
@@ -64,6 +67,7 @@ impl IngestError {
             IngestError::SecretNotConfigured { .. } => (StatusCode::UNAUTHORIZED, "secret_not_configured"),
             IngestError::VerificationFailed(_) => (StatusCode::FORBIDDEN, "verification_failed"),
             IngestError::LogUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "log_unavailable"),
+            IngestError::ChatStreamNotConfigured => (StatusCode::SERVICE_UNAVAILABLE, "chat_stream_not_configured"),
         }
     }
 

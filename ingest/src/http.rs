@@ -24,11 +24,12 @@ use switchboard_runtime::telemetry::trace_id_of;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+use crate::chat_stream::{ChatReplies, ChatStreamSettings, Recipient};
 use crate::error::IngestError;
 use crate::intake::{Intake, Published};
 use crate::secrets::Secrets;
 use crate::workload::{WorkloadCache, WorkloadSettings};
-use crate::{calls, chat, custom, email, forms, meta, smtp, widget, workload};
+use crate::{calls, channel, chat, chat_stream, custom, email, forms, meta, smtp, widget, workload};
 
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
@@ -50,6 +51,9 @@ pub struct IngestSettings {
     /// Where to read open-conversation counts for the chat widget's at-capacity answer (C5);
     /// `None`: the widget answers from channel settings alone (`"capacity": "not_configured"`).
     pub workload_opt: Option<WorkloadSettings>,
+    /// Where the chat widget's reply stream reads `delivery.chat_messages` (C5); `None`: the
+    /// stream answers 503.
+    pub chat_stream_opt: Option<ChatStreamSettings>,
 }
 
 impl IngestSettings {
@@ -67,6 +71,7 @@ impl IngestSettings {
             secrets: Secrets::default(),
             recently_published_capacity: 100_000,
             workload_opt: None,
+            chat_stream_opt: None,
         }
     }
 }
@@ -86,6 +91,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Open-conversation counts for the chat widget (refreshed in the background).
     pub workload: WorkloadCache,
+    /// The chat reply stream's reads and live wake-ups (C5); `None` without a database.
+    pub chat_replies_opt: Option<ChatReplies>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -93,6 +100,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/channels/{channel_id}/chat/messages", post(post_chat_message))
         .route("/v1/channels/{channel_id}/chat/widget", get(get_chat_widget))
+        .route("/v1/channels/{channel_id}/chat/visitors/{visitor_id}/events", get(get_chat_events))
         .route("/v1/email/inbound", post(post_email))
         .route("/v1/webhooks/messenger", get(verify_messenger).post(post_messenger))
         .route("/v1/webhooks/whatsapp", get(verify_whatsapp).post(post_whatsapp))
@@ -139,12 +147,17 @@ pub async fn serve_all(
         Some(workload_settings) => workload::spawn_refresher(workload_settings, stop.clone())?,
         None => WorkloadCache::not_configured(),
     };
+    let chat_replies_opt = match &settings.chat_stream_opt {
+        Some(chat_stream_settings) => Some(chat_stream::start(chat_stream_settings, stop.clone())?),
+        None => None,
+    };
     let state = AppState {
         config: config.clone(),
         intake: intake.clone(),
         secrets: Arc::new(settings.secrets.clone()),
         max_body_bytes: settings.max_body_bytes,
         workload,
+        chat_replies_opt,
     };
     let listener =
         TcpListener::bind(settings.listen).await.with_context(|| format!("failed to bind {}", settings.listen))?;
@@ -266,6 +279,45 @@ async fn get_chat_widget(State(state): State<AppState>, Path(channel_id): Path<S
         let shown = widget::widget_state(&state.config.snapshot(), &channel_id, Utc::now(), &knowledge)?;
         state.intake.metrics.widget_answer(shown.state, shown.capacity.label());
         Ok(Json(shown).into_response())
+    })
+    .await
+}
+
+/// `?after=<seq>` of the chat reply stream.
+#[derive(Debug, serde::Deserialize)]
+struct ChatEventsQuery {
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// C5: the visitor's replies as server-sent events (see [`chat_stream`]). The channel and its
+/// account are resolved from the address as for the chat POST.
+async fn get_chat_events(
+    State(state): State<AppState>,
+    Path((channel_id, visitor_id)): Path<(String, String)>,
+    Query(query): Query<ChatEventsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let span = tracing::info_span!("ingest_chat_events", %channel_id);
+    instrumented(&state, "chat_stream", span, async {
+        let snapshot = state.config.snapshot();
+        let channel = channel::resolve(&snapshot, &channel_id, switchboard_proto::events::v1::ChannelType::Chat)
+            .map_err(|error| match error {
+                // The address exists but has no chat to stream: a wrong request, not a missing one.
+                IngestError::WrongChannelType { .. } => {
+                    IngestError::InvalidField { field: "channel_id", problem: error.to_string() }
+                }
+                other => other,
+            })?;
+        channel::require_id("visitor_id", &visitor_id)?;
+        let after_seq = chat_stream::resume_after(header_str(&headers, "last-event-id"), query.after.as_deref())?;
+        let Some(replies) = &state.chat_replies_opt else { return Err(IngestError::ChatStreamNotConfigured) };
+        let recipient = Recipient {
+            account_id: channel.account_id.clone(),
+            channel_id: channel.entity.channel_id.clone(),
+            visitor_id,
+        };
+        Ok(replies.stream(recipient, after_seq).into_response())
     })
     .await
 }

@@ -3,11 +3,13 @@
 //! [`whatsapp`], [`forms`], [`calls`], [`custom`]; [`widget`] answers the chat widget, with
 //! open-conversation counts that [`workload`] reads from the read models in the background); output
 //! leaves through [`intake`] and the runtime's `EnvelopePublisher`, which answer only once Kafka
-//! has made the events durable.
+//! has made the events durable. The one outbound path: [`chat_stream`] streams chat replies from
+//! the delivery service's table to the visitor's widget (C5).
 
 pub mod calls;
 pub mod channel;
 pub mod chat;
+pub mod chat_stream;
 pub mod custom;
 pub mod email;
 pub mod error;

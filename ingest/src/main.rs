@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use switchboard_ingest::chat_stream::ChatStreamSettings;
 use switchboard_ingest::secrets::Secrets;
 use switchboard_ingest::workload::WorkloadSettings;
 use switchboard_ingest::{IngestSettings, serve_all};
@@ -39,8 +40,9 @@ struct Args {
     #[arg(long, env = "INGEST_RECENT_CAPACITY", default_value_t = 100_000)]
     recently_published_capacity: usize,
     /// PostgreSQL with the read models: the chat widget reads agents' open-conversation counts
-    /// from it to say when the team is at capacity (C5). Unset: the widget answers from channel
-    /// settings alone.
+    /// from it to say when the team is at capacity (C5), and its reply stream reads
+    /// `delivery.chat_messages`. Unset: the widget answers from channel settings alone and the
+    /// reply stream answers 503.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
     /// How often the open-conversation counts are re-read (in the background, never per request).
@@ -49,6 +51,9 @@ struct Args {
     /// Counts older than this are not used: the widget answers without capacity ("unknown").
     #[arg(long, env = "INGEST_WORKLOAD_STALE_MS", default_value_t = 5_000)]
     workload_stale_ms: u64,
+    /// How often an idle chat reply stream sends a keep-alive comment.
+    #[arg(long, env = "INGEST_CHAT_KEEP_ALIVE_MS", default_value_t = 15_000)]
+    chat_keep_alive_ms: u64,
 }
 
 #[tokio::main]
@@ -71,8 +76,15 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if args.database_url.is_none() {
-        tracing::warn!("DATABASE_URL not set: the chat widget cannot tell when the team is at capacity");
+        tracing::warn!(
+            "DATABASE_URL not set: the chat widget cannot tell when the team is at capacity, and its reply stream \
+             answers 503"
+        );
     }
+    let chat_stream_opt = args.database_url.clone().map(|database_url| ChatStreamSettings {
+        database_url,
+        keep_alive: Duration::from_millis(args.chat_keep_alive_ms.max(1)),
+    });
     let workload_opt = args.database_url.map(|database_url| WorkloadSettings {
         database_url,
         refresh_interval: Duration::from_millis(args.workload_refresh_ms.max(1)),
@@ -89,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         secrets,
         recently_published_capacity: args.recently_published_capacity,
         workload_opt,
+        chat_stream_opt,
         ..IngestSettings::new(args.listen, &args.kafka_brokers, &topics.inbound)
     };
     let (bound, _) = tokio::sync::oneshot::channel();

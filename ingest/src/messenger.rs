@@ -2,7 +2,7 @@
 //! channel), `entry[].messaging[]` per event, the sender's page-scoped id (PSID) is the thread.
 //!
 //! - `message` → a message (text, attachments, quick replies); echoes of the page's own
-//!   messages are outbound and skipped.
+//!   sends (`is_echo`) → `DeliveryStatusReported` with status [`ECHO_STATUS`], never a message.
 //! - `postback` → an interactive reply; the consent prompt's buttons
 //!   ([`CONSENT_GRANTED_PAYLOAD`] / [`CONSENT_DECLINED_PAYLOAD`]) and `optin` events →
 //!   `ContactConsentReceived`.
@@ -35,6 +35,9 @@ use crate::secrets::Secrets;
 /// docs/channels.md; whoever sends the consent prompt uses them).
 pub const CONSENT_GRANTED_PAYLOAD: &str = "SWITCHBOARD_CONSENT_GRANTED";
 pub const CONSENT_DECLINED_PAYLOAD: &str = "SWITCHBOARD_CONSENT_DECLINED";
+/// `DeliveryStatusReported.status` of a Messenger echo: Meta confirms the page sent the message
+/// `provider_message_id` (the mid) to `recipient_external_id` (the PSID).
+pub const ECHO_STATUS: &str = "echo";
 
 #[derive(Debug, Deserialize)]
 struct Webhook {
@@ -61,6 +64,9 @@ struct Party {
 struct MessagingEvent {
     #[serde(default)]
     sender: Party,
+    /// The page for customers' messages; the customer (PSID) for echoes of the page's own sends.
+    #[serde(default)]
+    recipient: Party,
     #[serde(default)]
     timestamp: Option<i64>,
     #[serde(default)]
@@ -239,7 +245,23 @@ fn translate(
 
     if let Some(message) = event.message {
         if message.is_echo {
-            // The page's own outbound message, echoed back: not an inbound message.
+            // C6: the page's own send echoed back (sender = page, recipient = the customer).
+            // Never a customer message: reported as a status of our outbound message, which
+            // the projector matches by (account, channel, provider message id = mid).
+            let recipient_psid = event.recipient.id.clone().or(event.recipient.user_ref.clone()).unwrap_or_default();
+            channel::require_id("recipient.id", &recipient_psid)?;
+            channel::require_id("message.mid", &message.mid)?;
+            events.push(channel::account_event(
+                page.channel,
+                occurred_at,
+                Payload::DeliveryStatusReported(DeliveryStatusReported {
+                    channel_id: channel_id.clone(),
+                    provider_message_id: message.mid,
+                    recipient_external_id: recipient_psid,
+                    status: ECHO_STATUS.into(),
+                    error: String::new(),
+                }),
+            ));
             return Ok(());
         }
         channel::require_id("sender.id", &psid)?;
@@ -361,7 +383,7 @@ fn translate(
         return Ok(());
     }
     // Unsupported kinds are recorded, never dropped.
-    let Some((kind_name, raw)) = event.other.iter().find(|(key, _)| key.as_str() != "recipient") else {
+    let Some((kind_name, raw)) = event.other.iter().next() else {
         return Err(IngestError::MalformedBody("messaging event with no content".into()));
     };
     channel::require_id("sender.id", &psid)?;
@@ -481,7 +503,7 @@ pub(crate) mod tests {
         let body = DELIVERY.as_bytes();
         let events = to_events(&config, &secrets, Some(&sign(body)), body, Utc::now()).unwrap();
         let payloads = payloads(&events);
-        assert_eq!(payloads.len(), 5, "echo skipped, everything else kept");
+        assert_eq!(payloads.len(), 6, "everything kept");
         let Payload::InboundMessageReceived(text) = payloads[0] else { panic!() };
         assert_eq!(text.thread_key, "6543210987654321");
         assert_eq!(text.provider_message_id, "m_AbCdEf123");
@@ -501,6 +523,32 @@ pub(crate) mod tests {
         let content = reaction.content.as_ref().unwrap();
         assert_eq!(content.kind, MessageKind::Unsupported as i32);
         assert_eq!(content.unsupported_kind, "reaction");
+        let Payload::DeliveryStatusReported(echo) = payloads[5] else { panic!("{:?}", payloads[5]) };
+        assert_eq!(echo.status, ECHO_STATUS);
+        assert_eq!(echo.provider_message_id, "m_Echo");
+        assert_eq!(echo.recipient_external_id, "6543210987654321", "the customer the page wrote to");
+    }
+
+    #[test]
+    fn c6_messenger_echoes_of_our_sends_are_statuses_never_customer_messages() {
+        let (config, secrets) = messenger_config(ConsentMode::Explicit);
+        let body = br#"{"object":"page","entry":[{"id":"104212345678901","messaging":[
+          {"sender":{"id":"104212345678901"},"recipient":{"id":"777"},"timestamp":1,"message":{"mid":"m_Ours","is_echo":true,"text":"Hi, how can we help?","app_id":1517}}
+        ]}]}"#;
+        let events = to_events(&config, &secrets, Some(&sign(body)), body, Utc::now()).unwrap();
+        assert_eq!(events.len(), 1);
+        let Some(Payload::DeliveryStatusReported(echo)) = events[0].payload.as_ref() else { panic!("{events:?}") };
+        assert_eq!(
+            (echo.channel_id.as_str(), echo.provider_message_id.as_str(), echo.recipient_external_id.as_str()),
+            ("fb", "m_Ours", "777")
+        );
+        assert_eq!(events[0].account_id, "acct");
+        assert_eq!(echo.status, "echo");
+        let no_recipient = br#"{"object":"page","entry":[{"id":"104212345678901","messaging":[
+          {"sender":{"id":"104212345678901"},"timestamp":1,"message":{"mid":"m_Ours","is_echo":true}}
+        ]}]}"#;
+        let refused = to_events(&config, &secrets, Some(&sign(no_recipient)), no_recipient, Utc::now());
+        assert!(matches!(refused, Err(IngestError::InvalidField { .. })), "{refused:?}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::facts::{Event, InputTopic, Poison, to_event, tombstone};
 use crate::metrics::Metrics;
 use crate::positions::{BatchCheck, Continuity, check_batch};
 
-/// Name under which the read models' own positions are stored (both input topics).
+/// Name under which the read models' own positions are stored (every input topic).
 pub const PROJECTION: &str = "read_models";
 
 /// A partition of one of the projector's input topics.
@@ -104,19 +104,15 @@ impl ProjectorContext {
     }
 
     fn input_topic(&self, full_name: &str) -> Option<InputTopic> {
-        if full_name == self.topics.conversations {
-            Some(InputTopic::Conversations)
-        } else if full_name == self.topics.config {
-            Some(InputTopic::Config)
-        } else {
-            None
-        }
+        InputTopic::ALL.into_iter().find(|topic| self.full_name(*topic) == full_name)
     }
 
     pub fn full_name(&self, topic: InputTopic) -> &str {
         match topic {
             InputTopic::Conversations => &self.topics.conversations,
             InputTopic::Config => &self.topics.config,
+            InputTopic::Outbound => &self.topics.outbound,
+            InputTopic::Delivery => &self.topics.delivery,
         }
     }
 
@@ -220,8 +216,8 @@ pub async fn run_projector_with(
     let consumer: StreamConsumer<ContextHandle> =
         config.create_with_context(ContextHandle(context.clone())).context("failed to create projector consumer")?;
     consumer
-        .subscribe(&[&topics.conversations, &topics.config])
-        .context("failed to subscribe to the conversations and config topics")?;
+        .subscribe(&[&topics.conversations, &topics.config, &topics.outbound, &topics.delivery])
+        .context("failed to subscribe to the conversations, config, outbound and delivery topics")?;
     let producer: FutureProducer = kafka::idempotent_producer_config(&settings.brokers, "projector-deadletter", 30_000)
         .create()
         .context("failed to create dead-letter producer")?;
@@ -573,7 +569,7 @@ async fn load_positions_in(
     Ok(rows
         .into_iter()
         .filter_map(|(topic, partition, next_offset)| {
-            let input = [InputTopic::Conversations, InputTopic::Config].into_iter().find(|t| t.base_name() == topic)?;
+            let input = InputTopic::ALL.into_iter().find(|t| t.base_name() == topic)?;
             Some(((input, partition), next_offset))
         })
         .collect())

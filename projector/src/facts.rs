@@ -6,10 +6,11 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    AgentConfigured, AssignTarget, AssignmentStrategy, CallDirection, CallState, ChannelConfigured, ChannelType,
-    CloseReason, ConsentMode, ConsentState, Envelope, InboundContent, InboxAccessMode, InboxKind, MessageKind,
-    RoutingRulesConfigured, SkipReason, TicketNotCreatedReason, TicketOwnerSource, TicketSettingsConfigured,
-    UnassignedReason, WithheldReason,
+    AgentConfigured, AssignTarget, AssignmentStrategy, Author, AuthorKind, Automation, CallDirection, CallState,
+    ChannelConfigured, ChannelType, CloseReason, ConsentMode, ConsentState, DeliveryState, DeliveryStatusReported,
+    Envelope, InboundContent, InboxAccessMode, InboxKind, MessageKind, MessengerMessagingType, OutboundMessageQueued,
+    OutboundPurpose, RoutingRulesConfigured, SkipReason, TicketNotCreatedReason, TicketOwnerSource,
+    TicketSettingsConfigured, UnassignedReason, WithheldReason,
 };
 use switchboard_proto::names;
 use switchboard_runtime::config_store::ConfigKey;
@@ -26,13 +27,23 @@ pub struct Poison(pub String);
 pub enum InputTopic {
     Conversations,
     Config,
+    /// Replies, automated messages and notes accepted for sending (docs/outbound.md).
+    Outbound,
+    /// Delivery attempts and their outcomes.
+    Delivery,
 }
 
 impl InputTopic {
+    /// Every input topic, in the order positions are locked.
+    pub const ALL: [InputTopic; 4] =
+        [InputTopic::Conversations, InputTopic::Config, InputTopic::Outbound, InputTopic::Delivery];
+
     pub fn base_name(self) -> &'static str {
         match self {
             InputTopic::Conversations => "conversations.v1",
             InputTopic::Config => "config.v1",
+            InputTopic::Outbound => "outbound.v1",
+            InputTopic::Delivery => "delivery.v1",
         }
     }
 }
@@ -101,8 +112,17 @@ pub enum Fact {
     Agent(AgentRow),
     /// A router input the router echoes into its output because it is routing state
     /// (availability changes, consent); the read models get the same facts from the config
-    /// topic or from the decisions it causes, so the projection only moves its position.
+    /// topic or from the decisions it causes, so the projection only moves its position. Also
+    /// a provider status word the projector does not know (nothing to apply).
     RouterStateEcho,
+    /// O5: a reply, automated message or owner notification accepted for sending.
+    OutboundQueued(Box<OutboundQueued>),
+    /// O1: an internal note.
+    NoteAdded(Box<NoteAdded>),
+    /// O5: one attempt to hand an outbound message to its provider, and how it ended.
+    DeliveryAttempt(Box<DeliveryAttempt>),
+    /// O5: a provider's status for one of our sends (forwarded by the router).
+    DeliveryStatus(Box<DeliveryStatus>),
     /// A compacted-topic tombstone: the entity named by the record key is gone.
     Tombstone {
         kind: String,
@@ -221,6 +241,72 @@ pub struct AgentRow {
     pub capacity_per_channel_type: Value,
 }
 
+/// Who wrote an outbound message or a note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorFact {
+    /// `agent` or `automation`.
+    pub kind: &'static str,
+    pub agent_id: String,
+    pub name: String,
+    /// For automations: `owner_notification`, `greeting`, `instant_reply`, `consent_prompt`.
+    pub automation: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboundQueued {
+    pub reply_id: Uuid,
+    pub conversation_id: Option<Uuid>,
+    pub inbox_id: String,
+    pub channel_id: String,
+    /// R4: an email to the contact owner, not a conversation message.
+    pub owner_notification: bool,
+    pub author: AuthorFact,
+    pub text: String,
+    /// `email` for email replies, else `text`.
+    pub kind: &'static str,
+    pub subject: String,
+    pub recipient: String,
+    /// Shown in the inbox view: attachments, the email's headers, a WhatsApp template.
+    pub content: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct NoteAdded {
+    pub note_id: Uuid,
+    pub conversation_id: Uuid,
+    pub inbox_id: String,
+    pub author: AuthorFact,
+    pub text: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryAttempt {
+    pub reply_id: Uuid,
+    pub channel_id: String,
+    pub attempt: i32,
+    /// SENT (else FAILED).
+    pub sent: bool,
+    pub provider_message_id: String,
+    pub error: String,
+    pub will_retry: bool,
+}
+
+/// The status words a provider reports, as the projector knows them.
+pub const STATUS_WORDS: [&str; 5] = ["sent", "delivered", "read", "failed", "echo"];
+
+#[derive(Debug, Clone)]
+pub struct DeliveryStatus {
+    pub channel_id: String,
+    /// The provider's message id, or `watermark:<millis>` (Messenger).
+    pub provider_message_id: String,
+    pub recipient: String,
+    /// Parsed from a `watermark:<millis>` id: every message to `recipient` sent at or before.
+    pub watermark_at: Option<DateTime<Utc>>,
+    /// One of [`STATUS_WORDS`].
+    pub status: &'static str,
+    pub error: String,
+}
+
 fn uuid(field: &str, value: &str) -> Result<Uuid, Poison> {
     Uuid::parse_str(value).map_err(|_| Poison(format!("{field} `{value}` is not a UUID")))
 }
@@ -252,6 +338,7 @@ pub fn to_event(topic: InputTopic, envelope: Envelope, trace_id: String) -> Resu
     let fact = match (topic, payload) {
         (InputTopic::Conversations, payload) => conversation_fact(payload)?,
         (InputTopic::Config, payload) => config_fact(payload)?,
+        (InputTopic::Outbound | InputTopic::Delivery, payload) => outbound_fact(topic, payload)?,
     };
     let source = envelope
         .source_position
@@ -406,8 +493,162 @@ fn conversation_fact(payload: Payload) -> Result<Fact, Poison> {
             detail: json!({"agent_id": notification.agent_id, "contact_id": notification.contact_id}),
         }),
         Payload::AgentAvailabilityChanged(_) | Payload::ContactConsentReceived(_) => Fact::RouterStateEcho,
+        Payload::DeliveryStatusReported(reported) => delivery_status(reported)?,
         other => {
             return Err(Poison(format!("{} does not belong on the conversations topic", payload_name(&other))));
+        }
+    })
+}
+
+/// A provider status; a word the projector does not know (a provider's new status) changes
+/// nothing, like an echo of router state.
+fn delivery_status(reported: DeliveryStatusReported) -> Result<Fact, Poison> {
+    let word = reported.status.trim().to_ascii_lowercase();
+    let Some(status) = STATUS_WORDS.iter().copied().find(|known| *known == word) else {
+        return Ok(Fact::RouterStateEcho);
+    };
+    if reported.provider_message_id.is_empty() {
+        return Err(Poison("delivery_status_reported without a provider message id".into()));
+    }
+    let watermark_at = match reported.provider_message_id.strip_prefix("watermark:") {
+        Some(millis) => Some(
+            millis
+                .parse::<i64>()
+                .ok()
+                .and_then(DateTime::<Utc>::from_timestamp_millis)
+                .ok_or_else(|| Poison(format!("`{}` is not watermark:<millis>", reported.provider_message_id)))?,
+        ),
+        None => None,
+    };
+    Ok(Fact::DeliveryStatus(Box::new(DeliveryStatus {
+        channel_id: reported.channel_id,
+        provider_message_id: reported.provider_message_id,
+        recipient: reported.recipient_external_id,
+        watermark_at,
+        status,
+        error: reported.error,
+    })))
+}
+
+fn author_fact(author: Option<Author>) -> AuthorFact {
+    let author = author.unwrap_or_default();
+    let kind = match AuthorKind::try_from(author.kind) {
+        Ok(AuthorKind::Agent) => "agent",
+        Ok(AuthorKind::Customer) => "customer",
+        _ => "automation",
+    };
+    let automation = match Automation::try_from(author.automation) {
+        Ok(Automation::OwnerNotification) => "owner_notification",
+        Ok(Automation::Greeting) => "greeting",
+        Ok(Automation::InstantReply) => "instant_reply",
+        Ok(Automation::ConsentPrompt) => "consent_prompt",
+        _ => "",
+    };
+    AuthorFact { kind, agent_id: author.agent_id, name: author.name, automation }
+}
+
+/// What the inbox view shows of an outbound message besides its text (no bodies twice).
+fn outbound_content(queued: &OutboundMessageQueued) -> Value {
+    let mut content = serde_json::Map::new();
+    if !queued.attachments.is_empty() {
+        let attachments: Vec<Value> = queued
+            .attachments
+            .iter()
+            .map(|attachment| {
+                json!({
+                    "url": attachment.url,
+                    "file_name": attachment.file_name,
+                    "content_type": attachment.content_type,
+                    "size_bytes": attachment.size_bytes,
+                })
+            })
+            .collect();
+        content.insert("attachments".into(), Value::Array(attachments));
+    }
+    if let Some(email) = &queued.email {
+        content.insert(
+            "email".into(),
+            json!({
+                "from_name": email.from_name,
+                "from_address": email.from_address,
+                "to": email.to,
+                "message_id_header": email.message_id_header,
+                "in_reply_to": email.in_reply_to,
+                "references": email.references,
+                "from_fallback_address": email.from_fallback_address,
+                "has_html": !email.html_body.is_empty(),
+            }),
+        );
+    }
+    if let Some(template) = queued.whatsapp.as_ref().and_then(|whatsapp| whatsapp.template.as_ref()) {
+        content.insert(
+            "whatsapp_template".into(),
+            json!({"name": template.name, "language": template.language, "parameters": template.parameters}),
+        );
+    }
+    if let Some(messenger) = &queued.messenger
+        && messenger.messaging_type == MessengerMessagingType::HumanAgentTag as i32
+    {
+        content.insert("messenger_tag".into(), json!("human_agent"));
+    }
+    Value::Object(content)
+}
+
+fn outbound_fact(topic: InputTopic, payload: Payload) -> Result<Fact, Poison> {
+    Ok(match (topic, payload) {
+        (InputTopic::Outbound, Payload::OutboundMessageQueued(queued)) => {
+            let owner_notification = queued.purpose == OutboundPurpose::OwnerNotification as i32;
+            let conversation_id = optional_uuid("conversation_id", &queued.conversation_id)?;
+            if conversation_id.is_none() && !owner_notification {
+                return Err(Poison("outbound_message_queued reply without a conversation id".into()));
+            }
+            let email = queued.email.as_ref();
+            let text = match email {
+                Some(email) if queued.text.is_empty() => email.text_body.clone(),
+                _ => queued.text.clone(),
+            };
+            Fact::OutboundQueued(Box::new(OutboundQueued {
+                reply_id: uuid("reply_id", &queued.reply_id)?,
+                conversation_id,
+                content: outbound_content(&queued),
+                kind: if email.is_some() { "email" } else { "text" },
+                subject: email.map(|email| email.subject.clone()).unwrap_or_default(),
+                recipient: match email {
+                    Some(email) if queued.recipient.is_empty() => email.to.join(", "),
+                    _ => queued.recipient,
+                },
+                inbox_id: queued.inbox_id,
+                channel_id: queued.channel_id,
+                owner_notification,
+                author: author_fact(queued.author),
+                text,
+            }))
+        }
+        (InputTopic::Outbound, Payload::InternalNoteAdded(note)) => Fact::NoteAdded(Box::new(NoteAdded {
+            note_id: uuid("note_id", &note.note_id)?,
+            conversation_id: uuid("conversation_id", &note.conversation_id)?,
+            inbox_id: note.inbox_id,
+            author: author_fact(note.author),
+            text: note.text,
+        })),
+        (InputTopic::Delivery, Payload::DeliveryAttemptRecorded(attempt)) => {
+            let sent = match DeliveryState::try_from(attempt.state) {
+                Ok(DeliveryState::Sent) => true,
+                Ok(DeliveryState::Failed) => false,
+                _ => return Err(Poison("delivery_attempt_recorded is neither SENT nor FAILED".into())),
+            };
+            Fact::DeliveryAttempt(Box::new(DeliveryAttempt {
+                reply_id: uuid("reply_id", &attempt.reply_id)?,
+                channel_id: attempt.channel_id,
+                attempt: attempt.attempt.min(i32::MAX as u32) as i32,
+                sent,
+                provider_message_id: attempt.provider_message_id,
+                error: attempt.error,
+                will_retry: attempt.will_retry && !sent,
+            }))
+        }
+        (topic, other) => {
+            return Err(Poison(format!("{} does not belong on the {} topic", payload_name(&other), topic.base_name())));
         }
     })
 }
@@ -750,5 +991,76 @@ mod tests {
         );
         let error = to_event(InputTopic::Conversations, envelope, String::new()).unwrap_err();
         assert_eq!(error.0, "conversation_id `nope` is not a UUID");
+    }
+
+    fn envelope(payload: Payload) -> Envelope {
+        switchboard_runtime::envelope::new_root("acct", "acct", Utc::now(), payload)
+    }
+
+    fn status(provider_message_id: &str, word: &str) -> Result<Event, Poison> {
+        let reported = DeliveryStatusReported {
+            channel_id: "messenger-1".into(),
+            provider_message_id: provider_message_id.into(),
+            recipient_external_id: "psid-7".into(),
+            status: word.into(),
+            error: String::new(),
+        };
+        to_event(InputTopic::Conversations, envelope(Payload::DeliveryStatusReported(reported)), String::new())
+    }
+
+    #[test]
+    fn o5_a_messenger_watermark_id_is_parsed_and_unknown_status_words_change_nothing() {
+        let Fact::DeliveryStatus(read) = status("watermark:1796000045000", "READ").unwrap().fact else {
+            panic!("a status")
+        };
+        assert_eq!(read.status, "read");
+        assert_eq!(read.watermark_at, DateTime::<Utc>::from_timestamp_millis(1_796_000_045_000));
+        let Fact::DeliveryStatus(echo) = status("mid.1", "echo").unwrap().fact else { panic!("a status") };
+        assert_eq!((echo.status, echo.watermark_at), ("echo", None));
+        assert!(matches!(status("wamid.1", "deleted").unwrap().fact, Fact::RouterStateEcho));
+        assert_eq!(status("watermark:soon", "read").unwrap_err().0, "`watermark:soon` is not watermark:<millis>");
+    }
+
+    #[test]
+    fn o5_outbound_events_name_their_purpose_author_and_outcome() {
+        let queued = OutboundMessageQueued {
+            reply_id: Uuid::from_u128(1).to_string(),
+            conversation_id: Uuid::from_u128(2).to_string(),
+            purpose: OutboundPurpose::OwnerNotification as i32,
+            author: Some(Author {
+                kind: AuthorKind::Automation as i32,
+                automation: Automation::OwnerNotification as i32,
+                ..Default::default()
+            }),
+            email: Some(switchboard_proto::events::v1::OutboundEmail {
+                subject: "New message".into(),
+                to: vec!["ana@example.com".into()],
+                text_body: "Ada wrote".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let event = to_event(InputTopic::Outbound, envelope(Payload::OutboundMessageQueued(queued)), String::new());
+        let Fact::OutboundQueued(queued) = event.unwrap().fact else { panic!("queued") };
+        assert!(queued.owner_notification);
+        assert_eq!((queued.author.kind, queued.author.automation), ("automation", "owner_notification"));
+        assert_eq!(
+            (queued.kind, queued.recipient.as_str(), queued.text.as_str()),
+            ("email", "ana@example.com", "Ada wrote")
+        );
+
+        let unfinished = switchboard_proto::events::v1::DeliveryAttemptRecorded {
+            reply_id: Uuid::from_u128(1).to_string(),
+            state: DeliveryState::Queued as i32,
+            ..Default::default()
+        };
+        let error =
+            to_event(InputTopic::Delivery, envelope(Payload::DeliveryAttemptRecorded(unfinished)), String::new())
+                .unwrap_err();
+        assert_eq!(error.0, "delivery_attempt_recorded is neither SENT nor FAILED");
+        let misplaced =
+            to_event(InputTopic::Delivery, envelope(Payload::InternalNoteAdded(Default::default())), String::new())
+                .unwrap_err();
+        assert!(misplaced.0.contains("does not belong on the delivery.v1 topic"), "{misplaced}");
     }
 }

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::config::{ConfigWrite, fold_config};
 use crate::facts::{Event, Fact};
+use crate::outbound::{OutboundStored, OutboundWrites, fold_outbound};
 use switchboard_runtime::reply_window;
 
 /// What a batch needs besides its events; the shell reads it before the fold.
@@ -28,6 +29,9 @@ pub struct BatchInput<'a> {
     pub stored_conversations: HashMap<Uuid, StoredConversation>,
     /// Which events are new to the read models.
     pub claimed: Claimed,
+    /// Stored delivery steps, provider ids, statuses and recipients the batch's outbound
+    /// events may relate to.
+    pub outbound: OutboundStored,
 }
 
 /// The natural keys the batch's idempotency inserts (`ON CONFLICT DO NOTHING RETURNING`)
@@ -35,6 +39,7 @@ pub struct BatchInput<'a> {
 /// published twice) and changes nothing.
 #[derive(Debug, Default, Clone)]
 pub struct Claimed {
+    /// Inbound messages, and outbound messages and notes of conversations.
     pub message_ids: HashSet<Uuid>,
     /// Assigned, left unassigned and unassigned events (the `assignments` table).
     pub decision_event_ids: HashSet<String>,
@@ -88,6 +93,35 @@ pub struct ConversationRow {
     pub reply_window_ends_at: Option<DateTime<Utc>>,
     pub contact_id: Option<Uuid>,
     pub subject: String,
+}
+
+/// What the outbound messages and notes of a batch do to a conversation (O5). Written with
+/// monotone merges (latest `updated_at`, earliest first response, latest agent reply) and not
+/// with the rest of the row: these events come from other topics than the conversation's, so
+/// another transaction may be writing the same row, and merges commute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationReply {
+    pub conversation_id: Uuid,
+    pub updated_at: DateTime<Utc>,
+    /// Agent replies only (not notes, not automated messages), at the time each was queued.
+    pub first_response_at: Option<DateTime<Utc>>,
+    pub last_agent_reply_at: Option<DateTime<Utc>>,
+}
+
+impl ConversationReply {
+    /// Both applied, in either order.
+    pub fn merge(&mut self, other: &ConversationReply) {
+        self.updated_at = self.updated_at.max(other.updated_at);
+        self.first_response_at = min_option(self.first_response_at, other.first_response_at);
+        self.last_agent_reply_at = self.last_agent_reply_at.max(other.last_agent_reply_at);
+    }
+}
+
+fn min_option(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl ConversationRow {
@@ -209,6 +243,10 @@ pub struct Writes<'a> {
     pub config: Vec<ConfigWrite<'a>>,
     /// Sorted by topic and partition.
     pub sources: Vec<SourcePosition<'a>>,
+    /// What replies and notes did to their conversations, sorted by conversation id.
+    pub conversation_replies: Vec<ConversationReply>,
+    /// Delivery steps, provider ids, statuses and delivery states (O5).
+    pub outbound: OutboundWrites,
 }
 
 /// A conversation while the batch folds into it.
@@ -223,7 +261,7 @@ struct FoldedConversation {
 /// Folds the batch, in log order, into the conversations it touches (counters, assignee,
 /// workload, reply window, change feed) and collects every write.
 pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
-    let BatchInput { events, stored_conversations, mut claimed } = input;
+    let BatchInput { events, stored_conversations, mut claimed, outbound } = input;
     let mut conversations: HashMap<Uuid, FoldedConversation> = stored_conversations
         .into_iter()
         .map(|(id, stored)| {
@@ -237,6 +275,10 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
     let mut audits: Vec<AuditRow<'a>> = Vec::new();
     let mut left_unassigned_audits: Vec<AuditRow<'a>> = Vec::new();
     let mut sources: BTreeMap<(&'a str, i32), i64> = BTreeMap::new();
+    let mut conversation_replies: BTreeMap<Uuid, ConversationReply> = BTreeMap::new();
+    let mut reply_to = |reply: ConversationReply| {
+        conversation_replies.entry(reply.conversation_id).and_modify(|merged| merged.merge(&reply)).or_insert(reply);
+    };
 
     for &event in events {
         if let Some((topic, partition, offset)) = &event.source {
@@ -430,6 +472,50 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
                     at: event.recorded_at,
                 });
             }
+            Fact::OutboundQueued(queued) => {
+                // The message row is inserted by the shell (owner notifications go to their own
+                // table and are no conversation's message).
+                if queued.owner_notification || !claimed.message_ids.remove(&queued.reply_id) {
+                    continue;
+                }
+                let Some(conversation_id) = queued.conversation_id else { continue };
+                let agent_at = (queued.author.kind == "agent").then_some(event.recorded_at);
+                reply_to(ConversationReply {
+                    conversation_id,
+                    updated_at: event.recorded_at,
+                    first_response_at: agent_at,
+                    last_agent_reply_at: agent_at,
+                });
+                changes.push(Change {
+                    account_id: &event.account_id,
+                    inbox_id: queued.inbox_id.clone(),
+                    conversation_id,
+                    kind: "reply",
+                    event_id: &event.event_id,
+                    at: event.recorded_at,
+                });
+            }
+            Fact::NoteAdded(note) => {
+                if !claimed.message_ids.remove(&note.note_id) {
+                    continue;
+                }
+                reply_to(ConversationReply {
+                    conversation_id: note.conversation_id,
+                    updated_at: event.recorded_at,
+                    first_response_at: None,
+                    last_agent_reply_at: None,
+                });
+                changes.push(Change {
+                    account_id: &event.account_id,
+                    inbox_id: note.inbox_id.clone(),
+                    conversation_id: note.conversation_id,
+                    kind: "note",
+                    event_id: &event.event_id,
+                    at: event.recorded_at,
+                });
+            }
+            // Steps and states: `fold_outbound` below.
+            Fact::DeliveryAttempt(_) | Fact::DeliveryStatus(_) => {}
             // Contacts are written by their idempotency insert alone; config facts below.
             Fact::ContactCreated(_) => {}
             Fact::Inbox(_)
@@ -474,6 +560,8 @@ pub fn fold_batch<'a>(input: BatchInput<'a>) -> Writes<'a> {
         audits,
         changes,
         config: fold_config(events),
+        conversation_replies: conversation_replies.into_values().collect(),
+        outbound: fold_outbound(events, outbound),
         sources: sources
             .into_iter()
             .map(|((topic, partition), next_offset)| SourcePosition { topic, partition, next_offset })
@@ -496,7 +584,11 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::facts::{Audit, ConversationStarted, Explanation, InboxRow, MessageAppended, TicketCreated};
+    use crate::facts::{
+        Audit, AuthorFact, ConversationStarted, Explanation, InboxRow, MessageAppended, NoteAdded, TicketCreated,
+    };
+    use crate::outbound::memory::MemoryOutbound;
+    use crate::outbound::tests as outbound_events;
 
     const ACCOUNT: &str = "acme";
 
@@ -601,6 +693,12 @@ mod tests {
                 Fact::TicketCreated(ticket) => {
                     claimed.ticket_ids.insert(ticket.ticket_id);
                 }
+                Fact::OutboundQueued(queued) if !queued.owner_notification => {
+                    claimed.message_ids.insert(queued.reply_id);
+                }
+                Fact::NoteAdded(note) => {
+                    claimed.message_ids.insert(note.note_id);
+                }
                 _ => {}
             }
         }
@@ -610,7 +708,7 @@ mod tests {
     /// When the batch is folded with these stored conversations, every key new.
     fn fold_new<'a>(events: &'a [&'a Event], stored: Vec<StoredConversation>) -> Writes<'a> {
         let stored_conversations = stored.into_iter().map(|row| (row.conversation_id, row)).collect();
-        fold_batch(BatchInput { events, stored_conversations, claimed: all_new(events) })
+        fold_batch(BatchInput { events, stored_conversations, claimed: all_new(events), ..Default::default() })
     }
 
     fn change_kinds(writes: &Writes<'_>) -> Vec<&'static str> {
@@ -955,7 +1053,12 @@ mod tests {
         let events = [&message_again, &assign_again, &close_again, &owner_again];
         let stored_conversations = HashMap::from([(id(1), stored(1, "chat", Some("ana")))]);
         // When folded
-        let writes = fold_batch(BatchInput { events: &events, stored_conversations, claimed: Claimed::default() });
+        let writes = fold_batch(BatchInput {
+            events: &events,
+            stored_conversations,
+            claimed: Claimed::default(),
+            ..Default::default()
+        });
         // Then no write at all
         assert_eq!(writes, Writes::default());
     }
@@ -982,9 +1085,70 @@ mod tests {
         let written = stored_from(&once.new_conversations[0]);
         // When the same batch is read again (the inserts now claim nothing)
         let stored_conversations = HashMap::from([(id(1), written)]);
-        let again = fold_batch(BatchInput { events: &events, stored_conversations, claimed: Claimed::default() });
+        let again = fold_batch(BatchInput {
+            events: &events,
+            stored_conversations,
+            claimed: Claimed::default(),
+            ..Default::default()
+        });
         // Then nothing is written
         assert_eq!(again, Writes::default());
+    }
+
+    fn note(event_id: &str, second: i64, note: u128) -> Event {
+        event(
+            event_id,
+            second,
+            Fact::NoteAdded(Box::new(NoteAdded {
+                note_id: id(note),
+                conversation_id: id(1),
+                inbox_id: "inbox-1".into(),
+                author: outbound_events::agent(),
+                text: "call them back".into(),
+            })),
+        )
+    }
+
+    fn automation(name: &'static str) -> AuthorFact {
+        AuthorFact { kind: "automation", agent_id: String::new(), name: "Acme".into(), automation: name }
+    }
+
+    #[test]
+    fn o5_agent_replies_set_first_response_and_last_agent_reply_at_their_queued_time() {
+        // Given two agent replies (recorded at 10 and 30), in one batch, the later one first
+        let first = outbound_events::queued("e1", 10, 1, outbound_events::agent(), false);
+        let second = outbound_events::queued("e2", 30, 2, outbound_events::agent(), false);
+        let events = [&second, &first];
+        // When folded
+        let writes = fold_new(&events, vec![stored(1, "facebook_messenger", None)]);
+        // Then the conversation has the earliest and latest, and two "reply" changes
+        let reply = &writes.conversation_replies[0];
+        assert_eq!(reply.first_response_at, Some(outbound_events::at(10)));
+        assert_eq!(reply.last_agent_reply_at, Some(outbound_events::at(30)));
+        assert_eq!(reply.updated_at, outbound_events::at(30));
+        assert!(writes.updated_conversations.is_empty(), "replies are not customer messages: no count moves");
+        assert_eq!(change_kinds(&writes), ["reply", "reply"]);
+    }
+
+    #[test]
+    fn o5_automated_messages_and_notes_are_not_responses() {
+        let greeting = outbound_events::queued("e1", 10, 1, automation("greeting"), false);
+        let internal = note("e2", 20, 77);
+        let events = [&greeting, &internal];
+        let writes = fold_new(&events, vec![stored(1, "facebook_messenger", None)]);
+        let reply = &writes.conversation_replies[0];
+        assert_eq!((reply.first_response_at, reply.last_agent_reply_at), (None, None));
+        assert_eq!(reply.updated_at, at(21), "the note's recorded time");
+        assert_eq!(change_kinds(&writes), ["reply", "note"]);
+    }
+
+    #[test]
+    fn r4_an_owner_notification_changes_no_conversation() {
+        let notify = outbound_events::queued("e1", 10, 1, automation("owner_notification"), true);
+        let events = [&notify];
+        let writes = fold_new(&events, vec![stored(1, "facebook_messenger", None)]);
+        assert!(writes.conversation_replies.is_empty() && writes.changes.is_empty());
+        assert_eq!(writes.outbound.summaries.len(), 1, "its delivery is still tracked");
     }
 
     /// The read models as the shell leaves them, kept in memory: what the idempotency inserts
@@ -997,6 +1161,9 @@ mod tests {
         conversations: HashMap<Uuid, StoredConversation>,
         workload: BTreeMap<WorkloadKey, i32>,
         changes: Vec<(Uuid, &'static str, String)>,
+        outbound: MemoryOutbound,
+        /// The columns replies and notes merge into (`updated_at` is merged into the row).
+        replies: BTreeMap<Uuid, ConversationReply>,
     }
 
     impl MemoryReadModels {
@@ -1017,10 +1184,35 @@ mod tests {
                     Fact::Closed { .. } if self.event_ids.insert(event.event_id.clone()) => {
                         claimed.keyless_event_ids.insert(event.event_id.clone());
                     }
+                    Fact::OutboundQueued(queued)
+                        if !queued.owner_notification && self.message_ids.insert(queued.reply_id) =>
+                    {
+                        claimed.message_ids.insert(queued.reply_id);
+                    }
+                    Fact::NoteAdded(note) if self.message_ids.insert(note.note_id) => {
+                        claimed.message_ids.insert(note.note_id);
+                    }
                     _ => {}
                 }
             }
-            let writes = fold_batch(BatchInput { events, stored_conversations: self.conversations.clone(), claimed });
+            self.outbound.insert_messages(events);
+            let writes = fold_batch(BatchInput {
+                events,
+                stored_conversations: self.conversations.clone(),
+                claimed,
+                outbound: self.outbound.stored(),
+            });
+            self.outbound.write(&writes.outbound);
+            for reply in &writes.conversation_replies {
+                // As the merging UPDATE: only stored conversations change.
+                if let Some(stored) = self.conversations.get_mut(&reply.conversation_id) {
+                    stored.updated_at = stored.updated_at.max(reply.updated_at);
+                    self.replies
+                        .entry(reply.conversation_id)
+                        .and_modify(|kept| kept.merge(reply))
+                        .or_insert(reply.clone());
+                }
+            }
             for row in writes.new_conversations {
                 self.conversations.entry(row.conversation_id).or_insert_with(|| stored_from(&row));
             }
@@ -1111,11 +1303,85 @@ mod tests {
                 prop_assert_eq!(&batched.changes, &whole.changes);
 
                 let changes_before = whole.changes.len();
+                let outbound_before = whole.outbound.clone();
                 let conversations_before = whole.conversations.clone();
                 whole.apply(&events);
                 prop_assert_eq!(whole.changes.len(), changes_before);
                 prop_assert_eq!(whole.conversations, conversations_before);
+                prop_assert_eq!(whole.outbound, outbound_before);
             }
+
+            /// O5: a reply's events arrive on three topics read independently. Whatever the
+            /// order, the batching and the repeats, the read models end as if each event had been
+            /// applied once in log order: messages' states and histories, statuses kept,
+            /// conversations (first response, last agent reply) and the change feed (as a set).
+            #[test]
+            fn o5_any_interleaving_of_outbound_events_gives_the_same_read_model(
+                picks in proptest::collection::vec(0usize..OUTBOUND_LOG_LEN, 0..40),
+                cuts in proptest::collection::btree_set(0usize..40, 0..8),
+            ) {
+                let log = outbound_log();
+                let mut canonical_indexes: Vec<usize> = picks.clone();
+                canonical_indexes.sort_unstable();
+                canonical_indexes.dedup();
+                let canonical: Vec<&Event> = canonical_indexes.iter().map(|index| &log[*index]).collect();
+                let mut expected = memory_with_conversation();
+                expected.apply(&canonical);
+
+                let interleaved: Vec<&Event> = picks.iter().map(|index| &log[*index]).collect();
+                let mut actual = memory_with_conversation();
+                let mut start = 0;
+                for cut in cuts.into_iter().filter(|cut| *cut < interleaved.len()).chain([interleaved.len()]) {
+                    if cut >= start {
+                        actual.apply(&interleaved[start..cut]);
+                        start = cut;
+                    }
+                }
+                prop_assert_eq!(&actual.outbound, &expected.outbound);
+                prop_assert_eq!(&actual.conversations, &expected.conversations);
+                prop_assert_eq!(&actual.replies, &expected.replies);
+                let sorted = |changes: &[(Uuid, &'static str, String)]| {
+                    let mut changes = changes.to_vec();
+                    changes.sort();
+                    changes
+                };
+                prop_assert_eq!(sorted(&actual.changes), sorted(&expected.changes));
+            }
+        }
+
+        const OUTBOUND_LOG_LEN: usize = 16;
+
+        /// Three replies (two by agents, one automated), an owner notification and a note to
+        /// conversation 1, their attempts (one failed then retried), provider statuses by id
+        /// (one an echo, one a failure) and two Messenger read watermarks.
+        fn outbound_log() -> Vec<Event> {
+            use outbound_events::{agent, attempt, queued, status, watermark};
+            let log = vec![
+                queued("q1", 10, 1, agent(), false),
+                queued("q2", 20, 2, agent(), false),
+                queued("q3", 25, 3, automation("instant_reply"), false),
+                queued("q9", 26, 9, automation("owner_notification"), true),
+                note("n1", 27, 77),
+                attempt("a1", 11, 1, 1, false, true),
+                attempt("a2", 15, 1, 2, true, false),
+                attempt("a3", 21, 2, 1, true, false),
+                attempt("a4", 26, 3, 1, true, false),
+                attempt("a9", 27, 9, 1, false, false),
+                status("s1", 16, 1, "delivered"),
+                status("s2", 22, 2, "echo"),
+                status("s3", 23, 2, "failed"),
+                status("s4", 28, 3, "delivered"),
+                watermark("w1", 30, 22),
+                watermark("w2", 40, 29),
+            ];
+            assert_eq!(log.len(), OUTBOUND_LOG_LEN);
+            log
+        }
+
+        fn memory_with_conversation() -> MemoryReadModels {
+            let mut memory = MemoryReadModels::default();
+            memory.conversations.insert(id(1), stored(1, "facebook_messenger", Some("ana")));
+            memory
         }
     }
 }

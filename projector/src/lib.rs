@@ -14,6 +14,7 @@ pub mod consumer;
 pub mod facts;
 pub mod fold;
 pub mod metrics;
+pub mod outbound;
 pub mod positions;
 pub mod replay;
 pub mod schema;

@@ -84,14 +84,15 @@ pub async fn run(settings: ReplaySettings, pool: &PgPool) -> anyhow::Result<Repl
     let (batch_sender, mut batches) = mpsc::channel::<Batch>(1);
     let (_shutdown_sender, shutdown) = watch::channel(false);
     let mut readers = Vec::new();
-    for topic in [InputTopic::Conversations, InputTopic::Config] {
+    for topic in InputTopic::ALL {
         let full_name = context.full_name(topic).to_owned();
         let mut config = kafka::reader_config(&settings.brokers, &format!("projector-replay-{schema}"));
         config.set("statistics.interval.ms", "1000").set("queued.max.messages.kbytes", "131072");
         let consumer: StreamConsumer<ContextHandle> =
             config.create_with_context(ContextHandle(context.clone())).context("failed to create replay consumer")?;
         let partitions = partition_count(&consumer, &full_name)?;
-        let from = if topic == InputTopic::Conversations { settings.from } else { None };
+        // Config is state (read whole); the other topics are history of conversations.
+        let from = if topic == InputTopic::Config { None } else { settings.from };
         let assignment = start_offsets(&consumer, &full_name, partitions, from)?;
         for element in assignment.elements() {
             let partition = (topic, element.partition());

@@ -10,22 +10,33 @@
 //!
 //! Rule map: threading R10; duplicates B1; unknown/switched-off channel C11; contacts C4;
 //! consent C6; assignment R1–R8 with explanations B2; tickets T1–T3, R9, C7, I5; manual
-//! commands (assign, unassign, close, contact owner, availability); backlog re-drive B3.
+//! commands (assign, unassign, close, contact owner, availability); backlog re-drive B3;
+//! automated messages O6 (R4 owner email, C6 greeting, instant reply, consent prompt, built in
+//! [`crate::automated`]); provider statuses forwarded for the projector (O5).
+//!
+//! Each decided event has a [`Destination`]: automated messages go to the outbound topic, keyed
+//! by `runtime::outbound::outbound_partition_key`; everything else to the conversations topic
+//! at the input's partition (the state's changelog).
 
 use std::borrow::Cow;
 
 use sha2::{Digest, Sha256};
 use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
-    Actor, AgentAvailabilityChanged, AssignTarget, AssignmentStrategy, CloseReason, CommandRejected, ConsentState,
-    ContactConsentReceived, ContactCreated, ContactOwnerChangeRequested, ContactOwnerChanged, ConversationAssigned,
-    ConversationCloseRequested, ConversationClosed, ConversationLeftUnassigned, ConversationStarted,
-    ConversationUnassigned, Envelope, InboundMessageReceived, ManualAssignmentRequested, MessageAppended,
-    MessageWithheld, OwnerNotificationRequested, RoutingExplanation, RoutingRulesConfigured, SkipReason,
+    Actor, AgentAvailabilityChanged, AssignTarget, AssignmentStrategy, Automation, ChannelType, CloseReason,
+    CommandRejected, ConsentState, ContactConsentReceived, ContactCreated, ContactOwnerChangeRequested,
+    ContactOwnerChanged, ConversationAssigned, ConversationCloseRequested, ConversationClosed,
+    ConversationLeftUnassigned, ConversationStarted, ConversationUnassigned, Envelope, InboundMessageReceived,
+    InboxConfigured, ManualAssignmentRequested, MessageAppended, MessageWithheld, MessengerSettings,
+    OutboundMessageQueued, OwnerNotificationRequested, RoutingExplanation, RoutingRulesConfigured, SkipReason,
     SkippedCandidate, TicketCreated, TicketNotCreated, TicketNotCreatedReason, TicketOwnerSource,
     TicketSettingsConfigured, TicketStageChangeRequested, TicketStageChanged, UnassignedReason, WithheldReason,
 };
 use switchboard_runtime::envelope::{SCHEMA_VERSION, payload_name, recorded_at_millis};
+use switchboard_runtime::outbound::outbound_partition_key;
+use uuid::Uuid;
+
+use crate::automated::{self, MessengerAutomation, OwnerNotification};
 
 use crate::compact::InlineStr;
 pub use crate::config::RouterConfig;
@@ -41,6 +52,26 @@ pub const MAX_REDRIVE_ATTEMPTS: usize = 1_000;
 /// Ticket defaults when a channel creates tickets without configuring pipeline/stage (I5).
 pub const DEFAULT_PIPELINE: &str = "default";
 pub const DEFAULT_STAGE: &str = "new";
+
+/// Where a decided event is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The conversations topic, at the input's partition: the router's changelog, folded by
+    /// `evolve` on recovery.
+    Conversations,
+    /// The outbound topic, partitioned by the event's key (`<account>/<conversation id>`), like
+    /// the API's replies to the same conversation. Never folded: the state learns of automated
+    /// messages from the conversations events decided with them.
+    Outbound,
+}
+
+/// The destination of one event returned by [`decide`].
+pub fn destination(event: &Envelope) -> Destination {
+    match event.payload {
+        Some(Payload::OutboundMessageQueued(_)) => Destination::Outbound,
+        _ => Destination::Conversations,
+    }
+}
 
 /// Why an input cannot be routed at all. Such inputs go to the dead-letter topic; they are
 /// never retried, because retrying a deterministic function cannot change its answer.
@@ -97,9 +128,10 @@ pub fn decide(state: &RouterState, config: &RouterConfig, mut input: Envelope) -
         Some(Payload::ContactOwnerChangeRequested(request)) => {
             decide_contact_owner(state, config, &mut decision, &request)
         }
-        // C8 delivery statuses travel on the inbound topic for other consumers; they change no
-        // routing state.
-        Some(Payload::DeliveryStatusReported(_)) => {}
+        // O5: provider statuses (delivered, read, failed, Messenger echoes) arrive in order with
+        // the account's messages and are forwarded unchanged for the projector, which matches
+        // them to replies. They change no routing state.
+        Some(Payload::DeliveryStatusReported(status)) => decision.emit(Payload::DeliveryStatusReported(status)),
         Some(other) => {
             return Err(Rejection::NotARouterInput { event_id: input.event_id.clone(), payload: payload_name(&other) });
         }
@@ -112,18 +144,23 @@ pub fn decide(state: &RouterState, config: &RouterConfig, mut input: Envelope) -
 
 /// Fills in what every decided event carries of its cause (partition key, account, causation
 /// and correlation ids). The input is consumed, so the last event takes its strings instead of
-/// copies: most decisions emit one event (a follow-up's `MessageAppended`).
+/// copies: most decisions emit one event (a follow-up's `MessageAppended`). Outbound events keep
+/// the partition key they were emitted with ([`Decision::emit_outbound`]).
 fn stamp_cause(mut events: Vec<Envelope>, cause: Envelope) -> Vec<Envelope> {
     let Envelope { event_id: cause_id, partition_key, correlation_id, account_id, .. } = cause;
     let correlation_id = if correlation_id.is_empty() { cause_id.clone() } else { correlation_id };
     if let Some((last, earlier)) = events.split_last_mut() {
         for event in earlier {
-            event.partition_key.clone_from(&partition_key);
+            if event.partition_key.is_empty() {
+                event.partition_key.clone_from(&partition_key);
+            }
             event.causation_id.clone_from(&cause_id);
             event.correlation_id.clone_from(&correlation_id);
             event.account_id.clone_from(&account_id);
         }
-        last.partition_key = partition_key;
+        if last.partition_key.is_empty() {
+            last.partition_key = partition_key;
+        }
         last.causation_id = cause_id;
         last.correlation_id = correlation_id;
         last.account_id = account_id;
@@ -146,6 +183,13 @@ impl<'input> Decision<'input> {
     /// A UUIDv7 stamped with the cause's recorded-at whose other bits hash the cause's id and
     /// `purpose`: the same recipe as `runtime::envelope::derived_id`, without allocating.
     fn derived_id(&self, purpose: &[&str]) -> String {
+        let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        self.derived_uuid(purpose).hyphenated().encode_lower(&mut buffer).to_owned()
+    }
+
+    /// [`Decision::derived_id`] as a UUID: `derived_uuid(&["owner_notification"])` is
+    /// `runtime::envelope::derived_id(cause, "owner_notification")`.
+    fn derived_uuid(&self, purpose: &[&str]) -> Uuid {
         let mut hasher = Sha256::new();
         hasher.update(self.cause.event_id.as_bytes());
         hasher.update(b"/");
@@ -155,9 +199,20 @@ impl<'input> Decision<'input> {
         let digest = hasher.finalize();
         let mut random_bytes = [0u8; 10];
         random_bytes.copy_from_slice(&digest[..10]);
-        let uuid = uuid::Builder::from_unix_timestamp_millis(self.cause_millis, &random_bytes).into_uuid();
-        let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        uuid.hyphenated().encode_lower(&mut buffer).to_owned()
+        uuid::Builder::from_unix_timestamp_millis(self.cause_millis, &random_bytes).into_uuid()
+    }
+
+    /// An automated message for the outbound topic, keyed by its conversation (or, for a
+    /// consent prompt that has none yet, by the held thread).
+    fn emit_outbound(&mut self, queued: OutboundMessageQueued) {
+        let scope = if queued.conversation_id.is_empty() {
+            format!("{}/{}", queued.channel_id, queued.thread_key)
+        } else {
+            queued.conversation_id.clone()
+        };
+        let partition_key = outbound_partition_key(&self.cause.account_id, &scope);
+        self.emit(Payload::OutboundMessageQueued(queued));
+        self.events.last_mut().expect("just emitted").partition_key = partition_key;
     }
 
     fn emit(&mut self, payload: Payload) {
@@ -319,7 +374,22 @@ fn decide_message(
         let consent_given_now =
             message.content.as_ref().is_some_and(|content| content.consent == ConsentState::Given as i32);
         if !consent_given_now {
-            decision.emit(withheld(&message, &input.event_id, WithheldReason::AwaitingConsent, true));
+            // C6: the thread is asked for consent once while its messages wait.
+            let prompted = contact_opt.is_some_and(|contact| {
+                state
+                    .held_by_contact
+                    .get(&contact.contact_id)
+                    .is_some_and(|held| held.iter().any(|held_message| held_message.consent_prompted))
+            });
+            let prompt_opt = if prompted { None } else { consent_prompt(config, decision, channel, &message) };
+            let mut withheld_payload = withheld(&message, &input.event_id, WithheldReason::AwaitingConsent, true);
+            if let (Payload::MessageWithheld(withheld), Some(prompt)) = (&mut withheld_payload, &prompt_opt) {
+                withheld.consent_prompt_reply_id.clone_from(&prompt.reply_id);
+            }
+            decision.emit(withheld_payload);
+            if let Some(prompt) = prompt_opt {
+                decision.emit_outbound(prompt);
+            }
             return Ok(());
         }
         decision.emit(Payload::ContactConsentReceived(ContactConsentReceived {
@@ -387,6 +457,7 @@ fn deliver(
         contact_id: contact_id.to_owned(),
     }));
     decision.emit(message_appended(conversation_id.clone(), source_event_id, appended_part(message), contact_id));
+    conversation_start_automations(config, decision, delivery, &conversation_id, channel_type);
 
     let owner_opt = contact_opt.and_then(|contact| contact.owner_agent_id_opt.as_deref());
     let routed = route(config, &overlay.agents, channel, channel_type, owner_opt);
@@ -396,13 +467,18 @@ fn deliver(
     };
     emit_routing(decision, &conversation_id, routed.outcome, routed.explanation);
     if let Some(owner_agent_id) = routed.notify_owner_opt {
-        // R4: the contact owner is offline; they are told about the new message.
+        // R4: the contact owner is offline; they are told about the new message by email (O6).
+        let email_opt = owner_email(config, decision, delivery, &conversation_id, channel_type, &owner_agent_id);
         decision.emit(Payload::OwnerNotificationRequested(OwnerNotificationRequested {
             agent_id: owner_agent_id,
             conversation_id: conversation_id.clone(),
             message_id: message.message_id.clone(),
             contact_id: contact_id.to_owned(),
+            reply_id: email_opt.as_ref().map(|email| email.reply_id.clone()).unwrap_or_default(),
         }));
+        if let Some(email) = email_opt {
+            decision.emit_outbound(email);
+        }
     }
     if overlay.track {
         if let Some(agent_id) = &assignee_opt {
@@ -414,6 +490,124 @@ fn deliver(
     if channel.creates_tickets() {
         decide_ticket(decision, overlay, delivery, &conversation_id, assignee_opt);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// O6: automated messages (R4 owner email, C6 greeting, instant reply, consent prompt).
+// ---------------------------------------------------------------------------------------------
+
+/// R4: the email to the offline owner `owner_agent_id` about the message `delivery` just put
+/// into a new conversation; `None` if the owner has no email address (the
+/// `OwnerNotificationRequested` then says no email was queued). Its id is
+/// `derived_id(cause, "owner_notification")` (plus the release suffix when one decision
+/// delivers several messages).
+fn owner_email(
+    config: &RouterConfig,
+    decision: &Decision<'_>,
+    delivery: &Delivery<'_>,
+    conversation_id: &str,
+    channel_type: i32,
+    owner_agent_id: &str,
+) -> Option<OutboundMessageQueued> {
+    let account_id = decision.cause.account_id.as_str();
+    let owner = &config.snapshot.agents.get(account_id, owner_agent_id)?.entity;
+    let inbox_id =
+        if delivery.message.inbox_id.is_empty() { &delivery.channel.inbox_id } else { &delivery.message.inbox_id };
+    let unconfigured_inbox;
+    let inbox = match config.snapshot.inboxes.get(account_id, inbox_id) {
+        Some(inbox) => &inbox.entity,
+        None => {
+            unconfigured_inbox = InboxConfigured { inbox_id: inbox_id.clone(), ..Default::default() };
+            &unconfigured_inbox
+        }
+    };
+    automated::owner_notification_email(&OwnerNotification {
+        account_id,
+        reply_id: decision.derived_uuid(&["owner_notification", delivery.purpose_suffix]),
+        owner,
+        inbox,
+        conversation_id,
+        channel_type,
+        message: delivery.message,
+    })
+}
+
+/// The Messenger settings and channel name of a Messenger channel.
+fn messenger_settings<'config>(
+    config: &'config RouterConfig,
+    account_id: &str,
+    channel: &ChannelProfile,
+) -> Option<(&'config MessengerSettings, &'config str)> {
+    if channel.channel_type != ChannelType::FacebookMessenger as i32 {
+        return None;
+    }
+    let configured = &config.snapshot.channels.get(account_id, &channel.channel_id)?.entity;
+    Some((configured.messenger.as_ref()?, configured.name.as_str()))
+}
+
+/// C6: the greeting and the instant reply, each when configured, to a Messenger conversation
+/// that `delivery` just started with its first message, inside the 24-hour window. Both exist
+/// once per conversation because the conversation starts once.
+fn conversation_start_automations(
+    config: &RouterConfig,
+    decision: &mut Decision<'_>,
+    delivery: &Delivery<'_>,
+    conversation_id: &str,
+    channel_type: i32,
+) {
+    let account_id = decision.cause.account_id.as_str();
+    let Some((settings, channel_name)) = messenger_settings(config, account_id, delivery.channel) else { return };
+    if !automated::within_standard_window(decision.cause) {
+        return;
+    }
+    let automations = [
+        (Automation::Greeting, "greeting", settings.greeting.as_str()),
+        (Automation::InstantReply, "instant_reply", settings.instant_reply.as_str()),
+    ];
+    for (automation, purpose, text) in automations {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let queued = automated::messenger_message(MessengerAutomation {
+            reply_id: decision.derived_id(&[purpose, delivery.purpose_suffix]),
+            automation,
+            text,
+            page_id: &settings.page_id,
+            conversation_id,
+            inbox_id: &delivery.channel.inbox_id,
+            channel_type,
+            author_name: channel_name,
+            message: delivery.message,
+        });
+        decision.emit_outbound(queued);
+    }
+}
+
+/// C6 explicit consent: the prompt (the consent text) to the sender of a message just withheld
+/// awaiting consent, when configured and inside the 24-hour window. The caller checks that the
+/// thread was not prompted yet.
+fn consent_prompt(
+    config: &RouterConfig,
+    decision: &Decision<'_>,
+    channel: &ChannelProfile,
+    message: &InboundMessageReceived,
+) -> Option<OutboundMessageQueued> {
+    let (settings, channel_name) = messenger_settings(config, &decision.cause.account_id, channel)?;
+    if settings.consent_text.trim().is_empty() || !automated::within_standard_window(decision.cause) {
+        return None;
+    }
+    let channel_type = if message.channel_type != 0 { message.channel_type } else { channel.channel_type };
+    Some(automated::messenger_message(MessengerAutomation {
+        reply_id: decision.derived_id(&["consent_prompt"]),
+        automation: Automation::ConsentPrompt,
+        text: &settings.consent_text,
+        page_id: &settings.page_id,
+        conversation_id: "",
+        inbox_id: &channel.inbox_id,
+        channel_type,
+        author_name: channel_name,
+        message,
+    }))
 }
 
 /// T1, I5, C7, R9, T2: the ticket of a conversation `delivery` just started.
@@ -481,6 +675,7 @@ fn withheld(message: &InboundMessageReceived, source_event_id: &str, reason: Wit
         source_event_id: source_event_id.to_owned(),
         message: keep.then(|| Box::new(message.clone())),
         inbox_id: message.inbox_id.clone(),
+        consent_prompt_reply_id: String::new(),
     })
 }
 

@@ -4,10 +4,12 @@
 //! - Input enters in [`shell`] (Kafka consumer of the inbound topic).
 //! - Decisions are made in [`decide`] (pure and deterministic) over the state in [`state`]
 //!   (`evolve` folds the router's own output) and the compiled config in [`config`].
-//! - Output leaves in [`shell`] (transactional producer to the conversations topic, with
-//!   periodic state snapshots from [`snapshot`] in the same transactions).
+//! - Output leaves in [`shell`] (transactional producer to the conversations topic, automated
+//!   messages built in [`automated`] to the outbound topic, with periodic state snapshots from
+//!   [`snapshot`] in the same transactions).
 //! - A partition's state is rebuilt in [`recovery`] (latest snapshot, then the committed output).
 
+pub mod automated;
 #[doc(hidden)]
 pub mod bench_support;
 pub mod compact;

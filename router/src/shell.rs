@@ -7,6 +7,8 @@
 //! state of those accounts. Its output goes to the same partition index `p` of the
 //! conversations topic, which therefore is also the state's changelog: a newly assigned
 //! partition's state is rebuilt by folding that output partition with `decide::evolve`.
+//! Automated messages (O6) go to the outbound topic in the same transaction, partitioned by
+//! their key (`<account>/<conversation id>`) like the API's replies to the same conversation.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +29,7 @@ use switchboard_runtime::publisher::envelope_headers;
 use switchboard_runtime::telemetry::{TraceContextHeaders, adopt_trace_context};
 use tracing::{info, info_span, warn};
 
-use crate::decide::{self, RouterConfig, RouterState};
+use crate::decide::{self, Destination, RouterConfig, RouterState};
 use crate::metrics::{BatchFigures, RouterMetrics};
 use crate::recovery::{self, PartitionState};
 use crate::snapshot::{self, Manifest};
@@ -497,14 +499,14 @@ impl Output<'_> {
         for (index, chunk) in chunks.iter().enumerate() {
             let value = snapshot::chunk_value(input_next_offset, index as u32, chunk);
             let key = snapshot::chunk_key(index as u32);
-            self.send_with_backpressure(&topic, partition, key.as_bytes(), Some(&value), no_headers())?;
+            self.send_with_backpressure(&topic, Some(partition), key.as_bytes(), Some(&value), no_headers())?;
         }
         let chunk_count = chunks.len() as u32;
         let stale_chunks = partition_state.last_chunk_count.saturating_sub(chunk_count);
         for index in chunk_count..partition_state.last_chunk_count {
             // A tombstone: compaction forgets the chunk of a larger earlier snapshot.
             let key = snapshot::chunk_key(index);
-            self.send_with_backpressure(&topic, partition, key.as_bytes(), None, no_headers())?;
+            self.send_with_backpressure(&topic, Some(partition), key.as_bytes(), None, no_headers())?;
         }
         let manifest = Manifest {
             input_next_offset,
@@ -514,7 +516,7 @@ impl Output<'_> {
             state_bytes: bytes.len() as u64,
         };
         let manifest_key = snapshot::MANIFEST_KEY.as_bytes();
-        self.send_with_backpressure(&topic, partition, manifest_key, Some(&manifest.encode()), no_headers())?;
+        self.send_with_backpressure(&topic, Some(partition), manifest_key, Some(&manifest.encode()), no_headers())?;
         partition_state.last_chunk_count = chunk_count;
         partition_state.records_since_snapshot = 0;
         partition_state.last_snapshot_at = Instant::now();
@@ -531,7 +533,9 @@ impl Output<'_> {
         Ok(())
     }
 
-    /// One decided event, to the output partition of its cause's partition.
+    /// One decided event: to the conversations topic at its cause's partition, or to the
+    /// outbound topic at the partition its key hashes to (the producer's murmur2 partitioner,
+    /// the same as every other producer of that topic).
     fn produce(
         &self,
         partition: i32,
@@ -543,8 +547,12 @@ impl Output<'_> {
         encode_buffer.clear();
         envelope::encode_into(event, encode_buffer);
         let headers = envelope_headers(trace_headers, event);
-        let topic = &self.settings.topics.conversations;
-        self.send_with_backpressure(topic, partition, event.partition_key.as_bytes(), Some(encode_buffer), headers)
+        let topics = &self.settings.topics;
+        let (topic, partition_opt) = match decide::destination(event) {
+            Destination::Conversations => (&topics.conversations, Some(partition)),
+            Destination::Outbound => (&topics.outbound, None),
+        };
+        self.send_with_backpressure(topic, partition_opt, event.partition_key.as_bytes(), Some(encode_buffer), headers)
     }
 
     /// A record that cannot be routed goes to the dead-letter topic, in the same transaction,
@@ -568,25 +576,28 @@ impl Output<'_> {
         let payload = record.payload().unwrap_or_default();
         self.send_with_backpressure(
             &topics.deadletter,
-            partition,
+            Some(partition),
             record.key().unwrap_or_default(),
             Some(payload),
             headers,
         )
     }
 
-    /// Enqueues one record (`payload_opt` `None`: a tombstone). When librdkafka's queue is full,
-    /// delivery reports are served to make room and the send is retried.
+    /// Enqueues one record (`payload_opt` `None`: a tombstone) to `partition_opt`, or where the
+    /// key hashes to when `None`. When librdkafka's queue is full, delivery reports are served
+    /// to make room and the send is retried.
     fn send_with_backpressure(
         &self,
         topic: &str,
-        partition: i32,
+        partition_opt: Option<i32>,
         key: &[u8],
         payload_opt: Option<&[u8]>,
         headers: OwnedHeaders,
     ) -> Result<(), TransactionFailure> {
-        let mut record: BaseRecord<'_, [u8], [u8]> =
-            BaseRecord::to(topic).partition(partition).key(key).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key).headers(headers);
+        if let Some(partition) = partition_opt {
+            record = record.partition(partition);
+        }
         if let Some(payload) = payload_opt {
             record = record.payload(payload);
         }

@@ -25,7 +25,11 @@ const MAGIC: &[u8; 4] = b"SBRS";
 /// 4: an agent's open conversations per channel type are written with their slot count, so a
 /// new channel type (a larger `CHANNEL_TYPE_SLOTS`) no longer changes the format. Version 3 is
 /// refused like the older ones: the router rebuilds from its output once.
-const FORMAT_VERSION: u8 = 4;
+/// 5: each held message says whether the consent prompt was queued with it (C6). Version 4 is
+/// still read, its held messages as not prompted: no router before version 5 sent prompts.
+const FORMAT_VERSION: u8 = 5;
+/// The oldest state format [`decode_state`] reads.
+const OLDEST_STATE_VERSION: u8 = 4;
 const OLDEST_MANIFEST_VERSION: u8 = 1;
 /// Chunk payload size: well under Kafka's default 1 MB record limit, leaving room for the
 /// chunk header and record overhead.
@@ -105,7 +109,13 @@ impl Manifest {
 
 /// Encodes the state (see the module doc for what is stored).
 pub fn encode_state(state: &RouterState) -> Vec<u8> {
+    encode_state_as(state, FORMAT_VERSION)
+}
+
+/// [`encode_state`] in format `version` (tests write older formats to check they are read).
+fn encode_state_as(state: &RouterState, version: u8) -> Vec<u8> {
     let mut out = Writer::with_magic();
+    out.bytes[MAGIC.len()] = version;
     out.len(state.conversations.len());
     for (key, conversation) in state.conversations.iter() {
         out.str(&conversation.id(key));
@@ -147,6 +157,9 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
         for message in held {
             out.blob(&message.message.encode_to_vec());
             out.str(&message.source_event_id);
+            if version >= 5 {
+                out.bool(message.consent_prompted);
+            }
         }
     }
     let mut tickets: Vec<(&String, &TicketState)> = state.tickets.iter().collect();
@@ -209,9 +222,10 @@ pub fn encode_state(state: &RouterState) -> Vec<u8> {
 /// Decodes a state written by [`encode_state`], rebuilding the derived indexes.
 pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
     let mut input = Reader::with_magic(bytes)?;
-    if input.version != FORMAT_VERSION {
+    if !(OLDEST_STATE_VERSION..=FORMAT_VERSION).contains(&input.version) {
         return Err(SnapshotError::UnknownFormat);
     }
+    let version = input.version;
     let mut state = RouterState::default();
     for _ in 0..input.len()? {
         let conversation_id = input.string()?;
@@ -268,7 +282,9 @@ pub fn decode_state(bytes: &[u8]) -> Result<RouterState, SnapshotError> {
             let message = InboundMessageReceived::decode(input.blob()?)
                 .map_err(|_| SnapshotError::Invalid("held message is not a valid InboundMessageReceived"))?;
             state.dedup.open(message_key(&message.message_id));
-            held.push(HeldMessage { message, source_event_id: input.string()? });
+            let source_event_id = input.string()?;
+            let consent_prompted = if version >= 5 { input.bool()? } else { false };
+            held.push(HeldMessage { message, source_event_id, consent_prompted });
         }
         state.held_by_contact.insert(contact_id, held);
     }
@@ -505,7 +521,7 @@ mod tests {
         state.applied_requests.insert(request_key("close-1"));
         let current = encode_state(&state);
         assert_eq!(current[4], FORMAT_VERSION);
-        for older in OLDEST_MANIFEST_VERSION..FORMAT_VERSION {
+        for older in OLDEST_MANIFEST_VERSION..OLDEST_STATE_VERSION {
             let mut old = current.clone();
             old[4] = older;
             assert_eq!(decode_state(&old), Err(SnapshotError::UnknownFormat), "version {older}");
@@ -514,6 +530,27 @@ mod tests {
         let mut old_manifest = manifest.encode();
         old_manifest[4] = 2;
         assert_eq!(Manifest::decode(&old_manifest), Ok(manifest));
+    }
+
+    #[test]
+    fn c6_held_messages_keep_whether_their_thread_was_prompted_and_version_4_reads_as_not_prompted() {
+        let mut state = RouterState::default();
+        let held = |id: &str, consent_prompted: bool| HeldMessage {
+            message: InboundMessageReceived { message_id: id.into(), channel_id: "fb-1".into(), ..Default::default() },
+            source_event_id: format!("event-{id}"),
+            consent_prompted,
+        };
+        state.held_by_contact.insert("contact-1".into(), vec![held("m1", true), held("m2", false)]);
+        let current = decode_state(&encode_state(&state)).expect("current format");
+        assert_eq!(current.held_by_contact, state.held_by_contact);
+        assert!(current.held_by_contact["contact-1"][0].consent_prompted);
+
+        let version_4 = encode_state_as(&state, 4);
+        assert_eq!(version_4[4], 4);
+        let read = decode_state(&version_4).expect("version 4 is still read");
+        let prompted: Vec<bool> = read.held_by_contact["contact-1"].iter().map(|held| held.consent_prompted).collect();
+        assert_eq!(prompted, [false, false], "no router before version 5 sent a prompt");
+        assert_eq!(read.held_by_contact["contact-1"][1].message.message_id, "m2");
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct ContactState {
 pub struct HeldMessage {
     pub message: InboundMessageReceived,
     pub source_event_id: String,
+    /// The consent prompt was queued when this message was withheld
+    /// (`MessageWithheld.consent_prompt_reply_id`): the thread is not prompted again while its
+    /// messages wait.
+    pub consent_prompted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -657,6 +661,7 @@ pub fn evolve(state: &mut RouterState, event: &Envelope) {
                 state.held_by_contact.entry(contact_id).or_default().push(HeldMessage {
                     message: (**message).clone(),
                     source_event_id: withheld.source_event_id.clone(),
+                    consent_prompted: !withheld.consent_prompt_reply_id.is_empty(),
                 });
             } else {
                 state.dedup.retire(key);

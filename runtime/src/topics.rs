@@ -119,6 +119,44 @@ pub async fn ensure_topics(brokers: &str, topics: &Topics) -> anyhow::Result<()>
             Err((name, code)) => bail!("failed to create topic {name}: {code}"),
         }
     }
+    wait_until_visible(&admin, specs, &names).await
+}
+
+/// A created topic reaches the brokers' metadata a moment after CreateTopics answers; a client
+/// that looks it up in between (a config reader, a consumer's assignment) is told it does not
+/// exist. So `ensure_topics` returns only once every topic shows all its partitions.
+async fn wait_until_visible(
+    admin: &AdminClient<DefaultClientContext>,
+    specs: &[TopicSpec],
+    names: &[String],
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for (spec, name) in specs.iter().zip(names) {
+        loop {
+            let visible_partitions = admin
+                .inner()
+                .fetch_metadata(Some(name), Duration::from_secs(5))
+                .ok()
+                .and_then(|metadata| {
+                    metadata
+                        .topics()
+                        .first()
+                        .filter(|topic| topic.error().is_none())
+                        .map(|topic| topic.partitions().len())
+                })
+                .unwrap_or(0);
+            if visible_partitions >= spec.partitions as usize {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "topic {name} was created but shows {visible_partitions} of {} partitions after 30 s",
+                    spec.partitions
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     Ok(())
 }
 

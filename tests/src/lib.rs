@@ -283,6 +283,7 @@ impl TestEnv {
             )?,
             brokers: self.brokers.clone(),
             topics: self.topics.clone(),
+            fallback_email_domain: switchboard_runtime::outbound::DEFAULT_FALLBACK_DOMAIN.to_owned(),
         };
         tokio::spawn(async move {
             let stopped = async move {
@@ -659,6 +660,180 @@ impl TestEnv {
         Ok(lag)
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Mailpit: the real SMTP server of the stack (`scripts/stack up`), read through its REST API.
+// Tests run in parallel against one Mailpit, so each finds its own mails by a unique address or
+// Message-ID and never deletes others'.
+
+/// A message as Mailpit lists it (`GET /api/v1/search`).
+#[derive(Debug, Clone)]
+pub struct MailpitSummary {
+    /// Mailpit's own id, for [`Mailpit::raw`].
+    pub id: String,
+    /// Without angle brackets.
+    pub message_id: String,
+    pub subject: String,
+}
+
+/// A client of one Mailpit's REST API, and its SMTP port.
+#[derive(Debug, Clone)]
+pub struct Mailpit {
+    http: reqwest::Client,
+    pub base_url: String,
+    pub smtp_port: u16,
+}
+
+impl Mailpit {
+    /// The stack's Mailpit (`MAILPIT_URL`, `MAILPIT_SMTP_PORT`, exported by `scripts/stack env`).
+    pub fn from_env() -> anyhow::Result<Mailpit> {
+        let base_url = required_env("MAILPIT_URL")?;
+        let smtp_port = required_env("MAILPIT_SMTP_PORT")?.parse().context("MAILPIT_SMTP_PORT is not a port")?;
+        Ok(Mailpit::at(base_url, smtp_port))
+    }
+
+    pub fn at(base_url: String, smtp_port: u16) -> Mailpit {
+        Mailpit { http: reqwest::Client::new(), base_url: base_url.trim_end_matches('/').to_owned(), smtp_port }
+    }
+
+    /// Messages matching a Mailpit search (`to:kim@example.org`, `message-id:<id>`, ...),
+    /// newest first.
+    pub async fn search(&self, query: &str) -> anyhow::Result<Vec<MailpitSummary>> {
+        self.list("search", &[("query", query), ("limit", "500")]).await
+    }
+
+    /// The newest messages (at most 500) of this Mailpit. Only for a Mailpit a test started
+    /// itself: the stack's is shared by every test.
+    pub async fn messages(&self) -> anyhow::Result<Vec<MailpitSummary>> {
+        self.list("messages", &[("limit", "500")]).await
+    }
+
+    async fn list(&self, endpoint: &str, query: &[(&str, &str)]) -> anyhow::Result<Vec<MailpitSummary>> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/{endpoint}", self.base_url))
+            .query(query)
+            .send()
+            .await
+            .with_context(|| format!("mailpit /api/v1/{endpoint} request failed"))?
+            .error_for_status()
+            .with_context(|| format!("mailpit /api/v1/{endpoint} answered an error"))?;
+        let body: serde_json::Value = response.json().await.context("mailpit answered no JSON")?;
+        let messages = body["messages"].as_array().cloned().unwrap_or_default();
+        Ok(messages
+            .iter()
+            .map(|message| MailpitSummary {
+                id: message["ID"].as_str().unwrap_or_default().to_owned(),
+                message_id: message["MessageID"].as_str().unwrap_or_default().to_owned(),
+                subject: message["Subject"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect())
+    }
+
+    /// Waits until `query` matches at least `count` messages, and returns them.
+    pub async fn wait_for(&self, query: &str, count: usize, timeout: Duration) -> anyhow::Result<Vec<MailpitSummary>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.search(query).await?;
+            if found.len() >= count {
+                return Ok(found);
+            }
+            if Instant::now() > deadline {
+                bail!("mailpit has {} message(s) for '{query}' after {timeout:?}, expected {count}", found.len());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The one message with this Message-ID (without angle brackets), once it has arrived.
+    pub async fn wait_for_message_id(&self, message_id: &str, timeout: Duration) -> anyhow::Result<MailpitSummary> {
+        let found = self.wait_for(&format!("message-id:\"{message_id}\""), 1, timeout).await?;
+        let mut exact: Vec<MailpitSummary> =
+            found.into_iter().filter(|summary| summary.message_id == message_id).collect();
+        match exact.len() {
+            1 => Ok(exact.remove(0)),
+            n => bail!("mailpit holds {n} messages with Message-ID {message_id}"),
+        }
+    }
+
+    /// The message exactly as received (`GET /api/v1/message/{id}/raw`).
+    pub async fn raw(&self, id: &str) -> anyhow::Result<Vec<u8>> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/message/{id}/raw", self.base_url))
+            .send()
+            .await
+            .context("mailpit raw message request failed")?
+            .error_for_status()
+            .context("mailpit raw message answered an error")?;
+        Ok(response.bytes().await.context("failed to read the raw message")?.to_vec())
+    }
+
+    /// A second Mailpit of its own (the stack's binary, `MAILPIT_BIN`) whose SMTP answers follow
+    /// `chaos_triggers` (Mailpit's `--chaos-triggers`, e.g. `Recipient:550:100`): a relay that
+    /// refuses, for the tests of failed sends. Stopped, and its data file removed, when dropped.
+    pub async fn spawn_with_chaos(chaos_triggers: &str) -> anyhow::Result<(Mailpit, OwnMailpit)> {
+        Mailpit::spawn_with_args(&["--enable-chaos", "--chaos-triggers", chaos_triggers, "--smtp-auth-allow-insecure"])
+            .await
+    }
+
+    /// A Mailpit of its own (the stack's binary, `MAILPIT_BIN`) on free loopback ports, accepting
+    /// any AUTH, started with `extra_args` (e.g. `--smtp-tls-cert`; `--smtp-auth-allow-insecure`
+    /// for AUTH without TLS). Stopped, and its data file removed, when
+    /// dropped.
+    pub async fn spawn_with_args(extra_args: &[&str]) -> anyhow::Result<(Mailpit, OwnMailpit)> {
+        let binary = required_env("MAILPIT_BIN")?;
+        let smtp_port = free_port()?;
+        let http_port = free_port()?;
+        let database = std::env::temp_dir().join(format!("mailpit-test-{}.db", uuid::Uuid::now_v7()));
+        let child = Command::new(&binary)
+            .args(["--smtp", &format!("127.0.0.1:{smtp_port}"), "--listen", &format!("127.0.0.1:{http_port}")])
+            .arg("--database")
+            .arg(&database)
+            .args(["--smtp-auth-accept-any", "--smtp-disable-rdns", "--disable-version-check", "--quiet"])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("failed to start {binary}"))?;
+        let process = OwnMailpit { process: KillOnDrop(child), database };
+        let mailpit = Mailpit::at(format!("http://127.0.0.1:{http_port}"), smtp_port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while mailpit.messages().await.is_err()
+            || tokio::net::TcpStream::connect(("127.0.0.1", smtp_port)).await.is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("the test's own mailpit did not come up on SMTP {smtp_port} / HTTP {http_port}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok((mailpit, process))
+    }
+}
+
+/// A Mailpit started by [`Mailpit::spawn_with_args`].
+pub struct OwnMailpit {
+    process: KillOnDrop,
+    database: PathBuf,
+}
+
+impl Drop for OwnMailpit {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.database.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+// ---------------------------------------------------------------------- end of Mailpit block
 
 // ---------------------------------------------------------------------------------------------
 // Delivery service (issue 15): starting it in-process or as the binary.

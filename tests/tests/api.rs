@@ -461,6 +461,7 @@ async fn commands_are_validated_idempotent_and_published_with_positions() -> any
         access_mode: InboxAccessMode::SpecificUsersAndTeams as i32,
         access_user_ids: vec!["admin-member".into()],
         access_team_ids: vec![],
+        fallback_from_name: String::new(),
     };
     let first = admin.admin.create_inbox(create.clone()).await?.into_inner();
     assert!(first.position.starts_with("config.v1:"), "{}", first.position);

@@ -180,6 +180,7 @@ fn conversation_log(first: usize, count: usize, partitions: i32) -> (Vec<(String
                     source_event_id: id(index, 31),
                     message: None,
                     inbox_id: "support".into(),
+                    ..Default::default()
                 }));
                 expected.contacts += 1;
                 expected.tickets += 1;
