@@ -19,6 +19,7 @@ use switchboard_proto::events::v1::{
     OutboundAttachment, OutboundEmail, OutboundMessageQueued, OutboundMessenger, OutboundPurpose, OutboundWhatsApp,
     WhatsAppTemplateMessage,
 };
+use switchboard_runtime::attachment_hosts::{self, AttachmentHosts};
 use switchboard_runtime::{envelope, outbound, reply_window};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -562,10 +563,16 @@ fn content_range_total(value: &str) -> Option<u64> {
 #[tracing::instrument(name = "fetch_attachment", skip_all, fields(index, url = %attachment.url))]
 async fn fetch_attachment(
     client: &reqwest::Client,
+    hosts: AttachmentHosts,
     index: usize,
     attachment: &OutboundAttachment,
 ) -> Result<OutboundAttachment, Unfetchable> {
     let unfetchable = |why: String| Unfetchable { index, url: attachment.url.clone(), why };
+    if let Some(refusal) =
+        reqwest::Url::parse(&attachment.url).ok().and_then(|url| attachment_hosts::refusal_of_url(&url, hosts))
+    {
+        return Err(unfetchable(refusal));
+    }
     let mut checked = attachment.clone();
     let head = client.head(&attachment.url).timeout(ATTACHMENT_FETCH_TIMEOUT).send().await;
     let (response, size_opt) = match head {
@@ -596,6 +603,8 @@ async fn fetch_attachment(
                 Err(error) => {
                     let cause = if error.is_timeout() {
                         format!("no answer within {} s", ATTACHMENT_FETCH_TIMEOUT.as_secs())
+                    } else if let Some(refusal) = attachment_hosts::refusal_in(&error) {
+                        refusal
                     } else if error.is_connect() {
                         "the host is unreachable".to_owned()
                     } else {
@@ -625,9 +634,11 @@ async fn fetch_attachment(
 /// Checks every attachment (concurrently) and their total size.
 pub async fn fetch_attachments(
     client: &reqwest::Client,
+    hosts: AttachmentHosts,
     attachments: &[OutboundAttachment],
 ) -> Result<Vec<OutboundAttachment>, ApiError> {
-    let checks = attachments.iter().enumerate().map(|(index, attachment)| fetch_attachment(client, index, attachment));
+    let checks =
+        attachments.iter().enumerate().map(|(index, attachment)| fetch_attachment(client, hosts, index, attachment));
     let checked = futures::future::join_all(checks).await.into_iter().collect::<Result<Vec<_>, _>>()?;
     let total: u64 = checked.iter().map(|attachment| attachment.size_bytes).sum();
     if total > MAX_ATTACHMENT_TOTAL_BYTES {
@@ -706,7 +717,7 @@ impl Admin {
         let team_channels = snapshot.channels.in_account(&identity.account_id).map(|owned| &owned.entity);
         let route = route_reply(&facts, channel_opt.as_ref(), team_channels, request, Utc::now())?;
         let channel = channel_opt.expect("route_reply refuses unconfigured channels");
-        let attachments = fetch_attachments(self.http(), &request.attachments).await?;
+        let attachments = fetch_attachments(self.http(), self.attachment_hosts(), &request.attachments).await?;
         let mut message = build_outbound(
             ReplyParts {
                 account_id: &identity.account_id,

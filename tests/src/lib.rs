@@ -284,6 +284,8 @@ impl TestEnv {
             brokers: self.brokers.clone(),
             topics: self.topics.clone(),
             fallback_email_domain: switchboard_runtime::outbound::DEFAULT_FALLBACK_DOMAIN.to_owned(),
+            // Attachment hosts in the tests are local stand-ins.
+            attachment_hosts: switchboard_runtime::attachment_hosts::AttachmentHosts::AnyAddress,
         };
         tokio::spawn(async move {
             let stopped = async move {

@@ -790,3 +790,30 @@ async fn o1_internal_notes_are_published_never_sent_and_allowed_on_closed_conver
     fixture.env.cleanup().await;
     Ok(())
 }
+
+/// By default the API fetches attachment references only from public addresses: a URL on
+/// loopback (or a name resolving only to it) is refused before any connection, so a reply
+/// cannot make the API probe its own network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn o1_attachments_on_private_addresses_are_refused_by_default() -> anyhow::Result<()> {
+    use switchboard_runtime::attachment_hosts::{self, AttachmentHosts};
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let host = MockServer::start().await;
+    Mock::given(method("HEAD")).respond_with(ResponseTemplate::new(200)).mount(&host).await;
+    let client = attachment_hosts::client_builder(AttachmentHosts::PublicOnly).build()?;
+    let port = host.address().port();
+    for url in [format!("http://127.0.0.1:{port}/a.pdf"), format!("http://localhost:{port}/a.pdf")] {
+        let attachment = OutboundAttachment { url: url.clone(), ..Default::default() };
+        let refused = switchboard_api::replies::fetch_attachments(&client, AttachmentHosts::PublicOnly, &[attachment])
+            .await
+            .expect_err("a loopback attachment must be refused");
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), Code::FailedPrecondition, "{url}");
+        let (reason, metadata) = precondition_metadata(&status);
+        assert_eq!(reason, "ATTACHMENT_UNREACHABLE");
+        assert!(metadata["why"].contains("public address"), "{url}: {metadata:?}");
+    }
+    assert!(host.received_requests().await.unwrap_or_default().is_empty(), "nothing reached the host");
+    Ok(())
+}
