@@ -975,6 +975,8 @@ impl TestEnv {
                 username: None,
                 password: None,
                 timeout: Duration::from_secs(5),
+                // As the test API: attachments may come from loopback stand-ins.
+                attachment_hosts: switchboard_runtime::attachment_hosts::AttachmentHosts::AnyAddress,
             }),
             ..self.delivery_settings(graph_base_url, secrets_toml)?
         };
