@@ -489,8 +489,17 @@ pub fn build_outbound(parts: ReplyParts<'_>, route: Route, request: &SendReplyRe
                 message.text = format!("[WhatsApp template {} ({})]", template.name, template.language);
             }
             message.whatsapp = Some(OutboundWhatsApp { phone_number_id, template: template_opt });
+            message.channel_messages_per_second =
+                parts.channel.whatsapp.as_ref().map_or(0, |settings| settings.messages_per_second);
         }
-        Route::Chat | Route::Custom => {}
+        Route::Custom => {
+            // C10: the delivery service POSTs to the URL configured when the reply was accepted.
+            if let Some(settings) = &parts.channel.custom {
+                message.custom_delivery_url = settings.delivery_url.clone();
+                message.channel_messages_per_second = settings.messages_per_second;
+            }
+        }
+        Route::Chat => {}
     }
     message
 }
@@ -1158,6 +1167,36 @@ mod tests {
             ("page-1", MessengerMessagingType::HumanAgentTag as i32)
         );
         assert!(message.email.is_none());
+    }
+
+    #[test]
+    fn c10_custom_replies_carry_the_channels_delivery_url_and_rate() {
+        let conversation = facts(ChannelType::Custom, "app");
+        let app = ChannelConfigured {
+            custom: Some(switchboard_proto::events::v1::CustomChannelSettings {
+                delivery_url: "https://app.example/deliver".into(),
+                messages_per_second: 25,
+            }),
+            ..channel(ChannelType::Custom, "app")
+        };
+        let route = route_reply(&conversation, Some(&app), [], &reply("Hi"), at(130)).unwrap();
+        let message = build_outbound(
+            ReplyParts {
+                account_id: "acme",
+                reply_id: Uuid::from_u128(3),
+                conversation: &conversation,
+                channel: &app,
+                inbox: &inbox(),
+                author: agent(),
+                latest_inbound_email_opt: None,
+                attachments: vec![],
+            },
+            route,
+            &reply("Hi"),
+        );
+        assert_eq!(message.custom_delivery_url, "https://app.example/deliver");
+        assert_eq!(message.channel_messages_per_second, 25);
+        assert_eq!(message.idempotency_key, Uuid::from_u128(3).to_string());
     }
 
     #[test]

@@ -28,6 +28,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{Instrument, info, warn};
 
 use crate::email::{SmtpRelay, SmtpSettings};
+use crate::group_commit::GroupCommit;
 use crate::http::{self, HttpSender};
 use crate::metrics::Metrics;
 use crate::outcome::SendOutcome;
@@ -35,6 +36,9 @@ use crate::retry::{NextStep, RetryPolicy};
 
 /// Added to the send timeout to make the lease of a `sending` row (see `Sender::lease`).
 pub const SENDING_LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// At most this many attempts' outcomes (or publication marks) are written in one statement.
+const GROUP_COMMIT_BATCH: usize = 512;
 
 /// Meta's default per-number WhatsApp throughput, used when the channel sets none.
 pub const WHATSAPP_DEFAULT_MESSAGES_PER_SECOND: u32 = 80;
@@ -188,6 +192,14 @@ pub async fn run_delivery(
         lease: settings.http_timeout + SENDING_LEASE_MARGIN,
         limiters: Arc::default(),
         metrics: metrics.clone(),
+        outcomes: GroupCommit::spawn(GROUP_COMMIT_BATCH, {
+            let pool = pool.clone();
+            move |outcomes| record_outcomes(pool.clone(), outcomes)
+        }),
+        published: GroupCommit::spawn(GROUP_COMMIT_BATCH, {
+            let pool = pool.clone();
+            move |attempts| mark_published(pool.clone(), attempts)
+        }),
     };
     let intake =
         Intake { consumer, pool: pool.clone(), topic: settings.outbound_topic.clone(), ownership: ownership.clone() };
@@ -429,6 +441,17 @@ struct Sender {
     lease: Duration,
     limiters: Arc<Mutex<HashMap<(String, String), Limiter>>>,
     metrics: Arc<Metrics>,
+    /// Outcomes of sent attempts, written (committed) in batches before they are published.
+    outcomes: GroupCommit<(AttemptKey, Recorded)>,
+    /// Attempts whose event was acknowledged, marked published in batches.
+    published: GroupCommit<AttemptKey>,
+}
+
+/// One attempt of one message: (account_id, reply_id, attempt).
+type AttemptKey = (String, String, i32);
+
+fn attempt_key(claimed: &Claimed) -> AttemptKey {
+    (claimed.account_id.clone(), claimed.reply_id.clone(), claimed.attempt)
 }
 
 const CLAIMED_COLUMNS: &str = "o.account_id, o.reply_id, o.attempts, o.source_partition, o.envelope, o.traceparent,
@@ -463,7 +486,12 @@ async fn attempt_loop(
     // while this loop awaits a claim.
     let mut running = tokio::task::JoinSet::new();
     let mut last_housekeeping = Instant::now() - Duration::from_secs(60);
-    let mut idle = false;
+    // Set when new rows may be due (intake woke the loop, the poll interval passed) and cleared
+    // by a claim: a finished send alone does not trigger a claim, or a busy loop would commit one
+    // claim transaction per finished send and the claims (serial) would cap the throughput.
+    let mut maybe_due = true;
+    // The last claim filled all the room it had: more rows are probably due already.
+    let mut more_due = false;
     loop {
         if *shutdown.borrow() {
             break;
@@ -491,15 +519,17 @@ async fn attempt_loop(
                 warn!(error = format!("{error:#}"), "delivery housekeeping failed");
             }
         }
-        // Claim while there is room, at most half the room at a time so the claims overlap
-        // with the sends instead of one query per finished send.
+        // Claim when new rows may be due, or, after a claim that filled the room, once half the
+        // room is free again (a batch of claims overlapping the sends still running); never once
+        // per finished send.
         let room = concurrency.saturating_sub(running.len());
-        if room > 0 && (running.is_empty() || room >= concurrency / 2 || !idle) {
+        if room > 0 && (maybe_due || (more_due && room >= concurrency / 2)) {
             let owned = ownership.owned();
             if !owned.is_empty() {
                 match sender.claim(&owned, room as i64).await {
                     Ok(claimed) => {
-                        idle = claimed.is_empty();
+                        maybe_due = false;
+                        more_due = claimed.len() == room;
                         for claimed in claimed {
                             ownership.start(&claimed);
                             running.spawn(sender.clone().attempt(claimed, ownership.clone()));
@@ -511,8 +541,8 @@ async fn attempt_loop(
         }
         tokio::select! {
             Some(_) = running.join_next(), if !running.is_empty() => {}
-            _ = ownership.wake.notified() => idle = false,
-            _ = tokio::time::sleep(poll_interval) => idle = false,
+            _ = ownership.wake.notified() => maybe_due = true,
+            _ = tokio::time::sleep(poll_interval) => maybe_due = true,
             _ = shutdown.changed() => {}
         }
     }
@@ -614,7 +644,7 @@ impl Sender {
                 })
                 .collect();
         }
-        self.publish_unpublished(partitions).await?;
+        self.publish_unpublished(partitions, ownership).await?;
         Ok(recovered)
     }
 
@@ -629,7 +659,8 @@ impl Sender {
 
     /// Publishes the events of attempts whose outcome was recorded but whose event was not
     /// acknowledged (a crash or a Kafka error in between). Same event id as the first try.
-    async fn publish_unpublished(&self, partitions: &[i32]) -> anyhow::Result<()> {
+    /// Attempts still in flight in this process are publishing their own event right now.
+    async fn publish_unpublished(&self, partitions: &[i32], ownership: &Ownership) -> anyhow::Result<()> {
         type Row = (
             String,
             String,
@@ -670,6 +701,9 @@ impl Sender {
                 finished_at,
                 bytes,
             ) = row;
+            if ownership.is_in_flight(&account_id, &reply_id) {
+                continue;
+            }
             let Ok(cause) = envelope::decode(Some(&bytes)) else { continue };
             let Some(Payload::OutboundMessageQueued(message)) = &cause.payload else { continue };
             let recorded = Recorded {
@@ -682,7 +716,10 @@ impl Sender {
             };
             let event = attempt_event(&cause, message, attempt as u32, started_at, resent, &recorded);
             self.publisher.publish(&self.delivery_topic, &event).await.context("failed to publish an attempt")?;
-            mark_published(&self.pool, &account_id, &reply_id, attempt).await?;
+            self.published
+                .submit((account_id, reply_id, attempt))
+                .await
+                .context("failed to mark an attempt published")?;
         }
         Ok(())
     }
@@ -738,9 +775,10 @@ impl Sender {
                 rand::random::<f64>(),
             );
             let recorded = Recorded::of(&outcome, &next);
-            let mut transaction = self.pool.begin().await?;
-            record_outcome(&mut transaction, claimed, &recorded).await?;
-            transaction.commit().await.context("failed to commit the outcome")?;
+            self.outcomes
+                .submit((attempt_key(claimed), recorded.clone()))
+                .await
+                .context("failed to commit the outcome")?;
             recorded
         };
         self.metrics.attempt(channel_name, &recorded.outcome_name, timer.elapsed().as_secs_f64());
@@ -753,7 +791,9 @@ impl Sender {
             &recorded,
         );
         match self.publisher.publish(&self.delivery_topic, &event).await {
-            Ok(_) => mark_published(&self.pool, &claimed.account_id, &claimed.reply_id, claimed.attempt).await?,
+            Ok(_) => {
+                self.published.submit(attempt_key(claimed)).await.context("failed to mark an attempt published")?
+            }
             // Recorded: housekeeping publishes it again.
             Err(error) => warn!(%error, "attempt event not acknowledged; published again later"),
         }
@@ -1004,16 +1044,79 @@ async fn record_outcome(
     Ok(())
 }
 
-async fn mark_published(pool: &PgPool, account_id: &str, reply_id: &str, attempt: i32) -> anyhow::Result<()> {
+/// The outcomes of many attempts, as [`record_outcome`] writes one, in one transaction. Rows are
+/// written in key order, so two batches never wait on each other's rows in opposite orders.
+async fn record_outcomes(pool: PgPool, mut outcomes: Vec<(AttemptKey, Recorded)>) -> anyhow::Result<()> {
+    outcomes.sort_unstable_by(|left, right| left.0.cmp(&right.0));
+    let column = |take: fn(&(AttemptKey, Recorded)) -> String| outcomes.iter().map(take).collect::<Vec<_>>();
+    let account_ids = column(|(key, _)| key.0.clone());
+    let reply_ids = column(|(key, _)| key.1.clone());
+    let attempts: Vec<i32> = outcomes.iter().map(|(key, _)| key.2).collect();
+    let outcome_names = column(|(_, recorded)| recorded.outcome_name.clone());
+    let errors = column(|(_, recorded)| recorded.error.clone());
+    let provider_message_ids = column(|(_, recorded)| recorded.provider_message_id.clone());
+    let finished_at: Vec<DateTime<Utc>> = outcomes.iter().map(|(_, recorded)| recorded.finished_at).collect();
+    let status_codes: Vec<i32> = outcomes.iter().map(|(_, recorded)| recorded.status_code as i32).collect();
+    let next_attempt_at: Vec<Option<DateTime<Utc>>> =
+        outcomes.iter().map(|(_, recorded)| recorded.next_attempt_at).collect();
+    let mut transaction = pool.begin().await.context("failed to begin the outcome transaction")?;
     sqlx::query(
-        "UPDATE delivery.attempts SET published = true WHERE account_id = $1 AND reply_id = $2 AND attempt = $3",
+        "UPDATE delivery.attempts a SET outcome = t.outcome, finished_at = t.finished_at, status_code = t.status_code,
+             error = t.error, provider_message_id = t.provider_message_id, next_attempt_at = t.next_attempt_at
+         FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::int[], $7::text[],
+             $8::text[], $9::timestamptz[])
+             AS t(account_id, reply_id, attempt, outcome, finished_at, status_code, error, provider_message_id,
+                 next_attempt_at)
+         WHERE a.account_id = t.account_id AND a.reply_id = t.reply_id AND a.attempt = t.attempt",
     )
-    .bind(account_id)
-    .bind(reply_id)
-    .bind(attempt)
-    .execute(pool)
+    .bind(&account_ids)
+    .bind(&reply_ids)
+    .bind(&attempts)
+    .bind(&outcome_names)
+    .bind(&finished_at)
+    .bind(&status_codes)
+    .bind(&errors)
+    .bind(&provider_message_ids)
+    .bind(&next_attempt_at)
+    .execute(&mut *transaction)
     .await
-    .context("failed to mark an attempt published")?;
+    .context("failed to record the attempts' outcomes")?;
+    sqlx::query(
+        "UPDATE delivery.outbox o SET state = t.outcome, next_attempt_at = COALESCE(t.next_attempt_at, o.next_attempt_at),
+             last_error = t.error, provider_message_id = t.provider_message_id
+         FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
+             AS t(account_id, reply_id, attempt, outcome, error, provider_message_id, next_attempt_at)
+         WHERE o.account_id = t.account_id AND o.reply_id = t.reply_id AND o.attempts = t.attempt
+             AND o.state = 'sending'",
+    )
+    .bind(&account_ids)
+    .bind(&reply_ids)
+    .bind(&attempts)
+    .bind(&outcome_names)
+    .bind(&errors)
+    .bind(&provider_message_ids)
+    .bind(&next_attempt_at)
+    .execute(&mut *transaction)
+    .await
+    .context("failed to record the messages' states")?;
+    transaction.commit().await.context("failed to commit the outcomes")?;
+    Ok(())
+}
+
+/// Marks attempts whose event was acknowledged as published, in one statement.
+async fn mark_published(pool: PgPool, mut attempts: Vec<AttemptKey>) -> anyhow::Result<()> {
+    attempts.sort_unstable();
+    sqlx::query(
+        "UPDATE delivery.attempts a SET published = true
+         FROM UNNEST($1::text[], $2::text[], $3::int[]) AS t(account_id, reply_id, attempt)
+         WHERE a.account_id = t.account_id AND a.reply_id = t.reply_id AND a.attempt = t.attempt",
+    )
+    .bind(attempts.iter().map(|key| key.0.clone()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|key| key.1.clone()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|key| key.2).collect::<Vec<_>>())
+    .execute(&pool)
+    .await
+    .context("failed to mark attempts published")?;
     Ok(())
 }
 
