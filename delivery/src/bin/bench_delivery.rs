@@ -111,6 +111,7 @@ async fn run(args: &Args, topics: &Topics, database_url: &str) -> anyhow::Result
             password: None,
             timeout: Duration::from_secs(10),
         }),
+        smtp_connections: switchboard_delivery::service::DEFAULT_SMTP_CONNECTIONS,
         concurrency: args.concurrency,
         http_timeout: Duration::from_secs(10),
         retry: RetryPolicy::default(),
