@@ -25,6 +25,7 @@ use switchboard_proto::events::v1::{
 use switchboard_runtime::config_store::{ConfigSnapshot, ConfigStore, config_key};
 
 use crate::config_rules::{self, Breach};
+use switchboard_runtime::attachment_hosts::{self, AttachmentHosts};
 use switchboard_runtime::envelope;
 use switchboard_runtime::outbound;
 use switchboard_runtime::publisher::EnvelopePublisher;
@@ -69,19 +70,25 @@ pub struct Admin {
 pub struct OutboundSettings {
     /// Checks attachment references (SendReply).
     pub http: reqwest::Client,
+    /// Which hosts attachment references may point at (public addresses unless configured).
+    pub attachment_hosts: AttachmentHosts,
     /// C12: the mail domain of the fallback addresses new inboxes get.
     pub fallback_email_domain: String,
 }
 
 impl OutboundSettings {
-    pub fn new(fallback_email_domain: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
+    pub fn new(fallback_email_domain: &str, attachment_hosts: AttachmentHosts) -> anyhow::Result<Self> {
+        let http = attachment_hosts::client_builder(attachment_hosts)
             .connect_timeout(crate::replies::ATTACHMENT_FETCH_TIMEOUT)
             .timeout(crate::replies::ATTACHMENT_FETCH_TIMEOUT)
             .user_agent("switchboard-api (attachment check)")
             .build()
             .context("failed to build the attachment-check http client")?;
-        Ok(OutboundSettings { http, fallback_email_domain: fallback_email_domain.trim().to_ascii_lowercase() })
+        Ok(OutboundSettings {
+            http,
+            attachment_hosts,
+            fallback_email_domain: fallback_email_domain.trim().to_ascii_lowercase(),
+        })
     }
 }
 
@@ -114,6 +121,10 @@ impl Admin {
 
     pub(crate) fn http(&self) -> &reqwest::Client {
         &self.outbound.http
+    }
+
+    pub(crate) fn attachment_hosts(&self) -> AttachmentHosts {
+        self.outbound.attachment_hosts
     }
 
     /// The idempotent command frame: replay, claim, run, record.

@@ -53,6 +53,8 @@ pub struct ApiSettings {
     /// C12: mail domain of the fallback addresses new inboxes get
     /// (`runtime::outbound::DEFAULT_FALLBACK_DOMAIN` unless configured).
     pub fallback_email_domain: String,
+    /// Whether SendReply may check attachments on loopback and private addresses.
+    pub attachment_hosts: switchboard_runtime::attachment_hosts::AttachmentHosts,
 }
 
 /// Runs the API's migrations (`api/migrations`) in the `api` schema.
@@ -94,7 +96,7 @@ pub async fn serve(
         .await
         .context("failed to read the config topic")?;
     let publisher = EnvelopePublisher::new(&settings.brokers, "switchboard-api", admin::PUBLISH_TIMEOUT)?;
-    let outbound = admin::OutboundSettings::new(&settings.fallback_email_domain)?;
+    let outbound = admin::OutboundSettings::new(&settings.fallback_email_domain, settings.attachment_hosts)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ConversationServiceServer<conversations::Conversations>>().await;

@@ -35,6 +35,10 @@ enum Command {
         /// C12: mail domain of the fallback address every new inbox gets.
         #[arg(long, env = "FALLBACK_EMAIL_DOMAIN", default_value = switchboard_runtime::outbound::DEFAULT_FALLBACK_DOMAIN)]
         fallback_email_domain: String,
+        /// Let SendReply check attachment references on loopback and private addresses (local
+        /// stand-ins, a trusted private network). Off: only public addresses are fetched.
+        #[arg(long, env = "ATTACHMENT_ALLOW_PRIVATE_HOSTS")]
+        attachment_allow_private_hosts: bool,
     },
     /// Print a bearer JWT signed with API_JWT_SECRET, for operators and the demo (production
     /// tokens come from the identity provider that shares the secret).
@@ -81,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
             jwt_secret,
             api_keys_file,
             fallback_email_domain,
+            attachment_allow_private_hosts,
         } => {
             let api_keys = api_keys_file
                 .map(|path| {
@@ -108,6 +113,9 @@ async fn main() -> anyhow::Result<()> {
                 brokers: kafka_brokers,
                 topics,
                 fallback_email_domain,
+                attachment_hosts: switchboard_runtime::attachment_hosts::AttachmentHosts::from_allow_private(
+                    attachment_allow_private_hosts,
+                ),
             };
             switchboard_api::serve(listener, settings, switchboard_runtime::shutdown_signal()).await
         }

@@ -19,6 +19,7 @@ use switchboard_proto::events::v1::{
     OutboundAttachment, OutboundEmail, OutboundMessageQueued, OutboundMessenger, OutboundPurpose, OutboundWhatsApp,
     WhatsAppTemplateMessage,
 };
+use switchboard_runtime::attachment_hosts::{self, AttachmentHosts};
 use switchboard_runtime::{envelope, outbound, reply_window};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -479,7 +480,8 @@ pub fn build_outbound(parts: ReplyParts<'_>, route: Route, request: &SendReplyRe
             });
         }
         Route::Messenger { page_id, messaging_type } => {
-            message.messenger = Some(OutboundMessenger { page_id, messaging_type: messaging_type as i32 });
+            message.messenger =
+                Some(OutboundMessenger { page_id, messaging_type: messaging_type as i32, quick_replies: Vec::new() });
         }
         Route::WhatsApp { phone_number_id, template_opt } => {
             if message.text.is_empty()
@@ -488,16 +490,16 @@ pub fn build_outbound(parts: ReplyParts<'_>, route: Route, request: &SendReplyRe
                 // What the inbox shows for a template sent without text.
                 message.text = format!("[WhatsApp template {} ({})]", template.name, template.language);
             }
-            message.whatsapp = Some(OutboundWhatsApp { phone_number_id, template: template_opt });
             message.channel_messages_per_second =
                 parts.channel.whatsapp.as_ref().map_or(0, |settings| settings.messages_per_second);
+            message.whatsapp = Some(OutboundWhatsApp { phone_number_id, template: template_opt });
         }
         Route::Custom => {
-            // C10: the delivery service POSTs to the URL configured when the reply was accepted.
-            if let Some(settings) = &parts.channel.custom {
-                message.custom_delivery_url = settings.delivery_url.clone();
-                message.channel_messages_per_second = settings.messages_per_second;
-            }
+            // C10: the app's URL and rate as configured now; the delivery service reads no
+            // configuration, so a later change applies to later replies only.
+            let settings = parts.channel.custom.clone().unwrap_or_default();
+            message.custom_delivery_url = settings.delivery_url;
+            message.channel_messages_per_second = settings.messages_per_second;
         }
         Route::Chat => {}
     }
@@ -561,10 +563,16 @@ fn content_range_total(value: &str) -> Option<u64> {
 #[tracing::instrument(name = "fetch_attachment", skip_all, fields(index, url = %attachment.url))]
 async fn fetch_attachment(
     client: &reqwest::Client,
+    hosts: AttachmentHosts,
     index: usize,
     attachment: &OutboundAttachment,
 ) -> Result<OutboundAttachment, Unfetchable> {
     let unfetchable = |why: String| Unfetchable { index, url: attachment.url.clone(), why };
+    if let Some(refusal) =
+        reqwest::Url::parse(&attachment.url).ok().and_then(|url| attachment_hosts::refusal_of_url(&url, hosts))
+    {
+        return Err(unfetchable(refusal));
+    }
     let mut checked = attachment.clone();
     let head = client.head(&attachment.url).timeout(ATTACHMENT_FETCH_TIMEOUT).send().await;
     let (response, size_opt) = match head {
@@ -595,6 +603,8 @@ async fn fetch_attachment(
                 Err(error) => {
                     let cause = if error.is_timeout() {
                         format!("no answer within {} s", ATTACHMENT_FETCH_TIMEOUT.as_secs())
+                    } else if let Some(refusal) = attachment_hosts::refusal_in(&error) {
+                        refusal
                     } else if error.is_connect() {
                         "the host is unreachable".to_owned()
                     } else {
@@ -624,9 +634,11 @@ async fn fetch_attachment(
 /// Checks every attachment (concurrently) and their total size.
 pub async fn fetch_attachments(
     client: &reqwest::Client,
+    hosts: AttachmentHosts,
     attachments: &[OutboundAttachment],
 ) -> Result<Vec<OutboundAttachment>, ApiError> {
-    let checks = attachments.iter().enumerate().map(|(index, attachment)| fetch_attachment(client, index, attachment));
+    let checks =
+        attachments.iter().enumerate().map(|(index, attachment)| fetch_attachment(client, hosts, index, attachment));
     let checked = futures::future::join_all(checks).await.into_iter().collect::<Result<Vec<_>, _>>()?;
     let total: u64 = checked.iter().map(|attachment| attachment.size_bytes).sum();
     if total > MAX_ATTACHMENT_TOTAL_BYTES {
@@ -705,7 +717,7 @@ impl Admin {
         let team_channels = snapshot.channels.in_account(&identity.account_id).map(|owned| &owned.entity);
         let route = route_reply(&facts, channel_opt.as_ref(), team_channels, request, Utc::now())?;
         let channel = channel_opt.expect("route_reply refuses unconfigured channels");
-        let attachments = fetch_attachments(self.http(), &request.attachments).await?;
+        let attachments = fetch_attachments(self.http(), self.attachment_hosts(), &request.attachments).await?;
         let mut message = build_outbound(
             ReplyParts {
                 account_id: &identity.account_id,
@@ -775,7 +787,9 @@ impl Admin {
 mod tests {
     use super::*;
     use chrono::Duration as ChronoDuration;
-    use switchboard_proto::events::v1::{EmailSettings, MessengerSettings, WhatsAppSettings, WhatsAppTemplate};
+    use switchboard_proto::events::v1::{
+        CustomChannelSettings, EmailSettings, MessengerSettings, WhatsAppSettings, WhatsAppTemplate,
+    };
     use switchboard_proto::names;
 
     fn at(hours: i64) -> DateTime<Utc> {
@@ -1169,23 +1183,14 @@ mod tests {
         assert!(message.email.is_none());
     }
 
-    #[test]
-    fn c10_custom_replies_carry_the_channels_delivery_url_and_rate() {
-        let conversation = facts(ChannelType::Custom, "app");
-        let app = ChannelConfigured {
-            custom: Some(switchboard_proto::events::v1::CustomChannelSettings {
-                delivery_url: "https://app.example/deliver".into(),
-                messages_per_second: 25,
-            }),
-            ..channel(ChannelType::Custom, "app")
-        };
-        let route = route_reply(&conversation, Some(&app), [], &reply("Hi"), at(130)).unwrap();
-        let message = build_outbound(
+    fn build_for(conversation: &ConversationFacts, channel: &ChannelConfigured) -> OutboundMessageQueued {
+        let route = route_reply(conversation, Some(channel), [], &reply("Hi"), at(110)).unwrap();
+        build_outbound(
             ReplyParts {
                 account_id: "acme",
                 reply_id: Uuid::from_u128(3),
-                conversation: &conversation,
-                channel: &app,
+                conversation,
+                channel,
                 inbox: &inbox(),
                 author: agent(),
                 latest_inbound_email_opt: None,
@@ -1193,10 +1198,30 @@ mod tests {
             },
             route,
             &reply("Hi"),
-        );
-        assert_eq!(message.custom_delivery_url, "https://app.example/deliver");
+        )
+    }
+
+    #[test]
+    fn c10_custom_replies_carry_the_apps_url_and_rate_as_configured() {
+        let mut app = channel(ChannelType::Custom, "app");
+        app.custom = Some(CustomChannelSettings {
+            delivery_url: "https://app.example/switchboard/replies".into(),
+            messages_per_second: 25,
+        });
+        let message = build_for(&facts(ChannelType::Custom, "app"), &app);
+        assert_eq!(message.custom_delivery_url, "https://app.example/switchboard/replies");
         assert_eq!(message.channel_messages_per_second, 25);
-        assert_eq!(message.idempotency_key, Uuid::from_u128(3).to_string());
+        assert_eq!(message.thread_key, "thread-1");
+    }
+
+    #[test]
+    fn c8_whatsapp_replies_carry_the_numbers_rate_and_others_none() {
+        let mut number = whatsapp_channel();
+        number.whatsapp.as_mut().unwrap().messages_per_second = 40;
+        let message = build_for(&facts(ChannelType::Whatsapp, "wa"), &number);
+        assert_eq!((message.channel_messages_per_second, message.custom_delivery_url.as_str()), (40, ""));
+        let chat = build_for(&facts(ChannelType::Chat, "site"), &channel(ChannelType::Chat, "site"));
+        assert_eq!((chat.channel_messages_per_second, chat.custom_delivery_url.as_str()), (0, ""));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
+use switchboard_runtime::attachment_hosts::{self, AttachmentHosts};
 
 use lettre::message::header::{ContentType, Date, Header, HeaderName, HeaderValue, InReplyTo, MessageId, References};
 use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart};
@@ -56,6 +57,8 @@ pub struct SmtpSettings {
     pub password: Option<String>,
     /// Bounds connecting and every SMTP command (and each attachment fetch).
     pub timeout: Duration,
+    /// Which hosts attachment references may point at (public addresses unless configured).
+    pub attachment_hosts: AttachmentHosts,
 }
 
 /// Pooled connections to the relay unless [`SmtpRelay::with_max_connections`] says otherwise.
@@ -101,7 +104,7 @@ impl SmtpRelay {
             (None, None) => {}
             _ => anyhow::bail!("SMTP credentials need both a username and a password"),
         }
-        let http = reqwest::Client::builder()
+        let http = attachment_hosts::client_builder(settings.attachment_hosts)
             .timeout(settings.timeout)
             .build()
             .context("failed to build the HTTP client for attachments")?;
@@ -171,6 +174,16 @@ impl SmtpRelay {
         budget: usize,
     ) -> Result<FetchedAttachment, SendOutcome> {
         let name = attachment_name(reference);
+        let refused = |refusal: String| SendOutcome::Permanent {
+            error: format!("attachment '{name}' is on a refused host: {refusal}"),
+            status_code: 0,
+        };
+        if let Some(refusal) = reqwest::Url::parse(&reference.url)
+            .ok()
+            .and_then(|url| attachment_hosts::refusal_of_url(&url, self.settings.attachment_hosts))
+        {
+            return Err(refused(refusal));
+        }
         let mut response = match self.http.get(&reference.url).send().await {
             Ok(response) => response,
             Err(error) if error.is_builder() => {
@@ -179,7 +192,10 @@ impl SmtpRelay {
                     status_code: 0,
                 });
             }
-            Err(error) => return Err(attachment_unreachable(&name, &error)),
+            Err(error) => match attachment_hosts::refusal_in(&error) {
+                Some(refusal) => return Err(refused(refusal)),
+                None => return Err(attachment_unreachable(&name, &error)),
+            },
         };
         let status = response.status().as_u16();
         if !response.status().is_success() {

@@ -83,7 +83,7 @@ pub fn messenger_request(
     let messenger = message.messenger.as_ref().ok_or(BuildError::MissingPart("messenger"))?;
     let token = access_token.ok_or_else(|| BuildError::NoAccessToken(message.channel_id.clone()))?;
     let tagged = messenger.messaging_type == MessengerMessagingType::HumanAgentTag as i32;
-    let content = match message_parts(message).get(part) {
+    let mut content = match message_parts(message).get(part) {
         Some(Part::Text(text)) => json!({ "text": text }),
         Some(Part::Attachment(attachment)) => json!({
             "attachment": {
@@ -93,6 +93,14 @@ pub fn messenger_request(
         }),
         None => json!({ "text": message.text }),
     };
+    // Quick replies go with the first part, the one the customer reads first (C6 consent).
+    if part == 0 && !messenger.quick_replies.is_empty() {
+        content["quick_replies"] = messenger
+            .quick_replies
+            .iter()
+            .map(|reply| json!({ "content_type": "text", "title": reply.title, "payload": reply.payload }))
+            .collect();
+    }
     let mut body = json!({
         "recipient": { "id": message.recipient },
         "messaging_type": if tagged { "MESSAGE_TAG" } else { "RESPONSE" },
@@ -355,7 +363,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use switchboard_proto::events::v1::{
-        Author, ChannelType, OutboundMessenger, OutboundWhatsApp, WhatsAppTemplateMessage,
+        Author, ChannelType, MessengerQuickReply, OutboundMessenger, OutboundWhatsApp, WhatsAppTemplateMessage,
     };
     use switchboard_runtime::signature::verify_custom;
 
@@ -392,6 +400,7 @@ mod tests {
         message.messenger = Some(OutboundMessenger {
             page_id: "page-9".into(),
             messaging_type: MessengerMessagingType::Response as i32,
+            ..Default::default()
         });
         let request =
             messenger_request("https://graph.example/v21.0/", &message, Some(&Secret::new("PAGE")), 0).unwrap();
@@ -410,6 +419,7 @@ mod tests {
         message.messenger = Some(OutboundMessenger {
             page_id: "page-9".into(),
             messaging_type: MessengerMessagingType::HumanAgentTag as i32,
+            ..Default::default()
         });
         message.attachments.push(OutboundAttachment {
             url: "https://files.example/a.png".into(),
@@ -427,6 +437,28 @@ mod tests {
         );
         assert_eq!(header(&image, IDEMPOTENCY_KEY_HEADER), Some(format!("{}/1", message.idempotency_key).as_str()));
         assert_eq!(messenger_request("https://g", &message, None, 0), Err(BuildError::NoAccessToken("ch".into())));
+    }
+
+    #[test]
+    fn c6_consent_prompt_offers_its_quick_replies_with_the_text() {
+        let mut message = reply(ChannelType::FacebookMessenger);
+        message.messenger = Some(OutboundMessenger {
+            page_id: "page-1".into(),
+            messaging_type: MessengerMessagingType::Response as i32,
+            quick_replies: vec![
+                MessengerQuickReply { title: "Yes".into(), payload: "SWITCHBOARD_CONSENT_GRANTED".into() },
+                MessengerQuickReply { title: "No".into(), payload: "SWITCHBOARD_CONSENT_DECLINED".into() },
+            ],
+        });
+        let request =
+            messenger_request("https://graph.example/v21.0", &message, Some(&Secret::new("PAGE")), 0).unwrap();
+        assert_eq!(
+            body_of(&request)["message"]["quick_replies"],
+            json!([
+                {"content_type": "text", "title": "Yes", "payload": "SWITCHBOARD_CONSENT_GRANTED"},
+                {"content_type": "text", "title": "No", "payload": "SWITCHBOARD_CONSENT_DECLINED"},
+            ])
+        );
     }
 
     #[test]

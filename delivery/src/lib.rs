@@ -28,7 +28,6 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 }
 
 pub mod email;
-pub mod group_commit;
 pub mod http;
 pub mod metrics;
 pub mod outcome;

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use switchboard_runtime::attachment_hosts::AttachmentHosts;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -70,6 +71,10 @@ struct Args {
     /// Backoff ceiling of the first retry, doubling per attempt.
     #[arg(long, env = "DELIVERY_RETRY_BASE_MS", default_value_t = 1_000)]
     retry_base_ms: u64,
+    /// Let email sends fetch attachment references on loopback and private addresses (local
+    /// stand-ins, a trusted private network). Off: only public addresses are fetched.
+    #[arg(long, env = "ATTACHMENT_ALLOW_PRIVATE_HOSTS")]
+    attachment_allow_private_hosts: bool,
 }
 
 #[tokio::main]
@@ -92,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         username: secrets.smtp.as_ref().map(|smtp| smtp.username.expose_str().to_owned()),
         password: secrets.smtp.as_ref().map(|smtp| smtp.password.expose_str().to_owned()),
         timeout,
+        attachment_hosts: AttachmentHosts::from_allow_private(args.attachment_allow_private_hosts),
     });
     let pool = PgPoolOptions::new()
         .max_connections(16)

@@ -24,24 +24,24 @@ use switchboard_runtime::envelope;
 use switchboard_runtime::kafka::{self, header};
 use switchboard_runtime::publisher::EnvelopePublisher;
 use switchboard_runtime::secrets::Secrets;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{Instrument, info, warn};
 
 use crate::email::{SmtpRelay, SmtpSettings};
-use crate::group_commit::GroupCommit;
 use crate::http::{self, HttpSender};
 use crate::metrics::Metrics;
 use crate::outcome::SendOutcome;
 use crate::retry::{NextStep, RetryPolicy};
 
-/// Added to the send timeout to make the lease of a `sending` row (see `Sender::lease`).
-pub const SENDING_LEASE_MARGIN: Duration = Duration::from_secs(5);
-
 /// `DELIVERY_SMTP_CONNECTIONS` unless set.
 pub const DEFAULT_SMTP_CONNECTIONS: u32 = 64;
 
-/// At most this many attempts' outcomes (or publication marks) are written in one statement.
-const GROUP_COMMIT_BATCH: usize = 512;
+/// Added to the send timeout to make the lease of a `sending` row (see `Sender::lease`).
+pub const SENDING_LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// An outcome recorded this long ago without an acknowledged event is published again: longer
+/// than the publisher's delivery timeout, so an event still on its way is not sent twice.
+pub const UNPUBLISHED_AFTER: Duration = Duration::from_secs(35);
 
 /// Meta's default per-number WhatsApp throughput, used when the channel sets none.
 pub const WHATSAPP_DEFAULT_MESSAGES_PER_SECOND: u32 = 80;
@@ -165,6 +165,16 @@ impl ConsumerContext for OwnershipContext {
     }
 }
 
+/// The send rate of a channel (`None`: unlimited): WhatsApp's configured per-number rate, 0
+/// meaning Meta's default of 80/s; a custom channel's configured rate, 0 meaning no limit.
+pub fn channel_rate(channel_type: ChannelType, configured_per_second: u32) -> Option<NonZeroU32> {
+    match channel_type {
+        ChannelType::Whatsapp if configured_per_second == 0 => NonZeroU32::new(WHATSAPP_DEFAULT_MESSAGES_PER_SECOND),
+        ChannelType::Whatsapp | ChannelType::Custom => NonZeroU32::new(configured_per_second),
+        _ => None,
+    }
+}
+
 /// Runs the delivery service until `shutdown` turns true.
 pub async fn run_delivery(
     settings: DeliverySettings,
@@ -198,14 +208,8 @@ pub async fn run_delivery(
         lease: settings.http_timeout + SENDING_LEASE_MARGIN,
         limiters: Arc::default(),
         metrics: metrics.clone(),
-        outcomes: GroupCommit::spawn(GROUP_COMMIT_BATCH, {
-            let pool = pool.clone();
-            move |outcomes| record_outcomes(pool.clone(), outcomes)
-        }),
-        published: GroupCommit::spawn(GROUP_COMMIT_BATCH, {
-            let pool = pool.clone();
-            move |attempts| mark_published(pool.clone(), attempts)
-        }),
+        recorder: spawn_recorder(pool.clone()),
+        published: spawn_publication_marker(pool.clone()),
     };
     let intake =
         Intake { consumer, pool: pool.clone(), topic: settings.outbound_topic.clone(), ownership: ownership.clone() };
@@ -447,17 +451,10 @@ struct Sender {
     lease: Duration,
     limiters: Arc<Mutex<HashMap<(String, String), Limiter>>>,
     metrics: Arc<Metrics>,
-    /// Outcomes of sent attempts, written (committed) in batches before they are published.
-    outcomes: GroupCommit<(AttemptKey, Recorded)>,
-    /// Attempts whose event was acknowledged, marked published in batches.
-    published: GroupCommit<AttemptKey>,
-}
-
-/// One attempt of one message: (account_id, reply_id, attempt).
-type AttemptKey = (String, String, i32);
-
-fn attempt_key(claimed: &Claimed) -> AttemptKey {
-    (claimed.account_id.clone(), claimed.reply_id.clone(), claimed.attempt)
+    /// Records outcomes, many attempts per transaction.
+    recorder: mpsc::Sender<RecordRequest>,
+    /// Marks attempts published, many per statement.
+    published: mpsc::UnboundedSender<(String, String, i32)>,
 }
 
 const CLAIMED_COLUMNS: &str = "o.account_id, o.reply_id, o.attempts, o.source_partition, o.envelope, o.traceparent,
@@ -492,11 +489,10 @@ async fn attempt_loop(
     // while this loop awaits a claim.
     let mut running = tokio::task::JoinSet::new();
     let mut last_housekeeping = Instant::now() - Duration::from_secs(60);
-    // Set when new rows may be due (intake woke the loop, the poll interval passed) and cleared
-    // by a claim: a finished send alone does not trigger a claim, or a busy loop would commit one
-    // claim transaction per finished send and the claims (serial) would cap the throughput.
-    let mut maybe_due = true;
-    // The last claim filled all the room it had: more rows are probably due already.
+    // Set by a wake-up (intake took messages in, the poll interval passed); a finished send
+    // alone claims only once half the room is free, so claims stay batches, not one per send.
+    let mut woken = true;
+    // The last claim was full: more rows are probably due.
     let mut more_due = false;
     loop {
         if *shutdown.borrow() {
@@ -525,16 +521,15 @@ async fn attempt_loop(
                 warn!(error = format!("{error:#}"), "delivery housekeeping failed");
             }
         }
-        // Claim when new rows may be due, or, after a claim that filled the room, once half the
-        // room is free again (a batch of claims overlapping the sends still running); never once
-        // per finished send.
+        // Claim when woken, or when half the room is free and more is due: claims stay batches
+        // that overlap with the sends, not one query per finished send.
         let room = concurrency.saturating_sub(running.len());
-        if room > 0 && (maybe_due || (more_due && room >= concurrency / 2)) {
+        if room > 0 && (woken || (more_due && room >= concurrency.div_ceil(2))) {
+            woken = false;
             let owned = ownership.owned();
             if !owned.is_empty() {
                 match sender.claim(&owned, room as i64).await {
                     Ok(claimed) => {
-                        maybe_due = false;
                         more_due = claimed.len() == room;
                         for claimed in claimed {
                             ownership.start(&claimed);
@@ -547,8 +542,8 @@ async fn attempt_loop(
         }
         tokio::select! {
             Some(_) = running.join_next(), if !running.is_empty() => {}
-            _ = ownership.wake.notified() => maybe_due = true,
-            _ = tokio::time::sleep(poll_interval) => maybe_due = true,
+            _ = ownership.wake.notified() => woken = true,
+            _ = tokio::time::sleep(poll_interval) => woken = true,
             _ = shutdown.changed() => {}
         }
     }
@@ -650,7 +645,7 @@ impl Sender {
                 })
                 .collect();
         }
-        self.publish_unpublished(partitions, ownership).await?;
+        self.publish_unpublished(partitions).await?;
         Ok(recovered)
     }
 
@@ -665,8 +660,7 @@ impl Sender {
 
     /// Publishes the events of attempts whose outcome was recorded but whose event was not
     /// acknowledged (a crash or a Kafka error in between). Same event id as the first try.
-    /// Attempts still in flight in this process are publishing their own event right now.
-    async fn publish_unpublished(&self, partitions: &[i32], ownership: &Ownership) -> anyhow::Result<()> {
+    async fn publish_unpublished(&self, partitions: &[i32]) -> anyhow::Result<()> {
         type Row = (
             String,
             String,
@@ -686,9 +680,11 @@ impl Sender {
                  a.provider_message_id, a.next_attempt_at, a.started_at, a.finished_at, o.envelope
              FROM delivery.attempts a JOIN delivery.outbox o USING (account_id, reply_id)
              WHERE a.source_partition = ANY($1) AND a.outcome IS NOT NULL AND NOT a.published
+                 AND a.finished_at < now() - make_interval(secs => $2)
              LIMIT 1000",
         )
         .bind(partitions)
+        .bind(UNPUBLISHED_AFTER.as_secs_f64())
         .fetch_all(&self.pool)
         .await
         .context("failed to read unpublished attempts")?;
@@ -707,9 +703,6 @@ impl Sender {
                 finished_at,
                 bytes,
             ) = row;
-            if ownership.is_in_flight(&account_id, &reply_id) {
-                continue;
-            }
             let Ok(cause) = envelope::decode(Some(&bytes)) else { continue };
             let Some(Payload::OutboundMessageQueued(message)) = &cause.payload else { continue };
             let recorded = Recorded {
@@ -722,10 +715,7 @@ impl Sender {
             };
             let event = attempt_event(&cause, message, attempt as u32, started_at, resent, &recorded);
             self.publisher.publish(&self.delivery_topic, &event).await.context("failed to publish an attempt")?;
-            self.published
-                .submit((account_id, reply_id, attempt))
-                .await
-                .context("failed to mark an attempt published")?;
+            mark_published(&self.pool, &account_id, &reply_id, attempt).await?;
         }
         Ok(())
     }
@@ -781,10 +771,15 @@ impl Sender {
                 rand::random::<f64>(),
             );
             let recorded = Recorded::of(&outcome, &next);
-            self.outcomes
-                .submit((attempt_key(claimed), recorded.clone()))
+            let (done, recorded_opt) = oneshot::channel();
+            self.recorder
+                .send(RecordRequest { claimed: claimed.clone(), recorded: recorded.clone(), done })
                 .await
-                .context("failed to commit the outcome")?;
+                .map_err(|_| anyhow::anyhow!("the outcome recorder stopped"))?;
+            recorded_opt
+                .await
+                .map_err(|_| anyhow::anyhow!("the outcome recorder stopped"))?
+                .map_err(anyhow::Error::msg)?;
             recorded
         };
         self.metrics.attempt(channel_name, &recorded.outcome_name, timer.elapsed().as_secs_f64());
@@ -798,7 +793,7 @@ impl Sender {
         );
         match self.publisher.publish(&self.delivery_topic, &event).await {
             Ok(_) => {
-                self.published.submit(attempt_key(claimed)).await.context("failed to mark an attempt published")?
+                let _ = self.published.send((claimed.account_id.clone(), claimed.reply_id.clone(), claimed.attempt));
             }
             // Recorded: housekeeping publishes it again.
             Err(error) => warn!(%error, "attempt event not acknowledged; published again later"),
@@ -807,12 +802,8 @@ impl Sender {
     }
 
     async fn rate_limit(&self, account_id: &str, message: &OutboundMessageQueued, channel_type: ChannelType) {
-        let rate = match channel_type {
-            ChannelType::Whatsapp if message.channel_messages_per_second == 0 => WHATSAPP_DEFAULT_MESSAGES_PER_SECOND,
-            ChannelType::Whatsapp | ChannelType::Custom => message.channel_messages_per_second,
-            _ => 0,
-        };
-        let Some(per_second) = NonZeroU32::new(rate) else { return };
+        let Some(per_second) = channel_rate(channel_type, message.channel_messages_per_second) else { return };
+        let rate = per_second.get();
         let limiter = {
             let mut limiters = self.limiters.lock().expect("limiter lock");
             let key = (account_id.to_owned(), message.channel_id.clone());
@@ -1050,58 +1041,87 @@ async fn record_outcome(
     Ok(())
 }
 
-/// The outcomes of many attempts, as [`record_outcome`] writes one, in one transaction. Rows are
-/// written in key order, so two batches never wait on each other's rows in opposite orders.
-async fn record_outcomes(pool: PgPool, mut outcomes: Vec<(AttemptKey, Recorded)>) -> anyhow::Result<()> {
-    outcomes.sort_unstable_by(|left, right| left.0.cmp(&right.0));
-    let column = |take: fn(&(AttemptKey, Recorded)) -> String| outcomes.iter().map(take).collect::<Vec<_>>();
-    let account_ids = column(|(key, _)| key.0.clone());
-    let reply_ids = column(|(key, _)| key.1.clone());
-    let attempts: Vec<i32> = outcomes.iter().map(|(key, _)| key.2).collect();
-    let outcome_names = column(|(_, recorded)| recorded.outcome_name.clone());
-    let errors = column(|(_, recorded)| recorded.error.clone());
-    let provider_message_ids = column(|(_, recorded)| recorded.provider_message_id.clone());
-    let finished_at: Vec<DateTime<Utc>> = outcomes.iter().map(|(_, recorded)| recorded.finished_at).collect();
-    let status_codes: Vec<i32> = outcomes.iter().map(|(_, recorded)| recorded.status_code as i32).collect();
-    let next_attempt_at: Vec<Option<DateTime<Utc>>> =
-        outcomes.iter().map(|(_, recorded)| recorded.next_attempt_at).collect();
-    let mut transaction = pool.begin().await.context("failed to begin the outcome transaction")?;
+/// An outcome to record, and where to say whether it was committed.
+struct RecordRequest {
+    claimed: Claimed,
+    recorded: Recorded,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Outcomes per transaction at most.
+const RECORD_BATCH: usize = 1000;
+
+/// The task that records outcomes: whatever is waiting goes into one transaction (one commit,
+/// one fsync, for many attempts).
+fn spawn_recorder(pool: PgPool) -> mpsc::Sender<RecordRequest> {
+    let (sender, mut requests) = mpsc::channel::<RecordRequest>(RECORD_BATCH * 4);
+    tokio::spawn(async move {
+        while let Some(first) = requests.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < RECORD_BATCH {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            let result = record_outcomes(&pool, &batch).await.map_err(|error| format!("{error:#}"));
+            for request in batch {
+                let _ = request.done.send(result.clone());
+            }
+        }
+    });
+    sender
+}
+
+#[tracing::instrument(name = "record_outcomes", skip_all, fields(attempts = batch.len()))]
+async fn record_outcomes(pool: &PgPool, batch: &[RecordRequest]) -> anyhow::Result<()> {
+    let column = |get: &dyn Fn(&RecordRequest) -> String| batch.iter().map(get).collect::<Vec<_>>();
+    let account_ids = column(&|request| request.claimed.account_id.clone());
+    let reply_ids = column(&|request| request.claimed.reply_id.clone());
+    let attempts: Vec<i32> = batch.iter().map(|request| request.claimed.attempt).collect();
+    let outcomes = column(&|request| request.recorded.outcome_name.clone());
+    let finished_at: Vec<DateTime<Utc>> = batch.iter().map(|request| request.recorded.finished_at).collect();
+    let status_codes: Vec<i32> = batch.iter().map(|request| request.recorded.status_code as i32).collect();
+    let errors = column(&|request| request.recorded.error.clone());
+    let provider_ids = column(&|request| request.recorded.provider_message_id.clone());
+    let next_at: Vec<Option<DateTime<Utc>>> = batch.iter().map(|request| request.recorded.next_attempt_at).collect();
+    let mut transaction = pool.begin().await?;
     sqlx::query(
         "UPDATE delivery.attempts a SET outcome = t.outcome, finished_at = t.finished_at, status_code = t.status_code,
              error = t.error, provider_message_id = t.provider_message_id, next_attempt_at = t.next_attempt_at
          FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::int[], $7::text[],
              $8::text[], $9::timestamptz[])
              AS t(account_id, reply_id, attempt, outcome, finished_at, status_code, error, provider_message_id,
-                 next_attempt_at)
+                  next_attempt_at)
          WHERE a.account_id = t.account_id AND a.reply_id = t.reply_id AND a.attempt = t.attempt",
     )
     .bind(&account_ids)
     .bind(&reply_ids)
     .bind(&attempts)
-    .bind(&outcome_names)
+    .bind(&outcomes)
     .bind(&finished_at)
     .bind(&status_codes)
     .bind(&errors)
-    .bind(&provider_message_ids)
-    .bind(&next_attempt_at)
+    .bind(&provider_ids)
+    .bind(&next_at)
     .execute(&mut *transaction)
     .await
     .context("failed to record the attempts' outcomes")?;
     sqlx::query(
         "UPDATE delivery.outbox o SET state = t.outcome, next_attempt_at = COALESCE(t.next_attempt_at, o.next_attempt_at),
              last_error = t.error, provider_message_id = t.provider_message_id
-         FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-             AS t(account_id, reply_id, attempt, outcome, error, provider_message_id, next_attempt_at)
+         FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::timestamptz[], $6::text[], $7::text[])
+             AS t(account_id, reply_id, attempt, outcome, next_attempt_at, error, provider_message_id)
          WHERE o.account_id = t.account_id AND o.reply_id = t.reply_id AND o.attempts = t.attempt
              AND o.state = 'sending'",
     )
     .bind(&account_ids)
     .bind(&reply_ids)
     .bind(&attempts)
-    .bind(&outcome_names)
+    .bind(&outcomes)
+    .bind(&next_at)
     .bind(&errors)
-    .bind(&provider_message_ids)
-    .bind(&next_attempt_at)
+    .bind(&provider_ids)
     .execute(&mut *transaction)
     .await
     .context("failed to record the messages' states")?;
@@ -1109,20 +1129,47 @@ async fn record_outcomes(pool: PgPool, mut outcomes: Vec<(AttemptKey, Recorded)>
     Ok(())
 }
 
-/// Marks attempts whose event was acknowledged as published, in one statement.
-async fn mark_published(pool: PgPool, mut attempts: Vec<AttemptKey>) -> anyhow::Result<()> {
-    attempts.sort_unstable();
+/// The task that marks attempts published, many per statement. Losing a mark only means the
+/// event is published again later, with the same event id.
+fn spawn_publication_marker(pool: PgPool) -> mpsc::UnboundedSender<(String, String, i32)> {
+    let (sender, mut marks) = mpsc::unbounded_channel::<(String, String, i32)>();
+    tokio::spawn(async move {
+        while let Some(first) = marks.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < RECORD_BATCH {
+                match marks.try_recv() {
+                    Ok(mark) => batch.push(mark),
+                    Err(_) => break,
+                }
+            }
+            let result = sqlx::query(
+                "UPDATE delivery.attempts a SET published = true
+                 FROM UNNEST($1::text[], $2::text[], $3::int[]) AS t(account_id, reply_id, attempt)
+                 WHERE a.account_id = t.account_id AND a.reply_id = t.reply_id AND a.attempt = t.attempt",
+            )
+            .bind(batch.iter().map(|mark| mark.0.clone()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|mark| mark.1.clone()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|mark| mark.2).collect::<Vec<_>>())
+            .execute(&pool)
+            .await;
+            if let Err(error) = result {
+                warn!(%error, "marking attempts published failed; they are published again later");
+            }
+        }
+    });
+    sender
+}
+
+async fn mark_published(pool: &PgPool, account_id: &str, reply_id: &str, attempt: i32) -> anyhow::Result<()> {
     sqlx::query(
-        "UPDATE delivery.attempts a SET published = true
-         FROM UNNEST($1::text[], $2::text[], $3::int[]) AS t(account_id, reply_id, attempt)
-         WHERE a.account_id = t.account_id AND a.reply_id = t.reply_id AND a.attempt = t.attempt",
+        "UPDATE delivery.attempts SET published = true WHERE account_id = $1 AND reply_id = $2 AND attempt = $3",
     )
-    .bind(attempts.iter().map(|key| key.0.clone()).collect::<Vec<_>>())
-    .bind(attempts.iter().map(|key| key.1.clone()).collect::<Vec<_>>())
-    .bind(attempts.iter().map(|key| key.2).collect::<Vec<_>>())
-    .execute(&pool)
+    .bind(account_id)
+    .bind(reply_id)
+    .bind(attempt)
+    .execute(pool)
     .await
-    .context("failed to mark attempts published")?;
+    .context("failed to mark an attempt published")?;
     Ok(())
 }
 
@@ -1165,6 +1212,15 @@ fn attempt_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn c8_c10_channel_rates_default_per_channel_type() {
+        assert_eq!(channel_rate(ChannelType::Whatsapp, 0), NonZeroU32::new(80));
+        assert_eq!(channel_rate(ChannelType::Whatsapp, 20), NonZeroU32::new(20));
+        assert_eq!(channel_rate(ChannelType::Custom, 0), None);
+        assert_eq!(channel_rate(ChannelType::Custom, 5), NonZeroU32::new(5));
+        assert_eq!(channel_rate(ChannelType::FacebookMessenger, 5), None);
+    }
 
     #[test]
     fn o5_outcomes_are_recorded_with_the_next_step() {

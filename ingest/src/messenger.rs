@@ -32,9 +32,8 @@ use crate::meta;
 use crate::secrets::Secrets;
 
 /// Postback / quick-reply payloads of the consent prompt's buttons (documented in
-/// docs/channels.md; whoever sends the consent prompt uses them).
-pub const CONSENT_GRANTED_PAYLOAD: &str = "SWITCHBOARD_CONSENT_GRANTED";
-pub const CONSENT_DECLINED_PAYLOAD: &str = "SWITCHBOARD_CONSENT_DECLINED";
+/// docs/channels.md; the router's consent prompt offers them as quick replies).
+pub use switchboard_runtime::outbound::{CONSENT_DECLINED_PAYLOAD, CONSENT_GRANTED_PAYLOAD};
 /// `DeliveryStatusReported.status` of a Messenger echo: Meta confirms the page sent the message
 /// `provider_message_id` (the mid) to `recipient_external_id` (the PSID).
 pub const ECHO_STATUS: &str = "echo";

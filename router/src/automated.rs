@@ -6,10 +6,13 @@
 
 use switchboard_proto::events::v1::{
     AgentConfigured, Author, AuthorKind, Automation, Envelope, InboundMessageReceived, InboxConfigured,
-    MessengerMessagingType, OutboundEmail, OutboundMessageQueued, OutboundMessenger, OutboundPurpose,
+    MessengerMessagingType, MessengerQuickReply, OutboundEmail, OutboundMessageQueued, OutboundMessenger,
+    OutboundPurpose,
 };
 use switchboard_runtime::envelope::{recorded_at_millis, timestamp_millis};
-use switchboard_runtime::outbound::{email_message_id, fallback_identity};
+use switchboard_runtime::outbound::{
+    CONSENT_DECLINED_PAYLOAD, CONSENT_GRANTED_PAYLOAD, email_message_id, fallback_identity,
+};
 use switchboard_runtime::reply_window::STANDARD_WINDOW;
 use uuid::Uuid;
 
@@ -132,10 +135,27 @@ pub fn messenger_message(automated: MessengerAutomation<'_>) -> OutboundMessageQ
         messenger: Some(OutboundMessenger {
             page_id: page_id.to_owned(),
             messaging_type: MessengerMessagingType::Response as i32,
+            quick_replies: quick_replies_of(automation),
         }),
         thread_key: message.thread_key.clone(),
         ..Default::default()
     }
+}
+
+/// The titles of the consent prompt's two buttons.
+pub const CONSENT_GRANTED_TITLE: &str = "Yes, continue";
+pub const CONSENT_DECLINED_TITLE: &str = "No, thanks";
+
+/// C6: the consent prompt asks a question, so it offers the two answers as quick replies whose
+/// payloads ingest recognises; other automated messages offer none.
+fn quick_replies_of(automation: Automation) -> Vec<MessengerQuickReply> {
+    if automation != Automation::ConsentPrompt {
+        return Vec::new();
+    }
+    [(CONSENT_GRANTED_TITLE, CONSENT_GRANTED_PAYLOAD), (CONSENT_DECLINED_TITLE, CONSENT_DECLINED_PAYLOAD)]
+        .into_iter()
+        .map(|(title, payload)| MessengerQuickReply { title: title.to_owned(), payload: payload.to_owned() })
+        .collect()
 }
 
 fn automation_author(name: &str, automation: Automation) -> Author {

@@ -1562,6 +1562,22 @@ fn c6_consent_prompt_is_sent_once_while_a_thread_waits_for_consent() {
     assert_eq!(prompt.conversation_id, "", "no conversation while the messages are held");
     assert_eq!((prompt.recipient.as_str(), prompt.messenger.as_ref().unwrap().page_id.as_str()), ("psid-1", "page-77"));
     assert_eq!(envelope.partition_key, outbound_partition_key(ACCOUNT, "fb-1/psid-1"));
+    // The customer answers with a tap: the payloads are the words ingest's webhook recognises.
+    let buttons: Vec<(String, String)> = prompt
+        .messenger
+        .as_ref()
+        .unwrap()
+        .quick_replies
+        .iter()
+        .map(|reply| (reply.title.clone(), reply.payload.clone()))
+        .collect();
+    assert_eq!(
+        buttons,
+        [
+            ("Yes, continue".to_owned(), switchboard_runtime::outbound::CONSENT_GRANTED_PAYLOAD.to_owned()),
+            ("No, thanks".to_owned(), switchboard_runtime::outbound::CONSENT_DECLINED_PAYLOAD.to_owned()),
+        ]
+    );
     let Some(Payload::MessageWithheld(withheld)) = events[1].payload.as_ref() else { panic!() };
     assert_eq!(withheld.consent_prompt_reply_id, prompt.reply_id);
 
@@ -1579,6 +1595,7 @@ fn c6_consent_prompt_is_sent_once_while_a_thread_waits_for_consent() {
     let released = given.when_command(consent("psid-1", true));
     assert_eq!(automations(&released), [(Automation::Greeting, "Welcome!".to_owned())]);
     assert_eq!(queued(&released)[0].1.conversation_id, conversation_of(&released));
+    assert!(queued(&released)[0].1.messenger.as_ref().unwrap().quick_replies.is_empty(), "a greeting asks nothing");
     // Consent withdrawn later: the next held message asks again.
     given.when_command(consent("psid-1", false));
     let after = given.messenger_input("psid-1", "mid-4", 0);

@@ -16,6 +16,8 @@
 //!   verifies, delivery signs);
 //! - [`tcp`]: the options every listener sets on an accepted connection (`TCP_NODELAY`).
 
+#[cfg(feature = "attachment-fetch")]
+pub mod attachment_hosts;
 pub mod config_store;
 pub mod envelope;
 pub mod ids;

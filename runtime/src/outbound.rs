@@ -6,6 +6,11 @@
 use switchboard_proto::events::v1::{ChannelConfigured, ChannelType, InboxConfigured};
 use uuid::Uuid;
 
+/// C6: the payloads of the consent prompt's quick replies (set by the router, recognised by
+/// ingest's Messenger webhook as the customer's answer).
+pub const CONSENT_GRANTED_PAYLOAD: &str = "SWITCHBOARD_CONSENT_GRANTED";
+pub const CONSENT_DECLINED_PAYLOAD: &str = "SWITCHBOARD_CONSENT_DECLINED";
+
 /// The mail domain of fallback addresses (C12) for inboxes whose config event predates
 /// `InboxConfigured.fallback_address`. New inboxes get their address from the API's setting.
 pub const DEFAULT_FALLBACK_DOMAIN: &str = "fallback.switchboard.invalid";

@@ -163,3 +163,115 @@ pub async fn summarize(
     }
     Ok(summary)
 }
+
+/// What became of an agent's reply the demo sent (O5), as the API shows it.
+#[derive(Debug, Clone)]
+pub struct ReplyOutcome {
+    pub conversation_id: String,
+    pub channel_id: String,
+    pub agent_id: String,
+    pub reply_id: String,
+    /// "sent", "delivered", "read" or "failed" (or "queued" if the wait ran out).
+    pub delivery_state: String,
+    /// The email's Message-ID, the chat row's id, ...
+    pub provider_message_id: String,
+    pub failure_reason: String,
+}
+
+/// The first conversation on `channel_id` (optionally from `contact_external_id`) once the API
+/// shows it.
+pub async fn wait_for_conversation(
+    api: &mut crate::ApiClient,
+    channel_id: &str,
+    contact_external_id_opt: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let listed = api
+            .list_conversations(switchboard_proto::api::v1::ListConversationsRequest {
+                channel_id: channel_id.to_owned(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let found = listed.conversations.into_iter().find(|conversation| {
+            contact_external_id_opt.is_none_or(|contact| conversation.contact_external_id == contact)
+        });
+        if let Some(conversation) = found {
+            return Ok(conversation.id);
+        }
+        if Instant::now() > deadline {
+            bail!("no conversation on {channel_id} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `text` through `SendReply` in `conversation_id` as its assignee (a JWT signed with
+/// `jwt_secret`; the first of `fallback_agent_id` when nobody is assigned), then follows the
+/// reply until the delivery service settled it (any state but `queued`) or `timeout` passed.
+pub async fn reply_and_follow(
+    api: &mut crate::ApiClient,
+    api_url: &str,
+    jwt_secret: &str,
+    conversation_id: &str,
+    fallback_agent_id: &str,
+    text: &str,
+    timeout: Duration,
+) -> anyhow::Result<ReplyOutcome> {
+    use switchboard_proto::api::v1::admin_service_client::AdminServiceClient;
+    let conversation = api
+        .get_conversation(GetConversationRequest { conversation_id: conversation_id.to_owned(), ..Default::default() })
+        .await?
+        .into_inner()
+        .conversation
+        .context("conversation missing from response")?;
+    let agent_id =
+        if conversation.assignee_id.is_empty() { fallback_agent_id.to_owned() } else { conversation.assignee_id };
+    let identity = switchboard_api::auth::Identity {
+        user_id: agent_id.clone(),
+        account_id: crate::demo_admin().account_id,
+        role: switchboard_api::auth::Role::Agent,
+        team_ids: Vec::new(),
+    };
+    let token = switchboard_api::auth::mint_token(jwt_secret.as_bytes(), &identity, Duration::from_secs(600))?;
+    let channel = crate::connect_channel(api_url).await?;
+    let mut admin = AdminServiceClient::with_interceptor(channel, crate::BearerToken::new(&token)?);
+    let accepted = admin
+        .send_reply(switchboard_proto::api::v1::SendReplyRequest {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            conversation_id: conversation_id.to_owned(),
+            text: text.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("SendReply as {agent_id} in {conversation_id}"))?
+        .into_inner();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let response = api
+            .get_conversation(GetConversationRequest {
+                conversation_id: conversation_id.to_owned(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let shown = response.messages.into_iter().find(|message| message.id == accepted.reply_id);
+        let state = shown.as_ref().map(|message| message.delivery_state.clone()).unwrap_or_default();
+        let settled = !state.is_empty() && state != "queued";
+        if settled || Instant::now() > deadline {
+            let message = shown.unwrap_or_default();
+            return Ok(ReplyOutcome {
+                conversation_id: conversation_id.to_owned(),
+                channel_id: conversation.channel_id,
+                agent_id,
+                reply_id: accepted.reply_id,
+                delivery_state: if state.is_empty() { "not yet visible".to_owned() } else { state },
+                provider_message_id: message.provider_message_id,
+                failure_reason: message.failure_reason,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

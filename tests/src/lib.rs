@@ -284,6 +284,8 @@ impl TestEnv {
             brokers: self.brokers.clone(),
             topics: self.topics.clone(),
             fallback_email_domain: switchboard_runtime::outbound::DEFAULT_FALLBACK_DOMAIN.to_owned(),
+            // Attachment hosts in the tests are local stand-ins.
+            attachment_hosts: switchboard_runtime::attachment_hosts::AttachmentHosts::AnyAddress,
         };
         tokio::spawn(async move {
             let stopped = async move {
@@ -908,5 +910,85 @@ impl TestEnv {
             command.env(name, value);
         }
         command.spawn().map(KillOnDrop).context("failed to start the delivery binary")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole outbound path (issue 15): ingest, router, projector, API and delivery in-process,
+// email over the stack's Mailpit, Meta and customers' apps at a stand-in.
+// ---------------------------------------------------------------------------------------------
+
+/// Every service of the outbound path, as its clients see it.
+pub struct OutboundPipeline {
+    /// Ingest's HTTP and SMTP listeners.
+    pub ingest: switchboard_ingest::BoundAddresses,
+    pub ingest_url: String,
+    /// The gRPC API's URL (connect with any identity, e.g. `api_seed::clients_for`).
+    pub api_url: String,
+    /// The stack's Mailpit, where every email the delivery service sends arrives.
+    pub mailpit: Mailpit,
+    pub delivery_metrics: Arc<switchboard_delivery::metrics::Metrics>,
+    pub http: reqwest::Client,
+}
+
+impl TestEnv {
+    /// Starts the outbound path over this environment's topics and database, for the config
+    /// already applied: ingest (HTTP, SMTP, the chat reply stream; channel secrets from
+    /// `secrets_toml`), the router, the projector, the API and the delivery service. Delivery
+    /// sends email to the stack's Mailpit (`MAILPIT_URL`, `MAILPIT_SMTP_PORT` from
+    /// `scripts/stack env`), Graph API calls to `graph_base_url` (a stand-in) and reads its
+    /// tokens and keys from the same `secrets_toml` (one secrets format for both services).
+    pub async fn start_outbound_pipeline(
+        &self,
+        secrets_toml: &str,
+        graph_base_url: &str,
+    ) -> anyhow::Result<OutboundPipeline> {
+        let mailpit = Mailpit::from_env()?;
+        let config = self.config_store("test-ingest").await?;
+        let settings = switchboard_ingest::IngestSettings {
+            max_body_bytes: 256 * 1024,
+            delivery_timeout: Duration::from_secs(10),
+            smtp_listen: Some("127.0.0.1:0".parse()?),
+            smtp_max_message_bytes: 256 * 1024,
+            secrets: switchboard_runtime::secrets::Secrets::parse(secrets_toml)?,
+            chat_stream_opt: Some(switchboard_ingest::chat_stream::ChatStreamSettings {
+                database_url: self.database_url.clone(),
+                keep_alive: Duration::from_secs(1),
+            }),
+            ..switchboard_ingest::IngestSettings::new("127.0.0.1:0".parse()?, &self.brokers, &self.topics.inbound)
+        };
+        // Delivery creates the chat table ingest streams from.
+        switchboard_delivery::migrate(&self.pool).await?;
+        let (bound_sender, bound) = tokio::sync::oneshot::channel();
+        let mut shutdown = self.shutdown_sender.subscribe();
+        tokio::spawn(switchboard_ingest::serve_all(settings, config, bound_sender, async move {
+            let _ = shutdown.changed().await;
+        }));
+        let ingest = bound.await.context("ingest did not start")?;
+        self.start_router("router-0").await?;
+        self.start_projector().await?;
+        let api_url = self.start_api_server().await?;
+        let delivery = switchboard_delivery::DeliverySettings {
+            smtp: Some(switchboard_delivery::email::SmtpSettings {
+                host: "127.0.0.1".into(),
+                port: mailpit.smtp_port,
+                tls: switchboard_delivery::email::SmtpTls::None,
+                username: None,
+                password: None,
+                timeout: Duration::from_secs(5),
+                // As the test API: attachments may come from loopback stand-ins.
+                attachment_hosts: switchboard_runtime::attachment_hosts::AttachmentHosts::AnyAddress,
+            }),
+            ..self.delivery_settings(graph_base_url, secrets_toml)?
+        };
+        let delivery_metrics = self.start_delivery(delivery).await?;
+        Ok(OutboundPipeline {
+            ingest_url: format!("http://{}", ingest.http),
+            ingest,
+            api_url,
+            mailpit,
+            delivery_metrics,
+            http: reqwest::Client::new(),
+        })
     }
 }

@@ -51,7 +51,11 @@ fn reply(channel_id: &str, channel_type: ChannelType, text: &str) -> OutboundMes
 fn messenger(text: &str, messaging_type: MessengerMessagingType) -> OutboundMessageQueued {
     let mut message = reply("fb", ChannelType::FacebookMessenger, text);
     message.recipient = "psid-1".into();
-    message.messenger = Some(OutboundMessenger { page_id: "page-9".into(), messaging_type: messaging_type as i32 });
+    message.messenger = Some(OutboundMessenger {
+        page_id: "page-9".into(),
+        messaging_type: messaging_type as i32,
+        ..Default::default()
+    });
     message
 }
 
@@ -402,6 +406,44 @@ async fn o5_a_message_left_sending_by_a_crash_is_resent_with_the_same_key() -> a
             .fetch_one(&env.pool)
             .await?;
     assert_eq!((state.as_str(), attempts_made), ("sent", 1));
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c10_a_burst_to_a_rate_limited_channel_waits_and_is_not_refused() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let stand_in = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/app/replies"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&stand_in)
+        .await;
+    // 2 per second: a burst of 7 takes at least (7 - 2) / 2 = 2.5 s (governor allows a burst of 2).
+    let burst: Vec<OutboundMessageQueued> = (0..7)
+        .map(|index| {
+            let mut message = reply("app", ChannelType::Custom, &format!("burst {index}"));
+            message.custom_delivery_url = format!("{}/app/replies", stand_in.uri());
+            message.channel_messages_per_second = 2;
+            message
+        })
+        .collect();
+    env.produce_envelopes(&env.topics.outbound, &burst.iter().map(record).collect::<Vec<_>>()).await?;
+    env.start_delivery(env.delivery_settings(&stand_in.uri(), SECRETS)?).await?;
+    let attempts = wait_for_attempts(&env, burst.len()).await?;
+    assert!(attempts.iter().all(|attempt| attempt.state == DeliveryState::Sent as i32 && attempt.attempt == 1));
+    let times: Vec<chrono::DateTime<Utc>> = {
+        let mut rows: Vec<chrono::DateTime<Utc>> =
+            sqlx::query_scalar("SELECT finished_at FROM delivery.attempts WHERE account_id = $1 ORDER BY finished_at")
+                .bind(ACCOUNT)
+                .fetch_all(&env.pool)
+                .await?;
+        rows.sort();
+        rows
+    };
+    let spread = times[times.len() - 1] - times[0];
+    assert!(spread >= chrono::Duration::milliseconds(2_000), "7 sends at 2/s took only {spread}");
+    assert_eq!(stand_in.received_requests().await.unwrap_or_default().len(), burst.len());
     env.cleanup().await;
     Ok(())
 }

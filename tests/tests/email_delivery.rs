@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use switchboard_runtime::attachment_hosts::AttachmentHosts;
 
 use anyhow::Context;
 use mail_parser::{MessageParser, MimeHeaders};
@@ -33,6 +34,8 @@ fn relay_at(port: u16, credentials: Option<(&str, &str)>) -> anyhow::Result<Smtp
         username: credentials.map(|(user, _)| user.to_owned()),
         password: credentials.map(|(_, password)| password.to_owned()),
         timeout: Duration::from_secs(5),
+        // Attachments come from a local stand-in.
+        attachment_hosts: AttachmentHosts::AnyAddress,
     })
 }
 
@@ -363,6 +366,8 @@ async fn o5_required_starttls_that_the_relay_does_not_offer_is_retryable_and_not
         username: None,
         password: None,
         timeout: Duration::from_secs(5),
+        // Attachments come from a local stand-in.
+        attachment_hosts: AttachmentHosts::AnyAddress,
     })?;
     match relay.send(&reply).await {
         SendOutcome::Retryable { status_code, .. } => assert_eq!(status_code, 0),

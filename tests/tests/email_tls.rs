@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use switchboard_runtime::attachment_hosts::AttachmentHosts;
 
 use anyhow::{Context, ensure};
 use switchboard_delivery::email::{SmtpRelay, SmtpSettings, SmtpTls};
@@ -102,6 +103,8 @@ fn relay(host: &str, port: u16, tls: SmtpTls) -> anyhow::Result<SmtpRelay> {
         username: Some("agent@acme.example".into()),
         password: Some("secret".into()),
         timeout: Duration::from_secs(5),
+        // Attachments come from a local stand-in.
+        attachment_hosts: AttachmentHosts::AnyAddress,
     })
 }
 

@@ -91,6 +91,7 @@ name = "WhatsApp"
 [channels.whatsapp]
 phone_number_id = "pn-1"
 templates = [{ name = "order_update", language = "en_US", parameters = 2 }]
+messages_per_second = 40
 
 [[channels]]
 id = "phone"
@@ -105,6 +106,7 @@ type = "custom"
 name = "Telegram bridge"
 [channels.custom]
 delivery_url = "http://127.0.0.1:9/deliver"
+messages_per_second = 12
 
 [[channels]]
 id = "vip-chat"
@@ -539,6 +541,7 @@ async fn c8_o3_whatsapp_free_form_inside_24_hours_templates_outside() -> anyhow:
     let free_form = ana.admin.send_reply(reply(inside, "Sure")).await?.into_inner();
     let message = queued(env, &free_form.reply_id)?;
     assert_eq!(message.recipient, "4915112345678");
+    assert_eq!(message.channel_messages_per_second, 40, "the number's rate travels with the reply (C8)");
     let sent = message.whatsapp.expect("whatsapp details");
     assert_eq!((sent.phone_number_id.as_str(), sent.template), ("pn-1", None));
 
@@ -627,6 +630,11 @@ async fn c9_c11_o1_bad_requests_calls_off_channels_closed_and_unknown_conversati
     let message = queued(env, &result.reply_id)?;
     assert_eq!((message.recipient.as_str(), message.thread_key.as_str()), ("tg-user-5", "tg-user-5"));
     assert_eq!(message.channel_type, ChannelType::Custom as i32);
+    // C10: the app's URL and rate travel with the reply: the delivery service reads no config.
+    assert_eq!(
+        (message.custom_delivery_url.as_str(), message.channel_messages_per_second),
+        ("http://127.0.0.1:9/deliver", 12)
+    );
     let result = ana.admin.send_reply(reply(chat, "Hello visitor")).await?.into_inner();
     let message = queued(env, &result.reply_id)?;
     assert_eq!((message.recipient.as_str(), message.channel_id.as_str()), ("visitor-1", "chat"));
@@ -780,5 +788,32 @@ async fn o1_internal_notes_are_published_never_sent_and_allowed_on_closed_conver
         AddInternalNoteRequest { request_id: request_id(), conversation_id: closed.to_string(), text: " ".into() };
     assert_eq!(ana.admin.add_internal_note(empty).await.unwrap_err().code(), Code::InvalidArgument);
     fixture.env.cleanup().await;
+    Ok(())
+}
+
+/// By default the API fetches attachment references only from public addresses: a URL on
+/// loopback (or a name resolving only to it) is refused before any connection, so a reply
+/// cannot make the API probe its own network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn o1_attachments_on_private_addresses_are_refused_by_default() -> anyhow::Result<()> {
+    use switchboard_runtime::attachment_hosts::{self, AttachmentHosts};
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let host = MockServer::start().await;
+    Mock::given(method("HEAD")).respond_with(ResponseTemplate::new(200)).mount(&host).await;
+    let client = attachment_hosts::client_builder(AttachmentHosts::PublicOnly).build()?;
+    let port = host.address().port();
+    for url in [format!("http://127.0.0.1:{port}/a.pdf"), format!("http://localhost:{port}/a.pdf")] {
+        let attachment = OutboundAttachment { url: url.clone(), ..Default::default() };
+        let refused = switchboard_api::replies::fetch_attachments(&client, AttachmentHosts::PublicOnly, &[attachment])
+            .await
+            .expect_err("a loopback attachment must be refused");
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), Code::FailedPrecondition, "{url}");
+        let (reason, metadata) = precondition_metadata(&status);
+        assert_eq!(reason, "ATTACHMENT_UNREACHABLE");
+        assert!(metadata["why"].contains("public address"), "{url}: {metadata:?}");
+    }
+    assert!(host.received_requests().await.unwrap_or_default().is_empty(), "nothing reached the host");
     Ok(())
 }

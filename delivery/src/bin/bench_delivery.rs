@@ -32,6 +32,7 @@ use switchboard_proto::events::v1::envelope::Payload;
 use switchboard_proto::events::v1::{
     Author, AuthorKind, ChannelType, OutboundEmail, OutboundMessageQueued, OutboundPurpose,
 };
+use switchboard_runtime::attachment_hosts::AttachmentHosts;
 use switchboard_runtime::envelope;
 use switchboard_runtime::outbound::outbound_partition_key;
 use switchboard_runtime::secrets::Secrets;
@@ -110,6 +111,7 @@ async fn run(args: &Args, topics: &Topics, database_url: &str) -> anyhow::Result
             username: None,
             password: None,
             timeout: Duration::from_secs(10),
+            attachment_hosts: AttachmentHosts::PublicOnly,
         }),
         smtp_connections: switchboard_delivery::service::DEFAULT_SMTP_CONNECTIONS,
         concurrency: args.concurrency,

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchboard_runtime::attachment_hosts::AttachmentHosts;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -116,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         username: None,
         password: None,
         timeout: Duration::from_secs(30),
+        attachment_hosts: AttachmentHosts::PublicOnly,
     };
     let max_connections = args.max_connections.unwrap_or(args.concurrency as u32);
     let relay = Arc::new(SmtpRelay::with_max_connections(settings, max_connections)?);

@@ -109,6 +109,8 @@ async fn run(args: &Args, env: &TestEnv) -> anyhow::Result<()> {
         brokers: env.brokers.clone(),
         topics: env.topics.clone(),
         fallback_email_domain: switchboard_runtime::outbound::DEFAULT_FALLBACK_DOMAIN.to_owned(),
+        // Replies carry no attachments here; as the binary's default.
+        attachment_hosts: switchboard_runtime::attachment_hosts::AttachmentHosts::PublicOnly,
     };
     tokio::spawn(async move {
         if let Err(error) = switchboard_api::serve(api_listener, api_settings, std::future::pending()).await {

@@ -20,6 +20,17 @@ struct Args {
     /// The API's JWT secret: the load driver signs itself an admin token of the demo account.
     #[arg(long, env = "API_JWT_SECRET", default_value = switchboard_tests::TEST_JWT_SECRET, hide_env_values = true)]
     jwt_secret: String,
+    /// After the load: answer one chat conversation and the team-email conversation of
+    /// `--email-contact` through SendReply, and print what the delivery service did with them.
+    #[arg(long)]
+    replies: bool,
+    #[arg(long, default_value = "team-email")]
+    email_channel: String,
+    #[arg(long, default_value = "erin@customer.example")]
+    email_contact: String,
+    /// Mailpit's web UI, where the email reply can be read.
+    #[arg(long, env = "MAILPIT_URL", default_value = "http://127.0.0.1:18026")]
+    mailpit_url: String,
 }
 
 #[tokio::main]
@@ -33,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     let api = switchboard_tests::connect_api(&args.api_url, switchboard_tests::BearerToken::new(&token)?).await?;
     let run_id = format!("demo-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     let spec = LoadSpec {
-        channel_id: args.channel,
+        channel_id: args.channel.clone(),
         messages: args.messages,
         visitors: args.visitors,
         concurrency: args.concurrency,
@@ -62,5 +73,82 @@ async fn main() -> anyhow::Result<()> {
     if !all_there {
         anyhow::bail!("the API does not show every message and conversation that was sent");
     }
+    if args.replies {
+        send_replies(&args, &mut api.clone(), &report.conversation_ids).await?;
+    }
     Ok(())
+}
+
+/// O1–O5 in the demo: an agent answers a chat visitor and the customer who wrote in by email;
+/// the delivery service sends both (the chat reply to ingest's SSE stream, the email to Mailpit).
+async fn send_replies(
+    args: &Args,
+    api: &mut switchboard_tests::ApiClient,
+    chat_conversations: &std::collections::BTreeSet<String>,
+) -> anyhow::Result<()> {
+    use switchboard_tests::demo::{reply_and_follow, wait_for_conversation};
+    let settle = std::time::Duration::from_secs(30);
+    println!();
+    println!("== Agent replies (SendReply -> outbound.v1 -> delivery service) ==");
+    let chat_id = chat_conversations.iter().next().ok_or_else(|| anyhow::anyhow!("no chat conversation"))?;
+    let visitor = api
+        .get_conversation(switchboard_proto::api::v1::GetConversationRequest {
+            conversation_id: chat_id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .conversation
+        .map(|conversation| conversation.contact_external_id)
+        .unwrap_or_default();
+    let chat = reply_and_follow(
+        api,
+        &args.api_url,
+        &args.jwt_secret,
+        chat_id,
+        "ana",
+        "Thanks for writing in! An agent is on it.",
+        settle,
+    )
+    .await?;
+    print_outcome("chat reply ", &chat);
+    println!(
+        "  the visitor's stream    : curl -N {}/v1/channels/{}/chat/visitors/{visitor}/events",
+        args.ingest_url, chat.channel_id
+    );
+    let email_id = wait_for_conversation(api, &args.email_channel, Some(&args.email_contact), settle).await?;
+    let email = reply_and_follow(
+        api,
+        &args.api_url,
+        &args.jwt_secret,
+        &email_id,
+        "ana",
+        "Hello Erin,\n\nthanks for telling us. We corrected the address on your invoice.",
+        settle,
+    )
+    .await?;
+    print_outcome("email reply", &email);
+    println!("  read it in Mailpit      : {} (to {})", args.mailpit_url, args.email_contact);
+    for outcome in [&chat, &email] {
+        if outcome.delivery_state != "sent" {
+            anyhow::bail!("the {} reply {} is {}", outcome.channel_id, outcome.reply_id, outcome.delivery_state);
+        }
+    }
+    Ok(())
+}
+
+fn print_outcome(label: &str, outcome: &switchboard_tests::demo::ReplyOutcome) {
+    println!(
+        "{label} by {:<11}: {} (conversation {}, reply {}{}{})",
+        outcome.agent_id,
+        outcome.delivery_state,
+        outcome.conversation_id,
+        outcome.reply_id,
+        if outcome.provider_message_id.is_empty() {
+            String::new()
+        } else {
+            format!(", provider id {}", outcome.provider_message_id)
+        },
+        if outcome.failure_reason.is_empty() { String::new() } else { format!(", {}", outcome.failure_reason) },
+    );
 }
