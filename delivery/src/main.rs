@@ -59,6 +59,9 @@ struct Args {
     /// Sends in flight at once.
     #[arg(long, env = "DELIVERY_CONCURRENCY", default_value_t = 256)]
     concurrency: usize,
+    /// Connections to the SMTP relay (sends beyond them wait for one).
+    #[arg(long, env = "DELIVERY_SMTP_CONNECTIONS", default_value_t = switchboard_delivery::service::DEFAULT_SMTP_CONNECTIONS)]
+    smtp_connections: u32,
     /// Timeout of one HTTP or SMTP send.
     #[arg(long, env = "DELIVERY_SEND_TIMEOUT_MS", default_value_t = 10_000)]
     send_timeout_ms: u64,
@@ -114,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         graph_base_url: args.graph_api_base_url.clone(),
         secrets,
         smtp,
+        smtp_connections: args.smtp_connections,
         concurrency: args.concurrency,
         http_timeout: timeout,
         retry: RetryPolicy {

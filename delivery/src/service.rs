@@ -33,6 +33,9 @@ use crate::metrics::Metrics;
 use crate::outcome::SendOutcome;
 use crate::retry::{NextStep, RetryPolicy};
 
+/// `DELIVERY_SMTP_CONNECTIONS` unless set.
+pub const DEFAULT_SMTP_CONNECTIONS: u32 = 64;
+
 /// Added to the send timeout to make the lease of a `sending` row (see `Sender::lease`).
 pub const SENDING_LEASE_MARGIN: Duration = Duration::from_secs(5);
 
@@ -54,6 +57,9 @@ pub struct DeliverySettings {
     pub secrets: Secrets,
     /// The SMTP relay; `None` fails email sends permanently with a clear reason.
     pub smtp: Option<SmtpSettings>,
+    /// Pooled connections to the SMTP relay: one SMTP conversation is several round trips, so
+    /// the relay's throughput grows with them (docs/benchmarks.md, "Outbound").
+    pub smtp_connections: u32,
     /// Sends in flight at once.
     pub concurrency: usize,
     pub http_timeout: Duration,
@@ -187,7 +193,7 @@ pub async fn run_delivery(
     let publisher = EnvelopePublisher::new(&settings.brokers, "switchboard-delivery", Duration::from_secs(30))
         .context("failed to create the delivery producer")?;
     let smtp = match &settings.smtp {
-        Some(smtp) => Some(Arc::new(SmtpRelay::new(smtp.clone())?)),
+        Some(smtp) => Some(Arc::new(SmtpRelay::with_max_connections(smtp.clone(), settings.smtp_connections)?)),
         None => None,
     };
     let sender = Sender {

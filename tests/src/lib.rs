@@ -857,6 +857,7 @@ impl TestEnv {
             graph_base_url: graph_base_url.to_owned(),
             secrets: switchboard_runtime::secrets::Secrets::parse(secrets_toml)?,
             smtp: None,
+            smtp_connections: switchboard_delivery::service::DEFAULT_SMTP_CONNECTIONS,
             concurrency: 64,
             http_timeout: Duration::from_secs(5),
             retry: switchboard_delivery::retry::RetryPolicy {

@@ -1,6 +1,9 @@
 //! `bench-delivery`: replies per second through the delivery service to an HTTP stand-in (a
 //! customer's app, C10), and the latency from publishing the reply on `outbound.v1` to the
-//! stand-in receiving the request (p50/p99).
+//! stand-in receiving the request (p50/p99). With `--email`, the replies are team emails sent
+//! to the SMTP server at `--smtp-port` (Mailpit in the stack); the clock then stops when the
+//! outbox has recorded every one as sent, and Mailpit (`--mailpit-url`) is asked whether it holds
+//! them all.
 //!
 //! Needs KAFKA_BROKERS and DATABASE_URL (`eval "$(scripts/stack env)"`). Creates fresh topics
 //! (`bench.<id>.`) and a fresh database, runs the delivery service in-process, drops both after.
@@ -8,6 +11,7 @@
 //! ```text
 //! target/release/bench-delivery --replies 50000            # throughput, as fast as possible
 //! target/release/bench-delivery --replies 30000 --rate 1000 # latency at 1,000 replies/s
+//! target/release/bench-delivery --replies 20000 --email    # to Mailpit (MAILPIT_SMTP_PORT)
 //! ```
 
 use std::collections::HashMap;
@@ -20,11 +24,15 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::postgres::PgPoolOptions;
+use switchboard_delivery::email::{SmtpSettings, SmtpTls};
 use switchboard_delivery::metrics::Metrics;
 use switchboard_delivery::retry::RetryPolicy;
 use switchboard_delivery::{DeliverySettings, run_delivery};
 use switchboard_proto::events::v1::envelope::Payload;
-use switchboard_proto::events::v1::{Author, AuthorKind, ChannelType, OutboundMessageQueued, OutboundPurpose};
+use switchboard_proto::events::v1::{
+    Author, AuthorKind, ChannelType, OutboundEmail, OutboundMessageQueued, OutboundPurpose,
+};
+use switchboard_runtime::attachment_hosts::AttachmentHosts;
 use switchboard_runtime::envelope;
 use switchboard_runtime::outbound::outbound_partition_key;
 use switchboard_runtime::secrets::Secrets;
@@ -49,6 +57,16 @@ struct Args {
     /// Sends in flight in the delivery service.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// Team emails to the SMTP server instead of HTTP requests to the stand-in.
+    #[arg(long)]
+    email: bool,
+    #[arg(long, default_value = "127.0.0.1")]
+    smtp_host: String,
+    #[arg(long, env = "MAILPIT_SMTP_PORT", default_value_t = 1025)]
+    smtp_port: u16,
+    /// Mailpit's API, to check every email arrived (`--email`; skipped when unset).
+    #[arg(long, env = "MAILPIT_URL")]
+    mailpit_url: Option<String>,
 }
 
 /// When the stand-in received each key.
@@ -86,7 +104,16 @@ async fn run(args: &Args, topics: &Topics, database_url: &str) -> anyhow::Result
         delivery_topic: topics.delivery.clone(),
         graph_base_url: "http://127.0.0.1:9/unused".into(),
         secrets: Secrets::parse("[channels.app]\nsigning_key = \"bench-key\"\n")?,
-        smtp: None,
+        smtp: args.email.then(|| SmtpSettings {
+            host: args.smtp_host.clone(),
+            port: args.smtp_port,
+            tls: SmtpTls::None,
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(10),
+            attachment_hosts: AttachmentHosts::PublicOnly,
+        }),
+        smtp_connections: switchboard_delivery::service::DEFAULT_SMTP_CONNECTIONS,
         concurrency: args.concurrency,
         http_timeout: Duration::from_secs(10),
         retry: RetryPolicy::default(),
@@ -94,6 +121,7 @@ async fn run(args: &Args, topics: &Topics, database_url: &str) -> anyhow::Result
     };
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     let metrics = Arc::new(Metrics::default());
+    let status_pool = pool.clone();
     tokio::spawn(async move {
         if let Err(error) = run_delivery(settings, pool, shutdown, metrics).await {
             eprintln!("delivery failed: {error:#}");
@@ -105,22 +133,27 @@ async fn run(args: &Args, topics: &Topics, database_url: &str) -> anyhow::Result
     let producer: FutureProducer =
         switchboard_runtime::kafka::idempotent_producer_config(&args.kafka_brokers, "bench-delivery", 60_000)
             .create()?;
+    let run_domain = format!("{}.bench.example", uuid::Uuid::now_v7().simple());
     let records: Vec<(String, String, Vec<u8>)> = (0..args.replies)
         .map(|index| {
             let reply_id = uuid::Uuid::now_v7().to_string();
             let conversation_id = uuid::Uuid::now_v7().to_string();
-            let message = OutboundMessageQueued {
-                reply_id: reply_id.clone(),
-                conversation_id: conversation_id.clone(),
-                channel_id: "app".into(),
-                channel_type: ChannelType::Custom as i32,
-                purpose: OutboundPurpose::ConversationReply as i32,
-                author: Some(Author { kind: AuthorKind::Agent as i32, name: "Ann".into(), ..Default::default() }),
-                text: format!("benchmark reply {index}"),
-                recipient: format!("user-{index}"),
-                idempotency_key: reply_id.clone(),
-                custom_delivery_url: url.clone(),
-                ..Default::default()
+            let message = if args.email {
+                email_reply(&reply_id, &conversation_id, index, &run_domain)
+            } else {
+                OutboundMessageQueued {
+                    reply_id: reply_id.clone(),
+                    conversation_id: conversation_id.clone(),
+                    channel_id: "app".into(),
+                    channel_type: ChannelType::Custom as i32,
+                    purpose: OutboundPurpose::ConversationReply as i32,
+                    author: Some(Author { kind: AuthorKind::Agent as i32, name: "Ann".into(), ..Default::default() }),
+                    text: format!("benchmark reply {index}"),
+                    recipient: format!("user-{index}"),
+                    idempotency_key: reply_id.clone(),
+                    custom_delivery_url: url.clone(),
+                    ..Default::default()
+                }
             };
             let key = outbound_partition_key("bench", &conversation_id);
             let event = envelope::new_root("bench", &key, Utc::now(), Payload::OutboundMessageQueued(message));
@@ -151,6 +184,9 @@ async fn run(args: &Args, topics: &Topics, database_url: &str) -> anyhow::Result
             tokio::time::sleep_until(next_slice_at).await;
         }
     }
+    if args.email {
+        return finish_email(args, &status_pool, started, &run_domain).await;
+    }
     let deadline = Instant::now() + Duration::from_secs(600);
     while received.lock().expect("received lock").len() < args.replies {
         anyhow::ensure!(Instant::now() < deadline, "not every reply arrived within 10 minutes");
@@ -178,6 +214,92 @@ async fn run(args: &Args, topics: &Topics, database_url: &str) -> anyhow::Result
         percentile(0.99),
         latencies.last().copied().unwrap_or_default(),
     );
+    Ok(())
+}
+
+/// A team email reply as the API queues it (both bodies, threaded on the customer's email).
+fn email_reply(reply_id: &str, conversation_id: &str, index: usize, domain: &str) -> OutboundMessageQueued {
+    let from_address = "support@acme.example";
+    let message_id =
+        switchboard_runtime::outbound::email_message_id(uuid::Uuid::parse_str(reply_id).expect("a uuid"), from_address);
+    let to = format!("customer-{index}@{domain}");
+    OutboundMessageQueued {
+        reply_id: reply_id.to_owned(),
+        conversation_id: conversation_id.to_owned(),
+        channel_id: "mail".into(),
+        channel_type: ChannelType::TeamEmail as i32,
+        purpose: OutboundPurpose::ConversationReply as i32,
+        author: Some(Author { kind: AuthorKind::Agent as i32, name: "Ann".into(), ..Default::default() }),
+        text: format!("Hello,\nyour order {index} ships today."),
+        recipient: to.clone(),
+        idempotency_key: message_id.clone(),
+        email: Some(OutboundEmail {
+            from_name: "Ann from Acme Support".into(),
+            from_address: from_address.into(),
+            to: vec![to],
+            subject: format!("Re: order {index}"),
+            message_id_header: message_id,
+            in_reply_to: format!("customer-{index}@{domain}"),
+            references: vec![format!("customer-{index}@{domain}")],
+            from_fallback_address: false,
+            text_body: format!("Hello,\nyour order {index} ships today.\n\n-- \nAnn\nAcme Support"),
+            html_body: format!("<p>Hello,<br>your order {index} ships today.</p><p>-- <br>Ann<br>Acme Support</p>"),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Waits until the outbox records every email as sent (none failed), prints the rate, and
+/// checks that Mailpit holds them all.
+async fn finish_email(args: &Args, pool: &sqlx::PgPool, started: Instant, domain: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let finished = loop {
+        let (sent, failed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'sent'), count(*) FILTER (WHERE state = 'failed')
+             FROM delivery.outbox",
+        )
+        .fetch_one(pool)
+        .await?;
+        anyhow::ensure!(failed == 0, "{failed} emails failed");
+        if sent as usize >= args.replies {
+            break Instant::now();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {sent} of {} emails were sent within 10 minutes",
+            args.replies
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let elapsed = finished.duration_since(started).as_secs_f64();
+    println!(
+        "bench-delivery: {} email replies through the delivery service to the SMTP server in {elapsed:.2} s = {:.0} replies/s (publish rate {})",
+        args.replies,
+        args.replies as f64 / elapsed.max(0.001),
+        if args.rate == 0 { "unpaced".to_owned() } else { format!("{}/s", args.rate) },
+    );
+    if let Some(mailpit_url) = &args.mailpit_url {
+        let search = format!("{}/api/v1/search", mailpit_url.trim_end_matches('/'));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let body: serde_json::Value = reqwest::Client::new()
+                .get(&search)
+                .query(&[("query", format!("to:\"@{domain}\"")), ("limit", "1".into())])
+                .send()
+                .await
+                .context("mailpit search failed")?
+                .error_for_status()?
+                .json()
+                .await?;
+            let count = body["messages_count"].as_u64().context("mailpit answered no messages_count")?;
+            if count as usize >= args.replies || Instant::now() > deadline {
+                println!("bench-delivery: mailpit holds {count} of the {} emails", args.replies);
+                anyhow::ensure!(count as usize == args.replies, "mailpit holds {count} emails of this run");
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     Ok(())
 }
 
